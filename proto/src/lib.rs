@@ -1,0 +1,23 @@
+//! kd-proto: everything two kd processes must agree on, with no I/O.
+//!
+//! * [`msg`]: the messages exchanged between the coordinator and agents, and between agents.
+//! * [`codec`]: the one place where bytes become messages (bincode 1.3 with a size limit,
+//!   length-prefixed frames).
+//! * [`nodeset`]: ClusterShell-style node sets (`node[1-8,10]`).
+//! * [`tree`]: the broadcast tree planner (chain, k-ary, star).
+//! * [`manifest`]: the image manifest (chunk sizes, blake3 per chunk, image hash).
+//!
+//! Architecture invariant: no tokio, no sockets, no files in this crate.
+#![warn(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod codec;
+pub mod manifest;
+pub mod msg;
+pub mod nodeset;
+pub mod tree;
+
+/// ALPN protocol identifier of every kd QUIC connection.
+pub const ALPN: &[u8] = b"kd/1";
+/// Version of the wire protocol carried in `Hello`.
+pub const PROTOCOL_VERSION: u32 = 1;

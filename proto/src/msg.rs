@@ -1,0 +1,319 @@
+//! Messages on the wire.
+//!
+//! Three conversations use them:
+//! * the **control stream**: one bidirectional QUIC stream that an agent opens to the coordinator
+//!   right after connecting; the agent sends [`ToCoord`], the coordinator answers [`ToAgent`];
+//! * **data streams**: a child opens a bidirectional stream to its upstream (a parent agent or
+//!   the coordinator), sends one [`DataRequest`] and reads [`DataFrame`]s;
+//! * nothing else: there is no SSH, no side channel.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+use crate::manifest::Manifest;
+
+/// A 32-byte digest (SHA-256 of a certificate, or blake3).
+pub type Digest = [u8; 32];
+
+/// Agent → coordinator, on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToCoord {
+    /// First message of every control stream.
+    Hello(Hello),
+    /// Periodic transfer progress.
+    Progress(Progress),
+    /// The upstream stopped answering; the agent wants a new one and will resume at `next_chunk`.
+    ParentLost {
+        /// The lost upstream (a node name, or `None` for the coordinator).
+        parent: Option<String>,
+        /// First chunk the agent does not have yet.
+        next_chunk: u32,
+        /// What the agent saw.
+        reason: String,
+    },
+    /// A child stopped reading (its connection closed or timed out).
+    ChildLost {
+        /// The child's node name.
+        child: String,
+        /// What the agent saw.
+        reason: String,
+    },
+    /// One step of the disk pipeline ended (feeds per-step timings).
+    Step(StepReport),
+    /// The final report of this node for the current plan.
+    Report(Report),
+}
+
+/// The agent introduces itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Node name, as in the cluster configuration.
+    pub node: String,
+    /// One-time token the coordinator gave this node (kernel command line or `--token`).
+    pub token: String,
+    /// UDP port where the agent accepts its children's QUIC connections.
+    pub data_port: u16,
+    /// What the node has.
+    pub inventory: Inventory,
+}
+
+/// Hardware inventory reported in `Hello`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Block devices.
+    pub disks: Vec<DiskInfo>,
+    /// Memory in bytes.
+    pub ram_bytes: u64,
+    /// Network interfaces.
+    pub nics: Vec<NicInfo>,
+    /// Firmware boot mode.
+    pub boot_mode: BootMode,
+    /// Number of CPUs.
+    pub cpus: u32,
+    /// Agent version string.
+    pub agent_version: String,
+}
+
+/// One block device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Kernel name (`vda`, `nvme0n1`, `loop3`).
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Rotational (spinning) disk.
+    pub rotational: bool,
+    /// Model string, if known.
+    pub model: String,
+}
+
+/// One network interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NicInfo {
+    /// Interface name.
+    pub name: String,
+    /// MAC address, `aa:bb:…`.
+    pub mac: String,
+    /// Link speed in Mbit/s, 0 if unknown.
+    pub speed_mbps: u32,
+}
+
+/// Firmware boot mode of a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootMode {
+    /// Legacy BIOS.
+    #[default]
+    Bios,
+    /// UEFI.
+    Uefi,
+}
+
+/// Transfer progress of one node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Chunks received and verified.
+    pub chunks: u32,
+    /// Compressed bytes received and verified.
+    pub bytes_received: u64,
+    /// Uncompressed bytes written to the sink.
+    pub bytes_written: u64,
+    /// Chunks refused because their hash did not match.
+    pub corrupt_chunks: u32,
+}
+
+/// Result of one disk-pipeline step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Step name (`partition`, `format`, `write`, `postinstall`, `bootloader`, …).
+    pub step: String,
+    /// Duration in milliseconds.
+    pub millis: u64,
+    /// `None` on success, the error otherwise.
+    pub error: Option<String>,
+    /// Output kept for the report (post-install scripts), bounded.
+    pub output: String,
+}
+
+/// Final report of a node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// `None` when every chunk was verified and written; the reason otherwise.
+    pub error: Option<String>,
+    /// The image hash the agent recomputed from the chunks it verified.
+    pub image_hash: Option<Digest>,
+    /// blake3 of the uncompressed bytes, when the sink decompressed them.
+    pub content_hash: Option<Digest>,
+    /// Final counters.
+    pub progress: Progress,
+    /// CPU seconds (user + system) the agent process used for this plan.
+    pub cpu_seconds: f64,
+    /// Chunks fetched again (corrupt, or missing after a change of parent).
+    pub refetched_chunks: u32,
+}
+
+/// Coordinator → agent, on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToAgent {
+    /// The Hello was accepted.
+    Welcome(Welcome),
+    /// What to do: where to get the image from, whom to serve, what to write.
+    Plan(Box<Plan>),
+    /// Take the image from this upstream from now on (resume at the first missing chunk).
+    Reparent(Upstream),
+    /// Accept and serve this additional child.
+    Adopt(PeerInfo),
+    /// Everyone is done: close connections and end (or go on with the deployment).
+    Finish,
+    /// Stop now, with a reason.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// The last message was refused.
+    Error(WireError),
+}
+
+/// Answer to an accepted Hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Identifier of the deployment (or broadcast) this agent joined.
+    pub deployment: u64,
+}
+
+/// Where an agent gets chunks from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Upstream {
+    /// The coordinator itself, over the control connection.
+    Coordinator,
+    /// Another agent.
+    Peer(PeerInfo),
+}
+
+/// How to reach and authenticate another agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Node name.
+    pub node: String,
+    /// Address of its data endpoint.
+    pub addr: SocketAddr,
+    /// SHA-256 of the certificate the coordinator issued to it for this deployment.
+    pub cert_sha256: Digest,
+}
+
+/// The certificate and key the coordinator issued to one agent for one deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerIdentity {
+    /// DER certificate of the node, signed by the deployment CA.
+    pub cert_der: Vec<u8>,
+    /// PKCS#8 DER private key of the node.
+    pub key_der: Vec<u8>,
+    /// DER certificate of the deployment CA.
+    pub ca_der: Vec<u8>,
+}
+
+/// An agent's part in a broadcast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Deployment identifier.
+    pub deployment: u64,
+    /// This agent's TLS identity towards its peers.
+    pub identity: PeerIdentity,
+    /// Where to read chunks from.
+    pub upstream: Upstream,
+    /// The only peers allowed to connect to this agent.
+    pub children: Vec<PeerInfo>,
+    /// The image.
+    pub manifest: Manifest,
+    /// What to do with the image.
+    pub job: Job,
+}
+
+/// What an agent does with the image it receives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Job {
+    /// Use the sink given on the agent's command line (`--sink`).
+    LocalSink,
+}
+
+/// Child → upstream, first message of a data stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataRequest {
+    /// Send every chunk from `from` to the end, in order, as they become available.
+    Stream {
+        /// Deployment the child belongs to.
+        deployment: u64,
+        /// First chunk wanted.
+        from: u32,
+    },
+    /// Send one chunk (a repair).
+    One {
+        /// Deployment the child belongs to.
+        deployment: u64,
+        /// The chunk.
+        index: u32,
+    },
+}
+
+/// Upstream → child on a data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataFrame {
+    /// A compressed chunk. Keep this variant first: its encoding is built by hand in
+    /// [`crate::codec::chunk_frame_header`].
+    Chunk {
+        /// Chunk index.
+        index: u32,
+        /// The zstd frame.
+        data: Vec<u8>,
+    },
+    /// The upstream no longer holds this chunk (it left its window): ask the coordinator.
+    Unavailable {
+        /// Chunk index.
+        index: u32,
+    },
+    /// The request was refused.
+    Error(WireError),
+}
+
+/// A refusal, with a code a program can act on and a message a person can read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// Error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The peers speak different protocol versions.
+    VersionMismatch,
+    /// The node is not part of this deployment.
+    UnknownNode,
+    /// The token is wrong or was already used.
+    BadToken,
+    /// The message was not expected in this state.
+    Unexpected,
+    /// The peer is not allowed to ask for this.
+    Forbidden,
+    /// Anything else.
+    Internal,
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl WireError {
+    /// Builds an error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}

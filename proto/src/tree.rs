@@ -1,0 +1,1 @@
+//! Broadcast tree planner. (Being written.)
