@@ -1,1 +1,5 @@
-//! placeholder
+//! kd-coord: the coordinator library (the binary in `main.rs` is a thin CLI over it).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod config;
+pub mod workflow;

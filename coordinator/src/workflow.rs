@@ -1,0 +1,1 @@
+//! Deployment workflow state machine (being written).
