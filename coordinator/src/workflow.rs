@@ -1,1 +1,0 @@
-//! Deployment workflow state machine (being written).

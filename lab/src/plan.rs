@@ -1,0 +1,560 @@
+//! Pure planning logic: names, addresses, and the text of every generated file
+//! (dnsmasq configuration, iPXE script, QEMU command line, cluster configuration).
+//!
+//! Nothing here touches the system, so all of it is unit-tested.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Name of the bridge inside the lab namespace.
+pub const BRIDGE: &str = "kdbr0";
+/// Highest number of nodes in one lab (addresses .11 to .210 of the /24).
+pub const MAX_NODES: usize = 200;
+
+/// An IPv4 /24 subnet such as `10.77.0.0/24`; the host side is `.1`, node `i` is `.(10+i)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Subnet {
+    octets: [u8; 3],
+}
+
+impl Subnet {
+    /// The default lab subnet, `10.77.0.0/24`.
+    pub const DEFAULT: Subnet = Subnet {
+        octets: [10, 77, 0],
+    };
+
+    /// Lab identifier derived from the subnet: `77` for `10.77.0.0/24`, `a-b-c` otherwise.
+    pub fn id(&self) -> String {
+        let [a, b, c] = self.octets;
+        if a == 10 && c == 0 {
+            b.to_string()
+        } else {
+            format!("{a}-{b}-{c}")
+        }
+    }
+
+    /// Name of the lab's network namespace: `kdlab-<id>`.
+    pub fn netns(&self) -> String {
+        format!("kdlab-{}", self.id())
+    }
+
+    /// The host (gateway, dnsmasq, HTTP, coordinator) address: `.1`.
+    pub fn gateway(&self) -> Ipv4Addr {
+        let [a, b, c] = self.octets;
+        Ipv4Addr::new(a, b, c, 1)
+    }
+
+    /// The network address (`.0`).
+    pub fn network(&self) -> Ipv4Addr {
+        let [a, b, c] = self.octets;
+        Ipv4Addr::new(a, b, c, 0)
+    }
+
+    /// Address of node `index` (1-based): `.(10 + index)`.
+    pub fn node_ip(&self, index: usize) -> Ipv4Addr {
+        let [a, b, c] = self.octets;
+        // index <= MAX_NODES is checked by `LabPlan::new`.
+        let last = u8::try_from(10 + index).unwrap_or(u8::MAX);
+        Ipv4Addr::new(a, b, c, last)
+    }
+
+    /// MAC of node `index` (1-based): `52:54:00:<b>:<c>:<10+index>` in lowercase hex.
+    pub fn node_mac(&self, index: usize) -> String {
+        let [_, b, c] = self.octets;
+        let last = u8::try_from(10 + index).unwrap_or(u8::MAX);
+        format!("52:54:00:{b:02x}:{c:02x}:{last:02x}")
+    }
+
+    /// IPv6 ULA prefix used only for router advertisements (`fdXX:Y::`); see lab.md.
+    pub fn ipv6_prefix(&self) -> String {
+        let [_, b, c] = self.octets;
+        format!("fd{b:02x}:{c:x}::")
+    }
+}
+
+impl fmt::Display for Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c] = self.octets;
+        write!(f, "{a}.{b}.{c}.0/24")
+    }
+}
+
+impl FromStr for Subnet {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::Invalid(format!("subnet {s:?}: expected A.B.C.0/24"));
+        let (addr, len) = s.split_once('/').unwrap_or((s, "24"));
+        if len != "24" {
+            return Err(bad());
+        }
+        let ip: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let [a, b, c, d] = ip.octets();
+        if d != 0 {
+            return Err(bad());
+        }
+        Ok(Subnet { octets: [a, b, c] })
+    }
+}
+
+impl TryFrom<String> for Subnet {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        s.parse()
+    }
+}
+
+impl From<Subnet> for String {
+    fn from(s: Subnet) -> String {
+        s.to_string()
+    }
+}
+
+/// The identity of one node: name, MAC, address, tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePlan {
+    /// 1-based index.
+    pub index: usize,
+    /// `node<index>`.
+    pub name: String,
+    /// Lowercase colon-separated MAC.
+    pub mac: String,
+    /// Static DHCP address.
+    pub ip: Ipv4Addr,
+    /// Tap device inside the namespace: `tap<index>`.
+    pub tap: String,
+    /// Rack label (`rack1`, `rack2`, ...), `rack_size` nodes per rack.
+    pub rack: String,
+}
+
+/// Compute the node identities of a lab.
+pub fn nodes(subnet: &Subnet, count: usize, rack_size: usize) -> Result<Vec<NodePlan>, Error> {
+    if count == 0 || count > MAX_NODES {
+        return Err(Error::Invalid(format!(
+            "node count {count}: expected 1..={MAX_NODES}"
+        )));
+    }
+    let rack_size = rack_size.max(1);
+    Ok((1..=count)
+        .map(|i| NodePlan {
+            index: i,
+            name: format!("node{i}"),
+            mac: subnet.node_mac(i),
+            ip: subnet.node_ip(i),
+            tap: format!("tap{i}"),
+            rack: format!("rack{}", (i - 1) / rack_size + 1),
+        })
+        .collect())
+}
+
+/// iPXE's `${net0/mac:hexhyp}` form of a MAC: `52-54-00-4d-00-0b`. Per-node iPXE
+/// profiles live at `<http_root>/nodes/<this>.ipxe`.
+pub fn mac_hexhyp(mac: &str) -> String {
+    mac.to_ascii_lowercase().replace(':', "-")
+}
+
+/// pxelinux's file name for an address: upper-case hex, e.g. `0A4D000B`.
+pub fn ip_hex(ip: Ipv4Addr) -> String {
+    ip.octets().iter().map(|o| format!("{o:02X}")).collect()
+}
+
+/// Text of the dnsmasq configuration (DHCP + TFTP, no DNS), per lab.md.
+pub fn dnsmasq_conf(
+    subnet: &Subnet,
+    nodes: &[NodePlan],
+    state_dir: &Path,
+    http_port: u16,
+) -> String {
+    let gw = subnet.gateway();
+    let sd = state_dir.display();
+    let mut s = String::new();
+    s.push_str("# generated by kd-lab; never SIGHUP this dnsmasq\n");
+    s.push_str("port=0\nno-resolv\nno-hosts\nuser=root\ngroup=root\n");
+    s.push_str(&format!("interface={BRIDGE}\nbind-interfaces\n"));
+    s.push_str(&format!("log-facility={sd}/dnsmasq.log\nlog-dhcp\n"));
+    s.push_str(&format!("dhcp-leasefile={sd}/dnsmasq.leases\n"));
+    s.push_str("dhcp-authoritative\n");
+    s.push_str(&format!(
+        "dhcp-range={},static,255.255.255.0,12h\n",
+        subnet.network()
+    ));
+    for n in nodes {
+        s.push_str(&format!("dhcp-host={},{},{}\n", n.mac, n.ip, n.name));
+    }
+    s.push_str(&format!("enable-tftp\ntftp-root={sd}/tftp\n"));
+    s.push_str("dhcp-match=set:ipxe,175\n");
+    s.push_str(&format!(
+        "dhcp-boot=tag:ipxe,http://{gw}:{http_port}/boot.ipxe\n"
+    ));
+    s.push_str("dhcp-boot=tag:!ipxe,pxelinux.0\n");
+    // The two speed fixes of lab.md: an RA so iPXE does not wait for IPv6, and
+    // "no ProxyDHCP" so it does not wait for a proxy offer.
+    s.push_str(&format!(
+        "enable-ra\ndhcp-range={},ra-only,64\n",
+        subnet.ipv6_prefix()
+    ));
+    s.push_str("dhcp-option-force=tag:ipxe,encap:175,176,1b\n");
+    s
+}
+
+/// Text of `boot.ipxe`, the script every iPXE client gets from DHCP: chain the node's own
+/// profile `nodes/<mac-hexhyp>.ipxe`, else `nodes/default.ipxe`, else boot the local disk.
+pub fn boot_ipxe(subnet: &Subnet, http_port: u16) -> String {
+    let base = format!("http://{}:{http_port}", subnet.gateway());
+    format!(
+        "#!ipxe\n\
+         echo kd-lab: ${{net0/mac}} ${{net0/ip}} profile nodes/${{net0/mac:hexhyp}}.ipxe\n\
+         chain --autofree {base}/nodes/${{net0/mac:hexhyp}}.ipxe || \
+         chain --autofree {base}/nodes/default.ipxe || goto local\n\
+         :local\n\
+         echo kd-lab: no profile, booting from disk\n\
+         exit\n"
+    )
+}
+
+/// pxelinux default configuration (non-iPXE clients): boot the local disk.
+pub const PXELINUX_DEFAULT: &str = "DEFAULT local\nPROMPT 0\nLABEL local\n  LOCALBOOT 0\n";
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when [`kvm_usable`](crate::kvm_usable) says so, TCG otherwise.
+    #[default]
+    Auto,
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation (`tcg,tb-size=256`).
+    Tcg,
+}
+
+impl FromStr for Accel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            _ => Err(Error::Invalid(format!("accel {s:?}: expected auto|kvm|tcg"))),
+        }
+    }
+}
+
+/// Paths of one node's files in the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFiles {
+    /// Raw disk image.
+    pub disk: String,
+    /// Serial console log.
+    pub log: String,
+    /// QMP socket.
+    pub qmp: String,
+    /// QEMU pid file.
+    pub pidfile: String,
+    /// QEMU's own stderr.
+    pub qemu_err: String,
+}
+
+impl NodeFiles {
+    /// File names of node `name` under `state_dir`.
+    pub fn new(state_dir: &Path, name: &str) -> Self {
+        let p = |suffix: &str| state_dir.join(format!("{name}{suffix}")).display().to_string();
+        NodeFiles {
+            disk: p(".img"),
+            log: p(".log"),
+            qmp: p(".qmp"),
+            pidfile: p(".pid"),
+            qemu_err: p(".qemu.err"),
+        }
+    }
+}
+
+/// The QEMU command line of a node (without the `ip netns exec` prefix). The process
+/// daemonizes and writes its pid to `files.pidfile`.
+pub fn qemu_argv(
+    node: &NodePlan,
+    files: &NodeFiles,
+    sercon: &Path,
+    mem_mb: u32,
+    kvm: bool,
+) -> Vec<String> {
+    let mut v: Vec<String> = vec!["qemu-system-x86_64".into(), "-name".into(), node.name.clone()];
+    if kvm {
+        v.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]);
+    } else {
+        v.extend(["-accel".into(), "tcg,tb-size=256".into()]);
+    }
+    v.extend([
+        "-m".into(),
+        mem_mb.to_string(),
+        "-smp".into(),
+        "1".into(),
+        "-nodefaults".into(),
+        "-display".into(),
+        "none".into(),
+        "-vga".into(),
+        "none".into(),
+        "-chardev".into(),
+        format!("file,id=ser0,path={},append=on", files.log),
+        "-serial".into(),
+        "chardev:ser0".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", files.qmp),
+        "-fw_cfg".into(),
+        format!("name=etc/sercon-port,file={}", sercon.display()),
+        "-boot".into(),
+        "strict=on,reboot-timeout=5000".into(),
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={},script=no,downscript=no", node.tap),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n0,mac={},bootindex=1", node.mac),
+        "-drive".into(),
+        format!("file={},if=none,id=d0,format=raw,cache=unsafe", files.disk),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0,bootindex=2".into(),
+        "-daemonize".into(),
+        "-pidfile".into(),
+        files.pidfile.clone(),
+    ]);
+    v
+}
+
+/// One node of the cluster configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterNode {
+    /// Host name (`node1`).
+    pub name: String,
+    /// IPv4 address.
+    pub address: String,
+    /// MAC address, lowercase, colon-separated.
+    pub mac: String,
+    /// Rack (switch) label.
+    pub rack: String,
+}
+
+/// PXE settings of the cluster configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterPxe {
+    /// TFTP root (pxelinux path, `pxelinux.cfg/<IP hex>`).
+    pub tftp_root: String,
+    /// HTTP root: iPXE profiles go to `<http_root>/nodes/<mac-hexhyp>.ipxe`.
+    pub http_root: String,
+    /// URL of `http_root` as seen by the nodes.
+    pub http_base_url: String,
+    /// Profile naming scheme: `mac`.
+    pub profile_naming: String,
+}
+
+/// Reboot templates per escalation level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterReboot {
+    /// First try.
+    pub soft: String,
+    /// Second try.
+    pub hard: String,
+    /// Last resort.
+    pub very_hard: String,
+}
+
+/// Command templates; `HOSTNAME` is replaced by the node name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCommands {
+    /// Reboot templates.
+    pub reboot: ClusterReboot,
+    /// Power on.
+    pub power_on: String,
+    /// Power off.
+    pub power_off: String,
+    /// Print `on` or `off`.
+    pub power_status: String,
+    /// Follow the serial console.
+    pub console: String,
+}
+
+/// The cluster configuration written for kd-coord (`cluster.yaml`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Cluster name (`kdlab-<id>`).
+    pub name: String,
+    /// Address the coordinator listens on and agents connect to.
+    pub coordinator_address: String,
+    /// Target disk on every node.
+    pub disk: String,
+    /// Nodes.
+    pub nodes: Vec<ClusterNode>,
+    /// PXE settings.
+    pub pxe: ClusterPxe,
+    /// Command templates.
+    pub commands: ClusterCommands,
+}
+
+/// Build the cluster configuration. `kd_lab` is the absolute path of the kd-lab binary.
+pub fn cluster_config(
+    name: &str,
+    subnet: &Subnet,
+    nodes: &[NodePlan],
+    state_dir: &Path,
+    http_port: u16,
+    kd_lab: &Path,
+) -> ClusterConfig {
+    let sd = state_dir.display();
+    let bin = kd_lab.display();
+    let power = |action: &str| format!("{bin} power --state {sd} HOSTNAME {action}");
+    ClusterConfig {
+        name: name.to_string(),
+        coordinator_address: subnet.gateway().to_string(),
+        disk: "/dev/vda".into(),
+        nodes: nodes
+            .iter()
+            .map(|n| ClusterNode {
+                name: n.name.clone(),
+                address: n.ip.to_string(),
+                mac: n.mac.clone(),
+                rack: n.rack.clone(),
+            })
+            .collect(),
+        pxe: ClusterPxe {
+            tftp_root: format!("{sd}/tftp"),
+            http_root: format!("{sd}/http"),
+            http_base_url: format!("http://{}:{http_port}", subnet.gateway()),
+            profile_naming: "mac".into(),
+        },
+        commands: ClusterCommands {
+            reboot: ClusterReboot {
+                soft: power("reset"),
+                hard: power("reset"),
+                very_hard: power("cycle"),
+            },
+            power_on: power("on"),
+            power_off: power("off"),
+            power_status: power("status"),
+            console: format!("{bin} console --state {sd} HOSTNAME"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_parse_and_derive() {
+        let s: Subnet = "10.77.0.0/24".parse().unwrap();
+        assert_eq!(s, Subnet::DEFAULT);
+        assert_eq!(s.id(), "77");
+        assert_eq!(s.netns(), "kdlab-77");
+        assert_eq!(s.gateway().to_string(), "10.77.0.1");
+        assert_eq!(s.node_ip(1).to_string(), "10.77.0.11");
+        assert_eq!(s.node_mac(1), "52:54:00:4d:00:0b");
+        assert_eq!(s.ipv6_prefix(), "fd4d:0::");
+        let t: Subnet = "192.168.5.0".parse().unwrap();
+        assert_eq!(t.id(), "192-168-5");
+        assert_eq!(t.to_string(), "192.168.5.0/24");
+        for bad in ["10.77.0.1/24", "10.77.0.0/16", "x", "10.77.0.0/"] {
+            assert!(bad.parse::<Subnet>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_plan() {
+        let n = nodes(&Subnet::DEFAULT, 3, 2).unwrap();
+        assert_eq!(n.len(), 3);
+        assert_eq!(n[2].name, "node3");
+        assert_eq!(n[2].tap, "tap3");
+        assert_eq!(n[2].ip.to_string(), "10.77.0.13");
+        assert_eq!(
+            n.iter().map(|n| n.rack.as_str()).collect::<Vec<_>>(),
+            ["rack1", "rack1", "rack2"]
+        );
+        assert!(nodes(&Subnet::DEFAULT, 0, 2).is_err());
+        assert!(nodes(&Subnet::DEFAULT, MAX_NODES + 1, 2).is_err());
+        let all = nodes(&Subnet::DEFAULT, MAX_NODES, 2).unwrap();
+        assert_eq!(all[MAX_NODES - 1].ip.to_string(), "10.77.0.210");
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(mac_hexhyp("52:54:00:4D:00:0B"), "52-54-00-4d-00-0b");
+        assert_eq!(ip_hex("10.77.0.102".parse().unwrap()), "0A4D0066");
+    }
+
+    #[test]
+    fn dnsmasq_has_the_lab_md_options() {
+        let n = nodes(&Subnet::DEFAULT, 2, 2).unwrap();
+        let c = dnsmasq_conf(&Subnet::DEFAULT, &n, Path::new("/s"), 8080);
+        for line in [
+            "port=0",
+            "interface=kdbr0",
+            "bind-interfaces",
+            "dhcp-host=52:54:00:4d:00:0b,10.77.0.11,node1",
+            "dhcp-host=52:54:00:4d:00:0c,10.77.0.12,node2",
+            "enable-tftp",
+            "tftp-root=/s/tftp",
+            "dhcp-match=set:ipxe,175",
+            "dhcp-boot=tag:ipxe,http://10.77.0.1:8080/boot.ipxe",
+            "dhcp-boot=tag:!ipxe,pxelinux.0",
+            "enable-ra",
+            "dhcp-range=fd4d:0::,ra-only,64",
+            "dhcp-option-force=tag:ipxe,encap:175,176,1b",
+        ] {
+            assert!(c.lines().any(|l| l == line), "missing {line}\n{c}");
+        }
+    }
+
+    #[test]
+    fn ipxe_script_chains_per_mac_profile() {
+        let s = boot_ipxe(&Subnet::DEFAULT, 8080);
+        assert!(s.starts_with("#!ipxe\n"));
+        assert!(s.contains("chain --autofree http://10.77.0.1:8080/nodes/${net0/mac:hexhyp}.ipxe"));
+        assert!(s.contains("\nexit\n"));
+    }
+
+    #[test]
+    fn qemu_command_line() {
+        let n = &nodes(&Subnet::DEFAULT, 1, 2).unwrap()[0];
+        let f = NodeFiles::new(Path::new("/s"), &n.name);
+        let a = qemu_argv(n, &f, Path::new("/s/sercon-port.bin"), 512, false);
+        let j = a.join(" ");
+        assert!(j.starts_with("qemu-system-x86_64 -name node1 -accel tcg,tb-size=256 -m 512"));
+        assert!(j.contains("mac=52:54:00:4d:00:0b,bootindex=1"));
+        assert!(j.contains("virtio-blk-pci,drive=d0,bootindex=2"));
+        assert!(j.contains("-qmp unix:/s/node1.qmp,server=on,wait=off"));
+        assert!(j.contains("file=/s/node1.img,if=none"));
+        assert!(j.contains("-pidfile /s/node1.pid"));
+        let k = qemu_argv(n, &f, Path::new("/s/sercon-port.bin"), 512, true).join(" ");
+        assert!(k.contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn cluster_yaml_shape() {
+        let n = nodes(&Subnet::DEFAULT, 2, 2).unwrap();
+        let c = cluster_config(
+            "kdlab-77",
+            &Subnet::DEFAULT,
+            &n,
+            Path::new("/s"),
+            8080,
+            Path::new("/bin/kd-lab"),
+        );
+        let y = serde_norway::to_string(&c).unwrap();
+        let back: ClusterConfig = serde_norway::from_str(&y).unwrap();
+        assert_eq!(back, c);
+        let v: serde_norway::Value = serde_norway::from_str(&y).unwrap();
+        assert_eq!(v["nodes"][0]["mac"].as_str(), Some("52:54:00:4d:00:0b"));
+        assert_eq!(v["coordinator_address"].as_str(), Some("10.77.0.1"));
+        assert_eq!(
+            v["commands"]["reboot"]["soft"].as_str(),
+            Some("/bin/kd-lab power --state /s HOSTNAME reset")
+        );
+        assert_eq!(v["pxe"]["http_base_url"].as_str(), Some("http://10.77.0.1:8080"));
+    }
+}
