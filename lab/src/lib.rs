@@ -319,11 +319,11 @@ fn find_kd_lab_bin(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn require_tool(name: &str) -> Result<()> {
-    let found = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join(name).is_file())
-    }) || ["/usr/sbin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(name).is_file());
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(name).is_file());
     if found {
         Ok(())
     } else {
@@ -344,7 +344,9 @@ impl Lab {
     /// (the state directory is kept for its logs).
     pub fn up(cfg: LabConfig) -> Result<Lab> {
         if !nix::unistd::geteuid().is_root() {
-            return Err(Error::Invalid("kd-lab needs root (namespaces, taps)".into()));
+            return Err(Error::Invalid(
+                "kd-lab needs root (namespaces, taps)".into(),
+            ));
         }
         let subnet = cfg.subnet;
         let netns = subnet.netns();
@@ -431,7 +433,13 @@ impl Lab {
         let tftp = sd.join("tftp");
         fs::create_dir_all(tftp.join("pxelinux.cfg")).map_err(io_err(&tftp))?;
         let mut syslinux = vec![PathBuf::from("/usr/lib/PXELINUX/pxelinux.0")];
-        for m in ["ldlinux.c32", "libutil.c32", "libcom32.c32", "chain.c32", "menu.c32"] {
+        for m in [
+            "ldlinux.c32",
+            "libutil.c32",
+            "libcom32.c32",
+            "chain.c32",
+            "menu.c32",
+        ] {
             syslinux.push(Path::new("/usr/lib/syslinux/modules/bios").join(m));
         }
         for src in syslinux.iter().filter(|p| p.is_file()) {
@@ -470,11 +478,8 @@ impl Lab {
             let _ = fs::remove_file(&n.files.pidfile);
         }
         let conf = sd.join("dnsmasq.conf");
-        fs::write(
-            &conf,
-            plan::dnsmasq_conf(&subnet, plan, &sd, cfg.http_port),
-        )
-        .map_err(io_err(&conf))?;
+        fs::write(&conf, plan::dnsmasq_conf(&subnet, plan, &sd, cfg.http_port))
+            .map_err(io_err(&conf))?;
 
         // Network.
         let ns = self.state.netns.clone();
@@ -483,9 +488,27 @@ impl Lab {
         ip(&["netns", "add", &ns])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&[
-            "-n", &ns, "link", "add", br, "type", "bridge", "stp_state", "0", "forward_delay", "0",
+            "-n",
+            &ns,
+            "link",
+            "add",
+            br,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
         ])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/24", subnet.gateway()), "dev", br])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", subnet.gateway()),
+            "dev",
+            br,
+        ])?;
         ip(&[
             "-n",
             &ns,
@@ -504,15 +527,20 @@ impl Lab {
         }
 
         // dnsmasq (never SIGHUP it: it runs in its own session).
-        sys::run(Command::new("dnsmasq").args(["--test", &format!("--conf-file={}", conf.display())]))?;
+        sys::run(
+            Command::new("dnsmasq").args(["--test", &format!("--conf-file={}", conf.display())]),
+        )?;
         let out = sd.join("dnsmasq.out");
         let f = File::create(&out).map_err(io_err(&out))?;
         let f2 = f.try_clone().map_err(io_err(&out))?;
         let child = sys::spawn_detached(
-            sys::netns_command(&ns, &["dnsmasq", "-k", &format!("--conf-file={}", conf.display())])
-                .stdin(Stdio::null())
-                .stdout(f)
-                .stderr(f2),
+            sys::netns_command(
+                &ns,
+                &["dnsmasq", "-k", &format!("--conf-file={}", conf.display())],
+            )
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2),
         )?;
         let pid = child.id();
         self.children.push(child);
@@ -623,7 +651,11 @@ impl Lab {
     /// the state directory (unless `keep_state`).
     pub fn down(mut self) -> Result<()> {
         self.torn_down = true;
-        let r = teardown(&self.state.state_dir, Some(&self.state.netns), self.keep_state);
+        let r = teardown(
+            &self.state.state_dir,
+            Some(&self.state.netns),
+            self.keep_state,
+        );
         for c in &mut self.children {
             let _ = c.try_wait();
         }
@@ -738,7 +770,11 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if self.owned && !self.torn_down {
-            let _ = teardown(&self.state.state_dir, Some(&self.state.netns), self.keep_state);
+            let _ = teardown(
+                &self.state.state_dir,
+                Some(&self.state.netns),
+                self.keep_state,
+            );
         }
     }
 }
@@ -757,7 +793,11 @@ fn node_lock(n: &NodeState) -> Result<nix::fcntl::Flock<File>> {
 
 /// The live QEMU PID of a node (pid file, checked against the node's QMP path).
 pub fn node_pid(n: &NodeState) -> Option<u32> {
-    let pid: u32 = fs::read_to_string(&n.files.pidfile).ok()?.trim().parse().ok()?;
+    let pid: u32 = fs::read_to_string(&n.files.pidfile)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     sys::ours(pid, &n.files.qmp).then_some(pid)
 }
 
@@ -765,8 +805,7 @@ fn power_state(n: &NodeState) -> PowerState {
     if node_pid(n).is_none() {
         return PowerState::Off;
     }
-    match qmp::Qmp::connect(Path::new(&n.files.qmp), QMP_TIMEOUT).and_then(|mut q| q.run_state())
-    {
+    match qmp::Qmp::connect(Path::new(&n.files.qmp), QMP_TIMEOUT).and_then(|mut q| q.run_state()) {
         Ok(s) if s == "running" => PowerState::On,
         Ok(s) => PowerState::Other(s),
         Err(e) => PowerState::Other(format!("unknown ({e})")),
@@ -798,7 +837,10 @@ fn start_node(state: &LabState, n: &NodeState) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while node_pid(n).is_none() {
         if Instant::now() >= deadline {
-            return Err(Error::Failed(format!("qemu for {} wrote no live pid", n.name)));
+            return Err(Error::Failed(format!(
+                "qemu for {} wrote no live pid",
+                n.name
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -816,7 +858,10 @@ fn stop_node(n: &NodeState) -> Result<()> {
         sys::stop(pid, Some(&n.files.qmp), Duration::from_secs(5));
     }
     if sys::alive(pid) {
-        return Err(Error::Failed(format!("{}: qemu {pid} did not stop", n.name)));
+        return Err(Error::Failed(format!(
+            "{}: qemu {pid} did not stop",
+            n.name
+        )));
     }
     Ok(())
 }

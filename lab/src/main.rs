@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use kd_lab::{Accel, Action, Lab, LabConfig, LabState, Subnet};
 
 #[derive(Parser)]
-#[command(name = "kd-lab", version, about = "Virtual cluster of PXE-booting QEMU nodes")]
+#[command(
+    name = "kd-lab",
+    version,
+    about = "Virtual cluster of PXE-booting QEMU nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -175,7 +179,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 st.accel
             );
             println!("  state    {}", st.state_dir.display());
-            println!("  http     {} -> {}/http", st.http_base_url, st.state_dir.display());
+            println!(
+                "  http     {} -> {}/http",
+                st.http_base_url,
+                st.state_dir.display()
+            );
             println!("  tftp     {}/tftp", st.state_dir.display());
             println!("  cluster  {}", cluster.display());
             println!(
@@ -210,7 +218,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 r.stopped,
                 ns,
                 if r.netns_deleted { "deleted" } else { "absent" },
-                if r.state_removed { "removed" } else { "kept/absent" }
+                if r.state_removed {
+                    "removed"
+                } else {
+                    "kept/absent"
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -226,7 +238,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 st.id,
                 st.subnet,
                 st.netns,
-                if kd_lab::netns_exists(&st.netns) { "present" } else { "MISSING" },
+                if kd_lab::netns_exists(&st.netns) {
+                    "present"
+                } else {
+                    "MISSING"
+                },
                 st.accel
             );
             println!("dnsmasq {}   http {}", up(st.dnsmasq_pid), up(st.http_pid));
@@ -248,7 +264,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{s}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Console { at, node, no_follow } => {
+        Cmd::Console {
+            at,
+            node,
+            no_follow,
+        } => {
             let st = at.load()?;
             let n = st
                 .nodes

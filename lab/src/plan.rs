@@ -242,7 +242,9 @@ impl FromStr for Accel {
             "auto" => Ok(Accel::Auto),
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
-            _ => Err(Error::Invalid(format!("accel {s:?}: expected auto|kvm|tcg"))),
+            _ => Err(Error::Invalid(format!(
+                "accel {s:?}: expected auto|kvm|tcg"
+            ))),
         }
     }
 }
@@ -265,7 +267,12 @@ pub struct NodeFiles {
 impl NodeFiles {
     /// File names of node `name` under `state_dir`.
     pub fn new(state_dir: &Path, name: &str) -> Self {
-        let p = |suffix: &str| state_dir.join(format!("{name}{suffix}")).display().to_string();
+        let p = |suffix: &str| {
+            state_dir
+                .join(format!("{name}{suffix}"))
+                .display()
+                .to_string()
+        };
         NodeFiles {
             disk: p(".img"),
             log: p(".log"),
@@ -285,7 +292,11 @@ pub fn qemu_argv(
     mem_mb: u32,
     kvm: bool,
 ) -> Vec<String> {
-    let mut v: Vec<String> = vec!["qemu-system-x86_64".into(), "-name".into(), node.name.clone()];
+    let mut v: Vec<String> = vec![
+        "qemu-system-x86_64".into(),
+        "-name".into(),
+        node.name.clone(),
+    ];
     if kvm {
         v.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]);
     } else {
@@ -555,6 +566,9 @@ mod tests {
             v["commands"]["reboot"]["soft"].as_str(),
             Some("/bin/kd-lab power --state /s HOSTNAME reset")
         );
-        assert_eq!(v["pxe"]["http_base_url"].as_str(), Some("http://10.77.0.1:8080"));
+        assert_eq!(
+            v["pxe"]["http_base_url"].as_str(),
+            Some("http://10.77.0.1:8080")
+        );
     }
 }

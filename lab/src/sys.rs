@@ -144,7 +144,11 @@ pub fn netns_exists(name: &str) -> bool {
 /// PIDs of the processes in namespace `name`.
 pub(crate) fn netns_pids(name: &str) -> Vec<u32> {
     run(Command::new("ip").args(["netns", "pids", name]))
-        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -167,6 +171,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::zombie_processes)] // `stop` reaps it through waitpid
     fn liveness_and_stop() {
         let mut c = Command::new("sleep");
         c.arg("30");
