@@ -165,17 +165,16 @@ pub fn parse(s: &str) -> Result<Vec<String>, NodeSetError> {
         }
         elements.push(parts);
     }
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for parts in &elements {
-        for name in expand(parts) {
-            if !seen.contains(&name) {
-                seen.insert(name.clone());
-                out.push(name);
-            }
-        }
-    }
-    Ok(out)
+    let all: Vec<String> = elements.iter().flat_map(|parts| expand(parts)).collect();
+    let keep: Vec<bool> = {
+        let mut seen = HashSet::with_capacity(all.len());
+        all.iter().map(|name| seen.insert(name.as_str())).collect()
+    };
+    Ok(all
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(name, first)| first.then_some(name))
+        .collect())
 }
 
 /// Splits at top-level separators; returns `(byte offset, element)`. Checks the brackets.
