@@ -1,1 +1,119 @@
-fn main() {}
+//! `kd-agent`: the node side of kd.
+use std::net::SocketAddr;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use kd_agent::{AgentConfig, Fault, SinkSpec};
+
+/// Receives, verifies, relays and writes a kd image. With no arguments, reads
+/// `kd.coord= kd.pin= kd.node= kd.token=` from /proc/cmdline (the deploy initrd's way).
+#[derive(Parser, Debug)]
+#[command(name = "kd-agent", version)]
+struct Args {
+    /// Coordinator address (IP:PORT).
+    #[arg(long)]
+    coord: Option<SocketAddr>,
+    /// SHA-256 (hex) of the coordinator's certificate.
+    #[arg(long)]
+    pin: Option<String>,
+    /// This node's name.
+    #[arg(long)]
+    node: Option<String>,
+    /// One-time token.
+    #[arg(long)]
+    token: Option<String>,
+    /// Where the image goes: raw:PATH, dir:PATH or null.
+    #[arg(long, default_value = "null")]
+    sink: SinkSpec,
+    /// Address to listen on for children.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    listen: SocketAddr,
+    /// Chunks kept in memory for children.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Seconds before a silent upstream is declared lost.
+    #[arg(long, default_value_t = 10)]
+    stall_timeout: u64,
+    /// Fault injection for tests: corrupt:N, die-after:N.
+    #[arg(long, hide = true)]
+    fault: Vec<Fault>,
+    /// Kernel command line to read kd.* from.
+    #[arg(long, default_value = "/proc/cmdline")]
+    cmdline: std::path::PathBuf,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KD_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("kd-agent: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let a = Args::parse();
+    let cmd = if a.coord.is_none() || a.node.is_none() || a.token.is_none() || a.pin.is_none() {
+        let s = std::fs::read_to_string(&a.cmdline).unwrap_or_default();
+        kd_agent::config::parse_cmdline(&s)
+    } else {
+        Default::default()
+    };
+    let coord = match a.coord {
+        Some(c) => c,
+        None => cmd
+            .coord
+            .as_deref()
+            .ok_or_else(|| {
+                anyhow!("no coordinator: pass --coord or kd.coord= on the kernel command line")
+            })?
+            .parse()
+            .context("kd.coord must be IP:PORT")?,
+    };
+    let pin_s = a
+        .pin
+        .or(cmd.pin)
+        .ok_or_else(|| anyhow!("no pin: pass --pin or kd.pin="))?;
+    let pin = kd_net::parse_sha256_hex(&pin_s)
+        .ok_or_else(|| anyhow!("the pin must be 64 hex digits (SHA-256), got {pin_s:?}"))?;
+    let node = a
+        .node
+        .or(cmd.node)
+        .ok_or_else(|| anyhow!("no node name: pass --node or kd.node="))?;
+    let token = a
+        .token
+        .or(cmd.token)
+        .ok_or_else(|| anyhow!("no token: pass --token or kd.token="))?;
+    let sink = match cmd.sink {
+        Some(s) => s.parse().map_err(|e: String| anyhow!(e))?,
+        None => a.sink,
+    };
+    let mut cfg = AgentConfig::new(coord, pin, node, token, sink);
+    cfg.listen = a.listen;
+    cfg.window = a.window;
+    cfg.stall_timeout = std::time::Duration::from_secs(a.stall_timeout.max(1));
+    cfg.faults = a.fault;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let out = rt.block_on(kd_agent::run(cfg))?;
+    let r = out.report;
+    eprintln!(
+        "kd-agent: done: {} chunks, {} bytes received, {} bytes written, {} corrupt chunks refused, image {}",
+        r.progress.chunks,
+        r.progress.bytes_received,
+        r.progress.bytes_written,
+        r.progress.corrupt_chunks,
+        r.image_hash.map(|h| kd_proto::manifest::hex(&h)).unwrap_or_default()
+    );
+    Ok(())
+}

@@ -1,1 +1,337 @@
-fn main() {}
+//! `kd-coord`: the operator's command line (and, later, the daemon).
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use kd_coord::broadcast::{self, BroadcastConfig, Event};
+use kd_coord::image::{self, ImageFile, PackOptions};
+use kd_coord::pki::CoordIdentity;
+use kd_proto::manifest::ImageKind;
+use kd_proto::tree::Arity;
+
+#[derive(Parser)]
+#[command(name = "kd-coord", version, about = "kd coordinator: reimage clusters")]
+struct Cli {
+    /// State directory (certificate, database).
+    #[arg(long, global = true, env = "KD_STATE", default_value = "/var/lib/kd")]
+    state: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build, check and describe kd images (.kdi).
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Print the SHA-256 of the coordinator's certificate (what agents pin), creating it once.
+    Pin,
+    /// Send an image to agents that connect (no PXE, no disks: see `deploy` for the whole flow).
+    Broadcast(BroadcastArgs),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Pack a tar, a .tar.zst, a directory or a raw disk file into a kd image.
+    Pack {
+        /// Input file or directory.
+        input: PathBuf,
+        /// Output .kdi file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Uncompressed chunk size (bytes, or with K/M suffix).
+        #[arg(long, default_value = "4M", value_parser = parse_size)]
+        chunk_size: u32,
+        /// zstd level.
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+        /// Compression threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Force the kind (detected otherwise).
+        #[arg(long, value_parser = ["tar", "raw"])]
+        kind: Option<String>,
+    },
+    /// Check every chunk and the content hash.
+    Verify {
+        /// The .kdi file.
+        image: PathBuf,
+    },
+    /// Describe an image.
+    Info {
+        /// The .kdi file.
+        image: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct BroadcastArgs {
+    /// The .kdi image.
+    image: PathBuf,
+    /// Nodes, in node-set syntax (node[1-8,10]).
+    #[arg(short = 'm', long)]
+    nodes: String,
+    /// Tree: chain, star, or a fan-out k.
+    #[arg(long, default_value = "chain")]
+    arity: Arity,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7000")]
+    listen: SocketAddr,
+    /// File of `node token` lines; created with fresh tokens if absent.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Seconds to wait for every agent.
+    #[arg(long, default_value_t = 120)]
+    hello_timeout: u64,
+    /// Seconds the transfer may take.
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u32, String> {
+    let (n, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1024),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    n.parse::<u32>()
+        .ok()
+        .and_then(|v| v.checked_mul(mul))
+        .filter(|v| *v > 0 && *v <= image::MAX_CHUNK)
+        .ok_or_else(|| format!("bad size {s:?} (1 byte to {} MiB)", image::MAX_CHUNK >> 20))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("kd-coord: error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Image(ImageCmd::Pack {
+            input,
+            output,
+            chunk_size,
+            level,
+            threads,
+            kind,
+        }) => {
+            let opts = PackOptions {
+                chunk_size,
+                level,
+                threads,
+                kind: kind.map(|k| {
+                    if k == "tar" {
+                        ImageKind::Tar
+                    } else {
+                        ImageKind::Raw
+                    }
+                }),
+            };
+            let t = Instant::now();
+            image::pack(&input, &output, &opts)?;
+            let img = ImageFile::open(&output)?;
+            println!(
+                "{}\npacked in:    {:.1} s",
+                img.info(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        }
+        Cmd::Image(ImageCmd::Verify { image }) => {
+            let img = ImageFile::open(&image)?;
+            img.verify()
+                .with_context(|| format!("{} is corrupt", image.display()))?;
+            println!(
+                "{}: ok ({} chunks verified)",
+                image.display(),
+                img.manifest.chunks.len()
+            );
+            Ok(0)
+        }
+        Cmd::Image(ImageCmd::Info { image }) => {
+            println!("{}", ImageFile::open(&image)?.info());
+            Ok(0)
+        }
+        Cmd::Pin => {
+            let id = CoordIdentity::load_or_create(&cli.state)?;
+            println!("{}", kd_proto::manifest::hex(&id.pin()));
+            Ok(0)
+        }
+        Cmd::Broadcast(a) => broadcast_cmd(&cli.state, a),
+    }
+}
+
+fn load_or_make_tokens(path: &Path, nodes: &[String]) -> Result<HashMap<String, String>> {
+    let mut tokens = HashMap::new();
+    if path.exists() {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (n, t) = line
+                .split_once(char::is_whitespace)
+                .with_context(|| format!("{}:{}: expected `node token`", path.display(), i + 1))?;
+            tokens.insert(n.to_string(), t.trim().to_string());
+        }
+        for n in nodes {
+            if !tokens.contains_key(n) {
+                bail!("{} has no token for node {n}", path.display());
+            }
+        }
+        return Ok(tokens);
+    }
+    let mut out = String::new();
+    let mut rnd = std::fs::File::open("/dev/urandom").context("/dev/urandom")?;
+    for n in nodes {
+        let mut b = [0u8; 16];
+        std::io::Read::read_exact(&mut rnd, &mut b)?;
+        let t = kd_proto::manifest::hex(&b);
+        out.push_str(&format!("{n} {t}\n"));
+        tokens.insert(n.clone(), t);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(out.as_bytes()))
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(tokens)
+}
+
+fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
+    let nodes = kd_proto::nodeset::parse(&a.nodes)
+        .map_err(|e| anyhow::anyhow!("bad node set {:?}: {e}", a.nodes))?;
+    let img = ImageFile::open(&a.image)?;
+    let identity = CoordIdentity::load_or_create(state)?;
+    let tokens = load_or_make_tokens(&a.tokens, &nodes)?;
+    let total_chunks = img.manifest.chunk_count();
+    let compressed = img.manifest.compressed_size();
+    let cfg = BroadcastConfig {
+        listen: a.listen,
+        nodes: nodes.clone(),
+        tokens,
+        arity: a.arity,
+        hello_timeout: Duration::from_secs(a.hello_timeout),
+        run_timeout: Duration::from_secs(a.timeout),
+        deployment: std::process::id() as u64 ^ (Instant::now().elapsed().as_nanos() as u64),
+    };
+    eprintln!(
+        "kd-coord: broadcasting {} ({:.1} MiB in {} chunks) to {} nodes, arity {}, pin {}",
+        a.image.display(),
+        compressed as f64 / 1048576.0,
+        total_chunks,
+        nodes.len(),
+        a.arity,
+        kd_proto::manifest::hex(&identity.pin())
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let outcome = rt.block_on(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move { broadcast::run(img, cfg, &identity, tx).await });
+        let mut progress: BTreeMap<String, u32> = BTreeMap::new();
+        let mut done = 0usize;
+        let mut t0: Option<Instant> = None;
+        let mut last = Instant::now();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Listening(addr) => eprintln!("kd-coord: listening on {addr}, waiting for {} agents", nodes.len()),
+                Event::Connected { node, addr } => eprintln!("kd-coord: {node} connected from {addr}"),
+                Event::Refused { addr, reason } => eprintln!("kd-coord: refused {addr}: {reason}"),
+                Event::Planned { edges } => {
+                    t0 = Some(Instant::now());
+                    let roots = edges.iter().filter(|(_, p)| p.is_none()).count();
+                    eprintln!("kd-coord: planned a tree of {} nodes with {roots} root(s); sending", edges.len());
+                }
+                Event::Progress { node, progress: p } => {
+                    progress.insert(node, p.chunks);
+                }
+                Event::Reparented { node, parent } => {
+                    eprintln!("kd-coord: {node} now reads from {}", parent.as_deref().unwrap_or("the coordinator"))
+                }
+                Event::Done { node, error } => {
+                    done += 1;
+                    progress.insert(node.clone(), total_chunks);
+                    match error {
+                        None => eprintln!("kd-coord: {node} verified the image ({done}/{})", nodes.len()),
+                        Some(e) => eprintln!("kd-coord: {node} FAILED: {e} ({done}/{})", nodes.len()),
+                    }
+                }
+            }
+            if let Some(t0) = t0 {
+                if last.elapsed() >= Duration::from_secs(2) && !progress.is_empty() {
+                    last = Instant::now();
+                    let min = progress.values().min().copied().unwrap_or(0);
+                    let sum: u64 = progress.values().map(|&c| u64::from(c)).sum();
+                    let bytes = compressed as f64 * sum as f64 / f64::from(total_chunks.max(1));
+                    eprintln!(
+                        "kd-coord: [{:6.1} s] slowest {min}/{total_chunks} chunks, {:.1} MiB/s delivered in all",
+                        t0.elapsed().as_secs_f64(),
+                        bytes / 1048576.0 / t0.elapsed().as_secs_f64().max(0.001)
+                    );
+                }
+            }
+        }
+        task.await.context("broadcast task")?
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        println!(
+            "{:<16} {:<6} {:>9} {:>8} {:>8} {:>9}  reason",
+            "node", "result", "seconds", "cpu s", "corrupt", "refetched"
+        );
+        for n in &outcome.nodes {
+            println!(
+                "{:<16} {:<6} {:>9} {:>8} {:>8} {:>9}  {}",
+                n.node,
+                if n.ok { "ok" } else { "KO" },
+                n.seconds
+                    .map(|s| format!("{s:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+                n.cpu_seconds
+                    .map(|s| format!("{s:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+                n.corrupt_chunks,
+                n.refetched_chunks,
+                n.reason.as_deref().unwrap_or("")
+            );
+        }
+        let ok = outcome.nodes.iter().filter(|n| n.ok).count();
+        println!(
+            "{ok}/{} nodes verified image {} ({:.1} MiB) in {:.2} s",
+            outcome.nodes.len(),
+            &outcome.image_hash[..16],
+            outcome.compressed_bytes as f64 / 1048576.0,
+            outcome.transfer_seconds
+        );
+    }
+    Ok(if outcome.all_ok() { 0 } else { 1 })
+}

@@ -1,1 +1,251 @@
-//! Shared helpers for kd tests.
+//! Helpers for kd's tests: find the built binaries, run a coordinator and agents as real
+//! processes on loopback, compare what they wrote.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Read;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Serialises the tests that start many processes (the machine has 2 cores).
+pub fn heavy() -> MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    M.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Path of a workspace binary built next to the test executable (`cargo build --bins` first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        p.display()
+    );
+    p
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs a command to completion with a time limit; kills it past that.
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn")?;
+    wait_child(&mut child, limit)
+}
+
+/// Waits for a spawned child (stdout/stderr piped) with a time limit.
+pub fn wait_child(child: &mut Child, limit: Duration) -> Result<Output> {
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_end(&mut v);
+        }
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_end(&mut v);
+        }
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("process {} timed out after {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    })
+}
+
+/// Kills child processes when dropped (tests clean up even when they fail).
+#[derive(Default)]
+pub struct Reaper(pub Vec<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A test image source: deterministic pseudo-random bytes, half of them compressible.
+pub fn make_raw_input(path: &Path, size: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(size);
+    while v.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if (v.len() / 65536) % 2 == 0 {
+            v.extend_from_slice(&x.to_le_bytes());
+        } else {
+            v.extend_from_slice(&[(x & 0xff) as u8; 8]);
+        }
+    }
+    v.truncate(size);
+    std::fs::write(path, v).unwrap();
+}
+
+/// One coordinator + agents broadcast setup in a temp dir.
+pub struct Cluster {
+    /// Temp dir holding everything.
+    pub dir: tempfile::TempDir,
+    /// Coordinator state dir.
+    pub state: PathBuf,
+    /// The image.
+    pub image: PathBuf,
+    /// Pin (hex).
+    pub pin: String,
+    /// UDP port of the coordinator.
+    pub port: u16,
+    /// Node names.
+    pub nodes: Vec<String>,
+}
+
+impl Cluster {
+    /// Packs `input` and prepares tokens for `n` nodes.
+    pub fn new(input: &Path, n: usize, chunk: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("state");
+        let image = dir.path().join("image.kdi");
+        let o = run_with_timeout(
+            Command::new(bin("kd-coord"))
+                .arg("--state")
+                .arg(&state)
+                .args(["image", "pack"])
+                .arg(input)
+                .arg("-o")
+                .arg(&image)
+                .args(["--chunk-size", chunk]),
+            Duration::from_secs(120),
+        )?;
+        if !o.status.success() {
+            bail!("pack failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let o = run_with_timeout(
+            Command::new(bin("kd-coord"))
+                .arg("--state")
+                .arg(&state)
+                .arg("pin"),
+            Duration::from_secs(30),
+        )?;
+        let pin = String::from_utf8(o.stdout)?.trim().to_string();
+        let nodes: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
+        let tokens: String = nodes.iter().map(|n| format!("{n} tok-{n}\n")).collect();
+        std::fs::write(dir.path().join("tokens"), tokens)?;
+        Ok(Self {
+            dir,
+            state,
+            image,
+            pin,
+            port: free_udp_port(),
+            nodes,
+        })
+    }
+
+    /// Starts `kd-coord broadcast` for all nodes.
+    pub fn start_coordinator(&self, arity: &str, extra: &[&str]) -> Result<Child> {
+        let nodes = format!("node[1-{}]", self.nodes.len());
+        Ok(Command::new(bin("kd-coord"))
+            .arg("--state")
+            .arg(&self.state)
+            .arg("broadcast")
+            .arg(&self.image)
+            .args([
+                "-m",
+                &nodes,
+                "--arity",
+                arity,
+                "--json",
+                "--hello-timeout",
+                "60",
+                "--timeout",
+                "300",
+            ])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--tokens")
+            .arg(self.dir.path().join("tokens"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    /// Starts one agent with a sink and extra arguments.
+    pub fn start_agent(
+        &self,
+        node: &str,
+        token: &str,
+        sink: &str,
+        extra: &[&str],
+    ) -> Result<Child> {
+        Ok(Command::new(bin("kd-agent"))
+            .args([
+                "--coord",
+                &format!("127.0.0.1:{}", self.port),
+                "--pin",
+                &self.pin,
+            ])
+            .args([
+                "--node",
+                node,
+                "--token",
+                token,
+                "--sink",
+                sink,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("KD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+}
+
+/// True when two files have the same bytes.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// The JSON outcome printed by `kd-coord broadcast --json`.
+pub fn outcome(stdout: &[u8]) -> Result<serde_json::Value> {
+    serde_json::from_slice(stdout)
+        .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(stdout)))
+}

@@ -1,0 +1,650 @@
+//! One agent's life: connect, introduce itself, receive the plan, then receive, verify, relay
+//! and write the image until the coordinator says it is over.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kd_net::tls::AllowedPeers;
+use kd_net::wire;
+use kd_proto::codec::{self, MAX_FRAME};
+use kd_proto::manifest::{verify_chunk, Manifest};
+use kd_proto::msg::{
+    DataFrame, DataRequest, Hello, PeerIdentity, Plan, Progress, Report, ToAgent, ToCoord, Upstream,
+};
+use tokio::sync::mpsc;
+
+use crate::config::{AgentConfig, Fault};
+use crate::store::{Get, Store};
+
+/// How an agent's run ended.
+#[derive(Debug)]
+pub struct AgentOutcome {
+    /// The report sent to the coordinator.
+    pub report: Report,
+}
+
+struct Ctx {
+    cfg: AgentConfig,
+    coord: quinn::Connection,
+    endpoint: quinn::Endpoint,
+    to_coord: mpsc::Sender<ToCoord>,
+    ctl: mpsc::Receiver<ToAgent>,
+    allowed: AllowedPeers,
+    deployment: u64,
+    identity: PeerIdentity,
+    manifest: Arc<Manifest>,
+}
+
+/// Runs the agent until the broadcast is over. Errors are what the operator must read.
+pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
+    let endpoint = kd_net::endpoint::bind(cfg.listen, None).context("cannot open a UDP socket")?;
+    let data_port = endpoint.local_addr()?.port();
+    let coord = connect_coordinator(&endpoint, &cfg).await?;
+    let (mut send, mut recv) = coord
+        .open_bi()
+        .await
+        .context("cannot open the control stream")?;
+    let hello = Hello {
+        version: kd_proto::PROTOCOL_VERSION,
+        node: cfg.node.clone(),
+        token: cfg.token.clone(),
+        data_port,
+        inventory: crate::inventory::collect(),
+    };
+    wire::send(&mut send, &ToCoord::Hello(hello)).await?;
+    let welcome =
+        match wire::recv::<ToAgent>(&mut recv, Duration::from_secs(30), "the Welcome").await {
+            Ok(ToAgent::Welcome(w)) => w,
+            Ok(ToAgent::Error(e)) => bail!("the coordinator refused this agent: {e}"),
+            Ok(other) => bail!("unexpected first message from the coordinator: {other:?}"),
+            Err(e) => match coord.close_reason() {
+                Some(r) => bail!("the coordinator closed the connection: {r}"),
+                None => bail!("no Welcome from the coordinator: {e}"),
+            },
+        };
+    tracing::info!(
+        deployment = welcome.deployment,
+        "welcomed by the coordinator"
+    );
+    let plan = loop {
+        match wire::recv::<ToAgent>(&mut recv, cfg.plan_timeout, "the plan").await? {
+            ToAgent::Plan(p) => break p,
+            ToAgent::Abort { reason } => {
+                bail!("aborted by the coordinator before the plan: {reason}")
+            }
+            ToAgent::Finish => bail!("the coordinator finished without giving this node a plan"),
+            other => tracing::debug!(?other, "ignored before the plan"),
+        }
+    };
+    let Plan {
+        deployment,
+        identity,
+        upstream,
+        children,
+        manifest,
+        job: _,
+    } = *plan;
+    manifest
+        .validate(16 << 20)
+        .map_err(|e| anyhow!("bad manifest from the coordinator: {e}"))?;
+
+    // Control plumbing: a writer task and a reader task around the control stream.
+    let (to_coord, mut out_rx) = mpsc::channel::<ToCoord>(256);
+    tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            if wire::send(&mut send, &m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (ctl_tx, ctl) = mpsc::channel::<ToAgent>(256);
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = wire::recv_opt::<ToAgent>(&mut recv).await {
+            if ctl_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    // Serve children.
+    let allowed = AllowedPeers::default();
+    for c in &children {
+        allowed.allow(c.cert_sha256, c.node.clone());
+    }
+    endpoint.set_server_config(Some(kd_net::tls::parent_server(
+        identity.cert_der.clone(),
+        identity.key_der.clone(),
+        allowed.clone(),
+    )?));
+    let store = Arc::new(Store::new(cfg.window));
+    let manifest = Arc::new(manifest);
+    tokio::spawn(serve_children(
+        endpoint.clone(),
+        store.clone(),
+        manifest.clone(),
+        deployment,
+        allowed.clone(),
+        to_coord.clone(),
+    ));
+
+    let mut ctx = Ctx {
+        cfg,
+        coord,
+        endpoint,
+        to_coord,
+        ctl,
+        allowed,
+        deployment,
+        identity,
+        manifest,
+    };
+    let cpu0 = cpu_seconds();
+    let report = receive_all(&mut ctx, upstream, &store).await;
+    let report = Report {
+        cpu_seconds: cpu_seconds() - cpu0,
+        ..report
+    };
+    let _ = ctx.to_coord.send(ToCoord::Report(report.clone())).await;
+
+    // Keep serving children until the coordinator releases us.
+    let end = loop {
+        let msg = tokio::select! {
+            m = ctx.ctl.recv() => m,
+            _ = ctx.coord.closed() => None,
+        };
+        match msg {
+            Some(ToAgent::Adopt(p)) => ctx.allowed.allow(p.cert_sha256, p.node),
+            Some(ToAgent::Finish) => break Ok(()),
+            Some(ToAgent::Abort { reason }) => {
+                break Err(anyhow!("aborted by the coordinator: {reason}"))
+            }
+            Some(_) => {}
+            None => {
+                break Err(anyhow!(
+                    "the coordinator went away before releasing this agent"
+                ))
+            }
+        }
+    };
+    ctx.coord.close(0u32.into(), b"done");
+    ctx.endpoint.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), ctx.endpoint.wait_idle()).await;
+    if let Some(e) = &report.error {
+        bail!("{e}");
+    }
+    end?;
+    Ok(AgentOutcome { report })
+}
+
+async fn connect_coordinator(
+    endpoint: &quinn::Endpoint,
+    cfg: &AgentConfig,
+) -> Result<quinn::Connection> {
+    let client = kd_net::tls::agent_to_coordinator(cfg.pin)?;
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let err = match endpoint.connect_with(client.clone(), cfg.coord, "kd-coord") {
+            Err(e) => return Err(anyhow!("cannot connect to {}: {e}", cfg.coord)),
+            Ok(c) => match c.await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => e,
+            },
+        };
+        // A certificate that does not match the pin will not get better by retrying.
+        if let quinn::ConnectionError::TransportError(t) = &err {
+            if t.to_string().contains("pinned") || t.to_string().contains("certificate") {
+                bail!(
+                    "the coordinator at {} is not the one pinned: {t}",
+                    cfg.coord
+                );
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no coordinator at {} after {attempt} attempts: {err}",
+                cfg.coord
+            );
+        }
+        tracing::warn!(attempt, "coordinator not reachable yet ({err}); retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Receives every chunk, switching upstream when told to or when the current one fails.
+async fn receive_all(ctx: &mut Ctx, mut upstream: Upstream, store: &Arc<Store>) -> Report {
+    let count = ctx.manifest.chunk_count();
+    let writer = match crate::sink::spawn(&ctx.cfg.sink, &ctx.manifest, 4) {
+        Ok(w) => w,
+        Err(e) => {
+            return Report {
+                error: Some(format!("cannot start the writer: {e}")),
+                ..Default::default()
+            }
+        }
+    };
+    let mut progress = Progress::default();
+    let mut refetched = 0u32;
+    let mut corrupted_once = false;
+    let mut last_progress = Instant::now();
+    let mut fatal: Option<String> = None;
+
+    'outer: while store.available() < count {
+        let next = store.available();
+        let (conn, mut recv) = match open_upstream(ctx, &upstream, next).await {
+            Ok(x) => x,
+            Err(e) => {
+                match lost_upstream(ctx, &upstream, next, format!("{e:#}")).await {
+                    Ok(u) => upstream = u,
+                    Err(e) => {
+                        fatal = Some(e);
+                        break;
+                    }
+                }
+                continue;
+            }
+        };
+        loop {
+            if store.available() >= count {
+                break 'outer;
+            }
+            let frame = tokio::select! {
+                f = tokio::time::timeout(ctx.cfg.stall_timeout, wire::recv_payload(&mut recv, MAX_FRAME)) => f,
+                m = ctx.ctl.recv() => {
+                    match m {
+                        Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
+                        Some(ToAgent::Adopt(p)) => { ctx.allowed.allow(p.cert_sha256, p.node); continue; }
+                        Some(ToAgent::Abort { reason }) => { fatal = Some(format!("aborted by the coordinator: {reason}")); break 'outer; }
+                        Some(_) => continue,
+                        None => { fatal = Some("the coordinator connection was lost".into()); break 'outer; }
+                    }
+                }
+            };
+            let next = store.available();
+            let problem = match frame {
+                Err(_) => format!("no data for {:?}", ctx.cfg.stall_timeout),
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(None)) => "the upstream ended the stream early".into(),
+                Ok(Ok(Some(p))) => match codec::decode_data_frame(p) {
+                    Ok(DataFrame::Chunk { index, mut data }) if index == next => {
+                        for f in &ctx.cfg.faults {
+                            if *f == Fault::CorruptChunk(index) && !corrupted_once {
+                                corrupted_once = true;
+                                if let Some(b) = data.first_mut() {
+                                    *b ^= 0x5a;
+                                }
+                            }
+                        }
+                        if let Err(e) = verify_chunk(&ctx.manifest, index, &data) {
+                            tracing::warn!("refused {e}; fetching it again from the coordinator");
+                            progress.corrupt_chunks += 1;
+                            match repair(ctx, index).await {
+                                Ok(d) => {
+                                    refetched += 1;
+                                    data = d;
+                                }
+                                Err(e) => {
+                                    fatal =
+                                        Some(format!("chunk {index} could not be repaired: {e:#}"));
+                                    break 'outer;
+                                }
+                            }
+                        }
+                        accept(ctx, store, &writer, index, data, &mut progress).await;
+                        None
+                    }
+                    Ok(DataFrame::Chunk { index, .. }) => {
+                        Some(format!("got chunk {index}, expected {next}"))
+                    }
+                    Ok(DataFrame::Unavailable { index }) if index == next => {
+                        match repair(ctx, index).await {
+                            Ok(d) => {
+                                refetched += 1;
+                                accept(ctx, store, &writer, index, d, &mut progress).await;
+                                None
+                            }
+                            Err(e) => {
+                                fatal = Some(format!("chunk {index} could not be fetched: {e:#}"));
+                                break 'outer;
+                            }
+                        }
+                    }
+                    Ok(DataFrame::Unavailable { index }) => {
+                        Some(format!("unexpected Unavailable({index})"))
+                    }
+                    Ok(DataFrame::Error(e)) => Some(format!("the upstream refused: {e}")),
+                    Err(e) => Some(format!("bad frame from the upstream: {e}")),
+                }
+                .unwrap_or_default(),
+            };
+            if problem.is_empty() {
+                if last_progress.elapsed() >= Duration::from_secs(1) {
+                    last_progress = Instant::now();
+                    progress.bytes_written = writer.written.load(Ordering::Relaxed);
+                    let _ = ctx.to_coord.try_send(ToCoord::Progress(progress.clone()));
+                }
+                continue;
+            }
+            tracing::warn!("upstream problem: {problem}");
+            if let Some(c) = &conn {
+                c.close(0u32.into(), b"lost");
+            }
+            match lost_upstream(ctx, &upstream, store.available(), problem).await {
+                Ok(u) => upstream = u,
+                Err(e) => {
+                    fatal = Some(e);
+                    break 'outer;
+                }
+            }
+            continue 'outer;
+        }
+    }
+    drop(writer.tx);
+    let result = tokio::task::spawn_blocking(move || writer.handle.join())
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+    progress.bytes_written = writer.written.load(Ordering::Relaxed);
+    let mut error = fatal.or(result.error);
+    if error.is_none() {
+        if let Some(h) = result.content_hash {
+            if h != ctx.manifest.content_hash {
+                error = Some("the written content does not match the image's content hash".into());
+            }
+        }
+    }
+    Report {
+        image_hash: error.is_none().then(|| ctx.manifest.image_hash()),
+        content_hash: result.content_hash,
+        error,
+        progress,
+        cpu_seconds: 0.0,
+        refetched_chunks: refetched,
+    }
+}
+
+async fn accept(
+    ctx: &Ctx,
+    store: &Store,
+    writer: &crate::sink::Writer,
+    index: u32,
+    data: Vec<u8>,
+    progress: &mut Progress,
+) {
+    progress.chunks += 1;
+    progress.bytes_received += data.len() as u64;
+    let chunk = Arc::new(data);
+    // Children first, then our own copy.
+    store
+        .push(index, chunk.clone(), ctx.cfg.stall_timeout * 3)
+        .await;
+    let _ = writer.tx.send((index, chunk)).await;
+    for f in &ctx.cfg.faults {
+        if *f == Fault::DieAfter(index + 1) {
+            tracing::error!("fault injection: dying after {} chunks", index + 1);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Tells the coordinator the upstream is gone and waits for a new one.
+async fn lost_upstream(
+    ctx: &mut Ctx,
+    upstream: &Upstream,
+    next: u32,
+    reason: String,
+) -> Result<Upstream, String> {
+    let parent = match upstream {
+        Upstream::Coordinator => None,
+        Upstream::Peer(p) => Some(p.node.clone()),
+    };
+    tracing::warn!(?parent, next, %reason, "upstream lost; asking the coordinator for another");
+    if ctx
+        .to_coord
+        .send(ToCoord::ParentLost {
+            parent,
+            next_chunk: next,
+            reason: reason.clone(),
+        })
+        .await
+        .is_err()
+    {
+        return Err(format!(
+            "upstream lost ({reason}) and the coordinator is gone"
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = tokio::time::timeout_at(deadline, ctx.ctl.recv()).await;
+        match m {
+            Err(_) => {
+                return Err(format!(
+                    "upstream lost ({reason}) and no new one within 60 s"
+                ))
+            }
+            Ok(None) => {
+                return Err(format!(
+                    "upstream lost ({reason}) and the coordinator is gone"
+                ))
+            }
+            Ok(Some(ToAgent::Reparent(u))) => return Ok(u),
+            Ok(Some(ToAgent::Adopt(p))) => ctx.allowed.allow(p.cert_sha256, p.node),
+            Ok(Some(ToAgent::Abort { reason })) => {
+                return Err(format!("aborted by the coordinator: {reason}"))
+            }
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+/// Opens a data stream to `upstream` asking for every chunk from `from`.
+async fn open_upstream(
+    ctx: &Ctx,
+    upstream: &Upstream,
+    from: u32,
+) -> Result<(Option<quinn::Connection>, quinn::RecvStream)> {
+    let (conn, own) = match upstream {
+        Upstream::Coordinator => (ctx.coord.clone(), false),
+        Upstream::Peer(p) => {
+            let client = kd_net::tls::child_to_parent(
+                p.cert_sha256,
+                ctx.identity.cert_der.clone(),
+                ctx.identity.key_der.clone(),
+            )?;
+            // The parent may learn about us a moment after we learn about it: retry briefly.
+            let mut last = None;
+            let mut conn = None;
+            for _ in 0..20 {
+                match ctx
+                    .endpoint
+                    .connect_with(client.clone(), p.addr, "kd-peer")?
+                    .await
+                {
+                    Ok(c) => {
+                        conn = Some(c);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let conn = conn.ok_or_else(|| {
+                anyhow!(
+                    "cannot connect to parent {} at {}: {}",
+                    p.node,
+                    p.addr,
+                    last.map(|e| e.to_string()).unwrap_or_default()
+                )
+            })?;
+            (conn, true)
+        }
+    };
+    let (mut s, r) = conn.open_bi().await.context("open data stream")?;
+    wire::send(
+        &mut s,
+        &DataRequest::Stream {
+            deployment: ctx.deployment,
+            from,
+        },
+    )
+    .await?;
+    let _ = s.finish();
+    Ok((own.then_some(conn), r))
+}
+
+/// Fetches one chunk from the coordinator and verifies it.
+async fn repair(ctx: &Ctx, index: u32) -> Result<Vec<u8>> {
+    let mut last = anyhow!("no attempt");
+    for _ in 0..3 {
+        let r: Result<Vec<u8>> = async {
+            let (mut s, mut r) = ctx.coord.open_bi().await?;
+            wire::send(
+                &mut s,
+                &DataRequest::One {
+                    deployment: ctx.deployment,
+                    index,
+                },
+            )
+            .await?;
+            let _ = s.finish();
+            let p = tokio::time::timeout(
+                Duration::from_secs(60),
+                wire::recv_payload(&mut r, MAX_FRAME),
+            )
+            .await
+            .map_err(|_| anyhow!("timed out"))??
+            .ok_or_else(|| anyhow!("empty answer"))?;
+            match codec::decode_data_frame(p)? {
+                DataFrame::Chunk { index: i, data } if i == index => {
+                    verify_chunk(&ctx.manifest, index, &data).map_err(|e| anyhow!(e))?;
+                    Ok(data)
+                }
+                DataFrame::Error(e) => Err(anyhow!("refused: {e}")),
+                other => Err(anyhow!(
+                    "unexpected answer {:?}",
+                    std::mem::discriminant(&other)
+                )),
+            }
+        }
+        .await;
+        match r {
+            Ok(d) => return Ok(d),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Accepts children's connections and streams chunks to them.
+async fn serve_children(
+    endpoint: quinn::Endpoint,
+    store: Arc<Store>,
+    manifest: Arc<Manifest>,
+    deployment: u64,
+    allowed: AllowedPeers,
+    to_coord: mpsc::Sender<ToCoord>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let store = store.clone();
+        let manifest = manifest.clone();
+        let allowed = allowed.clone();
+        let to_coord = to_coord.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), incoming).await else {
+                return;
+            };
+            let node = kd_net::tls::peer_cert(&conn)
+                .and_then(|c| allowed.node_of(&c))
+                .unwrap_or_default();
+            while let Ok((s, r)) = conn.accept_bi().await {
+                let store = store.clone();
+                let manifest = manifest.clone();
+                let node = node.clone();
+                let to_coord = to_coord.clone();
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_stream(s, r, &store, &manifest, deployment, &conn).await {
+                        tracing::warn!(child = %node, "child lost: {e:#}");
+                        let _ = to_coord
+                            .send(ToCoord::ChildLost {
+                                child: node,
+                                reason: format!("{e:#}"),
+                            })
+                            .await;
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    mut s: quinn::SendStream,
+    mut r: quinn::RecvStream,
+    store: &Store,
+    manifest: &Manifest,
+    deployment: u64,
+    conn: &quinn::Connection,
+) -> Result<()> {
+    let req = wire::recv::<DataRequest>(&mut r, Duration::from_secs(10), "a data request").await?;
+    let count = manifest.chunk_count();
+    let (d, from, to) = match req {
+        DataRequest::Stream { deployment, from } => (deployment, from, count),
+        DataRequest::One { deployment, index } => {
+            (deployment, index, index.saturating_add(1).min(count))
+        }
+    };
+    if d != deployment {
+        wire::send(
+            &mut s,
+            &DataFrame::Error(kd_proto::msg::WireError::new(
+                kd_proto::msg::ErrorCode::Forbidden,
+                "another deployment",
+            )),
+        )
+        .await?;
+        return Ok(());
+    }
+    let id = store.register(from);
+    let result: Result<()> = async {
+        for i in from..to {
+            tokio::select! {
+                _ = store.wait_for(i) => {}
+                _ = conn.closed() => bail!("connection closed"),
+            }
+            match store.get(i) {
+                Get::Ready(c) => {
+                    let h = codec::chunk_frame_header(i, c.len())?;
+                    s.write_all(&h).await?;
+                    s.write_all(&c).await?;
+                }
+                Get::Evicted | Get::NotYet => {
+                    wire::send(&mut s, &DataFrame::Unavailable { index: i }).await?;
+                }
+            }
+            store.advance(id, i + 1);
+        }
+        let _ = s.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.stopped()).await;
+        Ok(())
+    }
+    .await;
+    store.unregister(id);
+    result
+}
+
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        }
+        Err(_) => 0.0,
+    }
+}

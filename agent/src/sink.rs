@@ -1,0 +1,113 @@
+//! The writer: a thread that decompresses verified chunks and hands the bytes to the disk
+//! crate's image sinks, so that slow disks never stall the relay to children beyond the
+//! bounded queue.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kd_proto::manifest::Manifest;
+use kd_proto::msg::Digest;
+use tokio::sync::mpsc;
+
+use crate::config::SinkSpec;
+use crate::store::Chunk;
+
+/// What the writer did.
+#[derive(Debug, Default)]
+pub(crate) struct WriteResult {
+    pub(crate) error: Option<String>,
+    pub(crate) content_hash: Option<Digest>,
+}
+
+pub(crate) struct Writer {
+    pub(crate) tx: mpsc::Sender<(u32, Chunk)>,
+    pub(crate) written: Arc<AtomicU64>,
+    pub(crate) handle: std::thread::JoinHandle<WriteResult>,
+}
+
+/// Starts the writer thread for `spec`. Queue depth: `depth` chunks.
+pub(crate) fn spawn(spec: &SinkSpec, manifest: &Manifest, depth: usize) -> std::io::Result<Writer> {
+    let (tx, mut rx) = mpsc::channel::<(u32, Chunk)>(depth.max(1));
+    let written = Arc::new(AtomicU64::new(0));
+    let w = written.clone();
+    let spec = spec.clone();
+    let manifest = manifest.clone();
+    let handle = std::thread::Builder::new()
+        .name("kd-writer".into())
+        .spawn(move || {
+            let mut sink: Option<Box<dyn kd_disk::ImageSink>> = None;
+            let mut error = None;
+            match &spec {
+                SinkSpec::Null => {}
+                SinkSpec::Raw(p) => match kd_disk::raw_sink(p, None) {
+                    Ok(s) => sink = Some(s),
+                    Err(e) => error = Some(format!("cannot open {}: {e}", p.display())),
+                },
+                SinkSpec::Dir(p) => match kd_disk::tar_sink(p) {
+                    Ok(s) => sink = Some(s),
+                    Err(e) => error = Some(format!("cannot extract into {}: {e}", p.display())),
+                },
+            }
+            let decompress = !matches!(spec, SinkSpec::Null);
+            let mut hasher = blake3::Hasher::new();
+            let mut dec = match zstd::bulk::Decompressor::new() {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    error.get_or_insert(format!("zstd: {e}"));
+                    None
+                }
+            };
+            let mut buf = Vec::new();
+            // Keep draining after an error so that the relay to children is never blocked.
+            while let Some((i, chunk)) = rx.blocking_recv() {
+                if error.is_some() || !decompress {
+                    continue;
+                }
+                let raw_len = manifest
+                    .chunks
+                    .get(i as usize)
+                    .map(|c| c.raw_len as usize)
+                    .unwrap_or(0);
+                buf.clear();
+                buf.reserve(raw_len);
+                let Some(d) = dec.as_mut() else { continue };
+                match d.decompress_to_buffer(&chunk[..], &mut buf) {
+                    Ok(n) if n == raw_len => {}
+                    Ok(n) => {
+                        error = Some(format!(
+                            "chunk {i}: {n} bytes after decompression, expected {raw_len}"
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        error = Some(format!("chunk {i}: zstd: {e}"));
+                        continue;
+                    }
+                }
+                hasher.update(&buf);
+                if let Some(s) = sink.as_mut() {
+                    if let Err(e) = s.write_all(&buf) {
+                        error = Some(format!("write: {e}"));
+                        continue;
+                    }
+                }
+                w.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
+            if error.is_none() {
+                if let Some(s) = sink.take() {
+                    if let Err(e) = s.finish() {
+                        error = Some(format!("finish: {e}"));
+                    }
+                }
+            }
+            WriteResult {
+                error,
+                content_hash: decompress.then(|| *hasher.finalize().as_bytes()),
+            }
+        })?;
+    Ok(Writer {
+        tx,
+        written,
+        handle,
+    })
+}

@@ -1,0 +1,918 @@
+//! The coordinator's side of a broadcast: accept agents, check them, plan the tree, serve the
+//! roots (and repairs) from the image file, re-attach orphans when a node dies, and collect the
+//! reports.
+//!
+//! I/O lives here (quinn, tokio); the decisions that need no I/O (who becomes whose parent) are
+//! plain functions at the bottom, unit-tested.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kd_net::wire;
+use kd_proto::codec;
+use kd_proto::msg::{
+    DataFrame, DataRequest, ErrorCode, Hello, Job, PeerInfo, Plan, Progress, Report, ToAgent,
+    ToCoord, Upstream, Welcome, WireError,
+};
+use kd_proto::tree::Arity;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::image::ImageFile;
+use crate::pki::{CoordIdentity, DeploymentCa};
+
+/// Application close codes on kd connections.
+pub mod close {
+    /// Normal end.
+    pub const DONE: u32 = 0;
+    /// The Hello was refused.
+    pub const REFUSED: u32 = 1;
+    /// The broadcast was aborted.
+    pub const ABORTED: u32 = 2;
+}
+
+/// What to broadcast to whom.
+#[derive(Debug, Clone)]
+pub struct BroadcastConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The nodes, in tree order.
+    pub nodes: Vec<String>,
+    /// The one-time token of each node.
+    pub tokens: HashMap<String, String>,
+    /// Tree shape.
+    pub arity: Arity,
+    /// How long to wait for every agent's Hello.
+    pub hello_timeout: Duration,
+    /// How long the transfer may take once planned.
+    pub run_timeout: Duration,
+    /// Deployment identifier.
+    pub deployment: u64,
+}
+
+/// Something that happened, for live progress.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The endpoint is listening.
+    Listening(SocketAddr),
+    /// An agent was accepted.
+    Connected {
+        /// Node.
+        node: String,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// A connection was refused.
+    Refused {
+        /// Remote address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The tree was planned.
+    Planned {
+        /// (node, parent) pairs; parent `None` is the coordinator.
+        edges: Vec<(String, Option<String>)>,
+    },
+    /// Progress of a node.
+    Progress {
+        /// Node.
+        node: String,
+        /// Counters.
+        progress: Progress,
+    },
+    /// A node got a new upstream.
+    Reparented {
+        /// Node.
+        node: String,
+        /// New parent (`None`: the coordinator).
+        parent: Option<String>,
+    },
+    /// A node finished (ok or not).
+    Done {
+        /// Node.
+        node: String,
+        /// `None` if ok.
+        error: Option<String>,
+    },
+}
+
+/// How one node ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeOutcome {
+    /// Node name.
+    pub node: String,
+    /// True when the node verified and wrote the whole image.
+    pub ok: bool,
+    /// Why not.
+    pub reason: Option<String>,
+    /// Seconds from the plan to the node's report.
+    pub seconds: Option<f64>,
+    /// The node's final report.
+    #[serde(skip)]
+    pub report: Option<Report>,
+    /// CPU seconds the agent used.
+    pub cpu_seconds: Option<f64>,
+    /// Chunks the node refused as corrupt.
+    pub corrupt_chunks: u32,
+    /// Chunks fetched again.
+    pub refetched_chunks: u32,
+}
+
+/// The result of a broadcast.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    /// Per node, in the configured order.
+    pub nodes: Vec<NodeOutcome>,
+    /// Seconds from the plan to the last report.
+    pub transfer_seconds: f64,
+    /// Compressed image size.
+    pub compressed_bytes: u64,
+    /// The image hash.
+    pub image_hash: String,
+}
+
+impl Outcome {
+    /// True when every node verified the image.
+    pub fn all_ok(&self) -> bool {
+        self.nodes.iter().all(|n| n.ok)
+    }
+}
+
+enum Inbound {
+    Hello {
+        hello: Hello,
+        conn: quinn::Connection,
+        tx: mpsc::Sender<ToAgent>,
+        reply: oneshot::Sender<Result<(), WireError>>,
+    },
+    Msg {
+        node: String,
+        msg: ToCoord,
+    },
+    Lost {
+        node: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Status {
+    Connected,
+    Planned,
+    Done(Report),
+    Failed(String),
+}
+
+struct Node {
+    conn: quinn::Connection,
+    tx: mpsc::Sender<ToAgent>,
+    info: Option<PeerInfo>,
+    data_port: u16,
+    status: Status,
+    progress: Progress,
+    finished_at: Option<Instant>,
+}
+
+/// Shared, read-only state of the data service.
+struct Source {
+    image: ImageFile,
+    deployment: u64,
+}
+
+/// Runs a whole broadcast. `events` receives live progress (dropped events are fine).
+pub async fn run(
+    image: ImageFile,
+    cfg: BroadcastConfig,
+    identity: &CoordIdentity,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<Outcome> {
+    let server =
+        kd_net::tls::coordinator_server(identity.cert_der.clone(), identity.key_der.clone())?;
+    let endpoint = kd_net::endpoint::bind(cfg.listen, Some(server))
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let local = endpoint.local_addr()?;
+    let _ = events.send(Event::Listening(local));
+    let source = Arc::new(Source {
+        image,
+        deployment: cfg.deployment,
+    });
+    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
+
+    let accept_task = {
+        let endpoint = endpoint.clone();
+        let in_tx = in_tx.clone();
+        let source = source.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                tokio::spawn(handle_connection(
+                    incoming,
+                    in_tx.clone(),
+                    source.clone(),
+                    events.clone(),
+                ));
+            }
+        })
+    };
+    drop(in_tx);
+
+    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+    let mut used_tokens: HashMap<String, ()> = HashMap::new();
+
+    // Phase 1: gather Hellos.
+    let hello_deadline = tokio::time::Instant::now() + cfg.hello_timeout;
+    while nodes.len() < cfg.nodes.len() {
+        let ev = tokio::select! {
+            ev = in_rx.recv() => ev,
+            _ = tokio::time::sleep_until(hello_deadline) => break,
+        };
+        let Some(ev) = ev else { break };
+        match ev {
+            Inbound::Hello {
+                hello,
+                conn,
+                tx,
+                reply,
+            } => {
+                let verdict = check_hello(&hello, &cfg, &used_tokens, false);
+                match verdict {
+                    Ok(()) => {
+                        used_tokens.insert(hello.node.clone(), ());
+                        let _ = reply.send(Ok(()));
+                        let _ = events.send(Event::Connected {
+                            node: hello.node.clone(),
+                            addr: conn.remote_address(),
+                        });
+                        nodes.insert(
+                            hello.node.clone(),
+                            Node {
+                                conn,
+                                tx,
+                                info: None,
+                                data_port: hello.data_port,
+                                status: Status::Connected,
+                                progress: Progress::default(),
+                                finished_at: None,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let _ = events.send(Event::Refused {
+                            addr: conn.remote_address(),
+                            reason: e.to_string(),
+                        });
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Inbound::Lost { node, reason } => {
+                if let Some(n) = nodes.get_mut(&node) {
+                    n.status = Status::Failed(format!("connection lost before the plan: {reason}"));
+                }
+            }
+            Inbound::Msg { .. } => {}
+        }
+    }
+
+    // Phase 2: plan over the nodes that answered, in the configured order.
+    let live: Vec<String> = cfg
+        .nodes
+        .iter()
+        .filter(|n| matches!(nodes.get(*n).map(|x| &x.status), Some(Status::Connected)))
+        .cloned()
+        .collect();
+    let tree = kd_proto::tree::plan(live.len(), cfg.arity);
+    let ca = DeploymentCa::new(cfg.deployment)?;
+    let mut identities = HashMap::new();
+    for name in &live {
+        let id = ca.issue(name)?;
+        let n = nodes.get_mut(name).context("node vanished")?;
+        n.info = Some(PeerInfo {
+            node: name.clone(),
+            addr: SocketAddr::new(n.conn.remote_address().ip(), n.data_port),
+            cert_sha256: kd_net::cert_sha256(&id.cert_der),
+        });
+        identities.insert(name.clone(), id);
+    }
+    let mut parent: HashMap<String, Option<String>> = HashMap::new();
+    let mut edges = Vec::new();
+    for (i, name) in live.iter().enumerate() {
+        let p = tree.parent(i).map(|j| live[j].clone());
+        parent.insert(name.clone(), p.clone());
+        edges.push((name.clone(), p));
+    }
+    let _ = events.send(Event::Planned { edges });
+    let started = Instant::now();
+    for (i, name) in live.iter().enumerate() {
+        let upstream = match tree.parent(i) {
+            None => Upstream::Coordinator,
+            Some(j) => Upstream::Peer(info_of(&nodes, &live[j])?),
+        };
+        let children = tree
+            .children(i)
+            .iter()
+            .map(|&c| info_of(&nodes, &live[c]))
+            .collect::<Result<Vec<_>>>()?;
+        let plan = Plan {
+            deployment: cfg.deployment,
+            identity: identities.remove(name).context("identity")?,
+            upstream,
+            children,
+            manifest: source.image.manifest.clone(),
+            job: Job::LocalSink,
+        };
+        let n = nodes.get_mut(name).context("node")?;
+        n.status = Status::Planned;
+        if n.tx.send(ToAgent::Plan(Box::new(plan))).await.is_err() {
+            n.status = Status::Failed("control stream closed before the plan was sent".into());
+        }
+    }
+
+    // Phase 3: run until every planned node is done or failed.
+    let image_hash = source.image.manifest.image_hash();
+    let run_deadline = tokio::time::Instant::now() + cfg.run_timeout;
+    loop {
+        let pending = nodes
+            .values()
+            .filter(|n| n.status == Status::Planned)
+            .count();
+        if pending == 0 {
+            break;
+        }
+        let ev = tokio::select! {
+            ev = in_rx.recv() => ev,
+            _ = tokio::time::sleep_until(run_deadline) => None,
+        };
+        let Some(ev) = ev else {
+            for n in nodes.values_mut().filter(|n| n.status == Status::Planned) {
+                n.status = Status::Failed(format!("no report within {:?}", cfg.run_timeout));
+                let _ = n.tx.try_send(ToAgent::Abort {
+                    reason: "broadcast timed out".into(),
+                });
+            }
+            break;
+        };
+        match ev {
+            Inbound::Hello { hello, reply, .. } => {
+                let e = check_hello(&hello, &cfg, &used_tokens, true)
+                    .err()
+                    .unwrap_or_else(|| {
+                        WireError::new(ErrorCode::Unexpected, "the broadcast has already started")
+                    });
+                let _ = reply.send(Err(e));
+            }
+            Inbound::Msg { node, msg } => match msg {
+                ToCoord::Progress(p) => {
+                    if let Some(n) = nodes.get_mut(&node) {
+                        n.progress = p.clone();
+                    }
+                    let _ = events.send(Event::Progress { node, progress: p });
+                }
+                ToCoord::Report(r) => {
+                    let Some(n) = nodes.get_mut(&node) else {
+                        continue;
+                    };
+                    if n.status != Status::Planned {
+                        continue;
+                    }
+                    n.finished_at = Some(Instant::now());
+                    n.progress = r.progress.clone();
+                    let error = match (&r.error, r.image_hash) {
+                        (Some(e), _) => Some(e.clone()),
+                        (None, Some(h)) if h == image_hash => None,
+                        (None, _) => Some("the agent reported a different image hash".into()),
+                    };
+                    n.status = match &error {
+                        None => Status::Done(r),
+                        Some(e) => Status::Failed(e.clone()),
+                    };
+                    let _ = events.send(Event::Done { node, error });
+                }
+                ToCoord::ParentLost {
+                    parent: lost,
+                    next_chunk,
+                    reason,
+                } => {
+                    tracing::info!(%node, ?lost, next_chunk, %reason, "parent lost");
+                    let current = parent.get(&node).cloned().flatten();
+                    let from = lost.or(current);
+                    reattach(&node, from.as_deref(), &mut parent, &mut nodes, &events).await;
+                }
+                ToCoord::ChildLost { child, reason } => {
+                    tracing::info!(%node, %child, %reason, "child lost");
+                }
+                ToCoord::Step(_) | ToCoord::Hello(_) => {}
+            },
+            Inbound::Lost { node, reason } => {
+                let Some(n) = nodes.get_mut(&node) else {
+                    continue;
+                };
+                if n.status == Status::Planned {
+                    n.status = Status::Failed(format!("connection lost: {reason}"));
+                    n.finished_at = Some(Instant::now());
+                    let _ = events.send(Event::Done {
+                        node: node.clone(),
+                        error: Some(format!("connection lost: {reason}")),
+                    });
+                }
+                // Re-attach its children (their own ParentLost may come later; it is then a no-op).
+                let orphans: Vec<String> = parent
+                    .iter()
+                    .filter(|(_, p)| p.as_deref() == Some(node.as_str()))
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                for o in orphans {
+                    let alive = nodes
+                        .get(&o)
+                        .map(|x| x.status == Status::Planned)
+                        .unwrap_or(false);
+                    if alive {
+                        reattach(&o, Some(&node), &mut parent, &mut nodes, &events).await;
+                    }
+                }
+            }
+        }
+    }
+    let transfer_seconds = started.elapsed().as_secs_f64();
+
+    // Release everyone: agents keep serving their children until told to finish.
+    for n in nodes.values() {
+        let _ = n.tx.try_send(ToAgent::Finish);
+    }
+    // Give the Finish messages a moment to leave, then close.
+    let close_deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    for n in nodes.values() {
+        let _ = tokio::time::timeout_at(close_deadline, n.conn.closed()).await;
+    }
+    endpoint.close(close::DONE.into(), b"done");
+    accept_task.abort();
+
+    let mut out = Vec::new();
+    for name in &cfg.nodes {
+        let o = match nodes.get(name) {
+            None => NodeOutcome {
+                node: name.clone(),
+                ok: false,
+                reason: Some(format!(
+                    "never connected (no Hello within {:?})",
+                    cfg.hello_timeout
+                )),
+                seconds: None,
+                report: None,
+                cpu_seconds: None,
+                corrupt_chunks: 0,
+                refetched_chunks: 0,
+            },
+            Some(n) => {
+                let (ok, reason, report) = match &n.status {
+                    Status::Done(r) => (true, None, Some(r.clone())),
+                    Status::Failed(e) => (false, Some(e.clone()), None),
+                    Status::Connected | Status::Planned => (false, Some("unfinished".into()), None),
+                };
+                NodeOutcome {
+                    node: name.clone(),
+                    ok,
+                    reason,
+                    seconds: n
+                        .finished_at
+                        .map(|t| t.duration_since(started).as_secs_f64()),
+                    cpu_seconds: report.as_ref().map(|r| r.cpu_seconds),
+                    corrupt_chunks: n.progress.corrupt_chunks,
+                    refetched_chunks: report.as_ref().map(|r| r.refetched_chunks).unwrap_or(0),
+                    report,
+                }
+            }
+        };
+        out.push(o);
+    }
+    Ok(Outcome {
+        nodes: out,
+        transfer_seconds,
+        compressed_bytes: source.image.manifest.compressed_size(),
+        image_hash: kd_proto::manifest::hex(&image_hash),
+    })
+}
+
+fn info_of(nodes: &BTreeMap<String, Node>, name: &str) -> Result<PeerInfo> {
+    nodes
+        .get(name)
+        .and_then(|n| n.info.clone())
+        .with_context(|| format!("no peer info for {name}"))
+}
+
+fn check_hello(
+    h: &Hello,
+    cfg: &BroadcastConfig,
+    used: &HashMap<String, ()>,
+    started: bool,
+) -> Result<(), WireError> {
+    if h.version != kd_proto::PROTOCOL_VERSION {
+        return Err(WireError::new(
+            ErrorCode::VersionMismatch,
+            format!(
+                "agent speaks protocol {}, coordinator {}",
+                h.version,
+                kd_proto::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    let Some(expected) = cfg.tokens.get(&h.node) else {
+        return Err(WireError::new(
+            ErrorCode::UnknownNode,
+            format!("node {:?} is not part of this deployment", h.node),
+        ));
+    };
+    if !constant_time_eq(expected.as_bytes(), h.token.as_bytes()) {
+        return Err(WireError::new(
+            ErrorCode::BadToken,
+            format!("wrong token for node {}", h.node),
+        ));
+    }
+    if used.contains_key(&h.node) {
+        return Err(WireError::new(
+            ErrorCode::BadToken,
+            format!("the token of node {} was already used", h.node),
+        ));
+    }
+    if started {
+        return Err(WireError::new(
+            ErrorCode::Unexpected,
+            "the broadcast has already started",
+        ));
+    }
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The new parent of a node whose parent `lost` is gone: the nearest ancestor of `lost` that is
+/// still alive, else the coordinator (`None`).
+pub fn new_parent(
+    lost: Option<&str>,
+    parent: &HashMap<String, Option<String>>,
+    alive: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let mut cur = lost.and_then(|l| parent.get(l).cloned().flatten());
+    let mut hops = 0;
+    while let Some(c) = cur {
+        if alive(&c) {
+            return Some(c);
+        }
+        hops += 1;
+        if hops > parent.len() {
+            return None;
+        }
+        cur = parent.get(&c).cloned().flatten();
+    }
+    None
+}
+
+async fn reattach(
+    node: &str,
+    lost: Option<&str>,
+    parent: &mut HashMap<String, Option<String>>,
+    nodes: &mut BTreeMap<String, Node>,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let alive = |n: &str| {
+        nodes
+            .get(n)
+            .map(|x| matches!(x.status, Status::Planned | Status::Done(_)))
+            .unwrap_or(false)
+            && Some(n) != lost
+    };
+    let np = new_parent(lost, parent, alive);
+    let upstream = match &np {
+        None => Upstream::Coordinator,
+        Some(p) => {
+            let (Some(child_info), Some(pn)) =
+                (nodes.get(node).and_then(|n| n.info.clone()), nodes.get(p))
+            else {
+                return;
+            };
+            let _ = pn.tx.send(ToAgent::Adopt(child_info)).await;
+            match pn.info.clone() {
+                Some(i) => Upstream::Peer(i),
+                None => Upstream::Coordinator,
+            }
+        }
+    };
+    parent.insert(node.to_string(), np.clone());
+    if let Some(n) = nodes.get(node) {
+        let _ = n.tx.send(ToAgent::Reparent(upstream)).await;
+    }
+    let _ = events.send(Event::Reparented {
+        node: node.to_string(),
+        parent: np,
+    });
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    in_tx: mpsc::Sender<Inbound>,
+    source: Arc<Source>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let _ = events.send(Event::Refused {
+                addr: remote,
+                reason: format!("handshake failed: {e}"),
+            });
+            return;
+        }
+        Err(_) => {
+            let _ = events.send(Event::Refused {
+                addr: remote,
+                reason: "handshake timed out".into(),
+            });
+            return;
+        }
+    };
+    let (mut send, mut recv) =
+        match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                let _ = events.send(Event::Refused {
+                    addr: remote,
+                    reason: "no control stream".into(),
+                });
+                conn.close(close::REFUSED.into(), b"no control stream");
+                return;
+            }
+        };
+    let hello = match wire::recv::<ToCoord>(&mut recv, Duration::from_secs(10), "Hello").await {
+        Ok(ToCoord::Hello(h)) => h,
+        Ok(_) => {
+            refuse(
+                &conn,
+                &mut send,
+                WireError::new(ErrorCode::Unexpected, "the first message must be Hello"),
+                &events,
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            refuse(
+                &conn,
+                &mut send,
+                WireError::new(ErrorCode::Unexpected, format!("bad Hello: {e}")),
+                &events,
+            )
+            .await;
+            return;
+        }
+    };
+    let node = hello.node.clone();
+    let (tx, mut rx) = mpsc::channel::<ToAgent>(64);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if in_tx
+        .send(Inbound::Hello {
+            hello,
+            conn: conn.clone(),
+            tx,
+            reply: reply_tx,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match reply_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            refuse(&conn, &mut send, e, &events).await;
+            return;
+        }
+        Err(_) => return,
+    }
+    if wire::send(
+        &mut send,
+        &ToAgent::Welcome(Welcome {
+            deployment: source.deployment,
+        }),
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    // Writer: main loop -> agent.
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if wire::send(&mut send, &m).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    });
+    // Data service: the agent opens a stream per request (roots, repairs).
+    {
+        let conn = conn.clone();
+        let source = source.clone();
+        tokio::spawn(async move {
+            while let Ok((s, r)) = conn.accept_bi().await {
+                tokio::spawn(serve_data(s, r, source.clone()));
+            }
+        });
+    }
+    // Reader: agent -> main loop, until the connection ends.
+    let reason = loop {
+        match wire::recv_opt::<ToCoord>(&mut recv).await {
+            Ok(Some(msg)) => {
+                if in_tx
+                    .send(Inbound::Msg {
+                        node: node.clone(),
+                        msg,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(None) => break "the agent closed its control stream".to_string(),
+            Err(e) => {
+                break match conn.close_reason() {
+                    Some(r) => describe_close(&r),
+                    None => e.to_string(),
+                }
+            }
+        }
+    };
+    let _ = in_tx.send(Inbound::Lost { node, reason }).await;
+}
+
+fn describe_close(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TimedOut => "timed out (no packet for 5 s)".into(),
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            format!(
+                "closed by the agent: {}",
+                String::from_utf8_lossy(&c.reason)
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    e: WireError,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let _ = events.send(Event::Refused {
+        addr: conn.remote_address(),
+        reason: e.to_string(),
+    });
+    let _ = wire::send(send, &ToAgent::Error(e.clone())).await;
+    let _ = send.finish();
+    // Let the error reach the agent before the connection closes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(close::REFUSED.into(), e.message.as_bytes());
+}
+
+async fn serve_data(mut send: quinn::SendStream, mut recv: quinn::RecvStream, source: Arc<Source>) {
+    let req = match wire::recv::<DataRequest>(&mut recv, Duration::from_secs(10), "a data request")
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = send_frame(
+                &mut send,
+                &DataFrame::Error(WireError::new(ErrorCode::Unexpected, e.to_string())),
+            )
+            .await;
+            return;
+        }
+    };
+    let count = source.image.manifest.chunk_count();
+    let (deployment, range) = match req {
+        DataRequest::Stream { deployment, from } => (deployment, from..count),
+        DataRequest::One { deployment, index } => {
+            (deployment, index..index.saturating_add(1).min(count))
+        }
+    };
+    if deployment != source.deployment {
+        let e = WireError::new(
+            ErrorCode::Forbidden,
+            format!("deployment {deployment:x} is not running here"),
+        );
+        let _ = send_frame(&mut send, &DataFrame::Error(e)).await;
+        return;
+    }
+    for i in range {
+        let src = source.clone();
+        let chunk = match tokio::task::spawn_blocking(move || src.image.read_chunk(i)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::error!("serving chunk {i}: {e:#}");
+                let _ = send_frame(
+                    &mut send,
+                    &DataFrame::Error(WireError::new(ErrorCode::Internal, format!("{e:#}"))),
+                )
+                .await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let Ok(h) = codec::chunk_frame_header(i, chunk.len()) else {
+            return;
+        };
+        if send.write_all(&h).await.is_err() || send.write_all(&chunk).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
+}
+
+async fn send_frame(send: &mut quinn::SendStream, f: &DataFrame) -> Result<(), wire::WireError> {
+    wire::send(send, f).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: usize) -> HashMap<String, Option<String>> {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    if i == 0 {
+                        None
+                    } else {
+                        Some(format!("n{}", i - 1))
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn orphan_goes_to_nearest_live_ancestor() {
+        let p = chain(5);
+        // n2 died: n3 goes to n1.
+        assert_eq!(new_parent(Some("n2"), &p, |n| n != "n2"), Some("n1".into()));
+        // n1 and n2 dead: n3 goes to n0.
+        assert_eq!(
+            new_parent(Some("n2"), &p, |n| n != "n2" && n != "n1"),
+            Some("n0".into())
+        );
+        // Root died: its child goes to the coordinator.
+        assert_eq!(new_parent(Some("n0"), &p, |n| n != "n0"), None);
+        // The coordinator itself was lost: stays with the coordinator.
+        assert_eq!(new_parent(None, &p, |_| true), None);
+    }
+
+    #[test]
+    fn hello_checks() {
+        let cfg = BroadcastConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            nodes: vec!["a".into()],
+            tokens: [("a".to_string(), "t".to_string())].into(),
+            arity: Arity::Chain,
+            hello_timeout: Duration::from_secs(1),
+            run_timeout: Duration::from_secs(1),
+            deployment: 1,
+        };
+        let mut h = Hello {
+            version: kd_proto::PROTOCOL_VERSION,
+            node: "a".into(),
+            token: "t".into(),
+            data_port: 1,
+            inventory: Default::default(),
+        };
+        let used = HashMap::new();
+        assert!(check_hello(&h, &cfg, &used, false).is_ok());
+        h.token = "x".into();
+        assert_eq!(
+            check_hello(&h, &cfg, &used, false).unwrap_err().code,
+            ErrorCode::BadToken
+        );
+        h.node = "zz".into();
+        assert_eq!(
+            check_hello(&h, &cfg, &used, false).unwrap_err().code,
+            ErrorCode::UnknownNode
+        );
+        h.node = "a".into();
+        h.token = "t".into();
+        h.version = 99;
+        assert_eq!(
+            check_hello(&h, &cfg, &used, false).unwrap_err().code,
+            ErrorCode::VersionMismatch
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! rustls configurations for kd's three kinds of TLS sessions.
+//!
+//! | session | server proves | client proves |
+//! |---|---|---|
+//! | agent → coordinator | certificate pinned by SHA-256 (`kd.pin`) | one-time token, in `Hello` |
+//! | child → parent agent | deployment certificate, pinned by the fingerprint in the plan | deployment certificate, in the parent's allowed set |
+//!
+//! All sessions are TLS 1.3 with ALPN `kd/1`, ring as the only crypto provider.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+
+use crate::cert_sha256;
+
+/// A TLS configuration that could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused the configuration (bad key, bad certificate).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// quinn refused the rustls configuration.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Checks the server's certificate by its SHA-256 fingerprint, and its handshake signature.
+#[derive(Debug)]
+pub struct PinnedServer {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedServer {
+    /// Accepts exactly the certificate whose SHA-256 is `pin`.
+    pub fn new(pin: [u8; 32]) -> Arc<Self> {
+        Arc::new(Self {
+            pin,
+            provider: provider(),
+        })
+    }
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if cert_sha256(end_entity) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "server certificate SHA-256 {} does not match the pinned {}",
+                kd_proto::manifest::hex(&cert_sha256(end_entity)),
+                kd_proto::manifest::hex(&self.pin)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The children a parent agent accepts: certificate fingerprint → node name. Shared with the
+/// agent, which adds children when the coordinator re-attaches orphans.
+#[derive(Debug, Default, Clone)]
+pub struct AllowedPeers(Arc<RwLock<HashMap<[u8; 32], String>>>);
+
+impl AllowedPeers {
+    /// Allows the certificate with this fingerprint, as `node`.
+    pub fn allow(&self, fingerprint: [u8; 32], node: String) {
+        if let Ok(mut m) = self.0.write() {
+            m.insert(fingerprint, node);
+        }
+    }
+
+    /// The node a certificate belongs to, if allowed.
+    pub fn node_of(&self, cert: &[u8]) -> Option<String> {
+        self.0.read().ok()?.get(&cert_sha256(cert)).cloned()
+    }
+}
+
+#[derive(Debug)]
+struct AllowedClients {
+    allowed: AllowedPeers,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AllowedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.allowed.node_of(end_entity).is_some() {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "client certificate is not one of this node's children".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn quic_server(mut cfg: rustls::ServerConfig) -> Result<quinn::ServerConfig, TlsError> {
+    cfg.alpn_protocols = vec![kd_proto::ALPN.to_vec()];
+    cfg.max_early_data_size = 0;
+    let q = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(q));
+    sc.transport_config(crate::endpoint::transport());
+    Ok(sc)
+}
+
+fn quic_client(mut cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
+    cfg.alpn_protocols = vec![kd_proto::ALPN.to_vec()];
+    let q = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(q));
+    cc.transport_config(crate::endpoint::transport());
+    Ok(cc)
+}
+
+/// The coordinator's server side: its long-lived certificate, no client certificates.
+pub fn coordinator_server(
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        )?;
+    quic_server(cfg)
+}
+
+/// An agent's client side towards the coordinator (pinned, no client certificate).
+pub fn agent_to_coordinator(pin: [u8; 32]) -> Result<quinn::ClientConfig, TlsError> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(PinnedServer::new(pin))
+        .with_no_client_auth();
+    quic_client(cfg)
+}
+
+/// A parent agent's server side: its deployment certificate; only allowed children get in.
+pub fn parent_server(
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+    allowed: AllowedPeers,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier = Arc::new(AllowedClients {
+        allowed,
+        provider: provider(),
+    });
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        )?;
+    quic_server(cfg)
+}
+
+/// A child agent's client side towards its parent: the parent's certificate pinned, its own
+/// deployment certificate presented.
+pub fn child_to_parent(
+    parent_pin: [u8; 32],
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(PinnedServer::new(parent_pin))
+        .with_client_auth_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        )?;
+    quic_client(cfg)
+}
+
+/// The certificate a peer presented on a connection, if any.
+pub fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let id = conn.peer_identity()?;
+    let certs = id.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| c.to_vec())
+}

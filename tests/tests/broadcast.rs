@@ -1,0 +1,279 @@
+//! Loopback broadcasts with the real binaries: 8 agents, every tree shape, failures injected.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kd_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// Runs one broadcast of `input` to 8 agents writing raw files; returns the JSON outcome and
+/// the agents' outputs.
+fn broadcast_raw(
+    input: &Path,
+    arity: &str,
+    faults: &[(&str, &str)],
+) -> (
+    serde_json::Value,
+    tempfile::TempDir,
+    Vec<std::process::Output>,
+    Cluster,
+) {
+    let c = Cluster::new(input, 8, "256K").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut reaper = Reaper::default();
+    let mut coord = c.start_coordinator(arity, &[]).unwrap();
+    let mut agents = Vec::new();
+    for n in &c.nodes {
+        let sink = format!("raw:{}", out.path().join(format!("{n}.raw")).display());
+        let mut extra = Vec::new();
+        for (node, f) in faults {
+            if node == n {
+                extra.push("--fault");
+                extra.push(*f);
+            }
+        }
+        agents.push(
+            c.start_agent(n, &format!("tok-{n}"), &sink, &extra)
+                .unwrap(),
+        );
+    }
+    let co = wait_child(&mut coord, LIMIT).unwrap();
+    let mut outs = Vec::new();
+    for mut a in agents {
+        outs.push(wait_child(&mut a, Duration::from_secs(60)).unwrap());
+    }
+    reaper.0.clear();
+    let stderr = String::from_utf8_lossy(&co.stderr).to_string();
+    let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
+    (v, out, outs, c)
+}
+
+fn node<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == name)
+        .unwrap()
+}
+
+#[test]
+fn every_arity_delivers_identical_copies() {
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 6 * 1024 * 1024 + 12345, 7);
+    for arity in ["chain", "2", "3", "star"] {
+        let (v, out, outs, _c) = broadcast_raw(&input, arity, &[]);
+        for (i, o) in outs.iter().enumerate() {
+            assert!(
+                o.status.success(),
+                "arity {arity} agent {i}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        for n in v["nodes"].as_array().unwrap() {
+            assert_eq!(n["ok"], true, "arity {arity}: {n}");
+            let name = n["node"].as_str().unwrap();
+            assert!(
+                same_file(&input, &out.path().join(format!("{name}.raw"))),
+                "arity {arity}: {name} differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn corrupt_chunk_is_refused_refetched_and_never_written() {
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 3 * 1024 * 1024, 11);
+    // node3 is a relay in a chain: its children must never see the corrupt bytes either.
+    let (v, out, _outs, _c) = broadcast_raw(&input, "chain", &[("node3", "corrupt:4")]);
+    let n3 = node(&v, "node3");
+    assert_eq!(n3["ok"], true, "{n3}");
+    assert_eq!(n3["corrupt_chunks"], 1, "{n3}");
+    assert_eq!(n3["refetched_chunks"], 1, "{n3}");
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["ok"], true, "{n}");
+        let name = n["node"].as_str().unwrap();
+        if name != "node3" {
+            assert_eq!(n["corrupt_chunks"], 0, "{n}");
+        }
+        assert!(
+            same_file(&input, &out.path().join(format!("{name}.raw"))),
+            "{name} differs"
+        );
+    }
+}
+
+#[test]
+fn killed_relay_is_reported_and_the_others_complete() {
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 4 * 1024 * 1024, 13);
+    for arity in ["chain", "2"] {
+        let (v, out, _outs, _c) = broadcast_raw(&input, arity, &[("node2", "die-after:3")]);
+        let dead = node(&v, "node2");
+        assert_eq!(dead["ok"], false, "{dead}");
+        assert!(
+            dead["reason"].as_str().unwrap().contains("connection lost"),
+            "{dead}"
+        );
+        for n in v["nodes"].as_array().unwrap() {
+            let name = n["node"].as_str().unwrap();
+            if name == "node2" {
+                continue;
+            }
+            assert_eq!(n["ok"], true, "arity {arity}: {n}");
+            assert!(
+                same_file(&input, &out.path().join(format!("{name}.raw"))),
+                "{name} differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn directory_images_keep_files_modes_and_links() {
+    use std::os::unix::fs::PermissionsExt;
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(root.join("etc/ssh")).unwrap();
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "node\n").unwrap();
+    std::fs::write(root.join("etc/ssh/key"), "secret").unwrap();
+    std::fs::set_permissions(
+        root.join("etc/ssh/key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(root.join("usr/bin/tool"), &big).unwrap();
+    std::fs::set_permissions(
+        root.join("usr/bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/usr/bin/tool", root.join("usr/bin/alias")).unwrap();
+    std::fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.hard")).unwrap();
+
+    let c = Cluster::new(&root, 4, "256K").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut coord = c.start_coordinator("2", &[]).unwrap();
+    let mut agents = Reaper::default();
+    for n in &c.nodes {
+        let d = out.path().join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        agents.0.push(
+            c.start_agent(n, &format!("tok-{n}"), &format!("dir:{}", d.display()), &[])
+                .unwrap(),
+        );
+    }
+    let co = wait_child(&mut coord, LIMIT).unwrap();
+    let v = outcome(&co.stdout).unwrap();
+    for n in &c.nodes {
+        assert_eq!(node(&v, n)["ok"], true, "{v}");
+        let d = out.path().join(n);
+        assert_eq!(std::fs::read(d.join("usr/bin/tool")).unwrap(), big);
+        let mode = |p: &str| std::fs::metadata(d.join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode("usr/bin/tool"), 0o755);
+        assert_eq!(mode("etc/ssh/key"), 0o600);
+        assert_eq!(
+            std::fs::read_link(d.join("usr/bin/alias")).unwrap(),
+            Path::new("/usr/bin/tool")
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(d.join("etc/hostname")).unwrap().ino(),
+            std::fs::metadata(d.join("etc/hostname.hard"))
+                .unwrap()
+                .ino()
+        );
+    }
+}
+
+#[test]
+fn bad_agents_are_refused_with_clear_errors() {
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 1024 * 1024, 3);
+    let c = Cluster::new(&input, 1, "256K").unwrap();
+    let mut coord = c.start_coordinator("chain", &[]).unwrap();
+    let run_agent = |node: &str, token: &str, pin: Option<&str>| {
+        let mut cmd = Command::new(bin("kd-agent"));
+        cmd.args([
+            "--coord",
+            &format!("127.0.0.1:{}", c.port),
+            "--pin",
+            pin.unwrap_or(&c.pin),
+        ])
+        .args([
+            "--node",
+            node,
+            "--token",
+            token,
+            "--sink",
+            "null",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        let o = run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = run_agent("node1", "tok-node1", Some(&"ab".repeat(32)));
+    assert!(e.contains("not the one pinned"), "{e}");
+    let e = run_agent("node1", "wrong", None);
+    assert!(e.contains("wrong token for node node1"), "{e}");
+    let e = run_agent("node9", "tok-node9", None);
+    assert!(e.contains("not part of this deployment"), "{e}");
+
+    // Raw QUIC peers with the right pin but bad bytes: an oversized frame, then garbage.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pin = kd_net::parse_sha256_hex(&c.pin).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", c.port).parse().unwrap();
+    for payload in [(kd_proto::codec::MAX_FRAME + 1).to_le_bytes().to_vec(), {
+        let mut g = 64u32.to_le_bytes().to_vec();
+        g.extend((0..64u8).map(|i| i.wrapping_mul(37)));
+        g
+    }] {
+        let reason = rt.block_on(async {
+            let ep = kd_net::endpoint::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+            let conn = ep
+                .connect_with(
+                    kd_net::tls::agent_to_coordinator(pin).unwrap(),
+                    addr,
+                    "kd-coord",
+                )
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut s, _r) = conn.open_bi().await.unwrap();
+            s.write_all(&payload).await.unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(20), conn.closed())
+                .await
+                .unwrap();
+            e.to_string()
+        });
+        assert!(reason.contains("bad Hello"), "{reason}");
+    }
+    // The good agent still gets its image.
+    let ok = c.start_agent("node1", "tok-node1", "null", &[]).unwrap();
+    let mut r = Reaper(vec![ok]);
+    let co = wait_child(&mut coord, LIMIT).unwrap();
+    let v = outcome(&co.stdout).unwrap();
+    assert_eq!(node(&v, "node1")["ok"], true, "{v}");
+    let err = String::from_utf8_lossy(&co.stderr);
+    assert!(err.contains("exceeds the limit"), "{err}");
+    assert!(err.contains("malformed"), "{err}");
+    let o = wait_child(&mut r.0[0], Duration::from_secs(30)).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
