@@ -1,5 +1,9 @@
 //! kd-coord: the coordinator library (the binary in `main.rs` is a thin CLI over it).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod broadcast;
 pub mod config;
+pub mod env;
+pub mod image;
+pub mod pki;
 pub mod workflow;
