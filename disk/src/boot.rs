@@ -50,8 +50,20 @@ pub fn fstab(entries: &[FstabEntry]) -> String {
             (_, "/") => ("defaults", 0, 1),
             _ => ("defaults", 0, 2),
         };
-        let mp = if e.fs == FsType::Swap { "none" } else { e.mount_point.as_str() };
-        s.push_str(&format!("UUID={} {} {} {} {} {}\n", e.uuid, mp, e.fs.name(), opts, dump, pass));
+        let mp = if e.fs == FsType::Swap {
+            "none"
+        } else {
+            e.mount_point.as_str()
+        };
+        s.push_str(&format!(
+            "UUID={} {} {} {} {} {}\n",
+            e.uuid,
+            mp,
+            e.fs.name(),
+            opts,
+            dump,
+            pass
+        ));
     }
     s
 }
@@ -90,7 +102,11 @@ pub fn grub_cfg(boot: &BootConfig, root_uuid: &str, fs: FsType) -> String {
 pub fn write_in_tree(root: &Path, rel: &str, text: &str, mode: u32) -> Result<(), DiskError> {
     use std::os::unix::fs::PermissionsExt;
     let path = safe_tree_path(root, rel, true)?;
-    if path.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+    if path
+        .symlink_metadata()
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false)
+    {
         std::fs::remove_file(&path).ctx(|| format!("removing symlink {}", path.display()))?;
     }
     std::fs::write(&path, text).ctx(|| format!("writing {}", path.display()))?;
@@ -101,9 +117,15 @@ pub fn write_in_tree(root: &Path, rel: &str, text: &str, mode: u32) -> Result<()
 /// `root/rel` after checking that no existing ancestor inside `root` is a symlink (a deployed
 /// image must not redirect kd's writes out of the tree); missing directories are created (0755)
 /// when `create`.
-pub fn safe_tree_path(root: &Path, rel: &str, create: bool) -> Result<std::path::PathBuf, DiskError> {
-    let rel = crate::write::safe_relative(Path::new(rel))
-        .map_err(|r| DiskError::UnsafeEntry { path: rel.to_string(), reason: r })?;
+pub fn safe_tree_path(
+    root: &Path,
+    rel: &str,
+    create: bool,
+) -> Result<std::path::PathBuf, DiskError> {
+    let rel = crate::write::safe_relative(Path::new(rel)).map_err(|r| DiskError::UnsafeEntry {
+        path: rel.to_string(),
+        reason: r,
+    })?;
     let mut cur = root.to_path_buf();
     if let Some(parent) = rel.parent() {
         for c in parent.components() {
@@ -122,7 +144,9 @@ pub fn safe_tree_path(root: &Path, rel: &str, create: bool) -> Result<std::path:
                         reason: format!("{} is not a directory", cur.display()),
                     })
                 }
-                Err(_) if create => std::fs::create_dir(&cur).ctx(|| format!("creating {}", cur.display()))?,
+                Err(_) if create => {
+                    std::fs::create_dir(&cur).ctx(|| format!("creating {}", cur.display()))?
+                }
                 Err(e) => return Err(DiskError::io(format!("stat {}", cur.display()), e)),
             }
         }
@@ -137,7 +161,11 @@ pub fn grub_install_bios(disk: &Path, root: &Path) -> Result<String, DiskError> 
         Command::new("grub-install")
             .arg("--target=i386-pc")
             .arg(format!("--boot-directory={}", boot.display()))
-            .args(["--modules=part_gpt part_msdos ext2 xfs search_fs_uuid", "--no-floppy", "--force"])
+            .args([
+                "--modules=part_gpt part_msdos ext2 xfs search_fs_uuid",
+                "--no-floppy",
+                "--force",
+            ])
             .arg(disk),
         Duration::from_secs(300),
     )
@@ -162,9 +190,21 @@ mod tests {
     #[test]
     fn fstab_by_uuid() {
         let t = fstab(&[
-            FstabEntry { uuid: "s".into(), mount_point: "swap".into(), fs: FsType::Swap },
-            FstabEntry { uuid: "t".into(), mount_point: "/tmp".into(), fs: FsType::Ext4 },
-            FstabEntry { uuid: "r".into(), mount_point: "/".into(), fs: FsType::Ext4 },
+            FstabEntry {
+                uuid: "s".into(),
+                mount_point: "swap".into(),
+                fs: FsType::Swap,
+            },
+            FstabEntry {
+                uuid: "t".into(),
+                mount_point: "/tmp".into(),
+                fs: FsType::Ext4,
+            },
+            FstabEntry {
+                uuid: "r".into(),
+                mount_point: "/".into(),
+                fs: FsType::Ext4,
+            },
         ]);
         assert_eq!(
             t,

@@ -36,12 +36,22 @@ fn describe(cmd: &Command) -> String {
 /// or a timeout is a [`DiskError::Command`] carrying the output.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<String, DiskError> {
     let what = describe(cmd);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-    let mut child =
-        cmd.spawn().map_err(|e| DiskError::io(format!("starting `{what}`"), e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| DiskError::io(format!("starting `{what}`"), e))?;
     let readers: Vec<_> = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -80,8 +90,16 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<String, DiskError> {
     let out = tail(&out, MAX_OUTPUT).to_string();
     match status {
         Ok(st) if st.success() => Ok(out),
-        Ok(st) => Err(DiskError::Command { command: what, status: st.to_string(), output: out }),
-        Err(reason) => Err(DiskError::Command { command: what, status: reason, output: out }),
+        Ok(st) => Err(DiskError::Command {
+            command: what,
+            status: st.to_string(),
+            output: out,
+        }),
+        Err(reason) => Err(DiskError::Command {
+            command: what,
+            status: reason,
+            output: out,
+        }),
     }
 }
 

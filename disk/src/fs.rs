@@ -10,7 +10,14 @@ use crate::layout::FsType;
 
 /// Kadeploy's ext2/3/4 options (`-b 4096 -O sparse_super,filetype,resize_inode,dir_index`),
 /// quiet and forced.
-pub const EXT_OPTIONS: &[&str] = &["-q", "-F", "-b", "4096", "-O", "sparse_super,filetype,resize_inode,dir_index"];
+pub const EXT_OPTIONS: &[&str] = &[
+    "-q",
+    "-F",
+    "-b",
+    "4096",
+    "-O",
+    "sparse_super,filetype,resize_inode,dir_index",
+];
 
 /// The mkfs command line for `fs` on `dev`.
 pub fn mkfs_command(fs: FsType, dev: &Path, label: Option<&str>) -> Command {
@@ -39,7 +46,9 @@ pub fn mkfs(fs: FsType, dev: &Path, label: Option<&str>) -> Result<String, DiskE
 /// Probe `dev` (bypassing blkid's cache) for a tag: `UUID`, `TYPE`...; `None` if absent.
 pub fn probe(dev: &Path, tag: &str) -> Result<Option<String>, DiskError> {
     let r = cmd::run(
-        Command::new("blkid").args(["-p", "-o", "value", "-s", tag]).arg(dev),
+        Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", tag])
+            .arg(dev),
         Duration::from_secs(60),
     );
     match r {
@@ -55,5 +64,6 @@ pub fn probe(dev: &Path, tag: &str) -> Result<Option<String>, DiskError> {
 
 /// The UUID of the file system or swap on `dev`.
 pub fn uuid(dev: &Path) -> Result<String, DiskError> {
-    probe(dev, "UUID")?.ok_or_else(|| DiskError::BadImage(format!("no file system UUID on {}", dev.display())))
+    probe(dev, "UUID")?
+        .ok_or_else(|| DiskError::BadImage(format!("no file system UUID on {}", dev.display())))
 }

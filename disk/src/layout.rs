@@ -99,7 +99,10 @@ impl Size {
             return Ok(Size::Rest);
         }
         if let Some(p) = t.strip_suffix('%') {
-            let v: u32 = p.trim().parse().map_err(|_| format!("bad percentage `{s}`"))?;
+            let v: u32 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad percentage `{s}`"))?;
             if v == 0 || v > 100 {
                 return Err(format!("percentage `{s}` must be 1-100"));
             }
@@ -107,14 +110,22 @@ impl Size {
         }
         let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(digits);
-        let v: u64 = num.parse().map_err(|_| format!("bad size `{s}` (e.g. 512MiB, 4GiB, 10%, rest)"))?;
+        let v: u64 = num
+            .parse()
+            .map_err(|_| format!("bad size `{s}` (e.g. 512MiB, 4GiB, 10%, rest)"))?;
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "m" | "mib" | "mb" => MIB,
             "g" | "gib" | "gb" => 1024 * MIB,
             "t" | "tib" | "tb" => 1024 * 1024 * MIB,
-            u => return Err(format!("unknown size unit `{u}` in `{s}` (MiB, GiB, TiB, %, rest)")),
+            u => {
+                return Err(format!(
+                    "unknown size unit `{u}` in `{s}` (MiB, GiB, TiB, %, rest)"
+                ))
+            }
         };
-        let b = v.checked_mul(mult).ok_or_else(|| format!("size `{s}` is too large"))?;
+        let b = v
+            .checked_mul(mult)
+            .ok_or_else(|| format!("size `{s}` is too large"))?;
         if b == 0 {
             return Err(format!("size `{s}` is zero"));
         }
@@ -229,7 +240,12 @@ impl Plan {
     }
     /// The bytes the layout needs (end of the last partition, plus the GPT backup).
     pub fn needed_bytes(&self) -> u64 {
-        self.partitions.iter().map(|p| p.start + p.size).max().unwrap_or(0) + tail_reserve(self.label)
+        self.partitions
+            .iter()
+            .map(|p| p.start + p.size)
+            .max()
+            .unwrap_or(0)
+            + tail_reserve(self.label)
     }
 }
 
@@ -269,7 +285,11 @@ impl Layout {
                     "partition number {} is out of range 1-{max} for a {:?} label{}",
                     p.number,
                     self.label,
-                    if self.label == Label::Msdos { " (no logical partitions)" } else { "" }
+                    if self.label == Label::Msdos {
+                        " (no logical partitions)"
+                    } else {
+                        ""
+                    }
                 )));
             }
             if !seen.insert(p.number) {
@@ -277,19 +297,37 @@ impl Layout {
             }
             check_fs(self.label, p)?;
         }
-        let deploys: Vec<u32> =
-            self.partitions.iter().filter(|p| p.role == Role::Deploy).map(|p| p.number).collect();
+        let deploys: Vec<u32> = self
+            .partitions
+            .iter()
+            .filter(|p| p.role == Role::Deploy)
+            .map(|p| p.number)
+            .collect();
         match deploys.len() {
-            0 => return Err(err("no deploy partition (one partition needs `role: deploy`)")),
+            0 => {
+                return Err(err(
+                    "no deploy partition (one partition needs `role: deploy`)",
+                ))
+            }
             1 => {}
-            _ => return Err(err(format!("two deploy partitions: {deploys:?} (only one allowed)"))),
+            _ => {
+                return Err(err(format!(
+                    "two deploy partitions: {deploys:?} (only one allowed)"
+                )))
+            }
         }
         for r in [Role::Esp, Role::BiosGrub] {
             if self.partitions.iter().filter(|p| p.role == r).count() > 1 {
                 return Err(err(format!("more than one {r:?} partition")));
             }
         }
-        if self.partitions.iter().filter(|p| p.size == Size::Rest).count() > 1 {
+        if self
+            .partitions
+            .iter()
+            .filter(|p| p.size == Size::Rest)
+            .count()
+            > 1
+        {
             return Err(err("more than one partition of size `rest`"));
         }
         let pct: u32 = self
@@ -298,7 +336,9 @@ impl Layout {
             .map(|p| if let Size::Percent(v) = p.size { v } else { 0 })
             .sum();
         if pct > 100 {
-            return Err(err(format!("percentages add up to {pct}% (more than 100%)")));
+            return Err(err(format!(
+                "percentages add up to {pct}% (more than 100%)"
+            )));
         }
         Ok(())
     }
@@ -312,7 +352,9 @@ impl Layout {
         let end = (disk_size / MIB) * MIB;
         let end = end.saturating_sub(tail_reserve(self.label));
         if end <= first {
-            return Err(err(format!("the disk ({disk_size} bytes) is too small for any layout")));
+            return Err(err(format!(
+                "the disk ({disk_size} bytes) is too small for any layout"
+            )));
         }
         let usable = end - first;
         let mut fixed: u64 = 0;
@@ -395,16 +437,20 @@ impl Layout {
                 size,
                 role: p.role,
                 fs: default_fs(p),
-                name: p.name.clone().unwrap_or_else(|| format!("{:?}", p.role).to_lowercase()),
+                name: p
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{:?}", p.role).to_lowercase()),
             });
             cursor = start + size;
             prev = Some(p.number);
         }
         if let Some(n) = deploy_override {
             let current = out.iter().position(|p| p.role == Role::Deploy);
-            let idx = out.iter().position(|p| p.number == n).ok_or_else(|| {
-                err(format!("deploy partition {n} (-p) is not in the layout"))
-            })?;
+            let idx = out
+                .iter()
+                .position(|p| p.number == n)
+                .ok_or_else(|| err(format!("deploy partition {n} (-p) is not in the layout")))?;
             match out[idx].role {
                 Role::Deploy | Role::Tmp | Role::Keep => {}
                 r => {
@@ -422,7 +468,12 @@ impl Layout {
             out[idx].role = Role::Deploy;
             out[idx].fs = Some(out[idx].fs.unwrap_or(FsType::Ext4));
         }
-        Ok(Plan { device: self.device.clone(), label: self.label, disk_size, partitions: out })
+        Ok(Plan {
+            device: self.device.clone(),
+            label: self.label,
+            disk_size,
+            partitions: out,
+        })
     }
 }
 
@@ -446,9 +497,7 @@ fn check_fs(label: Label, p: &PartitionSpec) -> Result<(), DiskError> {
         )))
     };
     match (p.role, p.fs) {
-        (Role::Deploy | Role::Tmp, Some(FsType::Swap | FsType::Vfat)) => {
-            bad("use ext2/3/4 or xfs")
-        }
+        (Role::Deploy | Role::Tmp, Some(FsType::Swap | FsType::Vfat)) => bad("use ext2/3/4 or xfs"),
         (Role::Swap, Some(f)) if f != FsType::Swap => bad("a swap partition holds swap"),
         (Role::Esp, Some(f)) if f != FsType::Vfat => bad("an ESP is vfat"),
         (Role::BiosGrub, Some(_)) => bad("bios_grub holds GRUB's core image, no file system"),
@@ -473,7 +522,9 @@ mod tests {
         assert_eq!(Size::parse("10%").unwrap(), Size::Percent(10));
         assert_eq!(Size::parse("rest").unwrap(), Size::Rest);
         assert_eq!(Size::parse("64").unwrap(), Size::Bytes(64 * MIB));
-        assert!(Size::parse("12 parsecs").unwrap_err().contains("unknown size unit"));
+        assert!(Size::parse("12 parsecs")
+            .unwrap_err()
+            .contains("unknown size unit"));
         assert!(Size::parse("0MiB").is_err());
         assert!(Size::parse("150%").is_err());
         assert_eq!(Size::Bytes(4 * GIB).to_string(), "4GiB");
@@ -489,10 +540,20 @@ mod tests {
     fn resolves_a_gpt_layout() {
         let l = Layout::from_yaml(&yaml(FOUR, "gpt")).unwrap();
         let p = l.resolve(1026 * MIB, None).unwrap();
-        let got: Vec<_> = p.partitions.iter().map(|p| (p.number, p.start / MIB, p.size / MIB)).collect();
-        assert_eq!(got, vec![(1, 1, 1), (2, 2, 64), (3, 66, 512), (4, 578, 447)]);
+        let got: Vec<_> = p
+            .partitions
+            .iter()
+            .map(|p| (p.number, p.start / MIB, p.size / MIB))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(1, 1, 1), (2, 2, 64), (3, 66, 512), (4, 578, 447)]
+        );
         assert_eq!(p.deploy().unwrap().fs, Some(FsType::Ext4));
-        assert_eq!(p.with_role(Role::Tmp).next().unwrap().fs, Some(FsType::Ext4));
+        assert_eq!(
+            p.with_role(Role::Tmp).next().unwrap().fs,
+            Some(FsType::Ext4)
+        );
         assert!(p.needed_bytes() <= 1026 * MIB);
         // Round trip through YAML keeps the layout.
         let again: Layout = serde_norway::from_str(&serde_norway::to_string(&l).unwrap()).unwrap();
@@ -500,7 +561,9 @@ mod tests {
     }
 
     fn layout_err(parts: &str, label: &str) -> String {
-        Layout::from_yaml(&yaml(parts, label)).unwrap_err().to_string()
+        Layout::from_yaml(&yaml(parts, label))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -508,18 +571,29 @@ mod tests {
         let two = "  - { number: 1, size: 1GiB, role: deploy }\n  - { number: 2, size: 1GiB, role: deploy }\n";
         assert!(layout_err(two, "gpt").contains("two deploy partitions"));
         let zfs = "  - { number: 1, size: 1GiB, role: deploy, fs: zfs }\n";
-        assert!(layout_err(zfs, "gpt").contains("unknown variant `zfs`"), "{}", layout_err(zfs, "gpt"));
+        assert!(
+            layout_err(zfs, "gpt").contains("unknown variant `zfs`"),
+            "{}",
+            layout_err(zfs, "gpt")
+        );
         let five = "  - { number: 5, size: 1GiB, role: deploy }\n";
         assert!(layout_err(five, "msdos").contains("out of range 1-4"));
         let grub = "  - { number: 1, size: 1MiB, role: bios_grub }\n  - { number: 2, size: 1GiB, role: deploy }\n";
         assert!(layout_err(grub, "msdos").contains("bios_grub needs a gpt label"));
         let dup = "  - { number: 1, size: 1GiB, role: deploy }\n  - { number: 1, size: 1GiB, role: swap }\n";
         assert!(layout_err(dup, "gpt").contains("appears twice"));
-        let big = Layout::from_yaml(&yaml("  - { number: 1, size: 2GiB, role: deploy }\n", "gpt")).unwrap();
+        let big = Layout::from_yaml(&yaml(
+            "  - { number: 1, size: 2GiB, role: deploy }\n",
+            "gpt",
+        ))
+        .unwrap();
         let e = big.resolve(GIB, None).unwrap_err().to_string();
         assert!(e.contains("larger than the disk"), "{e}");
         let overlap = "  - { number: 1, size: 100MiB, role: deploy }\n  - { number: 2, size: 10MiB, start: 50MiB, role: keep }\n";
-        let e = Layout::from_yaml(&yaml(overlap, "gpt")).unwrap().resolve(GIB, None).unwrap_err();
+        let e = Layout::from_yaml(&yaml(overlap, "gpt"))
+            .unwrap()
+            .resolve(GIB, None)
+            .unwrap_err();
         assert!(e.to_string().contains("overlaps partition 1"), "{e}");
         let swapfs = "  - { number: 1, size: 1GiB, role: swap, fs: ext4 }\n  - { number: 2, size: 1GiB, role: deploy }\n";
         assert!(layout_err(swapfs, "gpt").contains("a swap partition holds swap"));
@@ -533,6 +607,10 @@ mod tests {
         assert_eq!(p.partitions[2].role, Role::Keep);
         let e = l.resolve(1026 * MIB, Some(2)).unwrap_err().to_string();
         assert!(e.contains("cannot be the deploy partition"), "{e}");
-        assert!(l.resolve(1026 * MIB, Some(9)).unwrap_err().to_string().contains("not in the layout"));
+        assert!(l
+            .resolve(1026 * MIB, Some(9))
+            .unwrap_err()
+            .to_string()
+            .contains("not in the layout"));
     }
 }

@@ -15,7 +15,11 @@ pub struct LoopDevice {
 impl LoopDevice {
     /// Attach `backing` (a file or a block device). `range`: (offset, size limit) in bytes.
     /// `partscan`: ask the kernel to scan partitions (`losetup -P`).
-    pub fn attach(backing: &Path, range: Option<(u64, u64)>, partscan: bool) -> Result<Self, DiskError> {
+    pub fn attach(
+        backing: &Path,
+        range: Option<(u64, u64)>,
+        partscan: bool,
+    ) -> Result<Self, DiskError> {
         let mut args: Vec<String> = vec!["--find".into(), "--show".into()];
         if let Some((off, len)) = range {
             args.push(format!("--offset={off}"));
@@ -31,7 +35,10 @@ impl LoopDevice {
         if !path.starts_with("/dev/") {
             return Err(DiskError::Internal(format!("losetup printed `{out}`")));
         }
-        Ok(LoopDevice { path, attached: true })
+        Ok(LoopDevice {
+            path,
+            attached: true,
+        })
     }
 
     /// The device node, e.g. `/dev/loop3`.

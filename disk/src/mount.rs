@@ -24,11 +24,25 @@ impl Mount {
     ) -> Result<Mount, DiskError> {
         std::fs::create_dir_all(target).ctx(|| format!("creating {}", target.display()))?;
         mount(Some(source), target, fstype, flags, data).ctx(|| {
-            format!("mounting {} on {} ({})", source.display(), target.display(), fstype.unwrap_or("bind"))
+            format!(
+                "mounting {} on {} ({})",
+                source.display(),
+                target.display(),
+                fstype.unwrap_or("bind")
+            )
         })?;
-        let m = Mount { target: target.to_path_buf(), mounted: true };
-        mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
-            .ctx(|| format!("making {} private", target.display()))?;
+        let m = Mount {
+            target: target.to_path_buf(),
+            mounted: true,
+        };
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .ctx(|| format!("making {} private", target.display()))?;
         Ok(m)
     }
 
@@ -53,10 +67,15 @@ impl Mount {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let e = last.map(std::io::Error::from).unwrap_or_else(|| std::io::Error::other("umount"));
+        let e = last
+            .map(std::io::Error::from)
+            .unwrap_or_else(|| std::io::Error::other("umount"));
         // Do not leave it behind: detach it lazily, but report the failure.
         let _ = umount2(&self.target, MntFlags::MNT_DETACH);
-        Err(DiskError::io(format!("unmounting {}", self.target.display()), e))
+        Err(DiskError::io(
+            format!("unmounting {}", self.target.display()),
+            e,
+        ))
     }
 }
 

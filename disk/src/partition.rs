@@ -18,13 +18,33 @@ const SECTOR: u64 = 512;
 /// GPT type GUIDs (mixed-endian bytes as stored on disk).
 fn gpt_type(role: Role) -> [u8; 16] {
     // "0FC63DAF-8483-4772-8E79-3D69D8477DE4" Linux filesystem
-    const LINUX: [u8; 16] = guid(0x0FC63DAF, 0x8483, 0x4772, [0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4]);
+    const LINUX: [u8; 16] = guid(
+        0x0FC63DAF,
+        0x8483,
+        0x4772,
+        [0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4],
+    );
     // "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F" Linux swap
-    const SWAP: [u8; 16] = guid(0x0657FD6D, 0xA4AB, 0x43C4, [0x84, 0xE5, 0x09, 0x33, 0xC8, 0x4B, 0x4F, 0x4F]);
+    const SWAP: [u8; 16] = guid(
+        0x0657FD6D,
+        0xA4AB,
+        0x43C4,
+        [0x84, 0xE5, 0x09, 0x33, 0xC8, 0x4B, 0x4F, 0x4F],
+    );
     // "C12A7328-F81F-11D2-BA4B-00A0C93EC93B" EFI system
-    const ESP: [u8; 16] = guid(0xC12A7328, 0xF81F, 0x11D2, [0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B]);
+    const ESP: [u8; 16] = guid(
+        0xC12A7328,
+        0xF81F,
+        0x11D2,
+        [0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B],
+    );
     // "21686148-6449-6E6F-744E-656564454649" BIOS boot
-    const BIOS: [u8; 16] = guid(0x21686148, 0x6449, 0x6E6F, [0x74, 0x4E, 0x65, 0x65, 0x64, 0x45, 0x46, 0x49]);
+    const BIOS: [u8; 16] = guid(
+        0x21686148,
+        0x6449,
+        0x6E6F,
+        [0x74, 0x4E, 0x65, 0x65, 0x64, 0x45, 0x46, 0x49],
+    );
     match role {
         Role::Swap => SWAP,
         Role::Esp => ESP,
@@ -37,7 +57,10 @@ const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> [u8; 16] {
     let a = a.to_le_bytes();
     let b = b.to_le_bytes();
     let c = c.to_le_bytes();
-    [a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6],
+        d[7],
+    ]
 }
 
 fn mbr_type(role: Role) -> u8 {
@@ -106,14 +129,19 @@ fn write_gpt(f: &mut File, plan: &Plan) -> Result<(), DiskError> {
         let last = (p.start + p.size) / SECTOR - 1;
         let entry = if p.role == Role::Keep {
             let found = old.as_ref().and_then(|o| {
-                o.iter().find(|(n, e)| *n == p.number && e.is_used()).map(|(_, e)| e.clone())
+                o.iter()
+                    .find(|(n, e)| *n == p.number && e.is_used())
+                    .map(|(_, e)| e.clone())
             });
             match found {
                 Some(e) if e.starting_lba == first && e.ending_lba == last => e,
                 Some(e) => {
                     return Err(keep_mismatch(
                         p,
-                        Some((e.starting_lba * SECTOR, (e.ending_lba + 1 - e.starting_lba) * SECTOR)),
+                        Some((
+                            e.starting_lba * SECTOR,
+                            (e.ending_lba + 1 - e.starting_lba) * SECTOR,
+                        )),
                     ))
                 }
                 None => return Err(keep_mismatch(p, None)),
@@ -130,7 +158,8 @@ fn write_gpt(f: &mut File, plan: &Plan) -> Result<(), DiskError> {
         };
         gpt[p.number] = entry;
     }
-    gpt.write_into(f).map_err(|e| DiskError::Layout(format!("writing the GPT: {e}")))?;
+    gpt.write_into(f)
+        .map_err(|e| DiskError::Layout(format!("writing the GPT: {e}")))?;
     gptman::GPT::write_protective_mbr_into(f, SECTOR)
         .map_err(|e| DiskError::Layout(format!("writing the protective MBR: {e}")))?;
     Ok(())
@@ -145,27 +174,41 @@ fn write_mbr(f: &mut File, plan: &Plan) -> Result<(), DiskError> {
     let mut mbr = mbrman::MBR::new_from(f, SECTOR as u32, sig)
         .map_err(|e| DiskError::Layout(format!("creating an MBR: {e}")))?;
     let too_big = |p: &PlannedPartition| {
-        DiskError::Layout(format!("partition {} is beyond the 2 TiB reach of msdos", p.number))
+        DiskError::Layout(format!(
+            "partition {} is beyond the 2 TiB reach of msdos",
+            p.number
+        ))
     };
     for p in &plan.partitions {
         let i = usize::try_from(p.number).map_err(|_| too_big(p))?;
         let first = u32::try_from(p.start / SECTOR).map_err(|_| too_big(p))?;
         let sectors = u32::try_from(p.size / SECTOR).map_err(|_| too_big(p))?;
         let entry = if p.role == Role::Keep {
-            let found = old.as_ref().and_then(|o| o.get(i)).filter(|e| e.is_used()).cloned();
+            let found = old
+                .as_ref()
+                .and_then(|o| o.get(i))
+                .filter(|e| e.is_used())
+                .cloned();
             match found {
                 Some(e) if e.starting_lba == first && e.sectors == sectors => e,
                 Some(e) => {
                     return Err(keep_mismatch(
                         p,
-                        Some((u64::from(e.starting_lba) * SECTOR, u64::from(e.sectors) * SECTOR)),
+                        Some((
+                            u64::from(e.starting_lba) * SECTOR,
+                            u64::from(e.sectors) * SECTOR,
+                        )),
                     ))
                 }
                 None => return Err(keep_mismatch(p, None)),
             }
         } else {
             mbrman::MBRPartitionEntry {
-                boot: if p.role == Role::Deploy { mbrman::BOOT_ACTIVE } else { mbrman::BOOT_INACTIVE },
+                boot: if p.role == Role::Deploy {
+                    mbrman::BOOT_ACTIVE
+                } else {
+                    mbrman::BOOT_INACTIVE
+                },
                 first_chs: mbrman::CHS::empty(),
                 sys: mbr_type(p.role),
                 last_chs: mbrman::CHS::empty(),
@@ -182,7 +225,8 @@ fn write_mbr(f: &mut File, plan: &Plan) -> Result<(), DiskError> {
     if let Some(o) = &old {
         mbr.header.bootstrap_code = o.header.bootstrap_code;
     }
-    mbr.write_into(f).map_err(|e| DiskError::Layout(format!("writing the MBR: {e}")))?;
+    mbr.write_into(f)
+        .map_err(|e| DiskError::Layout(format!("writing the MBR: {e}")))?;
     Ok(())
 }
 
@@ -193,7 +237,13 @@ pub fn read_table(disk: &Path) -> Result<Vec<(u32, u64, u64)>, DiskError> {
         return Ok(gpt
             .iter()
             .filter(|(_, e)| e.is_used())
-            .map(|(n, e)| (n, e.starting_lba * gpt.sector_size, (e.ending_lba + 1 - e.starting_lba) * gpt.sector_size))
+            .map(|(n, e)| {
+                (
+                    n,
+                    e.starting_lba * gpt.sector_size,
+                    (e.ending_lba + 1 - e.starting_lba) * gpt.sector_size,
+                )
+            })
             .collect());
     }
     let mbr = mbrman::MBR::read_from(&mut f, SECTOR as u32)
@@ -202,7 +252,11 @@ pub fn read_table(disk: &Path) -> Result<Vec<(u32, u64, u64)>, DiskError> {
         .iter()
         .filter(|(_, e)| e.is_used())
         .filter_map(|(n, e)| {
-            Some((u32::try_from(n).ok()?, u64::from(e.starting_lba) * SECTOR, u64::from(e.sectors) * SECTOR))
+            Some((
+                u32::try_from(n).ok()?,
+                u64::from(e.starting_lba) * SECTOR,
+                u64::from(e.sectors) * SECTOR,
+            ))
         })
         .collect())
 }
@@ -215,7 +269,10 @@ pub fn reread(disk: &Path) -> Result<bool, DiskError> {
     for _ in 0..10 {
         match sys::blkrrpart(&f) {
             Ok(()) => return Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOTTY) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    || e.raw_os_error() == Some(libc::ENOTTY) =>
+            {
                 return Ok(false)
             }
             Err(e) => last = Some(e),
@@ -223,7 +280,10 @@ pub fn reread(disk: &Path) -> Result<bool, DiskError> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Err(DiskError::io(
-        format!("re-reading the partition table of {} (BLKRRPART, 10 tries)", disk.display()),
+        format!(
+            "re-reading the partition table of {} (BLKRRPART, 10 tries)",
+            disk.display()
+        ),
         last.unwrap_or_else(|| std::io::Error::other("BLKRRPART")),
     ))
 }
@@ -240,7 +300,9 @@ pub fn partition_node(disk: &Path, n: u32) -> PathBuf {
 
 /// Does the kernel's partition node exist with the planned start and size?
 fn node_matches(node: &Path, p: &PlannedPartition) -> bool {
-    let Ok(md) = std::fs::metadata(node) else { return false };
+    let Ok(md) = std::fs::metadata(node) else {
+        return false;
+    };
     if !md.file_type().is_block_device() {
         return false;
     }
@@ -251,9 +313,14 @@ fn node_matches(node: &Path, p: &PlannedPartition) -> bool {
         nix::sys::stat::minor(rdev)
     );
     let read = |f: &str| -> Option<u64> {
-        std::fs::read_to_string(format!("{base}/{f}")).ok()?.trim().parse().ok()
+        std::fs::read_to_string(format!("{base}/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     };
-    read("start").map(|s| s * SECTOR) == Some(p.start) && read("size").map(|s| s * SECTOR) == Some(p.size)
+    read("start").map(|s| s * SECTOR) == Some(p.start)
+        && read("size").map(|s| s * SECTOR) == Some(p.size)
 }
 
 /// How the partitions are reached.
@@ -288,7 +355,11 @@ impl PartitionDevices {
 
 /// Reach the partitions of `plan` on `disk`: re-read the table, wait up to `wait` for the
 /// kernel's nodes (udev), else attach loop devices with offset and size limit over the disk.
-pub fn partition_devices(disk: &Path, plan: &Plan, wait: Duration) -> Result<PartitionDevices, DiskError> {
+pub fn partition_devices(
+    disk: &Path,
+    plan: &Plan,
+    wait: Duration,
+) -> Result<PartitionDevices, DiskError> {
     let is_block = std::fs::metadata(disk)
         .ctx(|| format!("stat {}", disk.display()))?
         .file_type()
@@ -296,24 +367,41 @@ pub fn partition_devices(disk: &Path, plan: &Plan, wait: Duration) -> Result<Par
     if is_block && reread(disk)? {
         let start = Instant::now();
         loop {
-            if plan.partitions.iter().all(|p| node_matches(&partition_node(disk, p.number), p)) {
-                let devices =
-                    plan.partitions.iter().map(|p| (p.number, partition_node(disk, p.number))).collect();
-                return Ok(PartitionDevices { devices, loops: Vec::new() });
+            if plan
+                .partitions
+                .iter()
+                .all(|p| node_matches(&partition_node(disk, p.number), p))
+            {
+                let devices = plan
+                    .partitions
+                    .iter()
+                    .map(|p| (p.number, partition_node(disk, p.number)))
+                    .collect();
+                return Ok(PartitionDevices {
+                    devices,
+                    loops: Vec::new(),
+                });
             }
             if start.elapsed() >= wait {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        tracing::info!("no partition nodes for {} after {:?}: using loop devices", disk.display(), wait);
+        tracing::info!(
+            "no partition nodes for {} after {:?}: using loop devices",
+            disk.display(),
+            wait
+        );
     }
     loop_partitions(disk, plan)
 }
 
 /// The fallback: one loop device per partition (offset, size limit) over the disk.
 pub fn loop_partitions(disk: &Path, plan: &Plan) -> Result<PartitionDevices, DiskError> {
-    let mut out = PartitionDevices { devices: BTreeMap::new(), loops: Vec::new() };
+    let mut out = PartitionDevices {
+        devices: BTreeMap::new(),
+        loops: Vec::new(),
+    };
     for p in &plan.partitions {
         if matches!(p.role, Role::BiosGrub | Role::Keep) {
             continue;
@@ -331,9 +419,18 @@ mod tests {
 
     #[test]
     fn node_names() {
-        assert_eq!(partition_node(Path::new("/dev/sda"), 3), PathBuf::from("/dev/sda3"));
-        assert_eq!(partition_node(Path::new("/dev/nvme0n1"), 1), PathBuf::from("/dev/nvme0n1p1"));
-        assert_eq!(partition_node(Path::new("/dev/loop7"), 2), PathBuf::from("/dev/loop7p2"));
+        assert_eq!(
+            partition_node(Path::new("/dev/sda"), 3),
+            PathBuf::from("/dev/sda3")
+        );
+        assert_eq!(
+            partition_node(Path::new("/dev/nvme0n1"), 1),
+            PathBuf::from("/dev/nvme0n1p1")
+        );
+        assert_eq!(
+            partition_node(Path::new("/dev/loop7"), 2),
+            PathBuf::from("/dev/loop7p2")
+        );
     }
 
     #[test]
@@ -341,7 +438,10 @@ mod tests {
         // EFI system partition type as stored on disk.
         assert_eq!(
             gpt_type(Role::Esp),
-            [0x28, 0x73, 0x2A, 0xC1, 0x1F, 0xF8, 0xD2, 0x11, 0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B]
+            [
+                0x28, 0x73, 0x2A, 0xC1, 0x1F, 0xF8, 0xD2, 0x11, 0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E,
+                0xC9, 0x3B
+            ]
         );
     }
 }

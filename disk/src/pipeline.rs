@@ -135,7 +135,10 @@ pub fn prepare(cfg: &PrepareConfig, log: &mut StepLog) -> Result<Prepared, DiskE
     })?;
     let Some(plan) = plan else {
         return Ok(Prepared {
-            target: Target::Raw { device: disk.clone(), limit: size },
+            target: Target::Raw {
+                device: disk.clone(),
+                limit: size,
+            },
             disk,
             plan: None,
             work_dir: cfg.work_dir.clone(),
@@ -146,7 +149,14 @@ pub fn prepare(cfg: &PrepareConfig, log: &mut StepLog) -> Result<Prepared, DiskE
     if cfg.partition {
         log.step("partition", || {
             partition::write_table(&disk, &plan)?;
-            Ok(((), note(format!("{:?}, {} partitions", plan.label, plan.partitions.len()))))
+            Ok((
+                (),
+                note(format!(
+                    "{:?}, {} partitions",
+                    plan.label,
+                    plan.partitions.len()
+                )),
+            ))
         })?;
     } else {
         log.step("check-partitions", || {
@@ -163,8 +173,13 @@ pub fn prepare(cfg: &PrepareConfig, log: &mut StepLog) -> Result<Prepared, DiskE
         })?;
     }
     let parts = log.step("partition-devices", || {
-        let d = partition::partition_devices(&disk, &plan, Duration::from_millis(cfg.node_wait_ms))?;
-        let how = if d.via_loop() { "loop devices (offset/sizelimit)" } else { "kernel nodes" };
+        let d =
+            partition::partition_devices(&disk, &plan, Duration::from_millis(cfg.node_wait_ms))?;
+        let how = if d.via_loop() {
+            "loop devices (offset/sizelimit)"
+        } else {
+            "kernel nodes"
+        };
         Ok((d, note(how)))
     })?;
     let mut prepared = Prepared {
@@ -188,7 +203,9 @@ pub fn prepare(cfg: &PrepareConfig, log: &mut StepLog) -> Result<Prepared, DiskE
             continue;
         }
         let dev = prepared.part(p.number)?;
-        log.step(format!("mkfs:{}", p.number), || Ok(((), fs::mkfs(fs, &dev, None)?)))?;
+        log.step(format!("mkfs:{}", p.number), || {
+            Ok(((), fs::mkfs(fs, &dev, None)?))
+        })?;
     }
     let deploy_dev = prepared.part(deploy.number)?;
     prepared.target = match cfg.image {
@@ -196,12 +213,24 @@ pub fn prepare(cfg: &PrepareConfig, log: &mut StepLog) -> Result<Prepared, DiskE
             let fs = deploy.fs.unwrap_or(FsType::Ext4);
             let dir = cfg.work_dir.join("root");
             let m = log.step("mount", || {
-                Ok((Mount::new(&deploy_dev, &dir, Some(fs.name()), nix::mount::MsFlags::empty(), None)?, String::new()))
+                Ok((
+                    Mount::new(
+                        &deploy_dev,
+                        &dir,
+                        Some(fs.name()),
+                        nix::mount::MsFlags::empty(),
+                        None,
+                    )?,
+                    String::new(),
+                ))
             })?;
             prepared.root = Some(m);
             Target::Dir(dir)
         }
-        _ => Target::Raw { device: deploy_dev, limit: deploy.size },
+        _ => Target::Raw {
+            device: deploy_dev,
+            limit: deploy.size,
+        },
     };
     prepared.plan = Some(plan);
     Ok(prepared)
@@ -253,17 +282,32 @@ impl Prepared {
             // Raw partition image: mount what it holds, if kd can.
             let ty = fs::probe(&deploy_dev, "TYPE")?;
             let known = [FsType::Ext4, FsType::Ext3, FsType::Ext2, FsType::Xfs];
-            match ty.as_deref().and_then(|t| known.into_iter().find(|f| f.name() == t)) {
+            match ty
+                .as_deref()
+                .and_then(|t| known.into_iter().find(|f| f.name() == t))
+            {
                 Some(f) => {
                     root_fs = f;
                     let m = log.step("mount", || {
-                        Ok((Mount::new(&deploy_dev, &root_dir, Some(f.name()), nix::mount::MsFlags::empty(), None)?, String::new()))
+                        Ok((
+                            Mount::new(
+                                &deploy_dev,
+                                &root_dir,
+                                Some(f.name()),
+                                nix::mount::MsFlags::empty(),
+                                None,
+                            )?,
+                            String::new(),
+                        ))
                     })?;
                     self.root = Some(m);
                 }
                 None => {
                     log.step("post-steps", || {
-                        Ok(((), note(format!("skipped: file system {ty:?} not supported"))))
+                        Ok((
+                            (),
+                            note(format!("skipped: file system {ty:?} not supported")),
+                        ))
                     })?;
                     return self.release(log);
                 }
@@ -285,7 +329,9 @@ impl Prepared {
             } else {
                 fin.postinstall_timeout_secs
             });
-            let mounts = log.step("chroot-mounts", || Ok((ChrootMounts::new(&root)?, String::new())))?;
+            let mounts = log.step("chroot-mounts", || {
+                Ok((ChrootMounts::new(&root)?, String::new()))
+            })?;
             let mut result = Ok(());
             for (i, p) in fin.postinstalls.iter().enumerate() {
                 let r = log.step(format!("postinstall:{}", i + 1), || {
@@ -319,9 +365,17 @@ impl Prepared {
                 };
                 let dev = self.part(p.number)?;
                 let uuid = fs::uuid(&dev)?;
-                let fs = if p.role == Role::Deploy { root_fs } else { p.fs.unwrap_or(FsType::Ext4) };
+                let fs = if p.role == Role::Deploy {
+                    root_fs
+                } else {
+                    p.fs.unwrap_or(FsType::Ext4)
+                };
                 uuids.insert(p.number, uuid.clone());
-                entries.push(FstabEntry { uuid, mount_point: mp.into(), fs });
+                entries.push(FstabEntry {
+                    uuid,
+                    mount_point: mp.into(),
+                    fs,
+                });
             }
             let text = boot::fstab(&entries);
             boot::write_in_tree(&root, "etc/fstab", &text, 0o644)?;
@@ -348,7 +402,9 @@ impl Prepared {
 
     fn install_efi(&self, plan: &Plan, root: &Path, log: &mut StepLog) -> Result<(), DiskError> {
         let Some(esp) = plan.with_role(Role::Esp).next() else {
-            log.step("grub-install:x86_64-efi", || Ok(((), note("skipped: no ESP in the layout"))))?;
+            log.step("grub-install:x86_64-efi", || {
+                Ok(((), note("skipped: no ESP in the layout")))
+            })?;
             return Ok(());
         };
         let dev = self.part(esp.number)?;

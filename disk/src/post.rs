@@ -74,7 +74,9 @@ pub fn detect(head: &[u8]) -> Compression {
 pub fn extract_archive(archive: &Path, dir: &Path) -> Result<u64, DiskError> {
     let mut f = File::open(archive).ctx(|| format!("opening {}", archive.display()))?;
     let mut head = [0u8; 6];
-    let n = f.read(&mut head).ctx(|| format!("reading {}", archive.display()))?;
+    let n = f
+        .read(&mut head)
+        .ctx(|| format!("reading {}", archive.display()))?;
     let comp = detect(&head[..n]);
     let f = File::open(archive).ctx(|| format!("opening {}", archive.display()))?;
     let mut child = None;
@@ -96,7 +98,10 @@ pub fn extract_archive(archive: &Path, dir: &Path) -> Result<u64, DiskError> {
                 .stderr(Stdio::null())
                 .spawn()
                 .ctx(|| format!("starting {prog} -dc"))?;
-            let out = c.stdout.take().ok_or_else(|| DiskError::Internal("no stdout".into()))?;
+            let out = c
+                .stdout
+                .take()
+                .ok_or_else(|| DiskError::Internal("no stdout".into()))?;
             child = Some((prog, c));
             Box::new(out)
         }
@@ -105,7 +110,9 @@ pub fn extract_archive(archive: &Path, dir: &Path) -> Result<u64, DiskError> {
     let mut buf = vec![0u8; 256 * 1024];
     let res = (|| {
         loop {
-            let n = reader.read(&mut buf).ctx(|| format!("decompressing {}", archive.display()))?;
+            let n = reader
+                .read(&mut buf)
+                .ctx(|| format!("decompressing {}", archive.display()))?;
             if n == 0 {
                 break;
             }
@@ -117,7 +124,10 @@ pub fn extract_archive(archive: &Path, dir: &Path) -> Result<u64, DiskError> {
     if let Some((prog, mut c)) = child {
         let st = c.wait().ctx(|| format!("waiting for {prog}"))?;
         if !st.success() && res.is_ok() {
-            return Err(DiskError::BadImage(format!("{}: {prog} -dc failed ({st})", archive.display())));
+            return Err(DiskError::BadImage(format!(
+                "{}: {prog} -dc failed ({st})",
+                archive.display()
+            )));
         }
     }
     Ok(res?.files)
@@ -136,8 +146,20 @@ impl ChrootMounts {
         let sys_ = crate::boot::safe_tree_path(root, "sys/x", true)?;
         let dev_ = crate::boot::safe_tree_path(root, "dev/x", true)?;
         let parent = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
-        mounts.push(Mount::new(Path::new("proc"), &parent(&proc_), Some("proc"), MsFlags::empty(), None)?);
-        mounts.push(Mount::new(Path::new("sysfs"), &parent(&sys_), Some("sysfs"), MsFlags::empty(), None)?);
+        mounts.push(Mount::new(
+            Path::new("proc"),
+            &parent(&proc_),
+            Some("proc"),
+            MsFlags::empty(),
+            None,
+        )?);
+        mounts.push(Mount::new(
+            Path::new("sysfs"),
+            &parent(&sys_),
+            Some("sysfs"),
+            MsFlags::empty(),
+            None,
+        )?);
         mounts.push(Mount::bind(Path::new("/dev"), &parent(&dev_))?);
         Ok(ChrootMounts { mounts })
     }
@@ -179,20 +201,33 @@ pub fn run_postinstall(
         let Some(script) = &p.script else {
             return Ok(String::from("(no script)"));
         };
-        let script_rel = crate::write::safe_relative(Path::new(script))
-            .map_err(|r| DiskError::UnsafeEntry { path: script.clone(), reason: r })?;
+        let script_rel =
+            crate::write::safe_relative(Path::new(script)).map_err(|r| DiskError::UnsafeEntry {
+                path: script.clone(),
+                reason: r,
+            })?;
         let inside = Path::new("/").join(&rel);
         let mut c = Command::new("chroot");
         c.arg(root)
-            .args(["/bin/sh", "-c", "cd \"$KD_POSTINSTALL_DIR\" && exec /bin/sh \"./$KD_SCRIPT\""])
+            .args([
+                "/bin/sh",
+                "-c",
+                "cd \"$KD_POSTINSTALL_DIR\" && exec /bin/sh \"./$KD_SCRIPT\"",
+            ])
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("HOME", "/root")
             .env("KD_NODE", &env.node)
             .env("KD_ENV", &env.environment)
             .env("KD_BLOCK_DEVICE", &env.block_device)
             .env("KD_DEPLOY_PART", &env.deploy_partition)
-            .env("KD_DEPLOY_PART_NUM", env.deploy_partition_number.to_string())
+            .env(
+                "KD_DEPLOY_PART_NUM",
+                env.deploy_partition_number.to_string(),
+            )
             .env("KD_MOUNT_POINT", "/")
             .env("KD_HOST_MOUNT_POINT", root)
             .env("KD_POSTINSTALL_DIR", &inside)
@@ -209,7 +244,9 @@ pub fn run_postinstall(
 pub fn install_ssh_key(root: &Path, key: &str) -> Result<PathBuf, DiskError> {
     let key = key.trim();
     if key.is_empty() || key.contains('\n') {
-        return Err(DiskError::BadImage("the SSH key must be one non-empty line".into()));
+        return Err(DiskError::BadImage(
+            "the SSH key must be one non-empty line".into(),
+        ));
     }
     let path = crate::boot::safe_tree_path(root, "root/.ssh/authorized_keys", true)?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -237,7 +274,8 @@ pub fn install_ssh_key(root: &Path, key: &str) -> Result<PathBuf, DiskError> {
     std::fs::write(&path, text).ctx(|| format!("writing {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .ctx(|| format!("chmod {}", path.display()))?;
-    std::os::unix::fs::lchown(&path, Some(0), Some(0)).ctx(|| format!("chown {}", path.display()))?;
+    std::os::unix::fs::lchown(&path, Some(0), Some(0))
+        .ctx(|| format!("chown {}", path.display()))?;
     Ok(path)
 }
 

@@ -7,12 +7,19 @@ use std::path::{Path, PathBuf};
 use crate::error::{DiskError, IoContext};
 
 fn refuse(dev: &Path, reason: impl Into<String>) -> DiskError {
-    DiskError::Unsafe { device: dev.to_path_buf(), reason: reason.into() }
+    DiskError::Unsafe {
+        device: dev.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 /// `major:minor` of a device number.
 fn majmin(rdev: u64) -> String {
-    format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev))
+    format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    )
 }
 
 /// The whole disk a block device number belongs to (itself if it is not a partition).
@@ -45,9 +52,13 @@ fn devices_on(disk_mm: &str, disk_path: &Path) -> Vec<String> {
         if let Ok(rd) = std::fs::read_dir("/sys/block") {
             for e in rd.flatten() {
                 let bf = e.path().join("loop/backing_file");
-                let Ok(backing) = std::fs::read_to_string(&bf) else { continue };
+                let Ok(backing) = std::fs::read_to_string(&bf) else {
+                    continue;
+                };
                 let backing = backing.trim();
-                let Ok(md) = std::fs::metadata(backing) else { continue };
+                let Ok(md) = std::fs::metadata(backing) else {
+                    continue;
+                };
                 let hit = (md.file_type().is_block_device() && majmin(md.rdev()) == cur)
                     || (i == 0 && Path::new(backing) == disk_path);
                 if hit {
@@ -67,7 +78,8 @@ fn devices_on(disk_mm: &str, disk_path: &Path) -> Vec<String> {
 
 /// `major:minor` and mount point of every mounted file system (`/proc/self/mountinfo`).
 fn mounts() -> Result<Vec<(String, String)>, DiskError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ctx(|| "reading /proc/self/mountinfo".into())?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .ctx(|| "reading /proc/self/mountinfo".into())?;
     Ok(text
         .lines()
         .filter_map(|l| {
@@ -99,12 +111,17 @@ pub fn check_device(dev: &Path, needed: u64) -> Result<u64, DiskError> {
     }
     for (m, point) in mounts()? {
         if ours.contains(&m) {
-            return Err(refuse(dev, format!("it holds a mounted file system ({m} on {point})")));
+            return Err(refuse(
+                dev,
+                format!("it holds a mounted file system ({m} on {point})"),
+            ));
         }
     }
     if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
         for line in swaps.lines().skip(1) {
-            let Some(p) = line.split_whitespace().next() else { continue };
+            let Some(p) = line.split_whitespace().next() else {
+                continue;
+            };
             if let Ok(s) = std::fs::metadata(p) {
                 if s.file_type().is_block_device() && ours.contains(&majmin(s.rdev())) {
                     return Err(refuse(dev, format!("it holds an active swap ({p})")));
@@ -114,12 +131,16 @@ pub fn check_device(dev: &Path, needed: u64) -> Result<u64, DiskError> {
     }
     let holders = PathBuf::from(format!("/sys/dev/block/{mm}/holders"));
     if let Ok(rd) = std::fs::read_dir(&holders) {
-        let names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         if !names.is_empty() {
             return Err(refuse(dev, format!("it is held by {}", names.join(", "))));
         }
     }
-    let mut f = std::fs::File::open(dev).map_err(|e| refuse(dev, format!("cannot open it: {e}")))?;
+    let mut f =
+        std::fs::File::open(dev).map_err(|e| refuse(dev, format!("cannot open it: {e}")))?;
     let size = crate::write::target_size(&mut f).ctx(|| format!("size of {}", dev.display()))?;
     if needed > size {
         return Err(refuse(

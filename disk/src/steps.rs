@@ -39,7 +39,12 @@ impl StepLog {
         match r {
             Ok((v, output)) => {
                 tracing::debug!(step = %name, millis, "step done");
-                self.steps.push(StepRecord { name, millis, error: None, output });
+                self.steps.push(StepRecord {
+                    name,
+                    millis,
+                    error: None,
+                    output,
+                });
                 Ok(v)
             }
             Err(e) => {
@@ -47,7 +52,12 @@ impl StepLog {
                     DiskError::Command { output, .. } => output.clone(),
                     _ => String::new(),
                 };
-                self.steps.push(StepRecord { name, millis, error: Some(e.to_string()), output });
+                self.steps.push(StepRecord {
+                    name,
+                    millis,
+                    error: Some(e.to_string()),
+                    output,
+                });
                 Err(e)
             }
         }
