@@ -649,7 +649,7 @@ impl Lab {
 
     /// Tear the lab down: stop QEMU, dnsmasq and HTTP by PID, delete the namespace, remove
     /// the state directory (unless `keep_state`).
-    pub fn down(mut self) -> Result<()> {
+    pub fn down(mut self) -> Result<Teardown> {
         self.torn_down = true;
         let r = teardown(
             &self.state.state_dir,
@@ -659,7 +659,7 @@ impl Lab {
         for c in &mut self.children {
             let _ = c.try_wait();
         }
-        r.map(|_| ())
+        r
     }
 
     /// What lab.json records.
@@ -775,6 +775,9 @@ impl Drop for Lab {
                 Some(&self.state.netns),
                 self.keep_state,
             );
+        }
+        for c in &mut self.children {
+            let _ = c.try_wait();
         }
     }
 }
@@ -916,15 +919,33 @@ pub struct Teardown {
     pub netns_deleted: bool,
     /// Whether the state directory was removed.
     pub state_removed: bool,
+    /// Processes found in the namespace that kd-lab did not start (left running).
+    pub left_running: Vec<u32>,
+}
+
+/// Whether a command line is one kd-lab starts (QEMU node, dnsmasq, HTTP server).
+fn started_by_lab(cmdline: &str, state_dir: &str) -> bool {
+    (!state_dir.is_empty() && cmdline.contains(state_dir))
+        || (cmdline.starts_with("qemu-system-x86_64 -name node") && cmdline.contains(".qmp"))
+        || (cmdline.starts_with("dnsmasq -k --conf-file=") && cmdline.contains("dnsmasq.conf"))
+        || (cmdline.contains("kd-lab http --root ") && cmdline.contains("--ready-file"))
 }
 
 /// Remove a lab, also after a crash: stop its recorded processes (verified by command
-/// line), then every process left in its namespace, delete the namespace, remove the state
-/// directory (only if it holds a `lab.json`, unless `keep_state`). Idempotent.
+/// line), then the lab's processes left in its namespace, delete the namespace, remove the state
+/// directory (only if it holds a `lab.json`, unless `keep_state`). Idempotent. Processes in
+/// the namespace that kd-lab did not start are left running and reported.
 pub fn teardown(state_dir: &Path, netns: Option<&str>, keep_state: bool) -> Result<Teardown> {
     let mut report = Teardown::default();
     let state = LabState::load(state_dir).ok();
-    let sd = state_dir.display().to_string();
+    let sd = match &state {
+        Some(st) => st.state_dir.display().to_string(),
+        None => state_dir
+            .canonicalize()
+            .unwrap_or_else(|_| state_dir.to_path_buf())
+            .display()
+            .to_string(),
+    };
     let grace = Duration::from_secs(5);
     if let Some(st) = &state {
         for n in &st.nodes {
@@ -945,10 +966,17 @@ pub fn teardown(state_dir: &Path, netns: Option<&str>, keep_state: bool) -> Resu
         .or_else(|| state.as_ref().map(|s| s.netns.clone()));
     if let Some(ns) = ns.filter(|n| n.starts_with("kdlab-")) {
         if sys::netns_exists(&ns) {
-            // Anything still in our namespace was started by a lab.
+            // What kd-lab started in its namespace: recognized by command line (the state
+            // directory, or the shape of our QEMU / dnsmasq / HTTP command lines). Anything
+            // else (a coordinator run with `kd-lab exec`) is left alone and reported.
             for pid in sys::netns_pids(&ns) {
-                if sys::stop(pid, None, grace) {
-                    report.stopped.push(pid);
+                let cmd = sys::cmdline(pid).unwrap_or_default();
+                if started_by_lab(&cmd, &sd) {
+                    if sys::stop(pid, Some(&cmd), grace) {
+                        report.stopped.push(pid);
+                    }
+                } else if sys::alive(pid) {
+                    report.left_running.push(pid);
                 }
             }
             sys::run(Command::new("ip").args(["netns", "del", &ns]))?;
@@ -964,4 +992,34 @@ pub fn teardown(state_dir: &Path, netns: Option<&str>, keep_state: bool) -> Resu
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_only_lab_processes() {
+        assert!(started_by_lab(
+            "dnsmasq -k --conf-file=/s/dnsmasq.conf",
+            "/s"
+        ));
+        assert!(started_by_lab(
+            "qemu-system-x86_64 -name node1 -accel tcg -qmp unix:/x/node1.qmp,server=on",
+            "/other"
+        ));
+        assert!(started_by_lab(
+            "/b/kd-lab http --root /x/http --listen 10.77.0.1:8080 --ready-file /x/r",
+            "/other"
+        ));
+        assert!(!started_by_lab("/usr/bin/kd-coord deploy -m node1", "/s"));
+        assert!(!started_by_lab("sleep 100", ""));
+    }
+
+    #[test]
+    fn actions_parse() {
+        assert_eq!("cycle".parse::<Action>().unwrap(), Action::Cycle);
+        assert!("boom".parse::<Action>().is_err());
+        assert_eq!(PowerState::Other("paused".into()).to_string(), "paused");
+    }
 }

@@ -224,6 +224,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "kept/absent"
                 }
             );
+            if !r.left_running.is_empty() {
+                eprintln!(
+                    "kd-lab: processes not started by kd-lab still run in {ns}: {:?}",
+                    r.left_running
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { at } => {

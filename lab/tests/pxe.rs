@@ -177,6 +177,29 @@ fn pxe_boot_bmc_and_down() {
     assert!(http_get(&lab, "/nodes/none.ipxe").starts_with("HTTP/1.0 404"));
     let out = lab.exec(&["ip", "-br", "link", "show", "kdbr0"]).unwrap();
     assert!(out.status.success());
+    // TFTP (the pxelinux path) answers too.
+    let got = tmp.path().join("pxelinux.0");
+    let out = lab
+        .exec(&[
+            "busybox",
+            "tftp",
+            "-g",
+            "-r",
+            "pxelinux.0",
+            "-l",
+            got.to_str().unwrap(),
+            lab.gateway(),
+        ])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&got).unwrap(),
+        std::fs::read(lab.tftp_root().join("pxelinux.0")).unwrap()
+    );
 
     // Boot both nodes: iPXE -> HTTP -> kernel + initramfs -> marker.
     for n in ["node1", "node2"] {
@@ -231,7 +254,8 @@ fn pxe_boot_bmc_and_down() {
     assert_eq!(pids.len(), 2);
     pids.extend(st.dnsmasq_pid);
     pids.extend(st.http_pid);
-    lab.down().unwrap();
+    let report = lab.down().unwrap();
+    assert!(report.left_running.is_empty(), "{report:?}");
     assert!(!kd_lab::netns_exists(&netns));
     for p in pids {
         assert!(!kd_lab::alive(p), "pid {p} survived down");
@@ -267,11 +291,27 @@ fn teardown_after_crash() {
     let lab = Lab::up(cfg.clone()).unwrap();
     // A second lab on the same subnet is refused.
     assert!(matches!(Lab::up(cfg), Err(kd_lab::Error::Exists(_))));
+    // A process kd-lab did not start, in the namespace: left alone by teardown.
+    let mut other = lab.command("sleep").arg("300").spawn().unwrap();
+    let cmdline = format!("/proc/{}/cmdline", other.id());
+    for _ in 0..100 {
+        // wait until `ip netns exec` has entered the namespace and exec'd sleep
+        if std::fs::read(&cmdline)
+            .unwrap_or_default()
+            .starts_with(b"sleep")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let st = lab.detach();
     let qemu = kd_lab::node_pid(&st.nodes[0]).unwrap();
     std::fs::remove_file(sd.join("lab.json")).unwrap();
     let r = kd_lab::teardown(&sd, Some(&st.netns), false).unwrap();
     assert!(r.netns_deleted);
+    assert_eq!(r.left_running, vec![other.id()]);
+    other.kill().unwrap();
+    other.wait().unwrap();
     assert!(!kd_lab::netns_exists(&st.netns));
     for p in [Some(qemu), st.dnsmasq_pid, st.http_pid]
         .into_iter()
