@@ -12,6 +12,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod http;
 pub mod plan;
 pub mod qmp;
