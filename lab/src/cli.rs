@@ -76,6 +76,9 @@ enum Cmd {
         /// Leave the nodes powered off.
         #[arg(long)]
         no_start: bool,
+        /// First tear down a lab left on this subnet / state directory.
+        #[arg(long)]
+        replace: bool,
     },
     /// Stop everything recorded (by PID), delete the namespace, remove the state directory.
     Down {
@@ -154,6 +157,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             accel,
             rack_size,
             no_start,
+            replace,
         } => {
             let cfg = LabConfig {
                 nodes,
@@ -168,6 +172,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 kd_lab_bin: None,
                 start_nodes: !no_start,
                 keep_state: false,
+                replace_existing: replace,
             };
             let start = std::time::Instant::now();
             let lab = Lab::up(cfg).context("kd-lab up")?;

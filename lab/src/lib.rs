@@ -100,6 +100,9 @@ pub struct LabConfig {
     pub start_nodes: bool,
     /// Keep the state directory (logs, disks) when the lab is torn down.
     pub keep_state: bool,
+    /// Tear down a lab already using this subnet's namespace or this state directory
+    /// (left by a crashed run) instead of failing with [`Error::Exists`].
+    pub replace_existing: bool,
 }
 
 impl Default for LabConfig {
@@ -117,6 +120,7 @@ impl Default for LabConfig {
             kd_lab_bin: None,
             start_nodes: true,
             keep_state: false,
+            replace_existing: false,
         }
     }
 }
@@ -351,6 +355,14 @@ impl Lab {
         }
         let subnet = cfg.subnet;
         let netns = subnet.netns();
+        if sys::netns_exists(&netns) && cfg.replace_existing {
+            // A previous lab on this subnet (e.g. of a killed test run): remove it first.
+            let old = cfg
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| default_state_dir(&subnet));
+            teardown(&old, Some(&netns), false)?;
+        }
         if sys::netns_exists(&netns) {
             return Err(Error::Exists(format!(
                 "namespace {netns} exists: a lab is up on {subnet} (kd-lab down --subnet {subnet})"
@@ -367,6 +379,10 @@ impl Lab {
             .unwrap_or_else(|| default_state_dir(&subnet));
         fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
         let state_dir = state_dir.canonicalize().map_err(io_err(&state_dir))?;
+        if LabState::path(&state_dir).exists() && cfg.replace_existing {
+            teardown(&state_dir, None, false)?;
+            fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+        }
         if LabState::path(&state_dir).exists() {
             return Err(Error::Exists(format!(
                 "{} holds a lab: kd-lab down --state {}",

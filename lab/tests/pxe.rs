@@ -143,6 +143,7 @@ fn pxe_boot_bmc_and_down() {
         boot_files: Some(tmp.path().join("boot")),
         kd_lab_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_kd-lab"))),
         start_nodes: false,
+        replace_existing: true,
         ..LabConfig::default()
     };
     let t0 = Instant::now();
@@ -290,7 +291,10 @@ fn teardown_after_crash() {
     };
     let lab = Lab::up(cfg.clone()).unwrap();
     // A second lab on the same subnet is refused.
-    assert!(matches!(Lab::up(cfg), Err(kd_lab::Error::Exists(_))));
+    assert!(matches!(
+        Lab::up(cfg.clone()),
+        Err(kd_lab::Error::Exists(_))
+    ));
     // A process kd-lab did not start, in the namespace: left alone by teardown.
     let mut other = lab.command("sleep").arg("300").spawn().unwrap();
     let cmdline = format!("/proc/{}/cmdline", other.id());
@@ -322,4 +326,18 @@ fn teardown_after_crash() {
     // Idempotent.
     let r = kd_lab::teardown(&sd, Some(&st.netns), false).unwrap();
     assert!(!r.netns_deleted && r.stopped.is_empty());
+
+    // A harness killed with its lab up: the next run replaces the stale lab.
+    let stale = Lab::up(cfg.clone()).unwrap().detach();
+    let stale_qemu = kd_lab::node_pid(&stale.nodes[0]).unwrap();
+    let lab = Lab::up(LabConfig {
+        replace_existing: true,
+        ..cfg
+    })
+    .unwrap();
+    assert!(!kd_lab::alive(stale_qemu));
+    assert!(stale.dnsmasq_pid.is_some_and(|p| !kd_lab::alive(p)));
+    assert_eq!(lab.status()[0].power, PowerState::On);
+    lab.down().unwrap();
+    assert!(!kd_lab::netns_exists(&stale.netns));
 }
