@@ -1,0 +1,1256 @@
+//! The deployment workflow as a pure state machine (quinn-proto style).
+//!
+//! [`Deployment`] holds the state of one deployment over a set of nodes. It does no I/O and reads
+//! no clock: a driver feeds it [`Event`]s and the current time, and executes the [`Action`]s it
+//! returns. Per node it runs the macro-steps of the brief, in order:
+//!
+//! | step | what the machine asks | what ends it |
+//! |---|---|---|
+//! | [`Step::SetDeploymentEnv`] | `WritePxe{Deploy}`, then `RunCommand{Reboot, level}` (escalating soft → hard → very_hard, at most `reboot_window` commands in flight) | `AgentHello` |
+//! | [`Step::Prepare`] | `SendPrepare` | `StepDone{Prepare}` |
+//! | [`Step::Broadcast`] | `StartBroadcast{round, nodes}` (a barrier, see below) | `StepDone{Broadcast}` |
+//! | [`Step::Finish`] | `SendFinish` | `StepDone{Finish}` |
+//! | [`Step::BootNewEnv`] | `WritePxe{LocalDisk}`, `RebootAgent` (soft), then `RunCommand{Reboot}` (hard, very_hard); `ProbePort` every `probe_interval` | `PortOpen` |
+//!
+//! Nodes move independently: a node that passes a step goes on at once, a node that fails
+//! retries or drops out ([`Action::NodeDone`] with the reason), and the deployment ends
+//! ([`Action::Finished`]) when every node is done.
+//!
+//! **Timeouts, retries, escalation** (Kadeploy's automata, see `WorkflowConfig`):
+//! * a reboot command that fails (non-zero exit, or runs longer than `command_timeout`) moves
+//!   that node to the next configured level at once;
+//! * a step attempt fails when its timeout passes (for the reboot steps: counted from the
+//!   successful reboot command to the Hello / the open port), or when the agent reports an
+//!   error. The step is then retried up to `retries` times; a retry of a reboot step starts one
+//!   level above the highest level used so far (so a dead node goes soft → hard → very_hard);
+//! * an agent lost during Prepare, Broadcast or Finish ends the node at once (no agent to retry
+//!   with);
+//! * the deployment always ends by [`Deployment::time_bound`] after its start.
+//!
+//! **Broadcast barrier.** The broadcast runs in rounds. A round starts when no round runs and
+//! some nodes are ready, and either no node is still before the broadcast (rebooting or
+//! preparing) or `broadcast_wait` has passed since the first ready node became ready. Nodes that
+//! become ready during a round (late nodes, retries) go into the next round.
+//!
+//! # Driving it
+//! ```text
+//! let mut d = Deployment::new(names, Settings::from_config(&cluster), Instant::now());
+//! let mut queue: VecDeque<Action> = d.start(Instant::now()).into();
+//! loop {
+//!     execute every queued action (see below), collecting the events they produce;
+//!     wait for the next event, or until d.poll_timeout();
+//!     let now = Instant::now();
+//!     if d.poll_timeout() <= now { queue.extend(d.handle_timeout(now)); }
+//!     for event in events { queue.extend(d.handle(event, now)); }
+//!     if d.is_finished() { break; }
+//! }
+//! ```
+//! What each action asks of the driver:
+//! * `WritePxe{node, profile}`: render with `ClusterConfig::render_profile` (for `Deploy`, with a
+//!   fresh one-time token for that node, which invalidates the previous one) and write the file;
+//!   answer `PxeWritten{node, result}`.
+//! * `RunCommand{node, id, op, level}`: run `ClusterConfig::command(op, level, node)` in the
+//!   background; answer `CommandDone{node, id, status}`. `KillCommand{id}` asks to kill it
+//!   (no answer needed; a late `CommandDone` is ignored).
+//! * `RebootAgent{node, id}`: tell the node's agent to reboot; answer `CommandDone` with
+//!   `Exited(0)` once sent, `Failed(..)` if the agent is not connected.
+//! * `SendPrepare{node}` / `SendFinish{node}`: send the agent its disk preparation / finish
+//!   work; answer `StepDone{node, step, result}` when it reports.
+//! * `StartBroadcast{round, nodes}`: plan a tree over `nodes` and broadcast; answer one
+//!   `StepDone{Broadcast}` or `NodeLost` per node.
+//! * `CancelStep{node, step, reason}`: the machine stopped waiting (timeout); drop the node's
+//!   current work (in a broadcast: take it out of the tree and re-parent its children).
+//! * `ProbePort{node}`: try one TCP connection to the node's check port with a timeout shorter
+//!   than `probe_interval`; answer `PortOpen` or `PortClosed`.
+//! * `StepStarted`, `NodeDone`, `Finished`: progress and results, for display and records.
+//!   On `NodeDone` with a failure, close the node's agent connection if any.
+//! * The agent's `Hello` (token already checked by the driver) is `AgentHello{node}`; a lost
+//!   control connection is `NodeLost{node, reason}` (ignored while the node is rebooting).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::config::{ClusterConfig, Level, Operation, StepPolicy, WorkflowConfig};
+
+#[cfg(test)]
+mod sim;
+
+/// A macro-step of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Step {
+    /// PXE deploy profile, reboot, agent Hello.
+    SetDeploymentEnv,
+    /// Partition, mkfs, mount.
+    Prepare,
+    /// Receive and write the image.
+    Broadcast,
+    /// Post-installs, SSH key, bootloader.
+    Finish,
+    /// PXE local profile, reboot, the deployed OS answers.
+    BootNewEnv,
+}
+
+impl Step {
+    /// All steps, in order.
+    pub const ALL: [Step; 5] = [
+        Step::SetDeploymentEnv,
+        Step::Prepare,
+        Step::Broadcast,
+        Step::Finish,
+        Step::BootNewEnv,
+    ];
+
+    /// Kadeploy-style name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::SetDeploymentEnv => "SetDeploymentEnv",
+            Step::Prepare => "Prepare",
+            Step::Broadcast => "Broadcast",
+            Step::Finish => "Finish",
+            Step::BootNewEnv => "BootNewEnv",
+        }
+    }
+
+    fn next(self) -> Option<Step> {
+        match self {
+            Step::SetDeploymentEnv => Some(Step::Prepare),
+            Step::Prepare => Some(Step::Broadcast),
+            Step::Broadcast => Some(Step::Finish),
+            Step::Finish => Some(Step::BootNewEnv),
+            Step::BootNewEnv => None,
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identifies one command the machine asked to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommandId(pub u64);
+
+/// Which PXE profile to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PxeKind {
+    /// Boot the deploy kernel and initrd (with a fresh token).
+    Deploy,
+    /// Boot from the local disk.
+    LocalDisk,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandStatus {
+    /// It exited with this code (0 = success).
+    Exited(i32),
+    /// It could not run, was killed, or the agent could not be told.
+    Failed(String),
+}
+
+impl CommandStatus {
+    fn failure(&self) -> Option<String> {
+        match self {
+            CommandStatus::Exited(0) => None,
+            CommandStatus::Exited(c) => Some(format!("exit status {c}")),
+            CommandStatus::Failed(m) => Some(m.clone()),
+        }
+    }
+}
+
+/// What the driver tells the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A `WritePxe` was executed.
+    PxeWritten {
+        /// Node.
+        node: String,
+        /// `Err` with the reason if the file could not be written.
+        result: Result<(), String>,
+    },
+    /// A `RunCommand` or `RebootAgent` ended.
+    CommandDone {
+        /// Node.
+        node: String,
+        /// The id from the action.
+        id: CommandId,
+        /// How it ended.
+        status: CommandStatus,
+    },
+    /// The node's agent said Hello (token checked).
+    AgentHello {
+        /// Node.
+        node: String,
+    },
+    /// The agent reported the end of a step.
+    StepDone {
+        /// Node.
+        node: String,
+        /// Which step.
+        step: Step,
+        /// `Err` with the reason on failure.
+        result: Result<(), String>,
+    },
+    /// The node's agent connection is gone.
+    NodeLost {
+        /// Node.
+        node: String,
+        /// What the driver saw.
+        reason: String,
+    },
+    /// A `ProbePort` connected.
+    PortOpen {
+        /// Node.
+        node: String,
+    },
+    /// A `ProbePort` did not connect (informational).
+    PortClosed {
+        /// Node.
+        node: String,
+    },
+    /// Stop everything: every node not done fails with this reason.
+    Abort {
+        /// Why (shown per node).
+        reason: String,
+    },
+}
+
+/// What the machine asks the driver to do. See the module documentation for the answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write the node's PXE profile; answer `PxeWritten`.
+    WritePxe {
+        /// Node.
+        node: String,
+        /// Which profile.
+        profile: PxeKind,
+    },
+    /// Run a remote-operation command template; answer `CommandDone`.
+    RunCommand {
+        /// Node.
+        node: String,
+        /// Id to answer with.
+        id: CommandId,
+        /// Operation (always `Reboot` in a deployment).
+        op: Operation,
+        /// Level.
+        level: Level,
+    },
+    /// Ask the node's agent to reboot (soft reboot out of the deploy environment); answer
+    /// `CommandDone`.
+    RebootAgent {
+        /// Node.
+        node: String,
+        /// Id to answer with.
+        id: CommandId,
+    },
+    /// Kill a command that ran too long (no answer needed).
+    KillCommand {
+        /// Node.
+        node: String,
+        /// The command.
+        id: CommandId,
+    },
+    /// Send the agent its disk preparation; answer `StepDone{Prepare}`.
+    SendPrepare {
+        /// Node.
+        node: String,
+    },
+    /// Broadcast the image to these nodes; answer `StepDone{Broadcast}` or `NodeLost` per node.
+    StartBroadcast {
+        /// Round number (1, 2, …).
+        round: u32,
+        /// The nodes, in configuration order.
+        nodes: Vec<String>,
+    },
+    /// Send the agent its finishing work; answer `StepDone{Finish}`.
+    SendFinish {
+        /// Node.
+        node: String,
+    },
+    /// Try one TCP connection to the node's check port; answer `PortOpen` or `PortClosed`.
+    ProbePort {
+        /// Node.
+        node: String,
+    },
+    /// The machine stopped waiting for this step on this node (timeout): drop its work.
+    CancelStep {
+        /// Node.
+        node: String,
+        /// Step.
+        step: Step,
+        /// Why.
+        reason: String,
+    },
+    /// Progress: the node starts (or retries) a step.
+    StepStarted {
+        /// Node.
+        node: String,
+        /// Step.
+        step: Step,
+        /// 0 for the first attempt.
+        attempt: u32,
+    },
+    /// The node is done.
+    NodeDone {
+        /// Node.
+        node: String,
+        /// Its result and timings.
+        report: NodeReport,
+    },
+    /// Every node is done.
+    Finished {
+        /// All results.
+        summary: Summary,
+    },
+}
+
+/// Outcome of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeResult {
+    /// The deployed OS answers.
+    Deployed,
+    /// The node dropped out.
+    Failed {
+        /// In which step.
+        step: Step,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One macro-step as a node went through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRecord {
+    /// Step.
+    pub step: Step,
+    /// Attempts made (1 = no retry).
+    pub attempts: u32,
+    /// From the first attempt's start to the end (for Broadcast: includes the barrier wait).
+    pub duration: Duration,
+    /// Whether the step succeeded.
+    pub ok: bool,
+    /// Reboots issued during the step, in order (soft in BootNewEnv = through the agent).
+    pub reboots: Vec<Level>,
+}
+
+/// Result and timings of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeReport {
+    /// Node name.
+    pub node: String,
+    /// Outcome.
+    pub result: NodeResult,
+    /// Steps entered, in order.
+    pub steps: Vec<StepRecord>,
+    /// Time spent ready, waiting for the broadcast to start.
+    pub barrier_wait: Duration,
+    /// From the deployment's start to this node's end.
+    pub total: Duration,
+}
+
+impl NodeReport {
+    /// Duration of one step, if the node entered it.
+    pub fn step_duration(&self, step: Step) -> Option<Duration> {
+        self.steps
+            .iter()
+            .find(|r| r.step == step)
+            .map(|r| r.duration)
+    }
+
+    /// Whether the node was deployed.
+    pub fn is_ok(&self) -> bool {
+        self.result == NodeResult::Deployed
+    }
+}
+
+/// Results of a whole deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Deployed nodes, in configuration order.
+    pub ok: Vec<String>,
+    /// Failed nodes with step and reason, in configuration order.
+    pub ko: Vec<(String, Step, String)>,
+    /// Every node's report, in the order given to [`Deployment::new`].
+    pub reports: Vec<NodeReport>,
+    /// Broadcast rounds run.
+    pub rounds: u32,
+    /// From start to the last node's end.
+    pub elapsed: Duration,
+}
+
+/// What the machine needs from the cluster configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Timeouts, retries, windows.
+    pub policy: WorkflowConfig,
+    /// Reboot levels that have a command template, in escalation order.
+    pub reboot_levels: Vec<Level>,
+}
+
+impl Settings {
+    /// From a validated cluster configuration.
+    pub fn from_config(cfg: &ClusterConfig) -> Self {
+        Settings {
+            policy: cfg.workflow.clone(),
+            reboot_levels: cfg.commands.reboot.levels(),
+        }
+    }
+
+    fn policy(&self, step: Step) -> StepPolicy {
+        let p = &self.policy;
+        match step {
+            Step::SetDeploymentEnv => p.set_deployment_env,
+            Step::Prepare => p.prepare,
+            Step::Broadcast => p.broadcast,
+            Step::Finish => p.finish,
+            Step::BootNewEnv => p.boot_new_env,
+        }
+    }
+
+    /// Levels used by a reboot step: the configured ones for SetDeploymentEnv; for
+    /// BootNewEnv, soft through the agent, then the configured hard and very_hard.
+    fn levels(&self, step: Step) -> Vec<Level> {
+        match step {
+            Step::BootNewEnv => std::iter::once(Level::Soft)
+                .chain(
+                    self.reboot_levels
+                        .iter()
+                        .copied()
+                        .filter(|l| *l > Level::Soft),
+                )
+                .collect(),
+            _ => self.reboot_levels.clone(),
+        }
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// WritePxe asked; waiting for PxeWritten.
+    WritingPxe,
+    /// Waiting for a reboot-window slot.
+    QueuedReboot { level: Level, token: u64 },
+    /// Reboot command running.
+    Rebooting { level: Level, id: CommandId },
+    /// Reboot done; waiting for the Hello (SetDeploymentEnv) or the port (BootNewEnv).
+    WaitingBoot,
+    /// Agent working on Prepare, Broadcast or Finish.
+    Running,
+    /// Prepared; waiting for a broadcast round.
+    Ready,
+    /// Finished (ok or not).
+    Done,
+}
+
+#[derive(Debug)]
+struct Node {
+    name: String,
+    step: Step,
+    phase: Phase,
+    attempt: u32,
+    step_started: Instant,
+    /// Highest reboot level used in the current step.
+    level_max: Option<Level>,
+    reboots: Vec<Level>,
+    /// Deadline of the current phase and its generation.
+    deadline: Option<(Instant, u64)>,
+    next_probe: Option<(Instant, u64)>,
+    ready_since: Option<Instant>,
+    barrier_wait: Duration,
+    records: Vec<StepRecord>,
+    report: Option<NodeReport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Deadline(usize, u64),
+    Probe(usize, u64),
+    Command(CommandId),
+    Barrier,
+}
+
+#[derive(Debug)]
+struct Command {
+    node: usize,
+    deadline: Instant,
+    windowed: bool,
+}
+
+#[derive(Debug)]
+struct Round {
+    id: u32,
+    remaining: usize,
+}
+
+/// One deployment's state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Deployment {
+    settings: Settings,
+    nodes: Vec<Node>,
+    index: HashMap<String, usize>,
+    started: Instant,
+    now: Instant,
+    timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
+    timer_seq: u64,
+    gen: u64,
+    commands: HashMap<CommandId, Command>,
+    next_command: u64,
+    in_window: usize,
+    queue: VecDeque<(usize, u64)>,
+    /// Nodes not done and still in SetDeploymentEnv or Prepare.
+    pre_broadcast: usize,
+    /// Nodes waiting for a round, in order of readiness.
+    ready: Vec<usize>,
+    round: Option<Round>,
+    rounds: u32,
+    barrier_deadline: Option<Instant>,
+    remaining: usize,
+    started_flag: bool,
+    finished: bool,
+}
+
+impl Deployment {
+    /// A deployment of `nodes` (names, as in the configuration; duplicates are ignored).
+    /// Nothing happens until [`Deployment::start`].
+    pub fn new(nodes: Vec<String>, settings: Settings, now: Instant) -> Self {
+        let mut index = HashMap::new();
+        let mut list = Vec::new();
+        for name in nodes {
+            if index.contains_key(&name) {
+                continue;
+            }
+            index.insert(name.clone(), list.len());
+            list.push(Node {
+                name,
+                step: Step::SetDeploymentEnv,
+                phase: Phase::WritingPxe,
+                attempt: 0,
+                step_started: now,
+                level_max: None,
+                reboots: Vec::new(),
+                deadline: None,
+                next_probe: None,
+                ready_since: None,
+                barrier_wait: Duration::ZERO,
+                records: Vec::new(),
+                report: None,
+            });
+        }
+        let n = list.len();
+        Deployment {
+            settings,
+            nodes: list,
+            index,
+            started: now,
+            now,
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            gen: 0,
+            commands: HashMap::new(),
+            next_command: 1,
+            in_window: 0,
+            queue: VecDeque::new(),
+            pre_broadcast: n,
+            ready: Vec::new(),
+            round: None,
+            rounds: 0,
+            barrier_deadline: None,
+            remaining: n,
+            started_flag: false,
+            finished: false,
+        }
+    }
+
+    /// Starts every node on SetDeploymentEnv. Calling it again does nothing.
+    pub fn start(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.started_flag {
+            return out;
+        }
+        self.started_flag = true;
+        self.started = now;
+        self.now = now;
+        for i in 0..self.nodes.len() {
+            self.begin_step(i, Step::SetDeploymentEnv, &mut out);
+        }
+        self.after(&mut out);
+        out
+    }
+
+    /// Feeds one event. Events about unknown nodes, stale commands or steps a node is no longer
+    /// in are ignored.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.now = self.now.max(now);
+        if !self.started_flag || self.finished {
+            return out;
+        }
+        match event {
+            Event::PxeWritten { node, result } => {
+                if let Some(i) = self.lookup(&node) {
+                    if self.nodes[i].phase == Phase::WritingPxe {
+                        match result {
+                            Ok(()) => self.first_reboot(i, &mut out),
+                            Err(e) => self.fail_attempt(
+                                i,
+                                format!("writing the PXE profile failed: {e}"),
+                                false,
+                                &mut out,
+                            ),
+                        }
+                    }
+                }
+            }
+            Event::CommandDone {
+                node: _,
+                id,
+                status,
+            } => self.command_done(id, status, &mut out),
+            Event::AgentHello { node } => {
+                if let Some(i) = self.lookup(&node) {
+                    if self.nodes[i].step == Step::SetDeploymentEnv {
+                        self.step_ok(i, &mut out);
+                    }
+                }
+            }
+            Event::StepDone { node, step, result } => {
+                if let Some(i) = self.lookup(&node) {
+                    let n = &self.nodes[i];
+                    if n.step == step && n.phase == Phase::Running {
+                        if step == Step::Broadcast {
+                            self.leave_round();
+                        }
+                        match result {
+                            Ok(()) => self.step_ok(i, &mut out),
+                            Err(e) => self.fail_attempt(i, e, false, &mut out),
+                        }
+                    }
+                }
+            }
+            Event::NodeLost { node, reason } => {
+                if let Some(i) = self.lookup(&node) {
+                    let (step, phase) = (self.nodes[i].step, self.nodes[i].phase);
+                    if matches!(step, Step::Prepare | Step::Broadcast | Step::Finish) {
+                        if step == Step::Broadcast && phase == Phase::Running {
+                            self.leave_round();
+                        }
+                        self.node_failed(
+                            i,
+                            format!("agent lost during {step}: {reason}"),
+                            &mut out,
+                        );
+                    }
+                }
+            }
+            Event::PortOpen { node } => {
+                if let Some(i) = self.lookup(&node) {
+                    let n = &self.nodes[i];
+                    if n.step == Step::BootNewEnv && n.phase == Phase::WaitingBoot {
+                        self.step_ok(i, &mut out);
+                    }
+                }
+            }
+            Event::PortClosed { .. } => {}
+            Event::Abort { reason } => {
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].phase == Phase::Done {
+                        continue;
+                    }
+                    if self.nodes[i].phase == Phase::Running {
+                        let step = self.nodes[i].step;
+                        out.push(Action::CancelStep {
+                            node: self.nodes[i].name.clone(),
+                            step,
+                            reason: format!("aborted: {reason}"),
+                        });
+                    }
+                    self.node_failed(i, format!("aborted: {reason}"), &mut out);
+                }
+                let mut ids: Vec<CommandId> = self.commands.keys().copied().collect();
+                ids.sort();
+                for id in ids {
+                    if let Some(c) = self.commands.remove(&id) {
+                        out.push(Action::KillCommand {
+                            node: self.nodes[c.node].name.clone(),
+                            id,
+                        });
+                    }
+                }
+                self.in_window = 0;
+                self.round = None;
+            }
+        }
+        self.after(&mut out);
+        out
+    }
+
+    /// When [`Deployment::handle_timeout`] should be called next (`None`: nothing scheduled).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        self.timers.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    /// Processes every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.now = self.now.max(now);
+        if !self.started_flag {
+            return out;
+        }
+        while let Some(Reverse((t, _, timer))) = self.timers.peek().copied() {
+            if t > self.now || self.finished {
+                break;
+            }
+            self.timers.pop();
+            self.fire(t, timer, &mut out);
+        }
+        self.after(&mut out);
+        out
+    }
+
+    /// Whether every node is done (`Finished` was returned).
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The nodes of this deployment, in order.
+    pub fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.nodes.iter().map(|n| n.name.as_str())
+    }
+
+    /// Where a node is: its step and whether it is done. `None` for an unknown node.
+    pub fn node_step(&self, node: &str) -> Option<(Step, bool)> {
+        self.index
+            .get(node)
+            .map(|&i| (self.nodes[i].step, self.nodes[i].phase == Phase::Done))
+    }
+
+    /// How many nodes are in each step (not done), and how many are done ok / ko.
+    pub fn progress(&self) -> Progress {
+        let mut p = Progress::default();
+        for n in &self.nodes {
+            match (&n.phase, &n.report) {
+                (Phase::Done, Some(r)) if r.is_ok() => p.ok += 1,
+                (Phase::Done, _) => p.ko += 1,
+                _ => p.in_step[Step::ALL.iter().position(|s| *s == n.step).unwrap_or(0)] += 1,
+            }
+        }
+        p
+    }
+
+    /// The latest time the deployment can end, counted from its start, whatever the nodes do
+    /// (assuming the driver answers every action it must answer).
+    pub fn time_bound(settings: &Settings, nodes: usize) -> Duration {
+        let p = &settings.policy;
+        let c = Settings::secs(p.command_timeout);
+        let attempts = |s: StepPolicy| s.retries + 1;
+        let set_levels = settings.levels(Step::SetDeploymentEnv).len() as u32;
+        let boot_levels = settings.levels(Step::BootNewEnv).len() as u32;
+        let set = (c * (1 + set_levels) + p.set_deployment_env.timeout())
+            * attempts(p.set_deployment_env);
+        let prepare = p.prepare.timeout() * attempts(p.prepare);
+        let bcast =
+            (Settings::secs(p.broadcast_wait) + p.broadcast.timeout() * 2) * attempts(p.broadcast);
+        let finish = p.finish.timeout() * attempts(p.finish);
+        let boot = (c * (1 + boot_levels) + p.boot_new_env.timeout()) * attempts(p.boot_new_env);
+        let commands = nodes as u64
+            * u64::from(
+                set_levels * attempts(p.set_deployment_env)
+                    + boot_levels * attempts(p.boot_new_env),
+            );
+        let windows = commands.div_ceil(p.reboot_window.max(1) as u64);
+        let queue = c * u32::try_from(windows).unwrap_or(u32::MAX);
+        set + prepare + bcast + finish + boot + queue + Duration::from_secs(1)
+    }
+
+    // ---------------------------------------------------------------- internals
+
+    fn lookup(&self, node: &str) -> Option<usize> {
+        let i = *self.index.get(node)?;
+        (self.nodes[i].phase != Phase::Done).then_some(i)
+    }
+
+    fn schedule(&mut self, at: Instant, timer: Timer) {
+        self.timer_seq += 1;
+        self.timers.push(Reverse((at, self.timer_seq, timer)));
+    }
+
+    fn set_deadline(&mut self, i: usize, after: Duration) {
+        self.gen += 1;
+        let at = self.now + after;
+        self.nodes[i].deadline = Some((at, self.gen));
+        self.schedule(at, Timer::Deadline(i, self.gen));
+    }
+
+    fn set_probe(&mut self, i: usize, after: Duration) {
+        self.gen += 1;
+        let at = self.now + after;
+        self.nodes[i].next_probe = Some((at, self.gen));
+        self.schedule(at, Timer::Probe(i, self.gen));
+    }
+
+    fn new_command(&mut self, i: usize, windowed: bool) -> CommandId {
+        let id = CommandId(self.next_command);
+        self.next_command += 1;
+        let deadline = self.now + Settings::secs(self.settings.policy.command_timeout);
+        self.commands.insert(
+            id,
+            Command {
+                node: i,
+                deadline,
+                windowed,
+            },
+        );
+        if windowed {
+            self.in_window += 1;
+        }
+        self.schedule(deadline, Timer::Command(id));
+        id
+    }
+
+    /// Runs after every entry point: window, barrier, stale timers, end.
+    fn after(&mut self, out: &mut Vec<Action>) {
+        self.pump_window(out);
+        self.maybe_start_round(out);
+        if self.remaining == 0 && !self.finished {
+            self.finished = true;
+            out.push(Action::Finished {
+                summary: self.summary(),
+            });
+        }
+        // Drop stale timers from the top so that poll_timeout is exact.
+        while let Some(Reverse((t, _, timer))) = self.timers.peek().copied() {
+            if self.timer_valid(t, timer) {
+                break;
+            }
+            self.timers.pop();
+        }
+    }
+
+    fn timer_valid(&self, t: Instant, timer: Timer) -> bool {
+        match timer {
+            Timer::Deadline(i, g) => self.nodes[i].deadline == Some((t, g)),
+            Timer::Probe(i, g) => self.nodes[i].next_probe == Some((t, g)),
+            Timer::Command(id) => self.commands.get(&id).is_some_and(|c| c.deadline == t),
+            Timer::Barrier => self.round.is_none() && self.barrier_deadline == Some(t),
+        }
+    }
+
+    fn fire(&mut self, t: Instant, timer: Timer, out: &mut Vec<Action>) {
+        if !self.timer_valid(t, timer) {
+            return;
+        }
+        match timer {
+            Timer::Deadline(i, _) => {
+                self.nodes[i].deadline = None;
+                self.deadline_passed(i, out);
+            }
+            Timer::Probe(i, _) => {
+                self.nodes[i].next_probe = None;
+                let n = &self.nodes[i];
+                if n.step == Step::BootNewEnv && n.phase == Phase::WaitingBoot {
+                    out.push(Action::ProbePort {
+                        node: n.name.clone(),
+                    });
+                    self.set_probe(i, Settings::secs(self.settings.policy.probe_interval));
+                }
+            }
+            Timer::Command(id) => {
+                if let Some(c) = self.commands.remove(&id) {
+                    if c.windowed {
+                        self.in_window -= 1;
+                    }
+                    out.push(Action::KillCommand {
+                        node: self.nodes[c.node].name.clone(),
+                        id,
+                    });
+                    if let Phase::Rebooting { level, id: cur } = self.nodes[c.node].phase {
+                        if cur == id {
+                            let secs = self.settings.policy.command_timeout;
+                            self.escalate(
+                                c.node,
+                                level,
+                                format!("{level} reboot command timed out after {secs} s"),
+                                out,
+                            );
+                        }
+                    }
+                }
+            }
+            Timer::Barrier => {
+                self.barrier_deadline = None;
+                self.start_round(out);
+            }
+        }
+    }
+
+    fn deadline_passed(&mut self, i: usize, out: &mut Vec<Action>) {
+        let n = &self.nodes[i];
+        let step = n.step;
+        let secs = self.settings.policy(step).timeout;
+        let last = n.reboots.last().copied().unwrap_or(Level::Soft);
+        let reason = match (n.phase, step) {
+            (Phase::WritingPxe, _) => "the PXE profile was not written in time".to_string(),
+            (Phase::WaitingBoot, Step::SetDeploymentEnv) => {
+                format!("no agent Hello within {secs} s after a {last} reboot")
+            }
+            (Phase::WaitingBoot, _) => {
+                format!("the deployed system did not answer within {secs} s after a {last} reboot")
+            }
+            (Phase::Running, _) => format!("no {step} report within {secs} s"),
+            _ => return,
+        };
+        let cancel = n.phase == Phase::Running;
+        if cancel && step == Step::Broadcast {
+            self.leave_round();
+        }
+        self.fail_attempt(i, reason, cancel, out);
+    }
+
+    fn begin_step(&mut self, i: usize, step: Step, out: &mut Vec<Action>) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        n.step = step;
+        n.attempt = 0;
+        n.step_started = now;
+        n.level_max = None;
+        n.reboots.clear();
+        self.begin_attempt(i, out);
+    }
+
+    fn begin_attempt(&mut self, i: usize, out: &mut Vec<Action>) {
+        let n = &mut self.nodes[i];
+        n.deadline = None;
+        n.next_probe = None;
+        let step = n.step;
+        let node = n.name.clone();
+        out.push(Action::StepStarted {
+            node: node.clone(),
+            step,
+            attempt: n.attempt,
+        });
+        let timeout = self.settings.policy(step).timeout();
+        match step {
+            Step::SetDeploymentEnv | Step::BootNewEnv => {
+                self.nodes[i].phase = Phase::WritingPxe;
+                let profile = if step == Step::SetDeploymentEnv {
+                    PxeKind::Deploy
+                } else {
+                    PxeKind::LocalDisk
+                };
+                out.push(Action::WritePxe { node, profile });
+                self.set_deadline(i, Settings::secs(self.settings.policy.command_timeout));
+            }
+            Step::Prepare => {
+                self.nodes[i].phase = Phase::Running;
+                out.push(Action::SendPrepare { node });
+                self.set_deadline(i, timeout);
+            }
+            Step::Finish => {
+                self.nodes[i].phase = Phase::Running;
+                out.push(Action::SendFinish { node });
+                self.set_deadline(i, timeout);
+            }
+            Step::Broadcast => {
+                let n = &mut self.nodes[i];
+                n.phase = Phase::Ready;
+                n.ready_since = Some(self.now);
+                self.ready.push(i);
+            }
+        }
+    }
+
+    /// First reboot of an attempt: the lowest level on the first attempt, then one above the
+    /// highest level used so far (capped at the highest).
+    fn first_reboot(&mut self, i: usize, out: &mut Vec<Action>) {
+        let n = &self.nodes[i];
+        let levels = self.settings.levels(n.step);
+        let level = match n.level_max {
+            None => levels.first().copied(),
+            Some(max) => levels
+                .iter()
+                .copied()
+                .find(|l| *l > max)
+                .or(levels.last().copied()),
+        };
+        match level {
+            Some(l) => self.issue_reboot(i, l, out),
+            None => self.node_failed(i, "no reboot command configured".into(), out),
+        }
+    }
+
+    fn issue_reboot(&mut self, i: usize, level: Level, out: &mut Vec<Action>) {
+        let n = &mut self.nodes[i];
+        n.deadline = None;
+        n.level_max = Some(n.level_max.map_or(level, |m| m.max(level)));
+        n.reboots.push(level);
+        if n.step == Step::BootNewEnv && level == Level::Soft {
+            let node = n.name.clone();
+            let id = self.new_command(i, false);
+            self.nodes[i].phase = Phase::Rebooting { level, id };
+            out.push(Action::RebootAgent { node, id });
+        } else {
+            self.gen += 1;
+            let token = self.gen;
+            self.nodes[i].phase = Phase::QueuedReboot { level, token };
+            self.queue.push_back((i, token));
+        }
+    }
+
+    fn pump_window(&mut self, out: &mut Vec<Action>) {
+        while self.in_window < self.settings.policy.reboot_window.max(1) {
+            let Some((i, token)) = self.queue.pop_front() else {
+                break;
+            };
+            let Phase::QueuedReboot { level, token: t } = self.nodes[i].phase else {
+                continue;
+            };
+            if t != token {
+                continue;
+            }
+            let id = self.new_command(i, true);
+            self.nodes[i].phase = Phase::Rebooting { level, id };
+            out.push(Action::RunCommand {
+                node: self.nodes[i].name.clone(),
+                id,
+                op: Operation::Reboot,
+                level,
+            });
+        }
+    }
+
+    fn command_done(&mut self, id: CommandId, status: CommandStatus, out: &mut Vec<Action>) {
+        let Some(c) = self.commands.remove(&id) else {
+            return;
+        };
+        if c.windowed {
+            self.in_window -= 1;
+        }
+        let i = c.node;
+        let Phase::Rebooting { level, id: cur } = self.nodes[i].phase else {
+            return;
+        };
+        if cur != id {
+            return;
+        }
+        match status.failure() {
+            None => {
+                self.nodes[i].phase = Phase::WaitingBoot;
+                let step = self.nodes[i].step;
+                self.set_deadline(i, self.settings.policy(step).timeout());
+                if step == Step::BootNewEnv {
+                    self.set_probe(i, Settings::secs(self.settings.policy.probe_delay));
+                }
+            }
+            Some(why) => {
+                let what = if self.nodes[i].step == Step::BootNewEnv && level == Level::Soft {
+                    "reboot through the agent".to_string()
+                } else {
+                    format!("{level} reboot command")
+                };
+                self.escalate(i, level, format!("{what} failed: {why}"), out);
+            }
+        }
+    }
+
+    /// A reboot at `from` failed: next configured level, or the attempt fails.
+    fn escalate(&mut self, i: usize, from: Level, reason: String, out: &mut Vec<Action>) {
+        let levels = self.settings.levels(self.nodes[i].step);
+        match levels.into_iter().find(|l| *l > from) {
+            Some(next) => self.issue_reboot(i, next, out),
+            None => self.fail_attempt(i, reason, false, out),
+        }
+    }
+
+    fn fail_attempt(&mut self, i: usize, reason: String, cancel: bool, out: &mut Vec<Action>) {
+        let n = &mut self.nodes[i];
+        let step = n.step;
+        if cancel {
+            out.push(Action::CancelStep {
+                node: n.name.clone(),
+                step,
+                reason: reason.clone(),
+            });
+        }
+        if n.attempt < self.settings.policy(step).retries {
+            n.attempt += 1;
+            self.begin_attempt(i, out);
+        } else {
+            self.node_failed(i, reason, out);
+        }
+    }
+
+    fn record(&mut self, i: usize, ok: bool) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        n.records.push(StepRecord {
+            step: n.step,
+            attempts: n.attempt + 1,
+            duration: now.saturating_duration_since(n.step_started),
+            ok,
+            reboots: std::mem::take(&mut n.reboots),
+        });
+    }
+
+    fn step_ok(&mut self, i: usize, out: &mut Vec<Action>) {
+        self.record(i, true);
+        let step = self.nodes[i].step;
+        if step == Step::Prepare {
+            self.pre_broadcast -= 1;
+        }
+        match step.next() {
+            Some(next) => self.begin_step(i, next, out),
+            None => self.finish_node(i, NodeResult::Deployed, out),
+        }
+    }
+
+    fn node_failed(&mut self, i: usize, reason: String, out: &mut Vec<Action>) {
+        self.record(i, false);
+        let step = self.nodes[i].step;
+        if matches!(step, Step::SetDeploymentEnv | Step::Prepare) {
+            self.pre_broadcast -= 1;
+        }
+        self.finish_node(i, NodeResult::Failed { step, reason }, out);
+    }
+
+    fn finish_node(&mut self, i: usize, result: NodeResult, out: &mut Vec<Action>) {
+        let total = self.now.saturating_duration_since(self.started);
+        let n = &mut self.nodes[i];
+        n.phase = Phase::Done;
+        n.deadline = None;
+        n.next_probe = None;
+        let report = NodeReport {
+            node: n.name.clone(),
+            result,
+            steps: n.records.clone(),
+            barrier_wait: n.barrier_wait,
+            total,
+        };
+        n.report = Some(report.clone());
+        self.remaining -= 1;
+        out.push(Action::NodeDone {
+            node: n.name.clone(),
+            report,
+        });
+    }
+
+    fn leave_round(&mut self) {
+        if let Some(r) = &mut self.round {
+            r.remaining = r.remaining.saturating_sub(1);
+            if r.remaining == 0 {
+                self.round = None;
+            }
+        }
+    }
+
+    fn maybe_start_round(&mut self, out: &mut Vec<Action>) {
+        if self.round.is_some() {
+            return;
+        }
+        self.ready.retain(|&i| self.nodes[i].phase == Phase::Ready);
+        if self.ready.is_empty() {
+            self.barrier_deadline = None;
+            return;
+        }
+        let first = self
+            .ready
+            .iter()
+            .filter_map(|&i| self.nodes[i].ready_since)
+            .min()
+            .unwrap_or(self.now);
+        let at = first + Settings::secs(self.settings.policy.broadcast_wait);
+        if self.pre_broadcast == 0 || at <= self.now {
+            self.start_round(out);
+        } else if self.barrier_deadline != Some(at) {
+            self.barrier_deadline = Some(at);
+            self.schedule(at, Timer::Barrier);
+        }
+    }
+
+    fn start_round(&mut self, out: &mut Vec<Action>) {
+        if self.round.is_some() {
+            return;
+        }
+        let mut members: Vec<usize> = std::mem::take(&mut self.ready)
+            .into_iter()
+            .filter(|&i| self.nodes[i].phase == Phase::Ready)
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        members.sort_unstable();
+        members.dedup();
+        self.barrier_deadline = None;
+        self.rounds += 1;
+        let timeout = self.settings.policy.broadcast.timeout();
+        for &i in &members {
+            let now = self.now;
+            let n = &mut self.nodes[i];
+            n.phase = Phase::Running;
+            if let Some(since) = n.ready_since.take() {
+                n.barrier_wait += now.saturating_duration_since(since);
+            }
+            self.set_deadline(i, timeout);
+        }
+        self.round = Some(Round {
+            id: self.rounds,
+            remaining: members.len(),
+        });
+        out.push(Action::StartBroadcast {
+            round: self.rounds,
+            nodes: members
+                .iter()
+                .map(|&i| self.nodes[i].name.clone())
+                .collect(),
+        });
+    }
+
+    fn summary(&self) -> Summary {
+        let mut s = Summary {
+            ok: Vec::new(),
+            ko: Vec::new(),
+            reports: Vec::new(),
+            rounds: self.rounds,
+            elapsed: self.now.saturating_duration_since(self.started),
+        };
+        for n in &self.nodes {
+            if let Some(r) = &n.report {
+                match &r.result {
+                    NodeResult::Deployed => s.ok.push(n.name.clone()),
+                    NodeResult::Failed { step, reason } => {
+                        s.ko.push((n.name.clone(), *step, reason.clone()))
+                    }
+                }
+                s.reports.push(r.clone());
+            }
+        }
+        s
+    }
+
+    /// The current broadcast round's number, if one runs.
+    pub fn current_round(&self) -> Option<u32> {
+        self.round.as_ref().map(|r| r.id)
+    }
+}
+
+/// Counts for a progress line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Nodes (not done) per step, in [`Step::ALL`] order.
+    pub in_step: [usize; 5],
+    /// Nodes deployed.
+    pub ok: usize,
+    /// Nodes failed.
+    pub ko: usize,
+}

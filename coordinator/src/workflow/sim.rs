@@ -1,0 +1,1010 @@
+//! A simulated cluster that drives [`Deployment`] in virtual time, with no sockets and no sleeps
+//! (quinn-proto's `Pair` harness, for a whole cluster). Each node follows a [`Script`].
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::config::WorkflowConfig;
+
+/// How a simulated node behaves (seconds).
+#[derive(Debug, Clone)]
+struct Script {
+    /// Reboot command run time.
+    cmd: u64,
+    /// A reboot command never ends (the machine must kill it).
+    cmd_hangs: Vec<Level>,
+    /// Reboot commands at these levels exit non-zero.
+    cmd_fails: Vec<Level>,
+    /// Lowest level whose reboot really reboots the node; `None`: never boots.
+    min_level: Option<Level>,
+    /// From reboot to the agent's Hello.
+    boot: u64,
+    /// The agent's own reboot works.
+    agent_reboot_works: bool,
+    prepare: u64,
+    /// Prepare reports an error this many times first.
+    prepare_fails: u32,
+    /// Prepare never answers.
+    prepare_hangs: bool,
+    broadcast: u64,
+    /// The node dies this long after the broadcast starts.
+    lost_in_broadcast: Option<u64>,
+    broadcast_fails: u32,
+    finish: u64,
+    finish_fails: u32,
+    /// From reboot into the local disk to the port open; `None`: never answers.
+    os_boot: Option<u64>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            cmd: 1,
+            cmd_hangs: vec![],
+            cmd_fails: vec![],
+            min_level: Some(Level::Soft),
+            boot: 15,
+            agent_reboot_works: true,
+            prepare: 5,
+            prepare_fails: 0,
+            prepare_hangs: false,
+            broadcast: 40,
+            lost_in_broadcast: None,
+            broadcast_fails: 0,
+            finish: 5,
+            finish_fails: 0,
+            os_boot: Some(45),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum SimEvent {
+    Deliver(Event),
+    /// The node finished booting whatever its PXE profile said (if `gen` is still current).
+    Booted {
+        node: usize,
+        gen: u64,
+    },
+}
+
+#[derive(Debug, Default)]
+struct SimNode {
+    gen: u64,
+    profile: Option<PxeKind>,
+    os_up: bool,
+    agent: bool,
+    dead: bool,
+    prepare_fails: u32,
+    broadcast_fails: u32,
+    finish_fails: u32,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+struct Outcome {
+    summary: Summary,
+    actions: Vec<(Duration, Action)>,
+    max_in_flight: usize,
+    reports: HashMap<String, NodeReport>,
+    iterations: usize,
+}
+
+impl Outcome {
+    fn report(&self, node: &str) -> &NodeReport {
+        &self.reports[node]
+    }
+
+    fn count(&self, f: impl Fn(&Action) -> bool) -> usize {
+        self.actions.iter().filter(|(_, a)| f(a)).count()
+    }
+}
+
+struct SimCluster {
+    names: Vec<String>,
+    scripts: Vec<Script>,
+    nodes: Vec<SimNode>,
+    settings: Settings,
+    t0: Instant,
+    queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    events: Vec<Option<SimEvent>>,
+    in_flight: HashMap<CommandId, ()>,
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn settings(policy: WorkflowConfig) -> Settings {
+    Settings {
+        policy,
+        reboot_levels: Level::ALL.to_vec(),
+    }
+}
+
+impl SimCluster {
+    fn new(scripts: Vec<Script>, settings: Settings) -> Self {
+        let names = (1..=scripts.len()).map(|i| format!("node{i}")).collect();
+        SimCluster {
+            names,
+            nodes: scripts.iter().map(|_| SimNode::default()).collect(),
+            scripts,
+            settings,
+            t0: Instant::now(),
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            in_flight: HashMap::new(),
+        }
+    }
+
+    fn at(&mut self, t: Instant, e: SimEvent) {
+        self.events.push(Some(e));
+        let seq = self.events.len() - 1;
+        self.queue.push(Reverse((t, seq as u64, seq)));
+    }
+
+    fn idx(&self, node: &str) -> usize {
+        self.names.iter().position(|n| n == node).unwrap()
+    }
+
+    /// The node reboots at `t` into whatever its profile says.
+    fn reboot(&mut self, i: usize, t: Instant) {
+        let n = &mut self.nodes[i];
+        if n.dead {
+            return;
+        }
+        n.gen += 1;
+        n.os_up = false;
+        n.agent = false;
+        let took = match n.profile {
+            Some(PxeKind::Deploy) => Some(self.scripts[i].boot),
+            Some(PxeKind::LocalDisk) => self.scripts[i].os_boot,
+            None => None,
+        };
+        let gen = n.gen;
+        if let Some(s) = took {
+            self.at(t + secs(s), SimEvent::Booted { node: i, gen });
+        }
+    }
+
+    fn execute(&mut self, a: &Action, now: Instant, out: &mut Outcome) {
+        let deliver = |e: Event| SimEvent::Deliver(e);
+        match a {
+            Action::WritePxe { node, profile } => {
+                let i = self.idx(node);
+                self.nodes[i].profile = Some(*profile);
+                let e = Event::PxeWritten {
+                    node: node.clone(),
+                    result: Ok(()),
+                };
+                self.at(now, deliver(e));
+            }
+            Action::RunCommand {
+                node, id, level, ..
+            } => {
+                let i = self.idx(node);
+                self.in_flight.insert(*id, ());
+                out.max_in_flight = out.max_in_flight.max(self.in_flight.len());
+                let s = self.scripts[i].clone();
+                if s.cmd_hangs.contains(level) {
+                    return;
+                }
+                let done = now + secs(s.cmd);
+                let status = if s.cmd_fails.contains(level) || self.nodes[i].dead {
+                    CommandStatus::Exited(1)
+                } else {
+                    if s.min_level.is_some_and(|m| *level >= m) {
+                        self.reboot(i, done);
+                    }
+                    CommandStatus::Exited(0)
+                };
+                let e = Event::CommandDone {
+                    node: node.clone(),
+                    id: *id,
+                    status,
+                };
+                self.at(done, deliver(e));
+            }
+            Action::RebootAgent { node, id } => {
+                let i = self.idx(node);
+                let status = if self.nodes[i].agent {
+                    if self.scripts[i].agent_reboot_works {
+                        self.reboot(i, now);
+                    }
+                    CommandStatus::Exited(0)
+                } else {
+                    CommandStatus::Failed("agent not connected".into())
+                };
+                let e = Event::CommandDone {
+                    node: node.clone(),
+                    id: *id,
+                    status,
+                };
+                self.at(now, deliver(e));
+            }
+            Action::KillCommand { id, .. } => {
+                self.in_flight.remove(id);
+            }
+            Action::SendPrepare { node } => {
+                let i = self.idx(node);
+                if self.scripts[i].prepare_hangs || !self.nodes[i].agent {
+                    return;
+                }
+                let result = if self.nodes[i].prepare_fails < self.scripts[i].prepare_fails {
+                    self.nodes[i].prepare_fails += 1;
+                    Err("sfdisk: device busy".to_string())
+                } else {
+                    Ok(())
+                };
+                let e = Event::StepDone {
+                    node: node.clone(),
+                    step: Step::Prepare,
+                    result,
+                };
+                self.at(now + secs(self.scripts[i].prepare), deliver(e));
+            }
+            Action::StartBroadcast { nodes, .. } => {
+                for node in nodes {
+                    let i = self.idx(node);
+                    let s = self.scripts[i].clone();
+                    if let Some(after) = s.lost_in_broadcast {
+                        let e = Event::NodeLost {
+                            node: node.clone(),
+                            reason: "connection timed out".into(),
+                        };
+                        self.at(now + secs(after), deliver(e));
+                        // Powered off: nothing it does counts any more.
+                        self.nodes[i].dead = true;
+                        self.nodes[i].gen += 1;
+                        continue;
+                    }
+                    let result = if self.nodes[i].broadcast_fails < s.broadcast_fails {
+                        self.nodes[i].broadcast_fails += 1;
+                        Err("write: no space left on device".to_string())
+                    } else {
+                        Ok(())
+                    };
+                    let e = Event::StepDone {
+                        node: node.clone(),
+                        step: Step::Broadcast,
+                        result,
+                    };
+                    self.at(now + secs(s.broadcast), deliver(e));
+                }
+            }
+            Action::SendFinish { node } => {
+                let i = self.idx(node);
+                let result = if self.nodes[i].finish_fails < self.scripts[i].finish_fails {
+                    self.nodes[i].finish_fails += 1;
+                    Err("grub-install failed".to_string())
+                } else {
+                    Ok(())
+                };
+                let e = Event::StepDone {
+                    node: node.clone(),
+                    step: Step::Finish,
+                    result,
+                };
+                self.at(now + secs(self.scripts[i].finish), deliver(e));
+            }
+            Action::ProbePort { node } => {
+                let i = self.idx(node);
+                let e = if self.nodes[i].os_up {
+                    Event::PortOpen { node: node.clone() }
+                } else {
+                    Event::PortClosed { node: node.clone() }
+                };
+                self.at(now, deliver(e));
+            }
+            Action::NodeDone { node, report } => {
+                assert!(
+                    out.reports.insert(node.clone(), report.clone()).is_none(),
+                    "two NodeDone for {node}"
+                );
+            }
+            Action::Finished { summary } => {
+                assert!(out.summary.reports.is_empty(), "two Finished");
+                out.summary = summary.clone();
+            }
+            Action::CancelStep { .. } | Action::StepStarted { .. } => {}
+        }
+    }
+
+    fn sim_event(&mut self, e: SimEvent) -> Option<Event> {
+        match e {
+            SimEvent::Deliver(ev) => {
+                if let Event::CommandDone { id, .. } = &ev {
+                    self.in_flight.remove(id);
+                }
+                Some(ev)
+            }
+            SimEvent::Booted { node, gen } => {
+                let n = &mut self.nodes[node];
+                if n.gen != gen || n.dead {
+                    return None;
+                }
+                match n.profile {
+                    Some(PxeKind::Deploy) => {
+                        n.agent = true;
+                        Some(Event::AgentHello {
+                            node: self.names[node].clone(),
+                        })
+                    }
+                    Some(PxeKind::LocalDisk) => {
+                        n.os_up = true;
+                        None
+                    }
+                    None => None,
+                }
+            }
+        }
+    }
+
+    /// Runs the deployment to its end (or `abort_at`), jumping from event to timeout.
+    fn run(mut self, abort_at: Option<u64>) -> Outcome {
+        let t0 = self.t0;
+        let mut d = Deployment::new(self.names.clone(), self.settings.clone(), t0);
+        let mut out = Outcome {
+            summary: Summary {
+                ok: vec![],
+                ko: vec![],
+                reports: vec![],
+                rounds: 0,
+                elapsed: Duration::ZERO,
+            },
+            actions: vec![],
+            max_in_flight: 0,
+            reports: HashMap::new(),
+            iterations: 0,
+        };
+        if let Some(a) = abort_at {
+            self.at(
+                t0 + secs(a),
+                SimEvent::Deliver(Event::Abort {
+                    reason: "operator".into(),
+                }),
+            );
+        }
+        let mut actions = d.start(t0);
+        let mut now = t0;
+        for iter in 0..10_000_000usize {
+            out.iterations = iter;
+            for a in &actions {
+                self.execute(a, now, &mut out);
+            }
+            out.actions.extend(actions.drain(..).map(|a| (now - t0, a)));
+            assert!(
+                out.max_in_flight <= self.settings.policy.reboot_window,
+                "reboot window exceeded"
+            );
+            if d.is_finished() {
+                return out;
+            }
+            let next_event = self.queue.peek().map(|Reverse((t, _, _))| *t);
+            let next_timeout = d.poll_timeout();
+            let event_first = match (next_event, next_timeout) {
+                (Some(te), to) => to.is_none_or(|to| te <= to),
+                (None, Some(_)) => false,
+                (None, None) => panic!("stuck: no event and no timeout, not finished"),
+            };
+            match next_timeout {
+                _ if event_first => {
+                    let Reverse((t, _, slot)) = self.queue.pop().unwrap();
+                    assert!(t >= now, "time went backwards");
+                    now = t;
+                    let e = self.events[slot].take().unwrap();
+                    if let Some(ev) = self.sim_event(e) {
+                        actions = d.handle(ev, now);
+                    }
+                }
+                Some(to) => {
+                    assert!(to >= now, "timeout in the past");
+                    now = to;
+                    actions = d.handle_timeout(now);
+                }
+                None => unreachable!(),
+            }
+        }
+        panic!("did not finish");
+    }
+}
+
+fn run(scripts: Vec<Script>, policy: WorkflowConfig) -> Outcome {
+    SimCluster::new(scripts, settings(policy)).run(None)
+}
+
+fn ok_scripts(n: usize) -> Vec<Script> {
+    vec![Script::default(); n]
+}
+
+fn check_bound(out: &Outcome, policy: &WorkflowConfig, n: usize) {
+    let bound = Deployment::time_bound(&settings(policy.clone()), n);
+    assert!(
+        out.summary.elapsed <= bound,
+        "elapsed {:?} > bound {:?}",
+        out.summary.elapsed,
+        bound
+    );
+    assert_eq!(out.reports.len(), n, "every node gets one NodeDone");
+    assert_eq!(out.summary.reports.len(), n);
+}
+
+#[test]
+fn all_ok() {
+    let p = WorkflowConfig::default();
+    let out = run(ok_scripts(3), p.clone());
+    check_bound(&out, &p, 3);
+    assert_eq!(out.summary.ok, vec!["node1", "node2", "node3"]);
+    assert!(out.summary.ko.is_empty());
+    assert_eq!(out.summary.rounds, 1);
+    // 1 s command + 15 s boot, 5 s prepare, 40 s broadcast, 5 s finish, 45 s OS boot.
+    assert_eq!(out.summary.elapsed, secs(111));
+    let r = out.report("node2");
+    let durations: Vec<(Step, u64, u32, Vec<Level>)> = r
+        .steps
+        .iter()
+        .map(|s| (s.step, s.duration.as_secs(), s.attempts, s.reboots.clone()))
+        .collect();
+    assert_eq!(
+        durations,
+        vec![
+            (Step::SetDeploymentEnv, 16, 1, vec![Level::Soft]),
+            (Step::Prepare, 5, 1, vec![]),
+            (Step::Broadcast, 40, 1, vec![]),
+            (Step::Finish, 5, 1, vec![]),
+            (Step::BootNewEnv, 45, 1, vec![Level::Soft]),
+        ]
+    );
+    assert_eq!(r.total, secs(111));
+    assert_eq!(r.barrier_wait, Duration::ZERO);
+    // The order of the first actions for one node.
+    let first: Vec<&Action> = out
+        .actions
+        .iter()
+        .map(|(_, a)| a)
+        .filter(|a| match a {
+            Action::WritePxe { node, .. }
+            | Action::RunCommand { node, .. }
+            | Action::RebootAgent { node, .. }
+            | Action::SendPrepare { node }
+            | Action::SendFinish { node } => node == "node1",
+            Action::StartBroadcast { .. } => true,
+            _ => false,
+        })
+        .collect();
+    assert!(matches!(
+        first[..],
+        [
+            Action::WritePxe {
+                profile: PxeKind::Deploy,
+                ..
+            },
+            Action::RunCommand {
+                level: Level::Soft,
+                op: Operation::Reboot,
+                ..
+            },
+            Action::SendPrepare { .. },
+            Action::StartBroadcast { round: 1, .. },
+            Action::SendFinish { .. },
+            Action::WritePxe {
+                profile: PxeKind::LocalDisk,
+                ..
+            },
+            Action::RebootAgent { .. },
+        ]
+    ));
+    // Probes: at +10, +15, ... +45 s after the agent reboot.
+    assert_eq!(
+        out.count(|a| matches!(a, Action::ProbePort { node } if node == "node1")),
+        8
+    );
+}
+
+#[test]
+fn dead_node_escalates_then_fails() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(3);
+    s[1].min_level = None; // commands succeed, the node never boots
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 3);
+    assert_eq!(out.summary.ok, vec!["node1", "node3"]);
+    let r = out.report("node2");
+    assert_eq!(
+        r.result,
+        NodeResult::Failed {
+            step: Step::SetDeploymentEnv,
+            reason: "no agent Hello within 300 s after a very_hard reboot".into()
+        }
+    );
+    assert_eq!(r.steps.len(), 1);
+    assert_eq!(r.steps[0].attempts, 3);
+    assert_eq!(
+        r.steps[0].reboots,
+        vec![Level::Soft, Level::Hard, Level::VeryHard]
+    );
+    // Three attempts of (1 s command + 300 s wait).
+    assert_eq!(r.total, secs(903));
+    let levels: Vec<Level> = out
+        .actions
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::RunCommand { node, level, .. } if node == "node2" => Some(*level),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(levels, vec![Level::Soft, Level::Hard, Level::VeryHard]);
+    // The profile is written again on each retry (fresh token).
+    assert_eq!(
+        out.count(|a| matches!(a, Action::WritePxe { node, .. } if node == "node2")),
+        3
+    );
+    // The others waited broadcast_wait for it, not longer.
+    assert_eq!(out.report("node1").barrier_wait, secs(120));
+    assert_eq!(
+        out.report("node1").step_duration(Step::Broadcast),
+        Some(secs(160))
+    );
+    assert_eq!(out.report("node1").total, secs(16 + 5 + 120 + 40 + 5 + 45));
+    assert_eq!(out.summary.elapsed, secs(903));
+}
+
+#[test]
+fn failing_commands_escalate_at_once() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(2);
+    s[0].cmd_fails = vec![Level::Soft];
+    s[1].cmd_fails = Level::ALL.to_vec();
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 2);
+    let r = out.report("node1");
+    assert!(r.is_ok());
+    assert_eq!(r.steps[0].reboots, vec![Level::Soft, Level::Hard]);
+    assert_eq!(r.steps[0].duration, secs(17));
+    let r = out.report("node2");
+    assert_eq!(
+        r.result,
+        NodeResult::Failed {
+            step: Step::SetDeploymentEnv,
+            reason: "very_hard reboot command failed: exit status 1".into()
+        }
+    );
+    // soft, hard, very_hard, then two retries that start at very_hard.
+    assert_eq!(
+        r.steps[0].reboots,
+        vec![
+            Level::Soft,
+            Level::Hard,
+            Level::VeryHard,
+            Level::VeryHard,
+            Level::VeryHard
+        ]
+    );
+    assert_eq!(r.total, secs(5));
+}
+
+#[test]
+fn hanging_command_is_killed_and_escalated() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(1);
+    s[0].cmd_hangs = vec![Level::Soft];
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 1);
+    assert!(out.report("node1").is_ok());
+    assert_eq!(out.count(|a| matches!(a, Action::KillCommand { .. })), 1);
+    assert_eq!(
+        out.report("node1").steps[0].reboots,
+        vec![Level::Soft, Level::Hard]
+    );
+    assert_eq!(out.report("node1").steps[0].duration, secs(60 + 1 + 15));
+}
+
+#[test]
+fn retry_upgrades_soft_to_hard() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(1);
+    s[0].min_level = Some(Level::Hard); // soft "works" but the node stays hung
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 1);
+    let r = out.report("node1");
+    assert!(r.is_ok());
+    assert_eq!(r.steps[0].attempts, 2);
+    assert_eq!(r.steps[0].reboots, vec![Level::Soft, Level::Hard]);
+    assert_eq!(r.steps[0].duration, secs(1 + 300 + 1 + 15));
+}
+
+#[test]
+fn prepare_fails_once_then_passes() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(3);
+    s[2].prepare_fails = 1;
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 3);
+    assert_eq!(out.summary.ok.len(), 3);
+    let r = out.report("node3");
+    assert_eq!(r.steps[1].step, Step::Prepare);
+    assert_eq!(r.steps[1].attempts, 2);
+    assert_eq!(r.steps[1].duration, secs(10));
+    assert_eq!(
+        out.count(|a| matches!(a, Action::SendPrepare { node } if node == "node3")),
+        2
+    );
+    assert_eq!(
+        out.count(|a| matches!(a, Action::StepStarted { node, step: Step::Prepare, attempt: 1 } if node == "node3")),
+        1
+    );
+    // Everyone waited 5 s for node3 at the barrier.
+    assert_eq!(out.report("node1").barrier_wait, secs(5));
+    assert_eq!(out.summary.rounds, 1);
+}
+
+#[test]
+fn prepare_fails_too_often() {
+    let mut p = WorkflowConfig::default();
+    p.prepare.retries = 1;
+    let mut s = ok_scripts(2);
+    s[0].prepare_fails = 2;
+    s[1].prepare_hangs = true;
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 2);
+    assert_eq!(
+        out.report("node1").result,
+        NodeResult::Failed {
+            step: Step::Prepare,
+            reason: "sfdisk: device busy".into()
+        }
+    );
+    assert_eq!(
+        out.report("node2").result,
+        NodeResult::Failed {
+            step: Step::Prepare,
+            reason: "no Prepare report within 120 s".into()
+        }
+    );
+    assert_eq!(
+        out.count(
+            |a| matches!(a, Action::CancelStep { node, step: Step::Prepare, .. } if node == "node2")
+        ),
+        2
+    );
+    assert_eq!(out.summary.rounds, 0);
+    assert!(out.summary.ok.is_empty());
+}
+
+#[test]
+fn node_lost_mid_broadcast() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(3);
+    s[1].lost_in_broadcast = Some(20);
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 3);
+    assert_eq!(out.summary.ok, vec!["node1", "node3"]);
+    assert_eq!(
+        out.summary.ko,
+        vec![(
+            "node2".to_string(),
+            Step::Broadcast,
+            "agent lost during Broadcast: connection timed out".to_string()
+        )]
+    );
+    assert_eq!(out.report("node2").total, secs(16 + 5 + 20));
+    assert_eq!(out.summary.rounds, 1);
+    assert_eq!(out.summary.elapsed, secs(111));
+}
+
+#[test]
+fn broadcast_failure_retries_in_next_round() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(3);
+    s[0].broadcast_fails = 1;
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 3);
+    assert_eq!(out.summary.ok.len(), 3);
+    assert_eq!(out.summary.rounds, 2);
+    let rounds: Vec<(u32, Vec<String>)> = out
+        .actions
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::StartBroadcast { round, nodes } => Some((*round, nodes.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rounds,
+        vec![
+            (1, vec!["node1".into(), "node2".into(), "node3".into()]),
+            (2, vec!["node1".into()])
+        ]
+    );
+    let r = out.report("node1");
+    assert_eq!(r.steps[2].attempts, 2);
+    assert_eq!(r.steps[2].duration, secs(80));
+}
+
+#[test]
+fn late_node_joins_a_second_round() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(3);
+    s[2].boot = 200; // ready 185 s after the others; broadcast_wait is 120 s
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 3);
+    assert_eq!(out.summary.ok.len(), 3);
+    assert_eq!(out.summary.rounds, 2);
+    // Round 1 started at 21 + 120 = 141 s, ran 40 s; node3 was ready at 206 s.
+    assert_eq!(out.report("node1").barrier_wait, secs(120));
+    assert_eq!(out.report("node3").barrier_wait, secs(0));
+    assert_eq!(out.report("node3").total, secs(201 + 5 + 40 + 5 + 45));
+}
+
+#[test]
+fn boot_new_env_escalates_when_the_agent_reboot_does_nothing() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(2);
+    s[0].agent_reboot_works = false;
+    s[1].os_boot = None; // the deployed system never answers
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 2);
+    let r = out.report("node1");
+    assert!(r.is_ok());
+    assert_eq!(r.steps[4].reboots, vec![Level::Soft, Level::Hard]);
+    assert_eq!(r.steps[4].duration, secs(300 + 1 + 45));
+    let r = out.report("node2");
+    assert_eq!(
+        r.result,
+        NodeResult::Failed {
+            step: Step::BootNewEnv,
+            reason: "the deployed system did not answer within 300 s after a very_hard reboot"
+                .into()
+        }
+    );
+    assert_eq!(
+        r.steps[4].reboots,
+        vec![Level::Soft, Level::Hard, Level::VeryHard]
+    );
+}
+
+#[test]
+fn reboot_window_is_respected() {
+    let p = WorkflowConfig {
+        reboot_window: 10,
+        ..WorkflowConfig::default()
+    };
+    let mut s = ok_scripts(50);
+    for sc in &mut s {
+        sc.cmd = 30;
+    }
+    let out = run(s, p.clone());
+    check_bound(&out, &p, 50);
+    assert_eq!(out.max_in_flight, 10);
+    assert_eq!(out.summary.ok.len(), 50);
+    // Five waves of 30 s commands: the last node said Hello at 150 + 15 s.
+    let last_hello = out
+        .reports
+        .values()
+        .map(|r| r.steps[0].duration)
+        .max()
+        .unwrap();
+    assert_eq!(last_hello, secs(165));
+}
+
+#[test]
+fn abort_ends_everything() {
+    let p = WorkflowConfig::default();
+    let out = SimCluster::new(ok_scripts(4), settings(p.clone())).run(Some(30));
+    assert_eq!(out.summary.ok.len(), 0);
+    assert_eq!(out.summary.ko.len(), 4);
+    assert_eq!(out.summary.elapsed, secs(30));
+    assert!(out
+        .summary
+        .ko
+        .iter()
+        .all(|(_, step, reason)| *step == Step::Broadcast && reason == "aborted: operator"));
+    assert_eq!(
+        out.count(|a| matches!(
+            a,
+            Action::CancelStep {
+                step: Step::Broadcast,
+                ..
+            }
+        )),
+        4
+    );
+}
+
+#[test]
+fn stale_and_unknown_events_are_ignored() {
+    let t0 = Instant::now();
+    let mut d = Deployment::new(
+        vec!["a".into(), "a".into()],
+        settings(WorkflowConfig::default()),
+        t0,
+    );
+    assert_eq!(d.nodes().count(), 1);
+    assert!(d
+        .handle(Event::AgentHello { node: "a".into() }, t0)
+        .is_empty());
+    let acts = d.start(t0);
+    assert_eq!(acts.len(), 2);
+    assert!(d.start(t0).is_empty());
+    for e in [
+        Event::AgentHello { node: "zz".into() },
+        Event::PortOpen { node: "a".into() },
+        Event::StepDone {
+            node: "a".into(),
+            step: Step::Finish,
+            result: Ok(()),
+        },
+        Event::CommandDone {
+            node: "a".into(),
+            id: CommandId(99),
+            status: CommandStatus::Exited(0),
+        },
+        Event::NodeLost {
+            node: "a".into(),
+            reason: "rebooting".into(),
+        },
+    ] {
+        assert!(d.handle(e, t0).is_empty());
+    }
+    assert_eq!(d.node_step("a"), Some((Step::SetDeploymentEnv, false)));
+    // Hello even before the profile is acknowledged: straight to Prepare.
+    let acts = d.handle(Event::AgentHello { node: "a".into() }, t0);
+    assert!(acts.contains(&Action::SendPrepare { node: "a".into() }));
+    assert_eq!(d.node_step("a"), Some((Step::Prepare, false)));
+    assert_eq!(d.progress().in_step, [0, 1, 0, 0, 0]);
+}
+
+#[test]
+fn pxe_write_failure_is_retried_then_fails() {
+    let t0 = Instant::now();
+    let mut d = Deployment::new(vec!["a".into()], settings(WorkflowConfig::default()), t0);
+    d.start(t0);
+    let mut writes = 1;
+    for _ in 0..3 {
+        let acts = d.handle(
+            Event::PxeWritten {
+                node: "a".into(),
+                result: Err("disk full".into()),
+            },
+            t0,
+        );
+        writes += acts
+            .iter()
+            .filter(|a| matches!(a, Action::WritePxe { .. }))
+            .count();
+    }
+    assert_eq!(writes, 3);
+    assert!(d.is_finished());
+    assert_eq!(d.poll_timeout(), None);
+}
+
+/// xorshift64*: a tiny deterministic generator for the randomised runs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn random_script(rng: &mut Rng) -> Script {
+    let level = |rng: &mut Rng| Level::ALL[rng.below(3) as usize];
+    let mut s = Script {
+        cmd: 1 + rng.below(20),
+        boot: 5 + rng.below(400),
+        prepare: 1 + rng.below(150),
+        broadcast: 10 + rng.below(1000),
+        finish: 1 + rng.below(400),
+        os_boot: Some(5 + rng.below(400)),
+        ..Script::default()
+    };
+    if rng.chance(10) {
+        s.cmd_hangs.push(level(rng));
+    }
+    if rng.chance(10) {
+        s.cmd_fails.push(level(rng));
+    }
+    if rng.chance(10) {
+        s.min_level = None;
+    } else if rng.chance(20) {
+        s.min_level = Some(level(rng));
+    }
+    s.agent_reboot_works = !rng.chance(10);
+    s.prepare_fails = rng.below(3) as u32;
+    s.prepare_hangs = rng.chance(5);
+    if rng.chance(10) {
+        s.lost_in_broadcast = Some(rng.below(900));
+    }
+    s.broadcast_fails = rng.below(3) as u32;
+    s.finish_fails = rng.below(3) as u32;
+    if rng.chance(10) {
+        s.os_boot = None;
+    }
+    s
+}
+
+#[test]
+fn timeouts_are_bounded_whatever_the_nodes_do() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for case in 0..40 {
+        let n = 1 + rng.below(40) as usize;
+        let p = WorkflowConfig {
+            reboot_window: 1 + rng.below(12) as usize,
+            broadcast_wait: rng.below(300),
+            ..WorkflowConfig::default()
+        };
+        let scripts: Vec<Script> = (0..n).map(|_| random_script(&mut rng)).collect();
+        let out = run(scripts.clone(), p.clone());
+        check_bound(&out, &p, n);
+        for (i, sc) in scripts.iter().enumerate() {
+            let r = out.report(&format!("node{}", i + 1));
+            // Nodes whose every step can only fail never report success.
+            if sc.min_level.is_none() || sc.prepare_hangs || sc.lost_in_broadcast.is_some() {
+                assert!(!r.is_ok(), "case {case}: {r:?}");
+            }
+            for rec in &r.steps {
+                assert!(rec.duration <= out.summary.elapsed);
+            }
+        }
+    }
+}
+
+#[test]
+fn three_hundred_nodes() {
+    let mut rng = Rng(42);
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(300);
+    for sc in s.iter_mut() {
+        sc.boot = 10 + rng.below(60);
+        sc.cmd = 1 + rng.below(5);
+    }
+    s[7].min_level = None;
+    s[100].prepare_fails = 1;
+    s[200].lost_in_broadcast = Some(10);
+    s[250].cmd_fails = vec![Level::Soft];
+    let started = std::time::Instant::now();
+    let out = run(s, p.clone());
+    let wall = started.elapsed();
+    check_bound(&out, &p, 300);
+    assert_eq!(out.summary.ok.len(), 298);
+    assert_eq!(
+        out.summary
+            .ko
+            .iter()
+            .map(|k| k.0.as_str())
+            .collect::<Vec<_>>(),
+        vec!["node8", "node201"]
+    );
+    assert_eq!(out.max_in_flight, 10);
+    assert!(out.report("node251").is_ok());
+    assert!(wall < Duration::from_secs(5), "took {wall:?}");
+    eprintln!(
+        "300 nodes: {} iterations, {} actions, virtual {:?}, wall {:?}",
+        out.iterations,
+        out.actions.len(),
+        out.summary.elapsed,
+        wall
+    );
+}
+
+#[test]
+fn time_bound_grows_with_retries_and_window() {
+    let p = WorkflowConfig::default();
+    let b1 = Deployment::time_bound(&settings(p.clone()), 10);
+    let b2 = Deployment::time_bound(&settings(p.clone()), 1000);
+    assert!(b2 > b1);
+    let mut q = p.clone();
+    q.prepare.retries += 1;
+    assert!(Deployment::time_bound(&settings(q), 10) > b1);
+    // The default lab bound for 3 nodes, in minutes (documented in the report).
+    let m = Deployment::time_bound(&settings(p), 3).as_secs() / 60;
+    assert!((60..200).contains(&m), "{m} min");
+}
