@@ -12,6 +12,14 @@ use crate::{Accel, Action, Lab, LabConfig, LabState, Subnet};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+/// `println!` that ignores a closed stdout (`kd-lab up | head` must not panic).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "kd-lab",
@@ -178,7 +186,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let lab = Lab::up(cfg).context("kd-lab up")?;
             let cluster = lab.cluster_yaml();
             let st = lab.detach();
-            println!(
+            outln!(
                 "lab {} up in {:.1}s: namespace {}, bridge {} {}, accel {}",
                 st.id,
                 start.elapsed().as_secs_f64(),
@@ -187,21 +195,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 st.gateway,
                 st.accel
             );
-            println!("  state    {}", st.state_dir.display());
-            println!(
+            outln!("  state    {}", st.state_dir.display());
+            outln!(
                 "  http     {} -> {}/http",
                 st.http_base_url,
                 st.state_dir.display()
             );
-            println!("  tftp     {}/tftp", st.state_dir.display());
-            println!("  cluster  {}", cluster.display());
-            println!(
+            outln!("  tftp     {}/tftp", st.state_dir.display());
+            outln!("  cluster  {}", cluster.display());
+            outln!(
                 "  dnsmasq  pid {}   http pid {}",
                 st.dnsmasq_pid.unwrap_or(0),
                 st.http_pid.unwrap_or(0)
             );
             for n in &st.nodes {
-                println!(
+                outln!(
                     "  {:<7} {:<13} {}  {}  pid {}",
                     n.name,
                     n.ip,
@@ -210,7 +218,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     kd_lab::node_pid(n).map_or("-".into(), |p| p.to_string())
                 );
             }
-            println!(
+            outln!(
                 "run the coordinator in the lab: kd-lab exec --state {} -- kd-coord ...",
                 st.state_dir.display()
             );
@@ -222,7 +230,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .map(|s| s.netns)
                 .unwrap_or_else(|_| at.subnet.netns());
             let r = kd_lab::teardown(&dir, Some(&ns), keep_state)?;
-            println!(
+            outln!(
                 "down: stopped {:?}, namespace {} {}, state {}",
                 r.stopped,
                 ns,
@@ -248,7 +256,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(p) => format!("{p} dead"),
                 None => "-".into(),
             };
-            println!(
+            outln!(
                 "lab {} ({}), namespace {} {}, accel {}",
                 st.id,
                 st.subnet,
@@ -260,9 +268,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 st.accel
             );
-            println!("dnsmasq {}   http {}", up(st.dnsmasq_pid), up(st.http_pid));
+            outln!("dnsmasq {}   http {}", up(st.dnsmasq_pid), up(st.http_pid));
             for n in kd_lab::status(&st) {
-                println!(
+                outln!(
                     "{:<7} {:<13} {}  {:<8} pid {}",
                     n.name,
                     n.ip,
@@ -276,7 +284,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Power { at, node, action } => {
             let st = at.load()?;
             let s = kd_lab::power(&st, &node, action)?;
-            println!("{s}");
+            outln!("{s}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Console {
