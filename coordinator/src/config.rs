@@ -17,22 +17,22 @@
 //!   http_root: /srv/kd/http          # optional; required with http_base_url
 //!   http_base_url: http://10.77.0.1:8080   # optional; iPXE loads kernels over HTTP from it
 //!   profile_naming: ip_hex           # ip_hex | mac | hostname
-//!   method: ipxe                     # ipxe | pxelinux
+//!   method: ipxe                     # ipxe (default) | pxelinux
 //! commands:                          # HOSTNAME HOSTNAME_SHORT HOSTNAME_FQDN IP MAC RACK CLUSTER
 //!   reboot:                          # at least one level
 //!     soft: ssh -o BatchMode=yes root@HOSTNAME reboot
 //!     hard: kd-lab bmc HOSTNAME reset
 //!     very_hard: kd-lab bmc HOSTNAME cycle
-//!   power_on:  { hard: kd-lab bmc HOSTNAME on }      # optional
+//!   power_on:  { hard: kd-lab bmc HOSTNAME on }      # optional; a bare string = soft
 //!   power_off: { hard: kd-lab bmc HOSTNAME off }     # optional
 //!   power_status: kd-lab bmc HOSTNAME status         # optional
 //!   console: tail -f /var/lib/kd-lab/HOSTNAME.log    # optional
 //! coordinator:
 //!   address: 10.77.0.1               # what agents connect to (kd.coord=IP:PORT)
 //!   port: 7700                       # optional, default 7700
-//! deploy_kernel:                     # paths relative to the served root (http_root or tftp_root)
-//!   vmlinuz: kd/vmlinuz
-//!   initrd: kd/initrd.img
+//! deploy_kernel:                     # optional; relative to the served root (http_root or tftp_root)
+//!   vmlinuz: boot/vmlinuz            # default
+//!   initrd: boot/initramfs.img       # default
 //!   params: console=ttyS0            # optional, default "console=ttyS0"
 //! disk:
 //!   block_device: /dev/vda
@@ -50,6 +50,13 @@
 //!   boot_new_env:       { timeout: 300, retries: 2 }   # timeout = reboot to port open
 //! check_port: 22                     # optional, the deployed OS answers here
 //! ```
+//!
+//! Short forms (what `kd-lab` writes) are accepted too: `name:` for `cluster:`,
+//! `coordinator_address: IP` for `coordinator: {address: IP}`, `disk: /dev/vda`.
+//!
+//! Profiles: iPXE reads `nodes/<id>.ipxe` under the served root (`boot.ipxe`, see
+//! [`ClusterConfig::ipxe_chain_script`], chains into it), pxelinux reads
+//! `pxelinux.cfg/<id>` under `tftp_root`; see [`profile_file_name`].
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -133,6 +140,28 @@ fn default_check_port() -> u16 {
     22
 }
 
+/// What [`ClusterConfig::parse`] reads: the canonical form plus `kd-lab`'s short forms.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterConfig {
+    #[serde(alias = "name")]
+    cluster: String,
+    nodes: Vec<NodeConfig>,
+    pxe: PxeConfig,
+    commands: Commands,
+    #[serde(default)]
+    coordinator: Option<CoordinatorConfig>,
+    #[serde(default)]
+    coordinator_address: Option<IpAddr>,
+    #[serde(default)]
+    deploy_kernel: Option<DeployKernel>,
+    disk: DiskConfig,
+    #[serde(default)]
+    workflow: WorkflowConfig,
+    #[serde(default = "default_check_port")]
+    check_port: u16,
+}
+
 /// One node of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,7 +193,7 @@ pub enum ProfileNaming {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BootMethod {
-    /// iPXE scripts (`ipxe/<id>.ipxe`), kernels over HTTP when `http_base_url` is set.
+    /// iPXE scripts (`nodes/<id>.ipxe`), kernels over HTTP when `http_base_url` is set.
     Ipxe,
     /// pxelinux configs (`pxelinux.cfg/<id>`) over TFTP.
     Pxelinux,
@@ -184,8 +213,13 @@ pub struct PxeConfig {
     pub http_base_url: Option<String>,
     /// Profile file naming.
     pub profile_naming: ProfileNaming,
-    /// Bootloader.
+    /// Bootloader (default `ipxe`).
+    #[serde(default = "default_method")]
     pub method: BootMethod,
+}
+
+fn default_method() -> BootMethod {
+    BootMethod::Ipxe
 }
 
 /// Escalation level of a remote operation.
@@ -254,6 +288,30 @@ impl LevelCommands {
     }
 }
 
+/// `op: COMMAND` (one command, used as the soft level) or `op: {soft: .., hard: ..}`.
+fn de_levels<'de, D: serde::Deserializer<'de>>(d: D) -> Result<LevelCommands, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = LevelCommands;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a command or a mapping of soft, hard, very_hard commands")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LevelCommands, E> {
+            Ok(LevelCommands {
+                soft: Some(v.to_string()),
+                ..LevelCommands::default()
+            })
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            map: A,
+        ) -> Result<LevelCommands, A::Error> {
+            LevelCommands::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_any(V)
+}
+
 /// Remote operations on a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -271,12 +329,13 @@ pub enum Operation {
 #[serde(deny_unknown_fields)]
 pub struct Commands {
     /// Reboot, per level (at least one).
+    #[serde(deserialize_with = "de_levels")]
     pub reboot: LevelCommands,
     /// Power on, per level.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_levels")]
     pub power_on: LevelCommands,
     /// Power off, per level.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_levels")]
     pub power_off: LevelCommands,
     /// Prints the power status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -320,7 +379,8 @@ impl CoordinatorConfig {
 }
 
 /// The deploy kernel and initrd, relative to the served root (`http_root` when iPXE loads
-/// over HTTP, `tftp_root` otherwise).
+/// over HTTP, `tftp_root` otherwise). Default: `boot/vmlinuz`, `boot/initramfs.img` (where
+/// `kd-lab` puts `initrd/build.sh`'s output), `console=ttyS0`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeployKernel {
@@ -337,15 +397,62 @@ fn default_params() -> String {
     "console=ttyS0".to_string()
 }
 
-/// The target disk.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl Default for DeployKernel {
+    fn default() -> Self {
+        DeployKernel {
+            vmlinuz: "boot/vmlinuz".into(),
+            initrd: "boot/initramfs.img".into(),
+            params: default_params(),
+        }
+    }
+}
+
+/// The target disk. In YAML either a mapping or just the block device (`disk: /dev/vda`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DiskConfig {
     /// Block device to deploy to (`/dev/vda`).
     pub block_device: String,
-    /// Partition layout, interpreted by `kd-disk`.
+    /// Partition layout, interpreted by `kd-disk` (`null` when not given).
     #[serde(default)]
     pub layout: serde_norway::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskConfigMap {
+    block_device: String,
+    #[serde(default)]
+    layout: serde_norway::Value,
+}
+
+impl<'de> Deserialize<'de> for DiskConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DiskConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a block device path or a mapping with block_device and layout")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DiskConfig, E> {
+                Ok(DiskConfig {
+                    block_device: v.to_string(),
+                    layout: serde_norway::Value::Null,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<DiskConfig, A::Error> {
+                let m =
+                    DiskConfigMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(DiskConfig {
+                    block_device: m.block_device,
+                    layout: m.layout,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Timeout and retries of one macro-step.
@@ -435,9 +542,46 @@ impl ClusterConfig {
     }
 
     /// Parses and validates YAML text. MAC addresses are normalised to lowercase `aa:bb:..`.
+    ///
+    /// Besides the canonical form (what [`ClusterConfig::to_yaml`] writes), it accepts the
+    /// short forms `kd-lab` writes: `name:` for `cluster:`, `coordinator_address: IP` for
+    /// `coordinator: {address: IP}`, `disk: /dev/vda`, `power_on: COMMAND` (soft level), and no
+    /// `deploy_kernel` (the default one).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let mut cfg: ClusterConfig =
+        let raw: RawClusterConfig =
             serde_norway::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let coordinator = match (raw.coordinator, raw.coordinator_address) {
+            (Some(c), None) => c,
+            (None, Some(address)) => CoordinatorConfig {
+                address,
+                port: default_coord_port(),
+            },
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    text,
+                    "coordinator_address",
+                    "give either coordinator or coordinator_address, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    field: "coordinator".into(),
+                    line: None,
+                    message: "missing: the address agents connect to (coordinator: {address: IP, port: PORT})".into(),
+                })
+            }
+        };
+        let mut cfg = ClusterConfig {
+            cluster: raw.cluster,
+            nodes: raw.nodes,
+            pxe: raw.pxe,
+            commands: raw.commands,
+            coordinator,
+            deploy_kernel: raw.deploy_kernel.unwrap_or_default(),
+            disk: raw.disk,
+            workflow: raw.workflow,
+            check_port: raw.check_port,
+        };
         cfg.validate(text)?;
         Ok(cfg)
     }
@@ -707,7 +851,7 @@ impl ClusterConfig {
     pub fn ipxe_chain_script(&self) -> String {
         let id = match self.pxe.profile_naming {
             ProfileNaming::IpHex => "${netX/ip:hexraw}",
-            ProfileNaming::Mac => "01-${netX/mac:hexhyp}",
+            ProfileNaming::Mac => "${netX/mac:hexhyp}",
             ProfileNaming::Hostname => "${hostname}",
         };
         let base = match &self.pxe.http_base_url {
@@ -715,7 +859,7 @@ impl ClusterConfig {
             None => String::new(),
         };
         format!(
-            "#!ipxe\n# kd: chain into this node's own profile\nchain {base}/ipxe/{id}.ipxe || goto failed\n:failed\necho kd: no profile for this node, booting from disk\nsanboot --no-describe --drive 0x80 || exit\n"
+            "#!ipxe\n# kd: chain into this node's own profile\nchain {base}/nodes/{id}.ipxe || goto failed\n:failed\necho kd: no profile for this node, booting from disk\nsanboot --no-describe --drive 0x80 || exit\n"
         )
     }
 }
@@ -770,7 +914,7 @@ pub enum ProfileBoot<'a> {
 /// A rendered profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PxeProfile {
-    /// Path relative to the served root (`pxelinux.cfg/0A4D0066`, `ipxe/0a4d0066.ipxe`).
+    /// Path relative to the served root (`pxelinux.cfg/0A4D0066`, `nodes/0a4d0066.ipxe`).
     pub relative_path: String,
     /// Absolute path to write.
     pub path: PathBuf,
@@ -781,17 +925,21 @@ pub struct PxeProfile {
 /// The profile file name of `node`, relative to the served root.
 ///
 /// pxelinux: `pxelinux.cfg/0A4D0066`, `pxelinux.cfg/01-52-54-00-4d-00-65`, `pxelinux.cfg/node1`.
-/// iPXE: `ipxe/0a4d0066.ipxe` (lowercase: iPXE's `:hexraw`), `ipxe/01-52-54-00-4d-00-65.ipxe`,
-/// `ipxe/node1.ipxe`.
+/// iPXE: `nodes/0a4d0066.ipxe` (lowercase: iPXE's `:hexraw`), `nodes/52-54-00-4d-00-65.ipxe`
+/// (iPXE's `:hexhyp`, as `kd-lab`'s `boot.ipxe` chains), `nodes/node1.ipxe`.
 pub fn profile_file_name(method: BootMethod, naming: ProfileNaming, node: &NodeConfig) -> String {
-    let id = match naming {
-        ProfileNaming::IpHex => ip_hex(node.address),
-        ProfileNaming::Mac => format!("01-{}", node.mac.to_ascii_lowercase().replace(':', "-")),
-        ProfileNaming::Hostname => node.name.clone(),
-    };
-    match method {
-        BootMethod::Pxelinux => format!("pxelinux.cfg/{id}"),
-        BootMethod::Ipxe => format!("ipxe/{}.ipxe", id.to_ascii_lowercase()),
+    let mac = node.mac.to_ascii_lowercase().replace(':', "-");
+    match (method, naming) {
+        (BootMethod::Pxelinux, ProfileNaming::IpHex) => {
+            format!("pxelinux.cfg/{}", ip_hex(node.address))
+        }
+        (BootMethod::Pxelinux, ProfileNaming::Mac) => format!("pxelinux.cfg/01-{mac}"),
+        (BootMethod::Pxelinux, ProfileNaming::Hostname) => format!("pxelinux.cfg/{}", node.name),
+        (BootMethod::Ipxe, ProfileNaming::IpHex) => {
+            format!("nodes/{}.ipxe", ip_hex(node.address).to_ascii_lowercase())
+        }
+        (BootMethod::Ipxe, ProfileNaming::Mac) => format!("nodes/{mac}.ipxe"),
+        (BootMethod::Ipxe, ProfileNaming::Hostname) => format!("nodes/{}.ipxe", node.name),
     }
 }
 
@@ -1111,6 +1259,73 @@ workflow:
         assert_eq!(again, c);
     }
 
+    /// The exact shape `kd-lab` writes (lab/README.md).
+    const KD_LAB: &str = "\
+name: kdlab-77
+coordinator_address: 10.77.0.1
+disk: /dev/vda
+nodes:
+- name: node1
+  address: 10.77.0.11
+  mac: 52:54:00:4d:00:0b
+  rack: rack1
+- name: node2
+  address: 10.77.0.12
+  mac: 52:54:00:4d:00:0c
+  rack: rack1
+pxe:
+  tftp_root: /var/lib/kd-lab/77/tftp
+  http_root: /var/lib/kd-lab/77/http
+  http_base_url: http://10.77.0.1:8080
+  profile_naming: mac
+commands:
+  reboot:
+    soft: /path/kd-lab power --state /var/lib/kd-lab/77 HOSTNAME reset
+    hard: /path/kd-lab power --state /var/lib/kd-lab/77 HOSTNAME reset
+    very_hard: /path/kd-lab power --state /var/lib/kd-lab/77 HOSTNAME cycle
+  power_on: /path/kd-lab power --state /var/lib/kd-lab/77 HOSTNAME on
+  power_off: /path/kd-lab power --state /var/lib/kd-lab/77 HOSTNAME off
+  power_status: /path/kd-lab power --state /var/lib/kd-lab/77 HOSTNAME status
+  console: /path/kd-lab console --state /var/lib/kd-lab/77 HOSTNAME
+";
+
+    #[test]
+    fn reads_kd_lab_short_forms() {
+        let c = ClusterConfig::parse(KD_LAB).unwrap();
+        assert_eq!(c.cluster, "kdlab-77");
+        assert_eq!(c.coordinator.socket_addr().to_string(), "10.77.0.1:7700");
+        assert_eq!(c.disk.block_device, "/dev/vda");
+        assert_eq!(c.disk.layout, serde_norway::Value::Null);
+        assert_eq!(c.pxe.method, BootMethod::Ipxe);
+        assert_eq!(c.deploy_kernel, DeployKernel::default());
+        assert_eq!(
+            c.command(Operation::PowerOff, Level::Soft, &c.nodes[1])
+                .unwrap(),
+            "/path/kd-lab power --state /var/lib/kd-lab/77 node2 off"
+        );
+        let p = c.render_profile(&c.nodes[0], &ProfileBoot::Deploy(&args()));
+        // Where kd-lab's boot.ipxe chains: <http_root>/nodes/<mac with '-'>.ipxe
+        assert_eq!(
+            p.path,
+            PathBuf::from("/var/lib/kd-lab/77/http/nodes/52-54-00-4d-00-0b.ipxe")
+        );
+        assert!(p.content.contains(
+            "kernel http://10.77.0.1:8080/boot/vmlinuz initrd=initramfs.img console=ttyS0 kd.coord=10.77.0.1:7700 "
+        ));
+        assert!(p
+            .content
+            .contains("initrd http://10.77.0.1:8080/boot/initramfs.img\n"));
+        // The canonical form round-trips.
+        assert_eq!(ClusterConfig::parse(&c.to_yaml().unwrap()).unwrap(), c);
+        let e = err(&format!("{KD_LAB}coordinator: {{address: 10.77.0.1}}\n"));
+        assert_eq!(
+            e,
+            "line 2: coordinator_address: give either coordinator or coordinator_address, not both"
+        );
+        let e = err(&KD_LAB.replace("coordinator_address: 10.77.0.1\n", ""));
+        assert!(e.starts_with("coordinator: missing"), "{e}");
+    }
+
     #[test]
     fn renders_commands() {
         let c = lab();
@@ -1212,8 +1427,8 @@ workflow:
     fn ipxe_profiles() {
         let c = lab();
         let p = c.render_profile(&c.nodes[1], &ProfileBoot::Deploy(&args()));
-        assert_eq!(p.relative_path, "ipxe/0a4d0066.ipxe");
-        assert_eq!(p.path, PathBuf::from("/srv/kd/http/ipxe/0a4d0066.ipxe"));
+        assert_eq!(p.relative_path, "nodes/0a4d0066.ipxe");
+        assert_eq!(p.path, PathBuf::from("/srv/kd/http/nodes/0a4d0066.ipxe"));
         assert_eq!(
             p.content,
             format!(
@@ -1224,7 +1439,7 @@ initrd http://10.77.0.1:8080/kd/initrd.img\nboot\n",
             )
         );
         let p = c.render_profile(&c.nodes[1], &ProfileBoot::LocalDisk);
-        assert_eq!(p.relative_path, "ipxe/0a4d0066.ipxe");
+        assert_eq!(p.relative_path, "nodes/0a4d0066.ipxe");
         assert_eq!(
             p.content,
             "#!ipxe\n# kd: local disk boot for node2\nsanboot --no-describe --drive 0x80 || exit\n"
@@ -1232,7 +1447,7 @@ initrd http://10.77.0.1:8080/kd/initrd.img\nboot\n",
         assert_eq!(
             c.ipxe_chain_script(),
             "#!ipxe\n# kd: chain into this node's own profile\n\
-chain http://10.77.0.1:8080/ipxe/${netX/ip:hexraw}.ipxe || goto failed\n:failed\n\
+chain http://10.77.0.1:8080/nodes/${netX/ip:hexraw}.ipxe || goto failed\n:failed\n\
 echo kd: no profile for this node, booting from disk\n\
 sanboot --no-describe --drive 0x80 || exit\n"
         );
@@ -1247,7 +1462,7 @@ sanboot --no-describe --drive 0x80 || exit\n"
         let p = c.render_profile(&c.nodes[0], &ProfileBoot::Deploy(&args()));
         assert_eq!(
             p.path,
-            PathBuf::from("/srv/kd/tftp/ipxe/01-52-54-00-4d-00-65.ipxe")
+            PathBuf::from("/srv/kd/tftp/nodes/52-54-00-4d-00-65.ipxe")
         );
         assert!(p.content.contains(&format!(
             "kernel /kd/vmlinuz initrd=initrd.img kd.coord=10.77.0.1:7700 kd.pin={} kd.node=node1 kd.token=tok-1\ninitrd /kd/initrd.img\n",
@@ -1255,7 +1470,7 @@ sanboot --no-describe --drive 0x80 || exit\n"
         )));
         assert!(c
             .ipxe_chain_script()
-            .contains("chain /ipxe/01-${netX/mac:hexhyp}.ipxe"));
+            .contains("chain /nodes/${netX/mac:hexhyp}.ipxe"));
     }
 
     #[test]
