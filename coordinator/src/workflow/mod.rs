@@ -1254,3 +1254,154 @@ pub struct Progress {
     /// Nodes failed.
     pub ko: usize,
 }
+
+/// Aggregate of one step over the nodes of a deployment (`kd-coord stats`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStats {
+    /// Step.
+    pub step: Step,
+    /// Nodes that entered it.
+    pub nodes: usize,
+    /// Nodes that failed in it.
+    pub failed: usize,
+    /// Retries over all nodes.
+    pub retries: u32,
+    /// Mean duration (seconds) over the nodes that passed it.
+    pub mean_secs: f64,
+    /// Longest duration (seconds) over the nodes that passed it.
+    pub max_secs: f64,
+}
+
+impl Summary {
+    /// The final table: one line per node with its result, per-step seconds (`-` when not
+    /// reached), retries, total and reason. Columns are aligned; the reason comes last.
+    pub fn table(&self) -> String {
+        let mut rows: Vec<Vec<String>> = vec![{
+            let mut h = vec!["node".to_string(), "result".to_string()];
+            h.extend(Step::ALL.iter().map(|s| s.as_str().to_string()));
+            h.extend(["retries", "total", "reason"].map(String::from));
+            h
+        }];
+        for r in &self.reports {
+            let mut row = vec![
+                r.node.clone(),
+                if r.is_ok() { "ok" } else { "ko" }.to_string(),
+            ];
+            for step in Step::ALL {
+                row.push(match r.steps.iter().find(|s| s.step == step) {
+                    Some(s) => format!("{:.1}", s.duration.as_secs_f64()),
+                    None => "-".into(),
+                });
+            }
+            let retries: u32 = r.steps.iter().map(|s| s.attempts.saturating_sub(1)).sum();
+            row.push(retries.to_string());
+            row.push(format!("{:.1}", r.total.as_secs_f64()));
+            row.push(match &r.result {
+                NodeResult::Deployed => String::new(),
+                NodeResult::Failed { step, reason } => format!("{step}: {reason}"),
+            });
+            rows.push(row);
+        }
+        let cols = rows[0].len();
+        let widths: Vec<usize> = (0..cols)
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for row in &rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                if c + 1 == cols {
+                    line.push_str(cell);
+                } else if c < 2 {
+                    line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+                } else {
+                    line.push_str(&format!("{cell:>w$}  ", w = widths[c]));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{} ok, {} ko, {:.1} s, {} broadcast round(s)\n",
+            self.ok.len(),
+            self.ko.len(),
+            self.elapsed.as_secs_f64(),
+            self.rounds
+        ));
+        out
+    }
+
+    /// Per-step aggregates, in step order (steps no node entered are left out).
+    pub fn step_stats(&self) -> Vec<StepStats> {
+        let mut out = Vec::new();
+        for step in Step::ALL {
+            let recs: Vec<&StepRecord> = self
+                .reports
+                .iter()
+                .flat_map(|r| r.steps.iter().filter(move |s| s.step == step))
+                .collect();
+            if recs.is_empty() {
+                continue;
+            }
+            let passed: Vec<f64> = recs
+                .iter()
+                .filter(|s| s.ok)
+                .map(|s| s.duration.as_secs_f64())
+                .collect();
+            out.push(StepStats {
+                step,
+                nodes: recs.len(),
+                failed: recs.iter().filter(|s| !s.ok).count(),
+                retries: recs.iter().map(|s| s.attempts.saturating_sub(1)).sum(),
+                mean_secs: if passed.is_empty() {
+                    0.0
+                } else {
+                    passed.iter().sum::<f64>() / passed.len() as f64
+                },
+                max_secs: passed.iter().copied().fold(0.0, f64::max),
+            });
+        }
+        out
+    }
+
+    /// The report as JSON (`--json`): `{ok, ko: [{node, step, reason}], elapsed_secs, rounds,
+    /// nodes: [{node, result, step, reason, total_secs, barrier_wait_secs,
+    /// steps: [{step, ok, attempts, secs, reboots}]}]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let nodes: Vec<serde_json::Value> = self
+            .reports
+            .iter()
+            .map(|r| {
+                let (result, step, reason) = match &r.result {
+                    NodeResult::Deployed => ("ok", None, None),
+                    NodeResult::Failed { step, reason } => {
+                        ("ko", Some(step.as_str()), Some(reason.as_str()))
+                    }
+                };
+                json!({
+                    "node": r.node,
+                    "result": result,
+                    "step": step,
+                    "reason": reason,
+                    "total_secs": r.total.as_secs_f64(),
+                    "barrier_wait_secs": r.barrier_wait.as_secs_f64(),
+                    "steps": r.steps.iter().map(|s| json!({
+                        "step": s.step.as_str(),
+                        "ok": s.ok,
+                        "attempts": s.attempts,
+                        "secs": s.duration.as_secs_f64(),
+                        "reboots": s.reboots.iter().map(|l| l.as_str()).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "ok": self.ok,
+            "ko": self.ko.iter().map(|(n, s, r)| json!({"node": n, "step": s.as_str(), "reason": r})).collect::<Vec<_>>(),
+            "elapsed_secs": self.elapsed.as_secs_f64(),
+            "rounds": self.rounds,
+            "nodes": nodes,
+        })
+    }
+}

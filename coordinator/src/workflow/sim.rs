@@ -1008,3 +1008,46 @@ fn time_bound_grows_with_retries_and_window() {
     let m = Deployment::time_bound(&settings(p), 3).as_secs() / 60;
     assert!((60..200).contains(&m), "{m} min");
 }
+
+#[test]
+fn final_table_stats_and_json() {
+    let p = WorkflowConfig::default();
+    let mut s = ok_scripts(3);
+    s[1].min_level = None;
+    s[2].prepare_fails = 1;
+    let out = run(s, p);
+    assert_eq!(
+        out.summary.table(),
+        "\
+node   result  SetDeploymentEnv  Prepare  Broadcast  Finish  BootNewEnv  retries  total  reason
+node1  ok                  16.0      5.0      160.0     5.0        45.0        0  231.0
+node2  ko                 903.0        -          -       -           -        2  903.0  SetDeploymentEnv: no agent Hello within 300 s after a very_hard reboot
+node3  ok                  16.0     10.0      155.0     5.0        45.0        1  231.0
+2 ok, 1 ko, 903.0 s, 1 broadcast round(s)
+"
+    );
+    let stats = out.summary.step_stats();
+    assert_eq!(stats.len(), 5);
+    assert_eq!(
+        stats[0],
+        StepStats {
+            step: Step::SetDeploymentEnv,
+            nodes: 3,
+            failed: 1,
+            retries: 2,
+            mean_secs: 16.0,
+            max_secs: 16.0
+        }
+    );
+    assert_eq!(stats[1].retries, 1);
+    assert_eq!(stats[1].nodes, 2);
+    let j = out.summary.to_json();
+    assert_eq!(j["ok"], serde_json::json!(["node1", "node3"]));
+    assert_eq!(j["ko"][0]["node"], "node2");
+    assert_eq!(
+        j["nodes"][1]["steps"][0]["reboots"],
+        serde_json::json!(["soft", "hard", "very_hard"])
+    );
+    assert_eq!(j["nodes"][2]["steps"][1]["attempts"], 2);
+    assert_eq!(j["elapsed_secs"], 903.0);
+}
