@@ -508,8 +508,8 @@ pub struct Deployment {
     queue: VecDeque<(usize, u64)>,
     /// Nodes not done and still in SetDeploymentEnv or Prepare.
     pre_broadcast: usize,
-    /// Nodes waiting for a round, in order of readiness.
-    ready: Vec<usize>,
+    /// Nodes waiting for a round, in order of readiness (may hold nodes that left since).
+    ready: VecDeque<usize>,
     round: Option<Round>,
     rounds: u32,
     barrier_deadline: Option<Instant>,
@@ -560,7 +560,7 @@ impl Deployment {
             in_window: 0,
             queue: VecDeque::new(),
             pre_broadcast: n,
-            ready: Vec::new(),
+            ready: VecDeque::new(),
             round: None,
             rounds: 0,
             barrier_deadline: None,
@@ -966,7 +966,7 @@ impl Deployment {
                 let n = &mut self.nodes[i];
                 n.phase = Phase::Ready;
                 n.ready_since = Some(self.now);
-                self.ready.push(i);
+                self.ready.push_back(i);
             }
         }
     }
@@ -1158,17 +1158,19 @@ impl Deployment {
         if self.round.is_some() {
             return;
         }
-        self.ready.retain(|&i| self.nodes[i].phase == Phase::Ready);
-        if self.ready.is_empty() {
+        // The oldest node still ready (entries are in order of readiness).
+        while self
+            .ready
+            .front()
+            .is_some_and(|&i| self.nodes[i].phase != Phase::Ready)
+        {
+            self.ready.pop_front();
+        }
+        let Some(&oldest) = self.ready.front() else {
             self.barrier_deadline = None;
             return;
-        }
-        let first = self
-            .ready
-            .iter()
-            .filter_map(|&i| self.nodes[i].ready_since)
-            .min()
-            .unwrap_or(self.now);
+        };
+        let first = self.nodes[oldest].ready_since.unwrap_or(self.now);
         let at = first + Settings::secs(self.settings.policy.broadcast_wait);
         if self.pre_broadcast == 0 || at <= self.now {
             self.start_round(out);

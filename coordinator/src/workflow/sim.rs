@@ -101,6 +101,7 @@ impl Outcome {
 
 struct SimCluster {
     names: Vec<String>,
+    index: HashMap<String, usize>,
     scripts: Vec<Script>,
     nodes: Vec<SimNode>,
     settings: Settings,
@@ -123,8 +124,9 @@ fn settings(policy: WorkflowConfig) -> Settings {
 
 impl SimCluster {
     fn new(scripts: Vec<Script>, settings: Settings) -> Self {
-        let names = (1..=scripts.len()).map(|i| format!("node{i}")).collect();
+        let names: Vec<String> = (1..=scripts.len()).map(|i| format!("node{i}")).collect();
         SimCluster {
+            index: names.iter().cloned().zip(0..).collect(),
             names,
             nodes: scripts.iter().map(|_| SimNode::default()).collect(),
             scripts,
@@ -143,7 +145,7 @@ impl SimCluster {
     }
 
     fn idx(&self, node: &str) -> usize {
-        self.names.iter().position(|n| n == node).unwrap()
+        self.index[node]
     }
 
     /// The node reboots at `t` into whatever its profile says.
@@ -1050,4 +1052,33 @@ node3  ok                  16.0     10.0      155.0     5.0        45.0        1
     );
     assert_eq!(j["nodes"][2]["steps"][1]["attempts"], 2);
     assert_eq!(j["elapsed_secs"], 903.0);
+}
+
+#[test]
+fn ten_thousand_nodes() {
+    let mut rng = Rng(7);
+    let p = WorkflowConfig {
+        reboot_window: 100,
+        ..WorkflowConfig::default()
+    };
+    let mut s = ok_scripts(10_000);
+    for sc in s.iter_mut() {
+        sc.boot = 10 + rng.below(200);
+        if rng.chance(1) {
+            sc.min_level = None;
+        }
+    }
+    let started = std::time::Instant::now();
+    let out = run(s, p.clone());
+    let wall = started.elapsed();
+    check_bound(&out, &p, 10_000);
+    assert_eq!(out.max_in_flight, 100);
+    eprintln!(
+        "10000 nodes: {} ok, {} actions, virtual {:?}, wall {:?}",
+        out.summary.ok.len(),
+        out.actions.len(),
+        out.summary.elapsed,
+        wall
+    );
+    assert!(wall < Duration::from_secs(20), "took {wall:?}");
 }
