@@ -1233,6 +1233,21 @@ workflow:
         DeployArgs::new(&"ab".repeat(32), "tok-1").unwrap()
     }
 
+    /// The example in the module documentation parses.
+    #[test]
+    fn documented_example_parses() {
+        let src = include_str!("config.rs");
+        let yaml: String = src
+            .lines()
+            .skip_while(|l| *l != "//! ```yaml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
+            .collect();
+        assert!(yaml.len() > 100);
+        ClusterConfig::parse(&yaml).unwrap();
+    }
+
     #[test]
     fn parses_with_defaults() {
         let c = lab();

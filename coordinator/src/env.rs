@@ -467,6 +467,21 @@ postinstalls:
         Environment::parse(text).unwrap_err().to_string()
     }
 
+    /// The example in the module documentation parses.
+    #[test]
+    fn documented_example_parses() {
+        let src = include_str!("env.rs");
+        let yaml: String = src
+            .lines()
+            .skip_while(|l| *l != "//! ```yaml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
+            .collect();
+        assert!(yaml.len() > 100);
+        Environment::parse(&yaml).unwrap();
+    }
+
     #[test]
     fn parses_full_description() {
         let e = Environment::parse(ENV).unwrap();

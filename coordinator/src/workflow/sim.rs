@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::config::WorkflowConfig;
+use crate::config::{ClusterConfig, WorkflowConfig};
 
 /// How a simulated node behaves (seconds).
 #[derive(Debug, Clone)]
@@ -1081,4 +1081,87 @@ fn ten_thousand_nodes() {
         wall
     );
     assert!(wall < Duration::from_secs(20), "took {wall:?}");
+}
+
+#[test]
+fn settings_from_a_cluster_config() {
+    let cfg = ClusterConfig::parse(
+        "\
+cluster: c
+nodes:
+  - {name: n1, address: 10.0.0.1, mac: '02:00:00:00:00:01'}
+  - {name: n2, address: 10.0.0.2, mac: '02:00:00:00:00:02'}
+pxe: {tftp_root: /t, profile_naming: hostname, method: pxelinux}
+commands:
+  reboot: {hard: bmc HOSTNAME reset, very_hard: bmc HOSTNAME cycle}
+coordinator: {address: 10.0.0.254, port: 7000}
+disk: /dev/sda
+workflow: {reboot_window: 1, set_deployment_env: {timeout: 60, retries: 0}}
+",
+    )
+    .unwrap();
+    let settings = Settings::from_config(&cfg);
+    assert_eq!(settings.reboot_levels, vec![Level::Hard, Level::VeryHard]);
+    assert_eq!(settings.policy.reboot_window, 1);
+    let t0 = Instant::now();
+    let names: Vec<String> = cfg.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut d = Deployment::new(names, settings, t0);
+    d.start(t0);
+    // No soft template: the first reboot is hard, and only one at a time.
+    let a = d.handle(
+        Event::PxeWritten {
+            node: "n1".into(),
+            result: Ok(()),
+        },
+        t0,
+    );
+    assert_eq!(
+        a,
+        vec![Action::RunCommand {
+            node: "n1".into(),
+            id: CommandId(1),
+            op: Operation::Reboot,
+            level: Level::Hard
+        }]
+    );
+    let a = d.handle(
+        Event::PxeWritten {
+            node: "n2".into(),
+            result: Ok(()),
+        },
+        t0,
+    );
+    assert!(a.is_empty(), "window of 1: n2 waits");
+    let a = d.handle(
+        Event::CommandDone {
+            node: "n1".into(),
+            id: CommandId(1),
+            status: CommandStatus::Exited(0),
+        },
+        t0 + secs(2),
+    );
+    assert_eq!(
+        a,
+        vec![Action::RunCommand {
+            node: "n2".into(),
+            id: CommandId(2),
+            op: Operation::Reboot,
+            level: Level::Hard
+        }]
+    );
+    // n1 has 60 s after its command for its Hello, then fails (no retries); n2's command hangs
+    // and is killed at the same time, so n2 escalates to very_hard.
+    assert_eq!(d.poll_timeout(), Some(t0 + secs(62)));
+    let a = d.handle_timeout(t0 + secs(62));
+    assert!(
+        matches!(
+            &a[..],
+            [
+                Action::NodeDone { node, .. },
+                Action::KillCommand { id: CommandId(2), .. },
+                Action::RunCommand { level: Level::VeryHard, id: CommandId(3), .. },
+            ] if node == "n1"
+        ),
+        "{a:?}"
+    );
 }
