@@ -49,17 +49,18 @@ fn detect(input: &Path) -> Result<(ImageKind, Box<dyn Read + Send>)> {
     let meta =
         std::fs::metadata(input).with_context(|| format!("cannot read {}", input.display()))?;
     if meta.is_dir() {
-        let dir = input.to_path_buf();
-        let (r, w) = std::io::pipe().context("pipe")?;
-        std::thread::spawn(move || {
-            let mut b = tar::Builder::new(w);
-            b.follow_symlinks(false);
-            b.mode(tar::HeaderMode::Complete);
-            if let Err(e) = b.append_dir_all(".", &dir).and_then(|_| b.finish()) {
-                tracing::error!("tar of {}: {e}", dir.display());
-            }
-        });
-        return Ok((ImageKind::Tar, Box::new(r)));
+        // GNU tar keeps what a root file system needs and the tar crate's builder does not:
+        // hard links, xattrs, ACLs, sparse files, numeric owners.
+        let mut child = std::process::Command::new("tar")
+            .args(["--create", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"])
+            .arg("--directory")
+            .arg(input)
+            .args(["--file", "-", "."])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot run tar to pack a directory")?;
+        let out = child.stdout.take().context("tar stdout")?;
+        return Ok((ImageKind::Tar, Box::new(TarChild { child, out })));
     }
     let f = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
     let name = input.to_string_lossy();
@@ -78,6 +79,25 @@ fn detect(input: &Path) -> Result<(ImageKind, Box<dyn Read + Send>)> {
         ImageKind::Raw
     };
     Ok((kind, Box::new(std::io::Cursor::new(head).chain(r))))
+}
+
+/// The output of a `tar --create` child; a failing tar becomes a read error at the end.
+struct TarChild {
+    child: std::process::Child,
+    out: std::process::ChildStdout,
+}
+
+impl Read for TarChild {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.out.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            let status = self.child.wait()?;
+            if !status.success() {
+                return Err(std::io::Error::other(format!("tar failed: {status}")));
+            }
+        }
+        Ok(n)
+    }
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
