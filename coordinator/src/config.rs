@@ -733,6 +733,12 @@ impl ClusterConfig {
                 return bad(&field, msg);
             }
         }
+        if self.coordinator.port == 0 {
+            return bad("coordinator.port", "must not be 0".into());
+        }
+        if self.check_port == 0 {
+            return bad("check_port", "must not be 0".into());
+        }
         let w = &self.workflow;
         if w.reboot_window == 0 {
             return bad("workflow.reboot_window", "must be at least 1".into());
@@ -1411,6 +1417,10 @@ commands:
         assert_eq!(
             err(&LAB.replace("vmlinuz: kd/vmlinuz", "vmlinuz: /srv/kd/vmlinuz")),
             "line 28: deploy_kernel.vmlinuz: \"/srv/kd/vmlinuz\" must be a relative path under the served root, without '..' or spaces"
+        );
+        assert_eq!(
+            err(&format!("{LAB}check_port: 0\n")),
+            "line 37: check_port: must not be 0"
         );
         assert_eq!(
             err(&LAB.replace("reboot_window: 2", "reboot_window: 0")),
