@@ -1,7 +1,8 @@
 //! Private mounts, unmounted on every path out (a guard type).
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+pub use nix::mount::MsFlags;
+use nix::mount::{mount, umount2, MntFlags};
 
 use crate::error::{DiskError, IoContext};
 

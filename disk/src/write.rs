@@ -600,6 +600,10 @@ impl Extractor {
             utimensat(None, &p, &t, &t, UtimensatFlags::NoFollowSymlink)
                 .ctx(|| format!("set mtime of {}", p.display()))?;
         }
+        // Flush the file system holding the tree (syncfs), like the raw writer's fsync.
+        let d = File::open(&self.dir).ctx(|| format!("opening {}", self.dir.display()))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))
+            .ctx(|| format!("syncfs {}", self.dir.display()))?;
         Ok(WriteSummary {
             bytes: 0,
             files: self.files,
