@@ -107,3 +107,37 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<String, DiskError> {
 pub fn quick(program: &str, args: &[&str]) -> Result<String, DiskError> {
     run(Command::new(program).args(args), Duration::from_secs(60))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_status_and_timeout() {
+        let out = run(
+            Command::new("sh").args(["-c", "echo out; echo err >&2"]),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(out, "out\nerr\n");
+        let e = run(
+            Command::new("sh").args(["-c", "echo bad; exit 3"]),
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("exit status: 3") && e.to_string().contains("bad"),
+            "{e}"
+        );
+        // A grandchild holding the pipes is killed with its group.
+        let t = std::time::Instant::now();
+        let e = run(
+            Command::new("sh").args(["-c", "sleep 30 & sleep 30"]),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert_eq!(tail("héllo", 4), "llo");
+    }
+}

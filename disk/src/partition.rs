@@ -112,9 +112,27 @@ pub fn write_table(disk: &Path, plan: &Plan) -> Result<(), DiskError> {
         .ctx(|| format!("opening {}", disk.display()))?;
     match plan.label {
         Label::Gpt => write_gpt(&mut f, plan)?,
-        Label::Msdos => write_mbr(&mut f, plan)?,
+        Label::Msdos => {
+            write_mbr(&mut f, plan)?;
+            wipe_gpt(&mut f).ctx(|| format!("wiping the old GPT of {}", disk.display()))?;
+        }
     }
     f.sync_all().ctx(|| format!("fsync {}", disk.display()))
+}
+
+/// Zero the primary and backup GPT headers if present (a disk going from gpt to msdos must not
+/// keep a stale GPT that tools and kernels would prefer).
+fn wipe_gpt(f: &mut File) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let size = f.seek(SeekFrom::End(0))?;
+    for off in [SECTOR, size.saturating_sub(SECTOR)] {
+        let mut sig = [0u8; 8];
+        if off >= SECTOR && f.read_exact_at(&mut sig, off).is_ok() && &sig == b"EFI PART" {
+            f.write_all_at(&[0u8; SECTOR as usize], off)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_gpt(f: &mut File, plan: &Plan) -> Result<(), DiskError> {
@@ -431,6 +449,43 @@ mod tests {
             partition_node(Path::new("/dev/loop7"), 2),
             PathBuf::from("/dev/loop7p2")
         );
+    }
+
+    #[test]
+    fn tables_on_an_image_file() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("disk");
+        File::create(&img)
+            .unwrap()
+            .set_len(64 * crate::layout::MIB)
+            .unwrap();
+        let parts = "  - { number: 1, size: 8MiB, role: swap }\n  - { number: 2, size: 16MiB, role: deploy }\n  - { number: 3, size: rest, role: tmp }\n";
+        let plan = |label: &str| {
+            crate::layout::Layout::from_yaml(&format!(
+                "device: /x\nlabel: {label}\npartitions:\n{parts}"
+            ))
+            .unwrap()
+            .resolve(64 * crate::layout::MIB, None)
+            .unwrap()
+        };
+        let want = |p: &Plan| {
+            p.partitions
+                .iter()
+                .map(|p| (p.number, p.start, p.size))
+                .collect::<Vec<_>>()
+        };
+        let gpt = plan("gpt");
+        write_table(&img, &gpt).unwrap();
+        assert_eq!(read_table(&img).unwrap(), want(&gpt));
+        // gpt -> msdos leaves no stale GPT behind.
+        let dos = plan("msdos");
+        write_table(&img, &dos).unwrap();
+        assert_eq!(read_table(&img).unwrap(), want(&dos));
+        let raw = std::fs::read(&img).unwrap();
+        assert!(!raw.windows(8).any(|w| w == b"EFI PART"));
+        assert_eq!(&raw[510..512], &[0x55, 0xAA]);
+        assert_eq!(raw[446 + 16 + 4], 0x83, "deploy is a Linux partition");
+        assert_eq!(raw[446 + 16], 0x80, "deploy is active");
     }
 
     #[test]

@@ -450,3 +450,11 @@ pub fn fsync_device(dev: &Path) -> Result<(), DiskError> {
         .and_then(|f| f.sync_all())
         .ctx(|| format!("fsync {}", dev.display()))
 }
+
+// The agent moves these into blocking tasks: they must stay `Send`.
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<Prepared>();
+    send::<Box<dyn ImageSink>>();
+    send::<StepLog>();
+};
