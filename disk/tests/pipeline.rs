@@ -86,15 +86,28 @@ impl Disk {
 /// mounted under it.
 fn assert_released(dir: &Path) {
     let d = dir.to_string_lossy().to_string();
-    for e in fs::read_dir("/sys/block").unwrap().flatten() {
-        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
-            assert!(
-                !b.contains(&d),
-                "loop device {:?} still attached to {b}",
-                e.file_name()
-            );
+    let attached = || -> Vec<String> {
+        let mut v = Vec::new();
+        for e in fs::read_dir("/sys/block").unwrap().flatten() {
+            if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
+                if b.contains(&d) {
+                    v.push(format!("{:?} -> {}", e.file_name(), b.trim()));
+                }
+            }
         }
+        v
+    };
+    // `losetup -d` of a device that udev still has open detaches it when udev closes it
+    // (autoclear): give that a few seconds.
+    let start = std::time::Instant::now();
+    while !attached().is_empty() && start.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    assert!(
+        attached().is_empty(),
+        "loop devices still attached: {:?}",
+        attached()
+    );
     let mi = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mi.contains(&d), "still mounted under {d}:\n{mi}");
 }
