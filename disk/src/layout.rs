@@ -276,7 +276,7 @@ impl Layout {
         }
         let max = match self.label {
             Label::Gpt => 128,
-            Label::Msdos => 4,
+            Label::Msdos => MSDOS_MAX,
         };
         let mut seen = std::collections::HashSet::new();
         for p in &self.partitions {
@@ -286,7 +286,7 @@ impl Layout {
                     p.number,
                     self.label,
                     if self.label == Label::Msdos {
-                        " (no logical partitions)"
+                        " (1-4 primary, 5+ logical)"
                     } else {
                         ""
                     }
@@ -296,6 +296,9 @@ impl Layout {
                 return Err(err(format!("partition number {} appears twice", p.number)));
             }
             check_fs(self.label, p)?;
+        }
+        if self.label == Label::Msdos {
+            check_logical(&self.partitions)?;
         }
         let deploys: Vec<u32> = self
             .partitions
@@ -359,6 +362,9 @@ impl Layout {
         let usable = end - first;
         let mut fixed: u64 = 0;
         for p in &self.partitions {
+            if is_logical(self.label, p.number) {
+                fixed += MIB;
+            }
             fixed += match p.size {
                 Size::Bytes(b) => b,
                 Size::Percent(v) => (usable / MIB) * u64::from(v) / 100 * MIB,
@@ -369,6 +375,9 @@ impl Layout {
         let mut cursor = first;
         let mut prev: Option<u32> = None;
         for p in &self.partitions {
+            if is_logical(self.label, p.number) {
+                cursor += MIB; // room for the EBR
+            }
             let start = match p.start {
                 None => cursor,
                 Some(Size::Bytes(b)) => {
@@ -477,6 +486,38 @@ impl Layout {
     }
 }
 
+/// Highest msdos partition number (logical partitions 5 and up).
+pub const MSDOS_MAX: u32 = 60;
+
+/// Whether partition `number` of a layout with label `label` is an msdos logical partition
+/// (preceded on the disk by a 1 MiB gap that holds its EBR).
+pub fn is_logical(label: Label, number: u32) -> bool {
+    label == Label::Msdos && number >= 5
+}
+
+/// msdos logical partitions: listed after all the primary ones, numbered 5, 6, ... in disk
+/// order, with a primary number left free for the extended partition that holds them.
+fn check_logical(parts: &[PartitionSpec]) -> Result<(), DiskError> {
+    let Some(first) = parts.iter().position(|p| p.number >= 5) else {
+        return Ok(());
+    };
+    for (i, p) in parts[first..].iter().enumerate() {
+        let want = 5 + u32::try_from(i).unwrap_or(u32::MAX);
+        if p.number != want {
+            return Err(err(format!(
+                "msdos logical partitions must be listed last and numbered 5, 6, ... in disk order: found {} where {want} was expected",
+                p.number
+            )));
+        }
+    }
+    if parts[..first].len() >= 4 {
+        return Err(err(
+            "msdos: logical partitions need a free primary number (1-4) for the extended partition",
+        ));
+    }
+    Ok(())
+}
+
 fn default_fs(p: &PartitionSpec) -> Option<FsType> {
     match p.role {
         Role::Deploy | Role::Tmp => Some(p.fs.unwrap_or(FsType::Ext4)),
@@ -576,8 +617,8 @@ mod tests {
             "{}",
             layout_err(zfs, "gpt")
         );
-        let five = "  - { number: 5, size: 1GiB, role: deploy }\n";
-        assert!(layout_err(five, "msdos").contains("out of range 1-4"));
+        let far = "  - { number: 61, size: 1GiB, role: deploy }\n";
+        assert!(layout_err(far, "msdos").contains("out of range 1-60"));
         let grub = "  - { number: 1, size: 1MiB, role: bios_grub }\n  - { number: 2, size: 1GiB, role: deploy }\n";
         assert!(layout_err(grub, "msdos").contains("bios_grub needs a gpt label"));
         let dup = "  - { number: 1, size: 1GiB, role: deploy }\n  - { number: 1, size: 1GiB, role: swap }\n";
@@ -597,6 +638,25 @@ mod tests {
         assert!(e.to_string().contains("overlaps partition 1"), "{e}");
         let swapfs = "  - { number: 1, size: 1GiB, role: swap, fs: ext4 }\n  - { number: 2, size: 1GiB, role: deploy }\n";
         assert!(layout_err(swapfs, "gpt").contains("a swap partition holds swap"));
+    }
+
+    #[test]
+    fn msdos_logical_partitions() {
+        // Grid'5000's classic layout: swap, prod (kept), deploy, extended 4, tmp 5.
+        let g5k = "  - { number: 1, size: 64MiB, role: swap }\n  - { number: 2, size: 128MiB, role: keep }\n  - { number: 3, size: 128MiB, role: deploy }\n  - { number: 5, size: rest, role: tmp }\n";
+        let l = Layout::from_yaml(&yaml(g5k, "msdos")).unwrap();
+        let p = l.resolve(1024 * MIB, None).unwrap();
+        let tmp = &p.partitions[3];
+        assert_eq!(
+            (tmp.number, tmp.start / MIB, (tmp.start + tmp.size) / MIB),
+            (5, 322, 1024)
+        );
+        let bad = "  - { number: 5, size: 64MiB, role: swap }\n  - { number: 1, size: 128MiB, role: deploy }\n";
+        assert!(layout_err(bad, "msdos").contains("listed last"));
+        let gap = "  - { number: 1, size: 64MiB, role: deploy }\n  - { number: 6, size: 64MiB, role: tmp }\n";
+        assert!(layout_err(gap, "msdos").contains("5 was expected"));
+        let full = "  - { number: 1, size: 8MiB, role: swap }\n  - { number: 2, size: 8MiB, role: deploy }\n  - { number: 3, size: 8MiB, role: tmp }\n  - { number: 4, size: 8MiB, role: keep }\n  - { number: 5, size: 8MiB, role: tmp }\n";
+        assert!(layout_err(full, "msdos").contains("free primary number"));
     }
 
     #[test]

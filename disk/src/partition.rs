@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::{DiskError, IoContext};
-use crate::layout::{Label, Plan, PlannedPartition, Role};
+use crate::layout::{is_logical, Label, Plan, PlannedPartition, Role};
 use crate::loopdev::LoopDevice;
 use crate::sys;
 
@@ -197,10 +197,64 @@ fn write_mbr(f: &mut File, plan: &Plan) -> Result<(), DiskError> {
             p.number
         ))
     };
+    let logical: Vec<&PlannedPartition> = plan
+        .partitions
+        .iter()
+        .filter(|p| is_logical(plan.label, p.number))
+        .collect();
+    if let (Some(first), Some(last)) = (logical.first(), logical.last()) {
+        // The extended partition: from the first EBR to the end of the last logical partition,
+        // in the lowest primary slot the layout leaves free.
+        let used: Vec<u32> = plan.partitions.iter().map(|p| p.number).collect();
+        let slot = (1..=4usize)
+            .find(|n| !used.contains(&(*n as u32)))
+            .ok_or_else(|| {
+                DiskError::Layout("no free primary slot for the extended partition".into())
+            })?;
+        let start = first.start - crate::layout::MIB;
+        let end = last.start + last.size;
+        let e = mbr
+            .get_mut(slot)
+            .ok_or_else(|| DiskError::Layout(format!("no MBR slot {slot}")))?;
+        *e = mbrman::MBRPartitionEntry {
+            boot: mbrman::BOOT_INACTIVE,
+            first_chs: mbrman::CHS::empty(),
+            sys: 0x0f,
+            last_chs: mbrman::CHS::empty(),
+            starting_lba: u32::try_from(start / SECTOR).map_err(|_| too_big(first))?,
+            sectors: u32::try_from((end - start) / SECTOR).map_err(|_| too_big(last))?,
+        };
+    }
     for p in &plan.partitions {
         let i = usize::try_from(p.number).map_err(|_| too_big(p))?;
         let first = u32::try_from(p.start / SECTOR).map_err(|_| too_big(p))?;
         let sectors = u32::try_from(p.size / SECTOR).map_err(|_| too_big(p))?;
+        if is_logical(plan.label, p.number) {
+            if p.role == Role::Keep {
+                let found = old
+                    .as_ref()
+                    .and_then(|o| o.logical_partitions.get(i - 5))
+                    .map(|l| l.partition.clone());
+                match found {
+                    Some(e) if e.starting_lba == first && e.sectors == sectors => {}
+                    Some(e) => {
+                        return Err(keep_mismatch(
+                            p,
+                            Some((
+                                u64::from(e.starting_lba) * SECTOR,
+                                u64::from(e.sectors) * SECTOR,
+                            )),
+                        ))
+                    }
+                    None => return Err(keep_mismatch(p, None)),
+                }
+            }
+            // The EBR sits one alignment unit (1 MiB) before the partition.
+            let align = mbr.align;
+            mbr.push(mbr_type(p.role), first - align, sectors + align)
+                .map_err(|e| DiskError::Layout(format!("logical partition {}: {e}", p.number)))?;
+            continue;
+        }
         let entry = if p.role == Role::Keep {
             let found = old
                 .as_ref()
@@ -268,7 +322,7 @@ pub fn read_table(disk: &Path) -> Result<Vec<(u32, u64, u64)>, DiskError> {
         .map_err(|e| DiskError::Layout(format!("{}: no GPT and no MBR: {e}", disk.display())))?;
     Ok(mbr
         .iter()
-        .filter(|(_, e)| e.is_used())
+        .filter(|(_, e)| e.is_used() && !e.is_extended())
         .filter_map(|(n, e)| {
             Some((
                 u32::try_from(n).ok()?,
@@ -486,6 +540,34 @@ mod tests {
         assert_eq!(&raw[510..512], &[0x55, 0xAA]);
         assert_eq!(raw[446 + 16 + 4], 0x83, "deploy is a Linux partition");
         assert_eq!(raw[446 + 16], 0x80, "deploy is active");
+        // Logical partitions in an extended one (Grid'5000's msdos layout).
+        let parts = "  - { number: 1, size: 8MiB, role: swap }\n  - { number: 2, size: 8MiB, role: keep }\n  - { number: 3, size: 16MiB, role: deploy }\n  - { number: 5, size: 8MiB, role: tmp }\n  - { number: 6, size: rest, role: tmp }\n";
+        let l = crate::layout::Layout::from_yaml(&format!(
+            "device: /x\nlabel: msdos\npartitions:\n{parts}"
+        ))
+        .unwrap();
+        let dos = l.resolve(64 * crate::layout::MIB, None).unwrap();
+        // Partition 2 must exist before it can be kept.
+        let err = write_table(&img, &dos).unwrap_err().to_string();
+        assert!(err.contains("refusing to move it"), "{err}");
+        let mut first = dos.clone();
+        first.partitions[1].role = Role::Tmp;
+        write_table(&img, &first).unwrap();
+        write_table(&img, &dos).unwrap();
+        assert_eq!(read_table(&img).unwrap(), want(&dos));
+        let raw = std::fs::read(&img).unwrap();
+        assert_eq!(raw[446 + 3 * 16 + 4], 0x0f, "extended partition in slot 4");
+        let sfdisk = std::process::Command::new("sfdisk")
+            .arg("--dump")
+            .arg(&img)
+            .output();
+        if let Ok(out) = sfdisk {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("disk5 : start=") && text.contains("disk6 : start="),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -454,7 +454,7 @@ fn msdos_raw_partition_keep_untouched() {
         return;
     }
     let disk = Disk::new(300 * MIB);
-    let first = "  - { number: 1, size: 32MiB, role: swap }\n  - { number: 2, size: 128MiB, role: deploy }\n  - { number: 3, size: 16MiB, role: tmp }\n  - { number: 4, size: rest, role: tmp }\n";
+    let first = "  - { number: 1, size: 32MiB, role: swap }\n  - { number: 2, size: 128MiB, role: deploy }\n  - { number: 3, size: 16MiB, role: tmp }\n  - { number: 5, size: rest, role: tmp }\n";
     let l0 = layout(disk.path(), "msdos", first);
     let plan0 = l0.resolve(300 * MIB, None).unwrap();
     kd_disk::partition::write_table(disk.path(), &plan0).unwrap();
