@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# kd's developer entry point (run as root on Debian 12; it installs what is missing).
+#
+#   ./dev.sh setup   install the Debian packages kd's build, tests and lab need
+#   ./dev.sh build   setup + build every binary + the deploy initrd (cached by input hash)
+#   ./dev.sh test    build + run every test (the command CI runs)
+#   ./dev.sh demo    build + a 3-node virtual cluster that PXE-boots the deploy initrd and
+#                    receives an image through kd's QUIC tree (see README)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+# One line per need. qemu-utils is not named: a newer one may already be installed (lab.md).
+PACKAGES=(
+	build-essential pkg-config             # cc for the zstd/blake3/ring crates
+	iproute2 tar zstd                       # netns, veth, tc; image packing
+	e2fsprogs xfsprogs dosfstools fdisk util-linux   # disk pipeline tests (loop devices)
+	grub-pc-bin grub-efi-amd64-bin grub2-common      # grub-install i386-pc / x86_64-efi
+	mmdebstrap cpio kmod busybox-static     # deploy initrd and test environment builds
+	qemu-system-x86 ipxe-qemu dnsmasq-base pxelinux syslinux-common   # the virtual lab
+)
+
+setup() {
+	local missing=()
+	for p in "${PACKAGES[@]}"; do
+		dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+	done
+	if [ ${#missing[@]} -gt 0 ]; then
+		echo "dev.sh: installing ${missing[*]}"
+		apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+	fi
+	command -v cargo >/dev/null || { echo "dev.sh: cargo not found (install Rust with rustup)" >&2; exit 1; }
+}
+
+build() {
+	setup
+	cargo build --workspace --bins
+	mkdir -p build
+	if [ -x initrd/build.sh ]; then
+		initrd/build.sh --agent target/debug/kd-agent --out build/initrd
+	fi
+}
+
+case "${1:-}" in
+setup) setup ;;
+build) build ;;
+test)
+	build
+	# Everything, as root: loop devices, namespaces and QEMU nodes are created and removed by the tests.
+	KD_INITRD_DIR="$PWD/build/initrd" cargo test --workspace -- --test-threads 2
+	;;
+demo)
+	build
+	exec scripts/lab-broadcast.sh "${@:2}"
+	;;
+*)
+	sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+	exit 2
+	;;
+esac
