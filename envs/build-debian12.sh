@@ -24,7 +24,7 @@ SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 CACHE_DIR=/var/cache/kd/envs
 DEB_CACHE=/var/cache/kd/debs
-ZSTD_LEVEL=19
+ZSTD_LEVEL=9
 OUT=./envs-out
 FORCE=
 
