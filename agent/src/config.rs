@@ -78,6 +78,12 @@ pub struct AgentConfig {
     pub stall_timeout: Duration,
     /// Chunks kept in memory for children (bounded memory).
     pub window: usize,
+    /// Deploy jobs: write this disk instead of the layout's device.
+    pub disk: Option<PathBuf>,
+    /// Deploy jobs: where kd makes its mount points.
+    pub work_dir: PathBuf,
+    /// Reboot the machine once the coordinator says the deployment is over (deploy initrd only).
+    pub reboot_on_finish: bool,
 }
 
 impl AgentConfig {
@@ -101,6 +107,9 @@ impl AgentConfig {
             plan_timeout: Duration::from_secs(1800),
             stall_timeout: Duration::from_secs(10),
             window: 16,
+            disk: None,
+            work_dir: PathBuf::from("/run/kd"),
+            reboot_on_finish: false,
         }
     }
 }

@@ -34,6 +34,15 @@ struct Args {
     /// Seconds before a silent upstream is declared lost.
     #[arg(long, default_value_t = 10)]
     stall_timeout: u64,
+    /// Deployments: write this disk instead of the layout's device.
+    #[arg(long)]
+    disk: Option<std::path::PathBuf>,
+    /// Deployments: directory for kd's mount points.
+    #[arg(long, default_value = "/run/kd")]
+    work_dir: std::path::PathBuf,
+    /// Reboot once a deployment is over (the deploy initrd passes this; never on a host).
+    #[arg(long)]
+    reboot_on_finish: bool,
     /// Fault injection for tests: corrupt:N, die-after:N.
     #[arg(long, hide = true)]
     fault: Vec<Fault>,
@@ -100,6 +109,9 @@ fn real_main() -> Result<()> {
     cfg.window = a.window;
     cfg.stall_timeout = std::time::Duration::from_secs(a.stall_timeout.max(1));
     cfg.faults = a.fault;
+    cfg.disk = a.disk;
+    cfg.work_dir = a.work_dir;
+    cfg.reboot_on_finish = a.reboot_on_finish;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

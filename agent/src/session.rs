@@ -11,7 +11,8 @@ use kd_net::wire;
 use kd_proto::codec::{self, MAX_FRAME};
 use kd_proto::manifest::{verify_chunk, Manifest};
 use kd_proto::msg::{
-    DataFrame, DataRequest, Hello, PeerIdentity, Plan, Progress, Report, ToAgent, ToCoord, Upstream,
+    DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, PeerIdentity, Plan, Progress,
+    Report, StepReport, ToAgent, ToCoord, Upstream,
 };
 use tokio::sync::mpsc;
 
@@ -84,7 +85,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         upstream,
         children,
         manifest,
-        job: _,
+        job,
     } = *plan;
     manifest
         .validate(16 << 20)
@@ -129,6 +130,33 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         to_coord.clone(),
     ));
 
+    let cpu0 = cpu_seconds();
+    // The target: the command line's sink, or the node's disk prepared for a deployment. A node
+    // whose disk cannot be prepared still relays to its children, then reports the failure.
+    let mut prepare_error = None;
+    let mut prepared = None;
+    let sink = match &job {
+        Job::LocalSink => crate::sink::open(&cfg.sink).unwrap_or_else(|e| {
+            prepare_error = Some(e);
+            None
+        }),
+        Job::Deploy(d) => match prepare_disk(&cfg, d.as_ref(), &to_coord).await {
+            Ok(p) => match p.sink() {
+                Ok(s) => {
+                    prepared = Some(p);
+                    Some(s)
+                }
+                Err(e) => {
+                    prepare_error = Some(format!("cannot open the deploy target: {e}"));
+                    None
+                }
+            },
+            Err(e) => {
+                prepare_error = Some(e);
+                None
+            }
+        },
+    };
     let mut ctx = Ctx {
         cfg,
         coord,
@@ -140,8 +168,19 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         identity,
         manifest,
     };
-    let cpu0 = cpu_seconds();
-    let report = receive_all(&mut ctx, upstream, &store).await;
+    let mut report = receive_all(&mut ctx, upstream, &store, sink).await;
+    if let Some(e) = prepare_error {
+        report.error = Some(e);
+        report.image_hash = None;
+    }
+    if let (Job::Deploy(d), Some(p)) = (&job, prepared) {
+        if report.error.is_none() {
+            if let Err(e) = finish_disk(&ctx.cfg, d.as_ref(), p, &ctx.to_coord).await {
+                report.error = Some(e);
+                report.image_hash = None;
+            }
+        }
+    }
     let report = Report {
         cpu_seconds: cpu_seconds() - cpu0,
         ..report
@@ -175,7 +214,103 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         bail!("{e}");
     }
     end?;
+    if matches!(job, Job::Deploy(_)) && ctx.cfg.reboot_on_finish {
+        tracing::info!("deployment finished: rebooting into the deployed system");
+        nix::unistd::sync();
+        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    }
     Ok(AgentOutcome { report })
+}
+
+fn send_steps(to_coord: &mpsc::Sender<ToCoord>, log: &kd_disk::StepLog) {
+    for s in &log.steps {
+        let _ = to_coord.try_send(ToCoord::Step(StepReport {
+            step: s.name.clone(),
+            millis: s.millis,
+            error: s.error.clone(),
+            output: s.output.clone(),
+        }));
+    }
+}
+
+/// Checks, partitions, formats and mounts the node's disk (blocking work on its own thread).
+async fn prepare_disk(
+    cfg: &AgentConfig,
+    job: &DeployJob,
+    to_coord: &mpsc::Sender<ToCoord>,
+) -> Result<kd_disk::Prepared, String> {
+    let mut layout =
+        kd_disk::Layout::from_yaml(&job.layout).map_err(|e| format!("bad disk layout: {e}"))?;
+    if let Some(d) = &cfg.disk {
+        layout.device = d.clone();
+    }
+    let pc = kd_disk::PrepareConfig {
+        layout,
+        deploy_partition: job.deploy_partition,
+        image: match job.image {
+            DeployImage::Tar => kd_disk::ImageKind::Tar,
+            DeployImage::RawPartition => kd_disk::ImageKind::RawPartition,
+            DeployImage::RawDisk => kd_disk::ImageKind::RawDisk,
+        },
+        work_dir: cfg.work_dir.clone(),
+        partition: job.partition,
+        node_wait_ms: 2000,
+    };
+    let (r, log) = tokio::task::spawn_blocking(move || {
+        let mut log = kd_disk::StepLog::default();
+        let r = kd_disk::prepare(&pc, &mut log);
+        (r, log)
+    })
+    .await
+    .map_err(|e| format!("prepare thread: {e}"))?;
+    send_steps(to_coord, &log);
+    r.map_err(|e| format!("preparing the disk failed: {e}"))
+}
+
+/// Post-install, SSH key, fstab, GRUB, unmount (blocking work on its own thread).
+async fn finish_disk(
+    cfg: &AgentConfig,
+    job: &DeployJob,
+    prepared: kd_disk::Prepared,
+    to_coord: &mpsc::Sender<ToCoord>,
+) -> Result<(), String> {
+    let dir = cfg.work_dir.join("postinstalls");
+    let mut postinstalls = Vec::new();
+    if !job.postinstalls.is_empty() {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    for (i, p) in job.postinstalls.iter().enumerate() {
+        let path = dir.join(format!("{i}-archive"));
+        std::fs::write(&path, &p.archive).map_err(|e| format!("{}: {e}", path.display()))?;
+        postinstalls.push(kd_disk::PostInstall {
+            archive: path,
+            script: p.script.clone(),
+        });
+    }
+    let fin = kd_disk::FinishConfig {
+        node: cfg.node.clone(),
+        environment: job.environment.clone(),
+        postinstalls,
+        postinstall_timeout_secs: job.postinstall_timeout_secs,
+        ssh_key: job.ssh_key.clone(),
+        boot: job.boot.as_ref().map(|b| kd_disk::BootConfig {
+            title: job.environment.clone(),
+            kernel: b.kernel.clone(),
+            initrd: b.initrd.clone(),
+            params: b.params.clone(),
+            bios: b.bios,
+            efi: b.efi,
+        }),
+    };
+    let (r, log) = tokio::task::spawn_blocking(move || {
+        let mut log = kd_disk::StepLog::default();
+        let r = prepared.finish(&fin, &mut log);
+        (r, log)
+    })
+    .await
+    .map_err(|e| format!("finish thread: {e}"))?;
+    send_steps(to_coord, &log);
+    r.map_err(|e| format!("finishing the disk failed: {e}"))
 }
 
 async fn connect_coordinator(
@@ -215,9 +350,14 @@ async fn connect_coordinator(
 }
 
 /// Receives every chunk, switching upstream when told to or when the current one fails.
-async fn receive_all(ctx: &mut Ctx, mut upstream: Upstream, store: &Arc<Store>) -> Report {
+async fn receive_all(
+    ctx: &mut Ctx,
+    mut upstream: Upstream,
+    store: &Arc<Store>,
+    sink: Option<Box<dyn kd_disk::ImageSink>>,
+) -> Report {
     let count = ctx.manifest.chunk_count();
-    let writer = match crate::sink::spawn(&ctx.cfg.sink, &ctx.manifest, 4) {
+    let writer = match crate::sink::spawn(sink, &ctx.manifest, 4) {
         Ok(w) => w,
         Err(e) => {
             return Report {

@@ -25,30 +25,36 @@ pub(crate) struct Writer {
     pub(crate) handle: std::thread::JoinHandle<WriteResult>,
 }
 
-/// Starts the writer thread for `spec`. Queue depth: `depth` chunks.
-pub(crate) fn spawn(spec: &SinkSpec, manifest: &Manifest, depth: usize) -> std::io::Result<Writer> {
+/// Opens the sink named on the command line (`None` for `null`: verify and relay only).
+pub(crate) fn open(spec: &SinkSpec) -> Result<Option<Box<dyn kd_disk::ImageSink>>, String> {
+    match spec {
+        SinkSpec::Null => Ok(None),
+        SinkSpec::Raw(p) => kd_disk::raw_sink(p, None)
+            .map(Some)
+            .map_err(|e| format!("cannot open {}: {e}", p.display())),
+        SinkSpec::Dir(p) => kd_disk::tar_sink(p)
+            .map(Some)
+            .map_err(|e| format!("cannot extract into {}: {e}", p.display())),
+    }
+}
+
+/// Starts the writer thread feeding `sink` (`None`: discard without decompressing).
+/// Queue depth: `depth` chunks.
+pub(crate) fn spawn(
+    sink: Option<Box<dyn kd_disk::ImageSink>>,
+    manifest: &Manifest,
+    depth: usize,
+) -> std::io::Result<Writer> {
     let (tx, mut rx) = mpsc::channel::<(u32, Chunk)>(depth.max(1));
     let written = Arc::new(AtomicU64::new(0));
     let w = written.clone();
-    let spec = spec.clone();
     let manifest = manifest.clone();
     let handle = std::thread::Builder::new()
         .name("kd-writer".into())
         .spawn(move || {
-            let mut sink: Option<Box<dyn kd_disk::ImageSink>> = None;
-            let mut error = None;
-            match &spec {
-                SinkSpec::Null => {}
-                SinkSpec::Raw(p) => match kd_disk::raw_sink(p, None) {
-                    Ok(s) => sink = Some(s),
-                    Err(e) => error = Some(format!("cannot open {}: {e}", p.display())),
-                },
-                SinkSpec::Dir(p) => match kd_disk::tar_sink(p) {
-                    Ok(s) => sink = Some(s),
-                    Err(e) => error = Some(format!("cannot extract into {}: {e}", p.display())),
-                },
-            }
-            let decompress = !matches!(spec, SinkSpec::Null);
+            let mut sink = sink;
+            let mut error: Option<String> = None;
+            let decompress = sink.is_some();
             let mut hasher = blake3::Hasher::new();
             let mut dec = match zstd::bulk::Decompressor::new() {
                 Ok(d) => Some(d),

@@ -50,6 +50,8 @@ pub struct BroadcastConfig {
     pub run_timeout: Duration,
     /// Deployment identifier.
     pub deployment: u64,
+    /// What the agents do with the image.
+    pub job: Job,
 }
 
 /// Something that happened, for live progress.
@@ -89,6 +91,13 @@ pub enum Event {
         node: String,
         /// New parent (`None`: the coordinator).
         parent: Option<String>,
+    },
+    /// A disk-pipeline step ended on a node.
+    Step {
+        /// Node.
+        node: String,
+        /// The step.
+        step: kd_proto::msg::StepReport,
     },
     /// A node finished (ok or not).
     Done {
@@ -322,7 +331,7 @@ pub async fn run(
             upstream,
             children,
             manifest: source.image.manifest.clone(),
-            job: Job::LocalSink,
+            job: cfg.job.clone(),
         };
         let n = nodes.get_mut(name).context("node")?;
         n.status = Status::Planned;
@@ -404,7 +413,10 @@ pub async fn run(
                 ToCoord::ChildLost { child, reason } => {
                     tracing::info!(%node, %child, %reason, "child lost");
                 }
-                ToCoord::Step(_) | ToCoord::Hello(_) => {}
+                ToCoord::Step(s) => {
+                    let _ = events.send(Event::Step { node, step: s });
+                }
+                ToCoord::Hello(_) => {}
             },
             Inbound::Lost { node, reason } => {
                 let Some(n) = nodes.get_mut(&node) else {
@@ -887,6 +899,7 @@ mod tests {
             hello_timeout: Duration::from_secs(1),
             run_timeout: Duration::from_secs(1),
             deployment: 1,
+            job: Job::LocalSink,
         };
         let mut h = Hello {
             version: kd_proto::PROTOCOL_VERSION,

@@ -52,7 +52,14 @@ fn detect(input: &Path) -> Result<(ImageKind, Box<dyn Read + Send>)> {
         // GNU tar keeps what a root file system needs and the tar crate's builder does not:
         // hard links, xattrs, ACLs, sparse files, numeric owners.
         let mut child = std::process::Command::new("tar")
-            .args(["--create", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"])
+            .args([
+                "--create",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--acls",
+                "--sparse",
+            ])
             .arg("--directory")
             .arg(input)
             .args(["--file", "-", "."])

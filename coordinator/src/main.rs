@@ -93,6 +93,27 @@ struct BroadcastArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Deploy onto the nodes' disks with this layout (kd-disk YAML) instead of the agents' sinks.
+    #[arg(long)]
+    layout: Option<PathBuf>,
+    /// Deploy partition number (`-p`), if not the layout's.
+    #[arg(short = 'p', long)]
+    deploy_partition: Option<u32>,
+    /// Public key to append to root's authorized_keys (`-k`).
+    #[arg(short = 'k', long)]
+    ssh_key: Option<PathBuf>,
+    /// Kernel path in the image (enables GRUB).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Initrd path in the image.
+    #[arg(long)]
+    initrd: Option<String>,
+    /// Kernel parameters of the deployed system.
+    #[arg(long, default_value = "")]
+    kernel_params: String,
+    /// Write a raw image to the whole disk instead of the deploy partition.
+    #[arg(long)]
+    whole_disk: bool,
 }
 
 fn parse_size(s: &str) -> Result<u32, String> {
@@ -231,7 +252,47 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
     let tokens = load_or_make_tokens(&a.tokens, &nodes)?;
     let total_chunks = img.manifest.chunk_count();
     let compressed = img.manifest.compressed_size();
+    let job = match &a.layout {
+        None => kd_proto::msg::Job::LocalSink,
+        Some(path) => {
+            use kd_proto::msg::{BootSpec, DeployImage, DeployJob, Job};
+            let layout = std::fs::read_to_string(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            let ssh_key = match &a.ssh_key {
+                Some(k) => Some(
+                    std::fs::read_to_string(k).with_context(|| format!("read {}", k.display()))?,
+                ),
+                None => None,
+            };
+            Job::Deploy(Box::new(DeployJob {
+                layout,
+                deploy_partition: a.deploy_partition,
+                image: match (img.manifest.kind, a.whole_disk) {
+                    (ImageKind::Tar, _) => DeployImage::Tar,
+                    (ImageKind::Raw, false) => DeployImage::RawPartition,
+                    (ImageKind::Raw, true) => DeployImage::RawDisk,
+                },
+                partition: !a.whole_disk,
+                environment: a
+                    .image
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                ssh_key,
+                boot: a.kernel.clone().map(|kernel| BootSpec {
+                    kernel,
+                    initrd: a.initrd.clone(),
+                    params: a.kernel_params.clone(),
+                    bios: true,
+                    efi: true,
+                }),
+                postinstalls: Vec::new(),
+                postinstall_timeout_secs: 300,
+            }))
+        }
+    };
     let cfg = BroadcastConfig {
+        job,
         listen: a.listen,
         nodes: nodes.clone(),
         tokens,
@@ -270,6 +331,10 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
                     let roots = edges.iter().filter(|(_, p)| p.is_none()).count();
                     eprintln!("kd-coord: planned a tree of {} nodes with {roots} root(s); sending", edges.len());
                 }
+                Event::Step { node, step } => match step.error {
+                    None => eprintln!("kd-coord: {node}: {} ok ({} ms)", step.step, step.millis),
+                    Some(e) => eprintln!("kd-coord: {node}: {} FAILED ({} ms): {e}", step.step, step.millis),
+                },
                 Event::Progress { node, progress: p } => {
                     progress.insert(node, p.chunks);
                 }

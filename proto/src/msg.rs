@@ -235,6 +235,68 @@ pub struct Plan {
 pub enum Job {
     /// Use the sink given on the agent's command line (`--sink`).
     LocalSink,
+    /// Deploy onto the node's disk: prepare it, write the image into it, finish it.
+    Deploy(Box<DeployJob>),
+}
+
+/// How to deploy an image onto a node's disk (the agent runs kd-disk's pipeline).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployJob {
+    /// The disk layout, in the cluster configuration's YAML layout syntax (kd-disk parses it).
+    pub layout: String,
+    /// `-p N`: the deploy partition, if not the layout's.
+    pub deploy_partition: Option<u32>,
+    /// What the image is.
+    pub image: DeployImage,
+    /// Write the partition table (false: keep the existing one, which must match).
+    pub partition: bool,
+    /// Environment name (`KD_ENV`).
+    pub environment: String,
+    /// `-k`: a public key appended to root's authorized_keys.
+    pub ssh_key: Option<String>,
+    /// Bootloader settings; `None` skips GRUB.
+    pub boot: Option<BootSpec>,
+    /// Admin then user post-install archives, in order.
+    pub postinstalls: Vec<PostInstallSpec>,
+    /// Timeout of each post-install script, seconds.
+    pub postinstall_timeout_secs: u64,
+}
+
+/// The kind of image of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeployImage {
+    /// A root file system tar, extracted into the formatted deploy partition.
+    Tar,
+    /// A raw file system image for the deploy partition.
+    RawPartition,
+    /// A raw whole-disk image.
+    RawDisk,
+}
+
+/// GRUB settings for the deployed system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    /// Kernel path in the deployed tree.
+    pub kernel: String,
+    /// Initrd path in the deployed tree.
+    pub initrd: Option<String>,
+    /// Kernel parameters (besides `root=UUID=… ro`).
+    pub params: String,
+    /// Install GRUB for BIOS.
+    pub bios: bool,
+    /// Install GRUB for UEFI on the ESP.
+    pub efi: bool,
+}
+
+/// One post-install archive, carried inline (bounded by the frame size).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostInstallSpec {
+    /// File name, for messages.
+    pub name: String,
+    /// The archive (tgz, txz, tar.zst or tar).
+    pub archive: Vec<u8>,
+    /// Script inside the archive to run in the deployed tree.
+    pub script: Option<String>,
 }
 
 /// Child → upstream, first message of a data stream.
