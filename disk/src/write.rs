@@ -54,17 +54,38 @@ enum Msg {
 
 type Worker = JoinHandle<Result<WriteSummary, DiskError>>;
 
+/// The worker's side of the channel: data in, emptied buffers back (so that the feeder reuses
+/// them instead of allocating and faulting in a fresh MiB per message).
+struct Inbox {
+    rx: Receiver<Msg>,
+    free: SyncSender<Vec<u8>>,
+}
+
+impl Inbox {
+    fn recv(&self) -> Result<Msg, std::sync::mpsc::RecvError> {
+        self.rx.recv()
+    }
+    fn recycle(&self, mut v: Vec<u8>) {
+        if v.capacity() == CHUNK {
+            v.clear();
+            let _ = self.free.try_send(v);
+        }
+    }
+}
+
 /// The caller's side: coalesces writes into `CHUNK`-sized messages for the worker.
 struct Feeder {
     tx: Option<SyncSender<Msg>>,
+    free: Receiver<Vec<u8>>,
     buf: Vec<u8>,
     bytes: u64,
     worker: Option<Worker>,
 }
 
 impl Feeder {
-    fn new(tx: SyncSender<Msg>, worker: Worker) -> Self {
+    fn new(tx: SyncSender<Msg>, free: Receiver<Vec<u8>>, worker: Worker) -> Self {
         Feeder {
+            free,
             tx: Some(tx),
             buf: Vec::with_capacity(CHUNK),
             bytes: 0,
@@ -106,7 +127,11 @@ impl Feeder {
             self.buf.extend_from_slice(&data[..n]);
             data = &data[n..];
             if self.buf.len() == CHUNK {
-                let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+                let next = self
+                    .free
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+                let full = std::mem::replace(&mut self.buf, next);
                 self.send(Msg::Data(full))?;
             }
         }
@@ -149,14 +174,16 @@ impl ImageSink for Sink {
 
 fn spawn(
     name: &str,
-    work: impl FnOnce(Receiver<Msg>) -> Result<WriteSummary, DiskError> + Send + 'static,
+    work: impl FnOnce(Inbox) -> Result<WriteSummary, DiskError> + Send + 'static,
 ) -> Result<Box<dyn ImageSink>, DiskError> {
     let (tx, rx) = sync_channel(QUEUE);
+    let (free_tx, free_rx) = sync_channel(QUEUE + 2);
+    let inbox = Inbox { rx, free: free_tx };
     let worker = std::thread::Builder::new()
         .name(name.into())
-        .spawn(move || work(rx))
+        .spawn(move || work(inbox))
         .ctx(|| format!("starting the {name} thread"))?;
-    Ok(Box::new(Sink(Feeder::new(tx, worker))))
+    Ok(Box::new(Sink(Feeder::new(tx, free_rx, worker))))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,7 +233,7 @@ pub fn raw_sink(path: &Path, limit: Option<u64>) -> Result<Box<dyn ImageSink>, D
 }
 
 fn raw_worker(
-    rx: Receiver<Msg>,
+    rx: Inbox,
     f: File,
     target: PathBuf,
     limit: Option<u64>,
@@ -248,6 +275,7 @@ fn raw_worker(
             })?;
             offset += d.len() as u64;
         }
+        rx.recycle(data);
     }
     f.sync_all().ctx(|| format!("fsync {}", target.display()))?;
     if !held.is_empty() {
@@ -267,7 +295,7 @@ fn raw_worker(
 /// Reads the worker's channel as a byte stream; remembers whether the producer's `End` was seen
 /// and how many bytes were read.
 struct ChannelReader {
-    rx: Receiver<Msg>,
+    rx: Inbox,
     cur: Vec<u8>,
     pos: usize,
     eof: Rc<Cell<bool>>,
@@ -282,7 +310,8 @@ impl Read for ChannelReader {
             }
             match self.rx.recv() {
                 Ok(Msg::Data(d)) => {
-                    self.cur = d;
+                    let old = std::mem::replace(&mut self.cur, d);
+                    self.rx.recycle(old);
                     self.pos = 0;
                 }
                 Ok(Msg::End) => self.eof.set(true),
@@ -320,7 +349,7 @@ pub fn tar_sink(dir: &Path) -> Result<Box<dyn ImageSink>, DiskError> {
     spawn("kd-tar-writer", move |rx| tar_worker(rx, dir))
 }
 
-fn tar_worker(rx: Receiver<Msg>, dir: PathBuf) -> Result<WriteSummary, DiskError> {
+fn tar_worker(rx: Inbox, dir: PathBuf) -> Result<WriteSummary, DiskError> {
     let eof = Rc::new(Cell::new(false));
     let read = Rc::new(Cell::new(0u64));
     let reader = ChannelReader {
