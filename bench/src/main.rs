@@ -1,7 +1,9 @@
 //! kd-bench: measurements that print tables (never timed tests).
 use clap::{Parser, Subcommand};
 
+mod arity;
 mod disk;
+mod plot;
 
 #[derive(Parser)]
 #[command(name = "kd-bench", about = "kd benchmarks")]
@@ -14,10 +16,14 @@ struct Cli {
 enum Cmd {
     /// Disk write throughput of kd's tar and raw paths against `tar -x` and `dd`.
     Disk(disk::DiskArgs),
+    /// Broadcast time against tree arity: kd-coord and kd-agent in network namespaces on a
+    /// bridge, every link shaped by tc (needs root).
+    Arity(arity::ArityArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Disk(a) => disk::run(a),
+        Cmd::Arity(a) => arity::run(a),
     }
 }

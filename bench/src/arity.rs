@@ -1,0 +1,1288 @@
+//! `kd-bench arity`: broadcast time against tree arity, with real `kd-coord` and `kd-agent`
+//! processes in network namespaces whose links are shaped by `tc`.
+//!
+//! Topology: one namespace holds a bridge (`kdb-<pid>-br`); namespace `kdb-<pid>-0` runs the
+//! coordinator and `kdb-<pid>-1..N` one agent each. Every host namespace has a veth pair to the
+//! bridge; both ends are shaped to the rate B with `tbf` (host side: what the host sends; bridge
+//! side: what the host receives). Addresses are in 10.199.0.0/16, which exists only inside these
+//! namespaces. Everything (processes by PID, namespaces, temp files) is removed by a guard on
+//! the way out, also on error and on SIGINT/SIGTERM. Needs root.
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kd_proto::tree::Arity;
+use serde::Serialize;
+
+use crate::plot;
+
+/// Options of `kd-bench arity`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ArityArgs {
+    /// Number of agents (one network namespace each).
+    #[arg(long, default_value_t = 16)]
+    nodes: usize,
+    /// Link rate of every host, both directions, in tc syntax (100mbit, 1gbit, 500kbit).
+    #[arg(long, default_value = "100mbit")]
+    rate: String,
+    /// Comma-separated arities: 1 (= chain), k, chain, star.
+    #[arg(long, default_value = "1,2,3,4")]
+    arity: String,
+    /// Size of the incompressible image in MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// What agents do with the image: null (verify and relay) or raw (also decompress and write
+    /// a file under --raw-dir).
+    #[arg(long, default_value = "null", value_parser = ["null", "raw"])]
+    sink: String,
+    /// Directory for the raw copies (removed after each run).
+    #[arg(long, default_value = "/tmp")]
+    raw_dir: PathBuf,
+    /// Print the results as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG plot of time against arity.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Uncompressed chunk size of the image (kd-coord image pack --chunk-size).
+    #[arg(long, default_value = "4M")]
+    chunk_size: String,
+    /// zstd level of the image.
+    #[arg(long, default_value_t = 3)]
+    level: i32,
+    /// Where kd-coord and kd-agent are (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Extra argument for every agent, repeatable (e.g. --agent-arg=--window=32).
+    #[arg(long, allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
+    /// tbf queue limit, in milliseconds at the rate.
+    #[arg(long, default_value_t = 50)]
+    queue_ms: u64,
+    /// tbf bucket size, in milliseconds at the rate (at least 4 full-size packets).
+    #[arg(long, default_value_t = 2)]
+    burst_ms: u64,
+    /// Skip the TCP check of the shaped links.
+    #[arg(long)]
+    no_probe: bool,
+}
+
+const MIB: u64 = 1 << 20;
+const GIB: f64 = (1u64 << 30) as f64;
+/// Full-size Ethernet frame as tc counts it (no preamble, no FCS).
+const FRAME: u64 = 1514;
+const PORT: u16 = 7000;
+
+// ---------------------------------------------------------------------------------------------
+// Pure helpers
+
+/// Parses a tc-style rate (`100mbit`, `1gbit`, `500kbit`, `12000bit`, `10mbps` = bytes) into
+/// bits per second.
+pub(crate) fn parse_rate(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("bad rate {s:?}: expected a number and a unit like 100mbit"))?;
+    let mult = match unit {
+        "" | "bit" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        "bps" => 8.0,
+        "kbps" => 8e3,
+        "mbps" => 8e6,
+        "gbps" => 8e9,
+        _ => bail!("bad rate unit in {s:?}: use bit, kbit, mbit, gbit (or bps, kbps... for bytes)"),
+    };
+    let bps = (v * mult).round();
+    if !(1e4..=1e11).contains(&bps) {
+        bail!("rate {s:?} out of range (10kbit to 100gbit)");
+    }
+    Ok(bps as u64)
+}
+
+/// Human form of a rate in bits per second.
+pub(crate) fn rate_label(bps: u64) -> String {
+    if bps % 1_000_000_000 == 0 {
+        format!("{}gbit", bps / 1_000_000_000)
+    } else if bps % 1_000_000 == 0 {
+        format!("{}mbit", bps / 1_000_000)
+    } else if bps % 1000 == 0 {
+        format!("{}kbit", bps / 1000)
+    } else {
+        format!("{bps}bit")
+    }
+}
+
+/// Parses `1,2,chain,star`; `1` is the chain. Duplicates are kept (repeated runs).
+pub(crate) fn parse_arities(s: &str) -> Result<Vec<Arity>> {
+    let mut v = Vec::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let a: Arity = part.parse().map_err(|e| anyhow!("{e}"))?;
+        v.push(match a {
+            Arity::Kary(1) => Arity::Chain,
+            a => a,
+        });
+    }
+    if v.is_empty() {
+        bail!("no arity given");
+    }
+    Ok(v)
+}
+
+/// The ideal time ratio to S/B: every sender sends `fan-out` copies through its link.
+pub(crate) fn ideal_ratio(a: Arity, nodes: usize) -> f64 {
+    a.fan_out(nodes).min(nodes.max(1)) as f64
+}
+
+/// tbf parameters: bucket and queue limit, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct Tbf {
+    /// Rate in bits per second.
+    pub(crate) rate_bps: u64,
+    /// Bucket size (bytes): how much may leave back to back.
+    pub(crate) burst: u64,
+    /// Queue limit (bytes) before tail drop.
+    pub(crate) limit: u64,
+}
+
+/// Bucket of `burst_ms` at the rate (at least 4 frames), queue of `queue_ms` (at least the
+/// bucket plus 16 frames).
+pub(crate) fn tbf_params(rate_bps: u64, burst_ms: u64, queue_ms: u64) -> Tbf {
+    let per_ms = rate_bps / 8 / 1000;
+    let burst = (per_ms * burst_ms).max(4 * FRAME);
+    let limit = (per_ms * queue_ms).max(burst + 16 * FRAME);
+    Tbf {
+        rate_bps,
+        burst,
+        limit,
+    }
+}
+
+/// Address of host `i` (0 = coordinator) in 10.199.0.0/16.
+pub(crate) fn host_addr(i: usize) -> Ipv4Addr {
+    let n = i + 1;
+    Ipv4Addr::new(10, 199, ((n >> 8) & 0xff) as u8, (n & 0xff) as u8)
+}
+
+/// CPU time counters of the `cpu` line of /proc/stat (clock ticks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CpuTimes {
+    /// All time (user nice system idle iowait irq softirq steal).
+    pub(crate) total: u64,
+    /// Idle and iowait.
+    pub(crate) idle: u64,
+    /// Softirq (network processing in the kernel).
+    pub(crate) softirq: u64,
+}
+
+/// Reads the aggregate `cpu` line of a /proc/stat text.
+pub(crate) fn parse_proc_stat(s: &str) -> Option<CpuTimes> {
+    let line = s.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<Vec<_>>>()?;
+    if v.len() < 7 {
+        return None;
+    }
+    Some(CpuTimes {
+        total: v.iter().sum(),
+        idle: v[3] + v[4],
+        softirq: v[6],
+    })
+}
+
+/// Busy and softirq fractions of all cores between two readings.
+pub(crate) fn cpu_busy(a: CpuTimes, b: CpuTimes) -> (f64, f64) {
+    let total = b.total.saturating_sub(a.total);
+    if total == 0 {
+        return (0.0, 0.0);
+    }
+    let idle = b.idle.saturating_sub(a.idle);
+    let soft = b.softirq.saturating_sub(a.softirq);
+    (1.0 - idle as f64 / total as f64, soft as f64 / total as f64)
+}
+
+/// (user, system) ticks of a /proc/PID/stat text.
+pub(crate) fn parse_pid_ticks(s: &str) -> Option<(u64, u64)> {
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state(0) ppid(1) ... utime(11) stime(12).
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+/// Namespaces named `kdb-<pid>-*` in `ip netns list` output whose owner `pid` is dead.
+pub(crate) fn stale_namespaces(list: &str, alive: impl Fn(u32) -> bool) -> Vec<String> {
+    let mut v = Vec::new();
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix("kdb-") else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('-') else {
+            continue;
+        };
+        if let Ok(p) = pid.parse::<u32>() {
+            if !alive(p) {
+                v.push(name.to_string());
+            }
+        }
+    }
+    v
+}
+
+/// Mean and maximum.
+pub(crate) fn mean_max(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    (
+        v.iter().sum::<f64>() / v.len() as f64,
+        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals and the clean-up guard
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let handler = on_signal as extern "C" fn(libc::c_int);
+        // SAFETY: the handler only stores to a static atomic (async-signal-safe); exec'd
+        // children get the default disposition back.
+        unsafe {
+            libc::signal(sig, handler as libc::sighandler_t);
+        }
+    }
+}
+
+fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Owns everything the bench creates; `Drop` removes it all.
+struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    procs: Vec<Child>,
+    tmp: PathBuf,
+    raw: Option<PathBuf>,
+}
+
+impl Lab {
+    fn new(raw_dir: Option<&Path>) -> Result<Self> {
+        let pid = std::process::id();
+        let prefix = format!("kdb-{pid}");
+        let tmp = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        let mut lab = Self {
+            prefix: prefix.clone(),
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+            tmp,
+            raw: None,
+        };
+        if let Some(d) = raw_dir {
+            let r = d.join(format!("{prefix}-raw"));
+            std::fs::create_dir_all(&r).with_context(|| format!("create {}", r.display()))?;
+            lab.raw = Some(r);
+        }
+        Ok(lab)
+    }
+
+    fn ns(&self, i: usize) -> String {
+        format!("{}-{i}", self.prefix)
+    }
+
+    fn bridge_ns(&self) -> String {
+        format!("{}-br", self.prefix)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        cmd("ip", &["netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        Ok(())
+    }
+
+    /// Kills every process of the current run (by PID) and reaps it.
+    fn kill_procs(&mut self) {
+        for mut c in self.procs.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.kill_procs();
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(r) = &self.raw {
+            let _ = std::fs::remove_dir_all(r);
+        }
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// Runs a short command (ip, tc) to completion within 30 s; its stdout on success.
+fn cmd(prog: &str, args: &[&str]) -> Result<String> {
+    let o = run_limited(Command::new(prog).args(args), Duration::from_secs(30))?;
+    if !o.status.success() {
+        bail!(
+            "`{prog} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Runs a command with a time limit, output captured through files (no pipe can fill up).
+fn run_limited(c: &mut Command, limit: Duration) -> Result<Output> {
+    let mut out = tempfile_in_tmp("out")?;
+    let mut err = tempfile_in_tmp("err")?;
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(out.0.try_clone()?)
+        .stderr(err.0.try_clone()?)
+        .spawn()
+        .with_context(|| format!("cannot run {:?}", c.get_program()))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline || STOP.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{:?} timed out or was interrupted", c.get_program());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let read = |f: &mut (File, PathBuf)| -> Vec<u8> {
+        let mut v = Vec::new();
+        let _ = std::io::Seek::rewind(&mut f.0);
+        let _ = f.0.read_to_end(&mut v);
+        let _ = std::fs::remove_file(&f.1);
+        v
+    };
+    Ok(Output {
+        status,
+        stdout: read(&mut out),
+        stderr: read(&mut err),
+    })
+}
+
+fn tempfile_in_tmp(tag: &str) -> Result<(File, PathBuf)> {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "kdb-{}-cmd-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .with_context(|| format!("create {}", p.display()))?;
+    Ok((f, p))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network set-up
+
+fn remove_stale() {
+    let Ok(list) = cmd("ip", &["netns", "list"]) else {
+        return;
+    };
+    for ns in stale_namespaces(&list, |p| Path::new(&format!("/proc/{p}")).exists()) {
+        eprintln!("kd-bench: removing stale namespace {ns} of a dead run");
+        let _ = cmd("ip", &["netns", "del", &ns]);
+    }
+}
+
+fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf) -> Result<()> {
+    let br = lab.bridge_ns();
+    lab.add_ns(&br)?;
+    cmd("ip", &["-n", &br, "link", "set", "lo", "up"])?;
+    cmd(
+        "ip",
+        &[
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+        ],
+    )?;
+    cmd("ip", &["-n", &br, "link", "set", "br0", "up"])?;
+    // With br_netfilter loaded, bridged frames go through iptables: a cost of this test rig
+    // (charged to the agents' system time), not of a real switch. The keys are per namespace.
+    for key in ["iptables", "ip6tables", "arptables"] {
+        let _ = cmd(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &br,
+                "sysctl",
+                "-qw",
+                &format!("net.bridge.bridge-nf-call-{key}=0"),
+            ],
+        );
+    }
+    let rate = format!("{}bit", tbf.rate_bps);
+    let burst = tbf.burst.to_string();
+    let limit = tbf.limit.to_string();
+    let shape = |ns: &str, dev: &str| {
+        cmd(
+            "tc",
+            &[
+                "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+                &burst, "limit", &limit,
+            ],
+        )
+    };
+    for i in 0..hosts {
+        check_stop()?;
+        let ns = lab.ns(i);
+        lab.add_ns(&ns)?;
+        let port = format!("p{i}");
+        cmd("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        cmd(
+            "ip",
+            &[
+                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns",
+                &br,
+            ],
+        )?;
+        cmd(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/16", host_addr(i)),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        cmd("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+        cmd("ip", &["-n", &br, "link", "set", &port, "master", "br0"])?;
+        cmd("ip", &["-n", &br, "link", "set", &port, "up"])?;
+        shape(&ns, "eth0")?;
+        shape(&br, &port)?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let path = PathBuf::from("/run/netns").join(ns);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let fd = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+        // SAFETY: setns with a valid namespace file descriptor; it changes only this thread's
+        // network namespace, which is what we want for the sockets made below.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        f()
+    })
+}
+
+/// One TCP flow from host 1 to host 2 for `secs`: goodput in bit/s.
+fn tcp_probe(lab: &Lab, secs: f64) -> Result<f64> {
+    let dst = SocketAddr::from((host_addr(2), 5201));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let rx = in_netns(&lab.ns(2), move || {
+        let l = TcpListener::bind(dst)?;
+        let _ = ready_tx.send(());
+        let (mut s, _) = l.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        let mut first: Option<Instant> = None;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            // Start the clock after the first 1 MiB (past slow start).
+            if first.is_none() && total + n as u64 >= MIB {
+                first = Some(Instant::now());
+                total = 0;
+                continue;
+            }
+            total += n as u64;
+        }
+        let t = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
+        Ok(if t > 0.0 { total as f64 * 8.0 / t } else { 0.0 })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| anyhow!("probe receiver did not start"))?;
+    let tx = in_netns(&lab.ns(1), move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        let buf = vec![0x5au8; 1 << 16];
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < end {
+            s.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    tx.join().map_err(|_| anyhow!("probe sender panicked"))??;
+    rx.join().map_err(|_| anyhow!("probe receiver panicked"))?
+}
+
+// ---------------------------------------------------------------------------------------------
+// Image
+
+/// Writes `bytes` of incompressible pseudo-random data (splitmix64).
+fn write_random(path: &Path, bytes: u64) -> Result<()> {
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut x: u64 = 0x1234_5678_9abc_def0;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        for c in block.chunks_exact_mut(8) {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            c.copy_from_slice(&z.to_le_bytes());
+        }
+        let n = left.min(block.len() as u64) as usize;
+        w.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Row {
+    /// Agents.
+    pub(crate) nodes: usize,
+    /// Link rate (bit/s).
+    pub(crate) rate_bps: u64,
+    /// chain, k, star.
+    pub(crate) arity: String,
+    /// Fan-out used for the ideal time.
+    pub(crate) fan_out: usize,
+    /// Transfer time reported by the coordinator (plan to last report).
+    pub(crate) seconds: f64,
+    /// Wall time from starting the processes to the coordinator's exit.
+    pub(crate) wall_seconds: f64,
+    /// seconds / (S/B).
+    pub(crate) ratio: f64,
+    /// Ideal ratio (fan-out).
+    pub(crate) ideal_ratio: f64,
+    /// Agent CPU seconds per GiB received, mean over agents.
+    pub(crate) cpu_s_per_gib_mean: f64,
+    /// Same, the largest.
+    pub(crate) cpu_s_per_gib_max: f64,
+    /// Sum of the agents' CPU seconds divided by the transfer time (cores used by agents).
+    pub(crate) agent_cores: f64,
+    /// Coordinator CPU seconds (user+sys, last reading before it exited).
+    pub(crate) coord_cpu_seconds: f64,
+    /// Agents' user CPU seconds per GiB, mean, sampled from /proc (whole process life).
+    pub(crate) agent_user_s_per_gib: f64,
+    /// Agents' system CPU seconds per GiB, mean, sampled from /proc (whole process life).
+    pub(crate) agent_sys_s_per_gib: f64,
+    /// Busy fraction of all cores of the machine over the run (everything, not only kd).
+    pub(crate) machine_busy: f64,
+    /// Softirq fraction of all cores (kernel network processing).
+    pub(crate) machine_softirq: f64,
+    /// Every node reported a verified copy and every agent exited 0.
+    pub(crate) verified: bool,
+    /// What went wrong, per node.
+    pub(crate) failures: Vec<String>,
+}
+
+/// Everything measured, for `--json`.
+#[derive(Debug, Serialize)]
+pub(crate) struct Results {
+    nodes: usize,
+    rate: String,
+    rate_bps: u64,
+    size_mib: u64,
+    chunk_size: String,
+    sink: String,
+    compressed_bytes: u64,
+    s_over_b_seconds: f64,
+    tbf: Tbf,
+    tcp_probe_bps: Option<f64>,
+    cores: usize,
+    agent_args: Vec<String>,
+    rows: Vec<Row>,
+}
+
+#[derive(serde::Deserialize)]
+struct NodeOut {
+    node: String,
+    ok: bool,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    cpu_seconds: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct Outcome {
+    nodes: Vec<NodeOut>,
+    transfer_seconds: f64,
+    compressed_bytes: u64,
+}
+
+struct Env {
+    coord: PathBuf,
+    agent: PathBuf,
+    state: PathBuf,
+    image: PathBuf,
+    pin: String,
+    tokens: PathBuf,
+}
+
+fn proc_stat() -> CpuTimes {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| parse_proc_stat(&s))
+        .unwrap_or_default()
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join(" | ")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    lab: &mut Lab,
+    env: &Env,
+    a: &ArityArgs,
+    arity: Arity,
+    run: usize,
+    s_over_b: f64,
+    rate_bps: u64,
+) -> Result<Row> {
+    let n = a.nodes;
+    let ideal = ideal_ratio(arity, n);
+    let port = PORT + run as u16;
+    let coord_addr = SocketAddr::from((host_addr(0), port));
+    let hello = 60u64;
+    let transfer_limit = (s_over_b * ideal * 4.0 + 60.0).ceil() as u64;
+    let logs = lab.tmp.join(format!("run{run}"));
+    std::fs::create_dir_all(&logs)?;
+    let cpu0 = proc_stat();
+    let t0 = Instant::now();
+    let c_out = File::create(logs.join("coord.json"))?;
+    let c_err = File::create(logs.join("coord.log"))?;
+    let coord = Command::new("ip")
+        .args(["netns", "exec", &lab.ns(0)])
+        .arg(&env.coord)
+        .arg("--state")
+        .arg(&env.state)
+        .arg("broadcast")
+        .arg(&env.image)
+        .args(["-m", &format!("node[1-{n}]"), "--arity", &arity.to_string()])
+        .args(["--listen", &coord_addr.to_string(), "--tokens"])
+        .arg(&env.tokens)
+        .args(["--json", "--hello-timeout", &hello.to_string()])
+        .args(["--timeout", &transfer_limit.to_string()])
+        .env("KD_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(c_out)
+        .stderr(c_err)
+        .spawn()
+        .context("start kd-coord")?;
+    lab.procs.push(coord);
+    for i in 1..=n {
+        let sink = match (&lab.raw, a.sink.as_str()) {
+            (Some(r), "raw") => format!("raw:{}", r.join(format!("node{i}.raw")).display()),
+            _ => "null".to_string(),
+        };
+        let log = File::create(logs.join(format!("node{i}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(i)])
+            .arg(&env.agent)
+            .args(["--coord", &coord_addr.to_string(), "--pin", &env.pin])
+            .args([
+                "--node",
+                &format!("node{i}"),
+                "--token",
+                &format!("tok-{i}"),
+            ])
+            .args(["--sink", &sink])
+            .args(["--listen", &format!("{}:0", host_addr(i))])
+            .args(&a.agent_arg)
+            .env("KD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start kd-agent")?;
+        lab.procs.push(child);
+    }
+    // Wait for the coordinator, bounded; sample its CPU time while it lives.
+    let deadline = t0 + Duration::from_secs(hello + transfer_limit + 30);
+    let tck = clk_tck();
+    // Last (user, sys) ticks seen per process: index 0 the coordinator, i agent i.
+    let pids: Vec<u32> = lab.procs.iter().map(|c| c.id()).collect();
+    let mut ticks = vec![(0u64, 0u64); pids.len()];
+    let mut last_sample = Instant::now() - Duration::from_secs(1);
+    let coord_status = loop {
+        if last_sample.elapsed() >= Duration::from_millis(250) {
+            last_sample = Instant::now();
+            for (k, pid) in pids.iter().enumerate() {
+                if let Some((u, s)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| parse_pid_ticks(&s))
+                {
+                    ticks[k] = (ticks[k].0.max(u), ticks[k].1.max(s));
+                }
+            }
+        }
+        if let Some(s) = lab.procs[0].try_wait()? {
+            break s;
+        }
+        if STOP.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "arity {arity}: the coordinator did not finish within {:?} (logs: {})",
+                deadline - t0,
+                tail(&logs.join("coord.log"), 5)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu1 = proc_stat();
+    // Agents exit once released; give them a bounded moment, then kill what is left.
+    let mut failures = Vec::new();
+    let agent_deadline = Instant::now() + Duration::from_secs(20);
+    for i in 1..lab.procs.len() {
+        let status = loop {
+            if let Some(s) = lab.procs[i].try_wait()? {
+                break Some(s);
+            }
+            if Instant::now() > agent_deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => failures.push(format!(
+                "node{i}: agent exited with {s}: {}",
+                tail(&logs.join(format!("node{i}.log")), 2)
+            )),
+            None => failures.push(format!(
+                "node{i}: agent still running after the coordinator"
+            )),
+        }
+    }
+    lab.kill_procs();
+    if let Some(r) = &lab.raw {
+        for i in 1..=n {
+            let _ = std::fs::remove_file(r.join(format!("node{i}.raw")));
+        }
+    }
+    let out_text = std::fs::read_to_string(logs.join("coord.json"))?;
+    let out: Outcome = serde_json::from_str(&out_text).with_context(|| {
+        format!(
+            "arity {arity}: no JSON outcome from kd-coord ({coord_status}): {}",
+            tail(&logs.join("coord.log"), 5)
+        )
+    })?;
+    let gib = out.compressed_bytes as f64 / GIB;
+    let mut per_gib = Vec::new();
+    let mut agent_cpu = 0.0;
+    for nd in &out.nodes {
+        if !nd.ok {
+            failures.push(format!(
+                "{}: {}",
+                nd.node,
+                nd.reason.clone().unwrap_or_default()
+            ));
+        }
+        agent_cpu += nd.cpu_seconds;
+        if gib > 0.0 {
+            per_gib.push(nd.cpu_seconds / gib);
+        }
+    }
+    if out.nodes.len() != n {
+        failures.push(format!("{} node reports for {n} nodes", out.nodes.len()));
+    }
+    let (busy, soft) = cpu_busy(cpu0, cpu1);
+    let (mean, max) = mean_max(&per_gib);
+    let seconds = out.transfer_seconds;
+    Ok(Row {
+        nodes: n,
+        rate_bps,
+        arity: arity.to_string(),
+        fan_out: arity.fan_out(n).min(n),
+        seconds,
+        wall_seconds: wall,
+        ratio: seconds / s_over_b,
+        ideal_ratio: ideal,
+        cpu_s_per_gib_mean: mean,
+        cpu_s_per_gib_max: max,
+        agent_cores: if seconds > 0.0 {
+            agent_cpu / seconds
+        } else {
+            0.0
+        },
+        coord_cpu_seconds: (ticks[0].0 + ticks[0].1) as f64 / tck,
+        agent_user_s_per_gib: if gib > 0.0 {
+            ticks[1..].iter().map(|t| t.0).sum::<u64>() as f64 / tck / n as f64 / gib
+        } else {
+            f64::NAN
+        },
+        agent_sys_s_per_gib: if gib > 0.0 {
+            ticks[1..].iter().map(|t| t.1).sum::<u64>() as f64 / tck / n as f64 / gib
+        } else {
+            f64::NAN
+        },
+        machine_busy: busy,
+        machine_softirq: soft,
+        verified: failures.is_empty() && coord_status.success(),
+        failures,
+    })
+}
+
+/// The table, one line per run.
+pub(crate) fn table(rows: &[Row], s_over_b: f64) -> String {
+    let line = |c: [&str; 14]| {
+        format!(
+            "{:>4} {:>8} {:>6} {:>8} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7} {:>8}\n",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13]
+        )
+    };
+    let mut s = line([
+        "N", "B", "arity", "seconds", "S/B", "ratio", "ideal", "cpu/GiB", "cpu/GiB", "usr+sys",
+        "agent", "busy", "softirq", "verified",
+    ]);
+    s.push_str(&line([
+        "", "", "", "", "s", "", "", "mean s", "max s", "s/GiB", "cores", "%", "%", "",
+    ]));
+    for r in rows {
+        s.push_str(&line([
+            &r.nodes.to_string(),
+            &rate_label(r.rate_bps),
+            &r.arity,
+            &format!("{:.1}", r.seconds),
+            &format!("{s_over_b:.1}"),
+            &format!("{:.3}", r.ratio),
+            &format!("{:.0}", r.ideal_ratio),
+            &format!("{:.2}", r.cpu_s_per_gib_mean),
+            &format!("{:.2}", r.cpu_s_per_gib_max),
+            &format!("{:.1}+{:.1}", r.agent_user_s_per_gib, r.agent_sys_s_per_gib),
+            &format!("{:.2}", r.agent_cores),
+            &format!("{:.0}", r.machine_busy * 100.0),
+            &format!("{:.0}", r.machine_softirq * 100.0),
+            if r.verified { "yes" } else { "NO" },
+        ]));
+    }
+    s
+}
+
+fn find_bins(a: &ArityArgs) -> Result<(PathBuf, PathBuf)> {
+    let dir = match &a.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or_else(|| anyhow!("no directory for this executable"))?
+            .to_path_buf(),
+    };
+    let c = dir.join("kd-coord");
+    let g = dir.join("kd-agent");
+    for p in [&c, &g] {
+        if !p.is_file() {
+            bail!(
+                "{} is missing: build it (cargo build --release -p kd-coord -p kd-agent) or pass --bin-dir",
+                p.display()
+            );
+        }
+    }
+    Ok((c, g))
+}
+
+/// `kd-bench arity`.
+pub(crate) fn run(a: ArityArgs) -> Result<()> {
+    let rate_bps = parse_rate(&a.rate)?;
+    let arities = parse_arities(&a.arity)?;
+    if a.nodes < 2 || a.nodes > 1000 {
+        bail!("--nodes must be between 2 and 1000");
+    }
+    if a.size_mib == 0 || a.size_mib > 64 * 1024 {
+        bail!("--size-mib must be between 1 and 65536");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("kd-bench arity creates network namespaces: run it as root");
+    }
+    let (coord_bin, agent_bin) = find_bins(&a)?;
+    install_signal_handlers();
+    remove_stale();
+    let tbf = tbf_params(rate_bps, a.burst_ms, a.queue_ms);
+    let mut lab = Lab::new((a.sink == "raw").then_some(a.raw_dir.as_path()))?;
+
+    // Image first (no namespaces yet), then the network.
+    let input = lab.tmp.join("input.raw");
+    let t = Instant::now();
+    write_random(&input, a.size_mib * MIB)?;
+    let state = lab.tmp.join("state");
+    let image = lab.tmp.join("image.kdi");
+    let o = run_limited(
+        Command::new(&coord_bin)
+            .arg("--state")
+            .arg(&state)
+            .args(["image", "pack"])
+            .arg(&input)
+            .arg("-o")
+            .arg(&image)
+            .args([
+                "--chunk-size",
+                &a.chunk_size,
+                "--level",
+                &a.level.to_string(),
+            ]),
+        Duration::from_secs(600),
+    )?;
+    if !o.status.success() {
+        bail!("image pack failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let _ = std::fs::remove_file(&input);
+    let o = run_limited(
+        Command::new(&coord_bin)
+            .arg("--state")
+            .arg(&state)
+            .arg("pin"),
+        Duration::from_secs(30),
+    )?;
+    if !o.status.success() {
+        bail!(
+            "kd-coord pin failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let pin = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let tokens = lab.tmp.join("tokens");
+    let tok: String = (1..=a.nodes)
+        .map(|i| format!("node{i} tok-{i}\n"))
+        .collect();
+    std::fs::write(&tokens, tok)?;
+    let compressed = std::fs::metadata(&image)?.len();
+    eprintln!(
+        "kd-bench: image of {} MiB packed in {:.1} s",
+        a.size_mib,
+        t.elapsed().as_secs_f64()
+    );
+    check_stop()?;
+
+    build_network(&mut lab, a.nodes + 1, tbf)?;
+    eprintln!(
+        "kd-bench: {} hosts on a bridge, each link tbf rate {} burst {} B limit {} B, both directions",
+        a.nodes + 1,
+        rate_label(rate_bps),
+        tbf.burst,
+        tbf.limit
+    );
+    let probe = if a.no_probe {
+        None
+    } else {
+        let p = tcp_probe(&lab, 3.0)?;
+        eprintln!(
+            "kd-bench: one TCP flow through two shaped links: {:.1} Mbit/s goodput ({:.1}% of B; 1448/1514 = 95.6% is the most TCP can carry)",
+            p / 1e6,
+            p / rate_bps as f64 * 100.0
+        );
+        Some(p)
+    };
+    let env = Env {
+        coord: coord_bin,
+        agent: agent_bin,
+        state,
+        image,
+        pin,
+        tokens,
+    };
+    let mut rows = Vec::new();
+    for (run, &arity) in arities.iter().enumerate() {
+        check_stop()?;
+        // The file size here (a bound); the coordinator's S for the table below.
+        let s_over_b = compressed as f64 * 8.0 / rate_bps as f64;
+        eprintln!(
+            "kd-bench: arity {arity}: {} agents, ideal {:.1} s",
+            a.nodes,
+            s_over_b * ideal_ratio(arity, a.nodes)
+        );
+        let row = run_one(&mut lab, &env, &a, arity, run, s_over_b, rate_bps)?;
+        eprintln!(
+            "kd-bench: arity {arity}: {:.1} s, ratio {:.3}, verified {}{}",
+            row.seconds,
+            row.ratio,
+            row.verified,
+            if row.failures.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", row.failures.join("; "))
+            }
+        );
+        rows.push(row);
+    }
+    // Use the compressed size the coordinator reported (chunks only) for S.
+    let s_final = std::fs::read_to_string(lab.tmp.join("run0").join("coord.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Outcome>(&t).ok())
+        .map(|o| o.compressed_bytes)
+        .unwrap_or(compressed);
+    let s_over_b = s_final as f64 * 8.0 / rate_bps as f64;
+    for r in &mut rows {
+        r.ratio = r.seconds / s_over_b;
+    }
+    let text = table(&rows, s_over_b);
+    let res = Results {
+        nodes: a.nodes,
+        rate: rate_label(rate_bps),
+        rate_bps,
+        size_mib: a.size_mib,
+        chunk_size: a.chunk_size.clone(),
+        sink: a.sink.clone(),
+        compressed_bytes: s_final,
+        s_over_b_seconds: s_over_b,
+        tbf,
+        tcp_probe_bps: probe,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        agent_args: a.agent_arg.clone(),
+        rows,
+    };
+    if a.json {
+        eprint!("{text}");
+        println!("{}", serde_json::to_string_pretty(&res)?);
+    } else {
+        print!("{text}");
+        println!(
+            "S = {} bytes, S/B = {:.2} s; cpu/GiB: agent user+sys CPU seconds per GiB received; agent cores: sum of agents' CPU / transfer time; busy, softirq: share of all {} cores of the machine over the run.",
+            s_final, s_over_b, res.cores
+        );
+    }
+    if let Some(p) = &a.plot {
+        let pts: Vec<plot::Point> = res
+            .rows
+            .iter()
+            .map(|r| plot::Point {
+                label: r.arity.clone(),
+                fan_out: r.fan_out as f64,
+                seconds: r.seconds,
+                ideal: r.ideal_ratio * s_over_b,
+            })
+            .collect();
+        let title = format!(
+            "kd broadcast of {} MiB to {} nodes, {} links",
+            a.size_mib,
+            a.nodes,
+            rate_label(rate_bps)
+        );
+        std::fs::write(p, plot::svg(&title, &pts))
+            .with_context(|| format!("write {}", p.display()))?;
+    }
+    if res.rows.iter().any(|r| !r.verified) {
+        bail!("some copies were not verified");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100mbit").unwrap(), 100_000_000);
+        assert_eq!(parse_rate("1gbit").unwrap(), 1_000_000_000);
+        assert_eq!(parse_rate("1.5Mbit").unwrap(), 1_500_000);
+        assert_eq!(parse_rate("10mbps").unwrap(), 80_000_000);
+        assert_eq!(parse_rate("20000bit").unwrap(), 20_000);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("100furlongs").is_err());
+        assert!(parse_rate("1bit").is_err());
+        assert_eq!(rate_label(100_000_000), "100mbit");
+        assert_eq!(rate_label(1_500_000), "1500kbit");
+    }
+
+    #[test]
+    fn arities_and_ideals() {
+        let v = parse_arities("1,2, chain,star,4").unwrap();
+        assert_eq!(
+            v,
+            vec![
+                Arity::Chain,
+                Arity::Kary(2),
+                Arity::Chain,
+                Arity::Star,
+                Arity::Kary(4)
+            ]
+        );
+        assert!(parse_arities("0").is_err());
+        assert!(parse_arities("").is_err());
+        assert_eq!(ideal_ratio(Arity::Chain, 16), 1.0);
+        assert_eq!(ideal_ratio(Arity::Kary(3), 16), 3.0);
+        assert_eq!(ideal_ratio(Arity::Star, 16), 16.0);
+        assert_eq!(ideal_ratio(Arity::Kary(32), 16), 16.0);
+    }
+
+    #[test]
+    fn tbf_sizes() {
+        let t = tbf_params(100_000_000, 2, 50);
+        assert_eq!(t.burst, 25_000);
+        assert_eq!(t.limit, 625_000);
+        // Slow links still get room for a few frames.
+        let t = tbf_params(1_000_000, 2, 50);
+        assert_eq!(t.burst, 4 * FRAME);
+        assert_eq!(t.limit, 20 * FRAME);
+    }
+
+    #[test]
+    fn addresses_stay_in_the_test_subnet() {
+        assert_eq!(host_addr(0), Ipv4Addr::new(10, 199, 0, 1));
+        assert_eq!(host_addr(16), Ipv4Addr::new(10, 199, 0, 17));
+        assert_eq!(host_addr(300), Ipv4Addr::new(10, 199, 1, 45));
+        let all: std::collections::HashSet<_> = (0..1001).map(host_addr).collect();
+        assert_eq!(all.len(), 1001);
+    }
+
+    #[test]
+    fn proc_stat_and_busy() {
+        let a = parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8\n").unwrap();
+        assert_eq!(a.total, 1000);
+        assert_eq!(a.idle, 850);
+        let b = parse_proc_stat("cpu  400 0 150 1000 50 0 100 0 0 0\n").unwrap();
+        let (busy, soft) = cpu_busy(a, b);
+        assert!((busy - (1.0 - 200.0 / 700.0)).abs() < 1e-9);
+        assert!((soft - 100.0 / 700.0).abs() < 1e-9);
+        assert_eq!(cpu_busy(a, a), (0.0, 0.0));
+        assert!(parse_proc_stat("intr 1 2 3").is_none());
+    }
+
+    #[test]
+    fn pid_stat_ticks() {
+        let s = "1234 (kd coord) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 40 0 0 20 0 3 0 100";
+        assert_eq!(parse_pid_ticks(s), Some((250, 40)));
+        assert_eq!(parse_pid_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn stale_only_for_dead_owners() {
+        let list = "kdb-100-br (id: 3)\nkdb-100-0\nkdb-200-1 (id: 1)\nother-1\nkdb-x-1\n";
+        let v = stale_namespaces(list, |p| p == 200);
+        assert_eq!(v, vec!["kdb-100-br".to_string(), "kdb-100-0".to_string()]);
+    }
+
+    #[test]
+    fn mean_and_max() {
+        assert_eq!(mean_max(&[1.0, 3.0]), (2.0, 3.0));
+        assert!(mean_max(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn random_image_has_the_size_and_no_repeated_words() {
+        let dir = std::env::temp_dir().join(format!("kdb-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("r");
+        write_random(&p, 3 * MIB + 5).unwrap();
+        let data = std::fs::read(&p).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(data.len() as u64, 3 * MIB + 5);
+        // Incompressible in practice: 100,000 8-byte words, all distinct.
+        let words: std::collections::HashSet<&[u8]> = data.chunks_exact(8).take(100_000).collect();
+        assert_eq!(words.len(), 100_000);
+    }
+
+    #[test]
+    fn table_has_a_line_per_row() {
+        let r = Row {
+            nodes: 16,
+            rate_bps: 100_000_000,
+            arity: "chain".into(),
+            fan_out: 1,
+            seconds: 23.0,
+            wall_seconds: 25.0,
+            ratio: 1.07,
+            ideal_ratio: 1.0,
+            cpu_s_per_gib_mean: 2.0,
+            cpu_s_per_gib_max: 3.0,
+            agent_cores: 0.5,
+            coord_cpu_seconds: 1.0,
+            agent_user_s_per_gib: 1.0,
+            agent_sys_s_per_gib: 1.0,
+            machine_busy: 0.6,
+            machine_softirq: 0.1,
+            verified: true,
+            failures: vec![],
+        };
+        let t = table(&[r.clone(), r], 21.5);
+        assert_eq!(t.lines().count(), 4);
+        assert!(t.contains("chain"));
+        assert!(t.contains("1.070"));
+    }
+}
