@@ -36,9 +36,9 @@ build() {
 	setup
 	cargo build --workspace --bins
 	mkdir -p build
-	if [ -x initrd/build.sh ]; then
-		initrd/build.sh --agent target/debug/kd-agent --out build/initrd
-	fi
+	# The initrd gets a stripped copy of the agent (the debug build carries ~100 MB of symbols).
+	strip --strip-debug -o build/kd-agent target/debug/kd-agent
+	initrd/build.sh --agent build/kd-agent --out build/initrd
 }
 
 case "${1:-}" in
