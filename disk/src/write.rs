@@ -20,9 +20,9 @@ use crate::error::{DiskError, IoContext};
 use crate::sys;
 
 /// Size of the messages between the caller and the worker thread.
-const CHUNK: usize = 1 << 20;
-/// Messages in flight at most (so about `QUEUE` MiB buffered).
-const QUEUE: usize = 8;
+const CHUNK: usize = 4 << 20;
+/// Messages in flight at most (so 16 MiB buffered; 4 MiB writes measured faster than 1 MiB).
+const QUEUE: usize = 4;
 /// The region written last by the raw writer (coreos-installer's order).
 pub const HELD_BACK: u64 = 1 << 20;
 
