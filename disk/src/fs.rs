@@ -39,8 +39,21 @@ pub fn mkfs_command(fs: FsType, dev: &Path, label: Option<&str>) -> Command {
 }
 
 /// Create file system `fs` on `dev`; returns the tool's output.
+/// A device just written or re-read can be briefly held open exclusively by a prober (udev's
+/// blkid): mke2fs then says "apparently in use by the system". Such failures are retried a few
+/// times.
 pub fn mkfs(fs: FsType, dev: &Path, label: Option<&str>) -> Result<String, DiskError> {
-    cmd::run(&mut mkfs_command(fs, dev, label), Duration::from_secs(600))
+    let mut tries = 0;
+    loop {
+        match cmd::run(&mut mkfs_command(fs, dev, label), Duration::from_secs(600)) {
+            Err(DiskError::Command { output, .. }) if output.contains("in use") && tries < 10 => {
+                tries += 1;
+                tracing::info!("{} busy, mkfs retried: {}", dev.display(), output.trim());
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Probe `dev` (bypassing blkid's cache) for a tag: `UUID`, `TYPE`...; `None` if absent.
