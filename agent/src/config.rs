@@ -105,7 +105,7 @@ impl AgentConfig {
             faults: Vec::new(),
             connect_timeout: Duration::from_secs(120),
             plan_timeout: Duration::from_secs(1800),
-            stall_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
             window: 16,
             disk: None,
             work_dir: PathBuf::from("/run/kd"),

@@ -31,8 +31,8 @@ struct Args {
     /// Chunks kept in memory for children.
     #[arg(long, default_value_t = 16)]
     window: usize,
-    /// Seconds before a silent upstream is declared lost.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds before a silent upstream is declared lost (TCG nodes need tens of seconds).
+    #[arg(long, default_value_t = 30)]
     stall_timeout: u64,
     /// Deployments: write this disk instead of the layout's device.
     #[arg(long)]

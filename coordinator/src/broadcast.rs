@@ -765,7 +765,7 @@ async fn handle_connection(
 
 fn describe_close(e: &quinn::ConnectionError) -> String {
     match e {
-        quinn::ConnectionError::TimedOut => "timed out (no packet for 5 s)".into(),
+        quinn::ConnectionError::TimedOut => "timed out (no packet for 30 s)".into(),
         quinn::ConnectionError::ApplicationClosed(c) => {
             format!(
                 "closed by the agent: {}",

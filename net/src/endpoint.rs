@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Idle time after which a silent peer is declared gone.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keep-alive interval (well under [`IDLE_TIMEOUT`]).
-pub const KEEP_ALIVE: Duration = Duration::from_millis(1000);
+pub const KEEP_ALIVE: Duration = Duration::from_millis(2000);
 /// UDP socket buffer size asked of the kernel (the default loses packets on loopback).
 pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 

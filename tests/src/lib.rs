@@ -227,6 +227,8 @@ impl Cluster {
                 sink,
                 "--listen",
                 "127.0.0.1:0",
+                "--stall-timeout",
+                "5",
             ])
             .args(extra)
             .env("KD_LOG", "warn")
