@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 # One line per need. qemu-utils is not named: a newer one may already be installed (lab.md).
 PACKAGES=(
 	build-essential pkg-config             # cc for the zstd/blake3/ring crates
-	iproute2 tar zstd                       # netns, veth, tc; image packing
+	iproute2 tar zstd xz-utils gzip bc      # netns, veth, tc; image packing; post-install archives
 	e2fsprogs xfsprogs dosfstools fdisk util-linux   # disk pipeline tests (loop devices)
 	grub-pc-bin grub-efi-amd64-bin grub2-common      # grub-install i386-pc / x86_64-efi
 	mmdebstrap cpio kmod busybox-static     # deploy initrd and test environment builds
