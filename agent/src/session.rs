@@ -596,20 +596,22 @@ async fn open_upstream(
                 ctx.identity.cert_der.clone(),
                 ctx.identity.key_der.clone(),
             )?;
-            // The parent may learn about us a moment after we learn about it: retry briefly.
-            let mut last = None;
+            // The parent may learn about us a moment after we learn about it: retry briefly,
+            // each attempt bounded (a dead parent never answers), all within the stall timeout.
+            let mut last: Option<String> = None;
             let mut conn = None;
-            for _ in 0..20 {
-                match ctx
+            let deadline = tokio::time::Instant::now() + ctx.cfg.stall_timeout;
+            while tokio::time::Instant::now() < deadline {
+                let attempt = ctx
                     .endpoint
-                    .connect_with(client.clone(), p.addr, "kd-peer")?
-                    .await
-                {
-                    Ok(c) => {
+                    .connect_with(client.clone(), p.addr, "kd-peer")?;
+                match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+                    Ok(Ok(c)) => {
                         conn = Some(c);
                         break;
                     }
-                    Err(e) => last = Some(e),
+                    Ok(Err(e)) => last = Some(e.to_string()),
+                    Err(_) => last = Some("no answer within 3 s".into()),
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -618,7 +620,7 @@ async fn open_upstream(
                     "cannot connect to parent {} at {}: {}",
                     p.node,
                     p.addr,
-                    last.map(|e| e.to_string()).unwrap_or_default()
+                    last.unwrap_or_default()
                 )
             })?;
             (conn, true)

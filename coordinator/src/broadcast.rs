@@ -407,8 +407,12 @@ pub async fn run(
                 } => {
                     tracing::info!(%node, ?lost, next_chunk, %reason, "parent lost");
                     let current = parent.get(&node).cloned().flatten();
-                    let from = lost.or(current);
-                    reattach(&node, from.as_deref(), &mut parent, &mut nodes, &events).await;
+                    // Already moved away from that parent (its death was noticed here first):
+                    // the Reparent sent then answers this request too.
+                    if lost.is_some() && lost != current {
+                        continue;
+                    }
+                    reattach(&node, lost.as_deref(), &mut parent, &mut nodes, &events).await;
                 }
                 ToCoord::ChildLost { child, reason } => {
                     tracing::info!(%node, %child, %reason, "child lost");

@@ -75,7 +75,15 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Result<Output> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("process {} timed out after {limit:?}", child.id());
+            let err = t_err.join().unwrap_or_default();
+            let text = String::from_utf8_lossy(&err).to_string();
+            let mut tail: Vec<&str> = text.lines().rev().take(80).collect();
+            tail.reverse();
+            bail!(
+                "process {} timed out after {limit:?}; its last stderr lines:\n{}",
+                child.id(),
+                tail.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -200,6 +208,7 @@ impl Cluster {
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .env("KD_LOG", "info")
             .spawn()?)
     }
 

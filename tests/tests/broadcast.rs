@@ -25,6 +25,7 @@ fn broadcast_raw(
     let out = tempfile::tempdir().unwrap();
     let mut reaper = Reaper::default();
     let mut coord = c.start_coordinator(arity, &[]).unwrap();
+    // The coordinator's own log (progress, re-parenting) is what explains a hang.
     let mut agents = Vec::new();
     for n in &c.nodes {
         let sink = format!("raw:{}", out.path().join(format!("{n}.raw")).display());
