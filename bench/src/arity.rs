@@ -70,6 +70,10 @@ pub(crate) struct ArityArgs {
     /// Skip the TCP check of the shaped links.
     #[arg(long)]
     no_probe: bool,
+    /// Niceness of the coordinator and agents (negative: ahead of the machine's other work,
+    /// to tell this machine's other load from kd's own cost).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    nice: i32,
 }
 
 const MIB: u64 = 1 << 20;
@@ -112,11 +116,11 @@ pub(crate) fn parse_rate(s: &str) -> Result<u64> {
 
 /// Human form of a rate in bits per second.
 pub(crate) fn rate_label(bps: u64) -> String {
-    if bps % 1_000_000_000 == 0 {
+    if bps.is_multiple_of(1_000_000_000) {
         format!("{}gbit", bps / 1_000_000_000)
-    } else if bps % 1_000_000 == 0 {
+    } else if bps.is_multiple_of(1_000_000) {
         format!("{}mbit", bps / 1_000_000)
-    } else if bps % 1000 == 0 {
+    } else if bps.is_multiple_of(1000) {
         format!("{}kbit", bps / 1000)
     } else {
         format!("{bps}bit")
@@ -221,6 +225,21 @@ pub(crate) fn parse_pid_ticks(s: &str) -> Option<(u64, u64)> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After the command: state(0) ppid(1) ... utime(11) stime(12).
     Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+/// (drops, packets) of the tbf qdiscs in `tc -s -j qdisc show` output.
+pub(crate) fn parse_tc_stats(json: &str) -> (u64, u64) {
+    let Ok(serde_json::Value::Array(v)) = serde_json::from_str(json) else {
+        return (0, 0);
+    };
+    v.iter()
+        .filter(|q| q["kind"] == "tbf")
+        .fold((0, 0), |(d, p), q| {
+            (
+                d + q["drops"].as_u64().unwrap_or(0),
+                p + q["packets"].as_u64().unwrap_or(0),
+            )
+        })
 }
 
 /// Namespaces named `kdb-<pid>-*` in `ip netns list` output whose owner `pid` is dead.
@@ -367,12 +386,12 @@ fn cmd(prog: &str, args: &[&str]) -> Result<String> {
 
 /// Runs a command with a time limit, output captured through files (no pipe can fill up).
 fn run_limited(c: &mut Command, limit: Duration) -> Result<Output> {
-    let mut out = tempfile_in_tmp("out")?;
-    let mut err = tempfile_in_tmp("err")?;
+    let mut out = TempFile::new("out")?;
+    let mut err = TempFile::new("err")?;
     let mut child = c
         .stdin(Stdio::null())
-        .stdout(out.0.try_clone()?)
-        .stderr(err.0.try_clone()?)
+        .stdout(out.file.try_clone()?)
+        .stderr(err.file.try_clone()?)
         .spawn()
         .with_context(|| format!("cannot run {:?}", c.get_program()))?;
     let deadline = Instant::now() + limit;
@@ -387,36 +406,50 @@ fn run_limited(c: &mut Command, limit: Duration) -> Result<Output> {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let read = |f: &mut (File, PathBuf)| -> Vec<u8> {
-        let mut v = Vec::new();
-        let _ = std::io::Seek::rewind(&mut f.0);
-        let _ = f.0.read_to_end(&mut v);
-        let _ = std::fs::remove_file(&f.1);
-        v
-    };
     Ok(Output {
         status,
-        stdout: read(&mut out),
-        stderr: read(&mut err),
+        stdout: out.read_all(),
+        stderr: err.read_all(),
     })
 }
 
-fn tempfile_in_tmp(tag: &str) -> Result<(File, PathBuf)> {
-    use std::sync::atomic::AtomicU64;
-    static N: AtomicU64 = AtomicU64::new(0);
-    let p = std::env::temp_dir().join(format!(
-        "kdb-{}-cmd-{tag}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&p)
-        .with_context(|| format!("create {}", p.display()))?;
-    Ok((f, p))
+/// A temp file removed on drop.
+struct TempFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl TempFile {
+    fn new(tag: &str) -> Result<Self> {
+        use std::sync::atomic::AtomicU64;
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "kdb-{}-cmd-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("create {}", path.display()))?;
+        Ok(Self { file, path })
+    }
+
+    fn read_all(&mut self) -> Vec<u8> {
+        let mut v = Vec::new();
+        let _ = std::io::Seek::rewind(&mut self.file);
+        let _ = self.file.read_to_end(&mut v);
+        v
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -510,6 +543,25 @@ fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf) -> Result<()> {
         shape(&br, &port)?;
     }
     Ok(())
+}
+
+/// Sum of (drops, packets) over every shaped device (both directions of every host).
+fn shaper_stats(lab: &Lab, hosts: usize) -> (u64, u64) {
+    let mut total = (0, 0);
+    let br = lab.bridge_ns();
+    for i in 0..hosts {
+        for (ns, dev) in [
+            (lab.ns(i), "eth0".to_string()),
+            (br.clone(), format!("p{i}")),
+        ] {
+            if let Ok(j) = cmd("tc", &["-n", &ns, "-s", "-j", "qdisc", "show", "dev", &dev]) {
+                let (d, p) = parse_tc_stats(&j);
+                total.0 += d;
+                total.1 += p;
+            }
+        }
+    }
+    total
 }
 
 /// Runs `f` on a thread that has entered namespace `ns`.
@@ -639,6 +691,10 @@ pub(crate) struct Row {
     pub(crate) machine_busy: f64,
     /// Softirq fraction of all cores (kernel network processing).
     pub(crate) machine_softirq: f64,
+    /// Packets dropped by the tbf shapers (all links, both directions) during the run.
+    pub(crate) tbf_drops: u64,
+    /// Packets sent through the tbf shapers during the run.
+    pub(crate) tbf_packets: u64,
     /// Every node reported a verified copy and every agent exited 0.
     pub(crate) verified: bool,
     /// What went wrong, per node.
@@ -730,12 +786,20 @@ fn run_one(
     let transfer_limit = (s_over_b * ideal * 4.0 + 60.0).ceil() as u64;
     let logs = lab.tmp.join(format!("run{run}"));
     std::fs::create_dir_all(&logs)?;
+    let tc0 = shaper_stats(lab, n + 1);
     let cpu0 = proc_stat();
     let t0 = Instant::now();
     let c_out = File::create(logs.join("coord.json"))?;
     let c_err = File::create(logs.join("coord.log"))?;
     let coord = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(0)])
+        .args([
+            "netns",
+            "exec",
+            &lab.ns(0),
+            "nice",
+            "-n",
+            &a.nice.to_string(),
+        ])
         .arg(&env.coord)
         .arg("--state")
         .arg(&env.state)
@@ -760,7 +824,14 @@ fn run_one(
         };
         let log = File::create(logs.join(format!("node{i}.log")))?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(i)])
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(i),
+                "nice",
+                "-n",
+                &a.nice.to_string(),
+            ])
             .arg(&env.agent)
             .args(["--coord", &coord_addr.to_string(), "--pin", &env.pin])
             .args([
@@ -841,6 +912,7 @@ fn run_one(
         }
     }
     lab.kill_procs();
+    let tc1 = shaper_stats(lab, n + 1);
     if let Some(r) = &lab.raw {
         for i in 1..=n {
             let _ = std::fs::remove_file(r.join(format!("node{i}.raw")));
@@ -904,6 +976,8 @@ fn run_one(
         },
         machine_busy: busy,
         machine_softirq: soft,
+        tbf_drops: tc1.0.saturating_sub(tc0.0),
+        tbf_packets: tc1.1.saturating_sub(tc0.1),
         verified: failures.is_empty() && coord_status.success(),
         failures,
     })
@@ -911,18 +985,18 @@ fn run_one(
 
 /// The table, one line per run.
 pub(crate) fn table(rows: &[Row], s_over_b: f64) -> String {
-    let line = |c: [&str; 14]| {
+    let line = |c: [&str; 15]| {
         format!(
-            "{:>4} {:>8} {:>6} {:>8} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7} {:>8}\n",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13]
+            "{:>4} {:>8} {:>6} {:>8} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>8} {:>8}\n",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14]
         )
     };
     let mut s = line([
         "N", "B", "arity", "seconds", "S/B", "ratio", "ideal", "cpu/GiB", "cpu/GiB", "usr+sys",
-        "agent", "busy", "softirq", "verified",
+        "agent", "busy", "softirq", "tc drops", "verified",
     ]);
     s.push_str(&line([
-        "", "", "", "", "s", "", "", "mean s", "max s", "s/GiB", "cores", "%", "%", "",
+        "", "", "", "", "s", "", "", "mean s", "max s", "s/GiB", "cores", "%", "%", "per 10k", "",
     ]));
     for r in rows {
         s.push_str(&line([
@@ -939,6 +1013,10 @@ pub(crate) fn table(rows: &[Row], s_over_b: f64) -> String {
             &format!("{:.2}", r.agent_cores),
             &format!("{:.0}", r.machine_busy * 100.0),
             &format!("{:.0}", r.machine_softirq * 100.0),
+            &format!(
+                "{:.1}",
+                r.tbf_drops as f64 * 1e4 / r.tbf_packets.max(1) as f64
+            ),
             if r.verified { "yes" } else { "NO" },
         ]));
     }
@@ -1153,6 +1231,7 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -1232,6 +1311,13 @@ mod tests {
     }
 
     #[test]
+    fn tc_stats() {
+        let j = r#"[{"kind":"tbf","drops":3,"packets":100},{"kind":"noqueue"},{"kind":"tbf","drops":1,"packets":50}]"#;
+        assert_eq!(parse_tc_stats(j), (4, 150));
+        assert_eq!(parse_tc_stats("not json"), (0, 0));
+    }
+
+    #[test]
     fn stale_only_for_dead_owners() {
         let list = "kdb-100-br (id: 3)\nkdb-100-0\nkdb-200-1 (id: 1)\nother-1\nkdb-x-1\n";
         let v = stale_namespaces(list, |p| p == 200);
@@ -1277,6 +1363,8 @@ mod tests {
             agent_sys_s_per_gib: 1.0,
             machine_busy: 0.6,
             machine_softirq: 0.1,
+            tbf_drops: 3,
+            tbf_packets: 1000,
             verified: true,
             failures: vec![],
         };
