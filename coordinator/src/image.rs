@@ -15,8 +15,9 @@ use kd_proto::manifest::{ImageKind, Manifest, ManifestBuilder};
 
 /// Magic bytes at the start of every `.kdi` file.
 pub const MAGIC: &[u8; 8] = b"KDIMG\0\0\x01";
-/// Default uncompressed chunk size.
-pub const DEFAULT_CHUNK: u32 = 4 * 1024 * 1024;
+/// Default uncompressed chunk size: each relay holds a chunk before forwarding it, so a chain
+/// adds (N-1) chunk times; 1 MiB measured 1.29 x S/B at N=16 where 4 MiB gave 1.61.
+pub const DEFAULT_CHUNK: u32 = 1024 * 1024;
 /// Largest chunk size accepted (in a pack request and in a manifest).
 pub const MAX_CHUNK: u32 = 16 * 1024 * 1024;
 

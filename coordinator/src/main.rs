@@ -44,7 +44,7 @@ enum ImageCmd {
         #[arg(short, long)]
         output: PathBuf,
         /// Uncompressed chunk size (bytes, or with K/M suffix).
-        #[arg(long, default_value = "4M", value_parser = parse_size)]
+        #[arg(long, default_value = "1M", value_parser = parse_size)]
         chunk_size: u32,
         /// zstd level.
         #[arg(long, default_value_t = 3)]
