@@ -207,8 +207,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
             }
         }
     };
-    ctx.coord.close(0u32.into(), b"done");
-    ctx.endpoint.close(0u32.into(), b"done");
+    ctx.coord.close(kd_net::close::DONE.into(), b"done");
+    ctx.endpoint.close(kd_net::close::DONE.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(2), ctx.endpoint.wait_idle()).await;
     if let Some(e) = &report.error {
         bail!("{e}");
@@ -470,7 +470,7 @@ async fn receive_all(
             }
             tracing::warn!("upstream problem: {problem}");
             if let Some(c) = &conn {
-                c.close(0u32.into(), b"lost");
+                c.close(kd_net::close::DONE.into(), b"lost");
             }
             match lost_upstream(ctx, &upstream, store.available(), problem).await {
                 Ok(u) => upstream = u,

@@ -23,16 +23,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::image::ImageFile;
 use crate::pki::{CoordIdentity, DeploymentCa};
 
-/// Application close codes on kd connections.
-pub mod close {
-    /// Normal end.
-    pub const DONE: u32 = 0;
-    /// The Hello was refused.
-    pub const REFUSED: u32 = 1;
-    /// The broadcast was aborted.
-    pub const ABORTED: u32 = 2;
-}
-
 /// What to broadcast to whom.
 #[derive(Debug, Clone)]
 pub struct BroadcastConfig {
@@ -463,7 +453,7 @@ pub async fn run(
     for n in nodes.values() {
         let _ = tokio::time::timeout_at(close_deadline, n.conn.closed()).await;
     }
-    endpoint.close(close::DONE.into(), b"done");
+    endpoint.close(kd_net::close::DONE.into(), b"done");
     accept_task.abort();
 
     let mut out = Vec::new();
@@ -660,7 +650,7 @@ async fn handle_connection(
                     addr: remote,
                     reason: "no control stream".into(),
                 });
-                conn.close(close::REFUSED.into(), b"no control stream");
+                conn.close(kd_net::close::REFUSED.into(), b"no control stream");
                 return;
             }
         };
@@ -794,7 +784,7 @@ async fn refuse(
     let _ = send.finish();
     // Let the error reach the agent before the connection closes.
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-    conn.close(close::REFUSED.into(), e.message.as_bytes());
+    conn.close(kd_net::close::REFUSED.into(), e.message.as_bytes());
 }
 
 async fn serve_data(mut send: quinn::SendStream, mut recv: quinn::RecvStream, source: Arc<Source>) {

@@ -7,6 +7,14 @@
 //! * [`wire`]: framed messages on QUIC streams, with size limits and timeouts.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+/// Application close codes on kd connections.
+pub mod close {
+    /// Normal end.
+    pub const DONE: u32 = 0;
+    /// The peer was refused (bad Hello, not allowed).
+    pub const REFUSED: u32 = 1;
+}
+
 pub mod endpoint;
 pub mod tls;
 pub mod wire;
