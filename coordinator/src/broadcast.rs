@@ -410,7 +410,7 @@ pub async fn run(
                 ToCoord::Step(s) => {
                     let _ = events.send(Event::Step { node, step: s });
                 }
-                ToCoord::Hello(_) => {}
+                ToCoord::Hello(_) | ToCoord::StepEnd(_) => {}
             },
             Inbound::Lost { node, reason } => {
                 let Some(n) = nodes.get_mut(&node) else {
