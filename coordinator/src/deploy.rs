@@ -94,17 +94,28 @@ pub async fn run(
     identity: &CoordIdentity,
     notes: mpsc::UnboundedSender<String>,
 ) -> Result<Summary> {
-    let listen = cfg
+    let mut cfg = cfg;
+    let wanted = cfg
         .listen
         .unwrap_or_else(|| cfg.cluster.coordinator.socket_addr());
     let server =
         kd_net::tls::coordinator_server(identity.cert_der.clone(), identity.key_der.clone())?;
-    let endpoint = kd_net::endpoint::bind(listen, Some(server)).with_context(|| {
-        format!("cannot listen on {listen} (the cluster's coordinator address; run kd-coord where the nodes reach it)")
-    })?;
+    // The configured port may be taken by another deployment running at the same time (on
+    // other nodes): any free port on the same address does, since each profile names it.
+    let endpoint = match kd_net::endpoint::bind(wanted, Some(server.clone())) {
+        Ok(e) => e,
+        Err(first) => kd_net::endpoint::bind(SocketAddr::new(wanted.ip(), 0), Some(server))
+            .with_context(|| {
+                format!("cannot listen on {wanted} ({first:#}) nor on another port of that address: run kd-coord where the nodes reach the cluster's coordinator address")
+            })?,
+    };
+    let local = endpoint.local_addr()?;
+    if !local.ip().is_unspecified() {
+        cfg.cluster.coordinator.address = local.ip();
+    }
+    cfg.cluster.coordinator.port = local.port();
     let _ = notes.send(format!(
-        "listening on {}, deployment {:016x}",
-        endpoint.local_addr()?,
+        "listening on {local}, deployment {:016x}",
         cfg.deployment
     ));
     let source = Arc::new(Source {

@@ -470,6 +470,8 @@ fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
             )
         );
     }
+    // One deployment per node at a time (also across kd-coord processes): held until exit.
+    let _locks = lock_nodes(state, &nodes)?;
     let env_path = {
         let p = PathBuf::from(&a.env);
         if p.exists() {
@@ -578,4 +580,44 @@ fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
         println!("{}/{} nodes deployed", summary.ok.len(), nodes.len());
     }
     Ok(if summary.ko.is_empty() { 0 } else { 1 })
+}
+
+/// Takes each node's lock file under STATE/locks; fails, naming the busy nodes, when another
+/// deployment holds some.
+fn lock_nodes(state: &Path, nodes: &[String]) -> Result<Vec<std::fs::File>> {
+    let dir = state.join("locks");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut held = Vec::new();
+    let mut busy = Vec::new();
+    for n in nodes {
+        let path = dir.join(format!("{n}.lock"));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => {
+                f.set_len(0)?;
+                writeln!(f, "{}", std::process::id())?;
+                held.push(f);
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                busy.push(format!("{n} (kd-coord pid {})", owner.trim()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
+    if !busy.is_empty() {
+        bail!(
+            "busy: another deployment is running on {}; nothing was done",
+            busy.join(", ")
+        );
+    }
+    Ok(held)
 }
