@@ -10,11 +10,11 @@ use kd_net::tls::AllowedPeers;
 use kd_net::wire;
 use kd_proto::codec::{self, MAX_FRAME};
 use kd_proto::manifest::{verify_chunk, Manifest};
+use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
     DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, PeerIdentity, Plan, Progress,
     Report, StepReport, ToAgent, ToCoord, Upstream,
 };
-use kd_proto::msg::{AgentStep, StepEnd};
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, Fault};

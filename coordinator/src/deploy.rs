@@ -571,10 +571,11 @@ impl Driver {
             return Vec::new();
         }
         r.pending.remove(node);
+        // Children still receiving need a new parent; those done need nothing.
         let orphans: Vec<String> = r
             .parent
             .iter()
-            .filter(|(_, p)| p.as_deref() == Some(node))
+            .filter(|(c, p)| p.as_deref() == Some(node) && r.pending.contains(*c))
             .map(|(c, _)| c.clone())
             .collect();
         for o in orphans {
