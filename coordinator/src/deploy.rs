@@ -1055,6 +1055,86 @@ mod tests {
         }
     }
 
+    const CLUSTER: &str = "cluster: t
+nodes:
+  - {name: n1, address: 127.0.0.11, mac: \"52:54:00:00:00:01\"}
+pxe: {tftp_root: /tmp/x, profile_naming: mac}
+commands:
+  reboot: {soft: echo HOSTNAME}
+coordinator: {address: 127.0.0.1}
+";
+    const ENV: &str = "name: e
+version: 2
+image: {file: /e.tar.zst, kind: tar}
+boot: {kernel: /vmlinuz, initrd: /initrd.img, kernel_params: rw}
+filesystem: xfs
+";
+
+    #[test]
+    fn job_from_environment_and_cluster() {
+        use kd_proto::manifest::ImageKind;
+        let env = Environment::parse(ENV).unwrap();
+        // No layout in the cluster: the default one, on the cluster's disk, with the env's fs.
+        let mut cluster = ClusterConfig::parse(&format!("{CLUSTER}disk: /dev/sdb\n")).unwrap();
+        let job = job_for(
+            &env,
+            &cluster,
+            ImageKind::Tar,
+            Some("ssh-ed25519 K".into()),
+            vec![],
+        )
+        .unwrap();
+        let l = kd_disk::Layout::from_yaml(&job.layout).unwrap();
+        assert_eq!(l.device, std::path::PathBuf::from("/dev/sdb"));
+        assert!(
+            job.layout.contains("bios_grub") && job.layout.contains("xfs"),
+            "{}",
+            job.layout
+        );
+        assert_eq!(job.environment, "e:2");
+        assert_eq!(job.image, kd_proto::msg::DeployImage::Tar);
+        assert_eq!(job.ssh_key.as_deref(), Some("ssh-ed25519 K"));
+        let boot = job.boot.unwrap();
+        assert_eq!(
+            (boot.kernel.as_str(), boot.params.as_str()),
+            ("/vmlinuz", "rw")
+        );
+        // The cluster's layout is kept; its deploy partition takes the env's file system.
+        cluster = ClusterConfig::parse(&format!(
+            "{CLUSTER}disk:\n  block_device: /dev/vda\n  layout:\n    label: msdos\n    partitions:\n      - {{number: 1, size: 256MiB, role: swap, fs: swap}}\n      - {{number: 2, size: rest, role: deploy, fs: ext4}}\n"
+        ))
+        .unwrap();
+        let job = job_for(&env, &cluster, ImageKind::Tar, None, vec![]).unwrap();
+        assert!(
+            job.layout.contains("msdos") && job.layout.contains("xfs"),
+            "{}",
+            job.layout
+        );
+        assert!(!job.layout.contains("ext4"), "{}", job.layout);
+        // A raw image keeps the layout's file system; a broken layout is refused up front.
+        let job = job_for(&env, &cluster, ImageKind::Raw, None, vec![]).unwrap();
+        assert!(job.layout.contains("ext4"));
+        cluster = ClusterConfig::parse(&format!(
+            "{CLUSTER}disk:\n  block_device: /dev/vda\n  layout:\n    label: gpt\n    partitions: []\n"
+        ))
+        .unwrap();
+        let e = job_for(&env, &cluster, ImageKind::Tar, None, vec![]).unwrap_err();
+        assert!(format!("{e:#}").contains("not usable"), "{e:#}");
+    }
+
+    #[test]
+    fn image_locations() {
+        assert_eq!(
+            local_path("server:///srv/a.kdi").unwrap(),
+            std::path::PathBuf::from("/srv/a.kdi")
+        );
+        assert_eq!(
+            local_path("/srv/a.tar").unwrap(),
+            std::path::PathBuf::from("/srv/a.tar")
+        );
+        assert!(local_path("http://x/a.tar").is_err());
+    }
+
     #[test]
     fn profiles_are_replaced_whole() {
         let d = tempfile::tempdir().unwrap();
