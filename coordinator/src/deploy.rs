@@ -703,6 +703,19 @@ impl Driver {
                         step: Step::Prepare,
                         result,
                     }],
+                    // The agent finishes a disk once (its mounts are gone after): a failure
+                    // ends the node instead of waiting for a retry that cannot come.
+                    AgentStep::Finish if result.is_err() => {
+                        self.awaiting_finish.remove(&node);
+                        self.finish_results.remove(&node);
+                        vec![Event::NodeLost {
+                            node,
+                            reason: format!(
+                                "finishing the disk failed: {}",
+                                result.err().unwrap_or_default()
+                            ),
+                        }]
+                    }
                     AgentStep::Finish => {
                         if self.awaiting_finish.remove(&node) {
                             vec![Event::StepDone {
