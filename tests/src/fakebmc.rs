@@ -14,8 +14,8 @@
 //! Everything lives under `D`: `bmc.json` ([`BmcConfig`]), `events.log` (one line per BMC
 //! command and boot), and per node `nodes/NAME/` with `pid` (`PID STARTTIME`: only that exact
 //! process is ever killed), `machine.log`, `agent.log`, `cmdline`, `work/`, and the test's
-//! switches `dead` (the node never answers: commands exit 0 and do nothing) and `fault` (one
-//! `kd-agent --fault` value per line).
+//! switches `dead` (the node never answers: commands exit 0 and do nothing), `fault` (one
+//! `kd-agent --fault` value per line) and `broken-boot` (the deployed system never boots).
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -309,6 +309,7 @@ pub fn release_under(dir: &Path, keep: &[PathBuf]) {
         .collect();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mounts {
+        eprintln!("cleanup: umount -l {m}");
         let _ = Command::new("umount").arg("-l").arg(&m).status();
     }
     let mut backing: Vec<PathBuf> = keep.to_vec();
@@ -335,6 +336,11 @@ pub fn release_under(dir: &Path, keep: &[PathBuf]) {
                 continue;
             }
             if backing.contains(&back) || back.starts_with(dir) {
+                eprintln!(
+                    "cleanup: losetup -d {} ({})",
+                    name.display(),
+                    back.display()
+                );
                 let _ = Command::new("losetup").arg("-d").arg(&name).status();
                 backing.push(name);
                 detached = true;

@@ -141,12 +141,32 @@ impl Lab {
         std::os::unix::fs::symlink("boot/vmlinuz-test", root.join("vmlinuz")).unwrap();
         // 6 MiB that do not compress much: several 1 MiB chunks to broadcast.
         make_raw_input(&root.join("usr/bin/tool"), 6 << 20, 7 + u64::from(net));
+        // A shell for the post-install (run in a chroot of the deployed system).
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .expect("/bin/busybox (Debian package busybox-static)");
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
         let image = t.join("image.tar");
         let st = Command::new("tar")
             .arg("-C")
             .arg(&root)
             .arg("-cf")
             .arg(&image)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // A post-install archive whose script leaves a trace in the deployed system.
+        write(
+            &t.join("post/post.sh"),
+            "echo \"post-installed on $KD_NODE\" > /etc/kd-post\n",
+        );
+        let post = t.join("post.tgz");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(t.join("post"))
+            .arg("-czf")
+            .arg(&post)
             .arg(".")
             .status()
             .unwrap();
@@ -158,8 +178,10 @@ impl Lab {
                 "name: kdtest\nversion: 1\ndescription: loopback deploy test\n\
                  image:\n  file: {}\n  kind: tar\n\
                  boot:\n  kernel: /vmlinuz\n  kernel_params: console=ttyS0\n\
-                 filesystem: ext4\n",
-                image.display()
+                 filesystem: ext4\n\
+                 postinstalls:\n  - archive: {}\n    script: post.sh\n",
+                image.display(),
+                post.display()
             ),
         );
         let key_text = format!("ssh-ed25519 AAAAC3NzaKDTEST{net} kd@test");
@@ -255,6 +277,24 @@ impl Lab {
         }
     }
 
+    /// Replaces one `workflow:` entry of the cluster file (`key: value`).
+    fn set_workflow(&self, key: &str, value: &str) {
+        let y = std::fs::read_to_string(&self.cluster).unwrap();
+        let prefix = format!("  {key}:");
+        assert!(y.lines().any(|l| l.starts_with(&prefix)), "no {key}");
+        let y: String = y
+            .lines()
+            .map(|l| {
+                if l.starts_with(&prefix) {
+                    format!("{prefix} {value}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        write(&self.cluster, &y);
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)
     }
@@ -287,6 +327,15 @@ impl Lab {
             DEPLOY_LIMIT,
         )
         .unwrap_or_else(|e| panic!("{e:#}\n{}", self.dump()));
+        eprintln!(
+            "kd-coord deploy -m {nodeset}: exit {:?} after {:.1} s\n{}",
+            out.status.code(),
+            t0.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if std::env::var_os("KD_TEST_VERBOSE").is_some() {
+            eprintln!("{}\n{}", String::from_utf8_lossy(&out.stderr), self.dump());
+        }
         Run {
             out,
             secs: t0.elapsed().as_secs_f64(),
@@ -398,6 +447,10 @@ fn deploys_three_process_nodes() {
         // The marker, the key (mode 600), GRUB: checked on the disk itself.
         lab.disk_ok(i)
             .unwrap_or_else(|e| panic!("{n}'s disk: {e}\n{rep}"));
+        let cfg = BmcConfig::load(&lab.bmc).unwrap();
+        let (off, _) = fakebmc::partition_range(&cfg.nodes[i].disk, DEPLOY_PARTITION).unwrap();
+        let post = fakebmc::debugfs(&cfg.nodes[i].disk, off, "cat /etc/kd-post").unwrap();
+        assert_eq!(post, format!("post-installed on {n}\n"), "{rep}");
         let p = lab.profile(i);
         assert!(
             p.contains("sanboot") && !p.contains("kd.token"),
@@ -558,6 +611,50 @@ fn bad_inputs_are_refused_before_anything_is_written() {
         lab.deploy("node[1-3]", &no_image, &[]),
         "missing-image.tar",
     );
+}
+
+#[test]
+fn a_node_whose_system_does_not_boot_fails_in_boot_new_env() {
+    if skip() {
+        return;
+    }
+    let _g = heavy();
+    let lab = Lab::new(6, 3);
+    lab.set_workflow("boot_new_env", "{ timeout: 6, retries: 2 }");
+    // node2's deployed system never comes up (as if its firmware could not boot the disk).
+    write(
+        &fakebmc::node_dir(&lab.bmc, "node2").join("broken-boot"),
+        "",
+    );
+    let r = lab.deploy("node[1-3]", &lab.env, &[]);
+    eprintln!("deploy of 3 nodes, one not booting: {:.1} s", r.secs);
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(1), "{rep}");
+    assert_eq!(r.last_line(), "2/3 nodes deployed", "{rep}");
+    assert_eq!(
+        r.ok.as_deref(),
+        Some(&["node1".to_string(), "node3".to_string()][..]),
+        "{rep}"
+    );
+    assert_eq!(r.ko.as_deref(), Some(&["node2".to_string()][..]), "{rep}");
+    assert!(r.row("node2").contains("BootNewEnv"), "{rep}");
+    // The disk itself was deployed; the agent rebooted it, then the BMC escalated.
+    lab.disk_ok(1)
+        .unwrap_or_else(|e| panic!("node2: {e}\n{rep}"));
+    let ev = fakebmc::events(&lab.bmc, "node2");
+    let after: Vec<&String> = ev
+        .iter()
+        .skip_while(|e| !e.starts_with("agent exited 0"))
+        .collect();
+    assert!(
+        after.iter().any(|e| e.starts_with("reset"))
+            && after.iter().any(|e| e.starts_with("cycle")),
+        "no hard/very_hard reboot after the agent's: {ev:?}\n{rep}"
+    );
+    assert!(!lab.answers(1));
+    for i in [0, 2] {
+        assert!(lab.answers(i), "node{} does not answer\n{rep}", i + 1);
+    }
 }
 
 /// The harness itself, driven by hand with `kd-coord broadcast` (no workflow): a deploy profile

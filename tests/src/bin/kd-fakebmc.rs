@@ -233,7 +233,14 @@ fn machine(dir: &Path, cfg: &BmcConfig, node: &BmcNode) -> Result<()> {
                 } else {
                     "no profile"
                 };
-                match fakebmc::check_disk(cfg, node) {
+                let check = if nd.join("broken-boot").exists() {
+                    Err(anyhow::anyhow!(
+                        "broken-boot flag: the firmware cannot boot the disk"
+                    ))
+                } else {
+                    fakebmc::check_disk(cfg, node)
+                };
+                match check {
                     Ok(()) => {
                         let addr = SocketAddr::new(node.address, cfg.check_port);
                         let l = bind(addr)?;
