@@ -15,7 +15,7 @@
 # to ttyS0 once sshd is up; a small initrd (initramfs-tools, MODULES=list of storage drivers).
 # No /etc/fstab entry: the root is the kernel's root= (given by kd's boot loader set-up), mounted
 # read-write by the "rw" in kernel_params.
-# Cached by input hash (this script, the mirror, the zstd level) under CACHE_DIR/<hash>/
+# Cached by input hash (this script but its YAML writer, the mirror, the zstd level) under CACHE_DIR/<hash>/
 # (default /var/cache/kd/envs). Needs root and: mmdebstrap zstd (Debian packages).
 set -euo pipefail
 
@@ -52,7 +52,8 @@ done
 
 START=$(date +%s)
 HASH=$({
-	sha256sum <"${BASH_SOURCE[0]}" | cut -d' ' -f1
+	# The image's inputs only: the YAML writer (write_yaml) is left out, its output is not cached.
+	sed '/^write_yaml() {$/,/^}$/d' "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1
 	printf 'suite=%s mirror=%s zstd=%s\n' "$SUITE" "$MIRROR" "$ZSTD_LEVEL"
 } | sha256sum | cut -c1-16)
 CACHE="$CACHE_DIR/$HASH"
@@ -78,7 +79,6 @@ boot:
   kernel_params: "console=tty0 console=ttyS0,115200n8 rw"
 filesystem: ext4
 partition_type: 0x83
-multipart: false
 postinstalls: []
 EOF
 }
