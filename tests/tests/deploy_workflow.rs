@@ -48,6 +48,24 @@ impl Drop for Lab {
     }
 }
 
+/// A `kd-coord deploy` running in the background (killed if dropped unfinished).
+struct Pending {
+    child: std::process::Child,
+    t0: Instant,
+    nodeset: String,
+    ok: PathBuf,
+    ko: PathBuf,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The outcome of one `kd-coord deploy`.
 struct Run {
     out: Output,
@@ -118,6 +136,12 @@ fn lines(p: &Path) -> Option<Vec<String>> {
 impl Lab {
     /// `n` nodes `node1..` at 127.0.0.{10*net+i}, each with a 128 MiB loop-device disk.
     fn new(net: u8, n: usize) -> Lab {
+        Lab::with_disks(net, &vec![128; n])
+    }
+
+    /// One node per disk size (MiB).
+    fn with_disks(net: u8, disk_mib: &[u64]) -> Lab {
+        let n = disk_mib.len();
         let tmp = tempfile::tempdir().unwrap();
         let t = tmp.path().to_path_buf();
         let bmc = t.join("bmc");
@@ -196,11 +220,11 @@ impl Lab {
             .map(|i| format!("52:54:00:00:{net:02x}:{i:02x}"))
             .collect();
         let mut disks = Vec::new();
-        for node in &nodes {
+        for (node, mib) in nodes.iter().zip(disk_mib) {
             let f = t.join(format!("{node}.disk"));
             std::fs::File::create(&f)
                 .unwrap()
-                .set_len(128 << 20)
+                .set_len(mib << 20)
                 .unwrap();
             let d = LoopDevice::attach(&f, None, false).unwrap();
             disks.push((f, d));
@@ -301,36 +325,55 @@ impl Lab {
 
     /// Runs `kd-coord deploy -e ENV -m NODESET -c CLUSTER -k KEY -o ok -n ko EXTRA`.
     fn deploy(&self, nodeset: &str, env: &Path, extra: &[&str]) -> Run {
-        let ok = self.path("ok.txt");
-        let ko = self.path("ko.txt");
+        let p = self.start_deploy("", nodeset, env, extra);
+        self.finish_deploy(p)
+    }
+
+    /// Starts a deployment in the background (`tag` names its ok/ko files).
+    fn start_deploy(&self, tag: &str, nodeset: &str, env: &Path, extra: &[&str]) -> Pending {
+        let ok = self.path(&format!("ok{tag}.txt"));
+        let ko = self.path(&format!("ko{tag}.txt"));
         let _ = std::fs::remove_file(&ok);
         let _ = std::fs::remove_file(&ko);
-        let t0 = Instant::now();
-        let out = run_with_timeout(
-            Command::new(bin("kd-coord"))
-                .arg("--state")
-                .arg(&self.state)
-                .arg("deploy")
-                .arg("-e")
-                .arg(env)
-                .args(["-m", nodeset])
-                .arg("-c")
-                .arg(&self.cluster)
-                .arg("-k")
-                .arg(&self.key)
-                .arg("-o")
-                .arg(&ok)
-                .arg("-n")
-                .arg(&ko)
-                .args(extra)
-                .env("KD_LOG", "info"),
-            DEPLOY_LIMIT,
-        )
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.dump()));
+        let child = Command::new(bin("kd-coord"))
+            .arg("--state")
+            .arg(&self.state)
+            .arg("deploy")
+            .arg("-e")
+            .arg(env)
+            .args(["-m", nodeset])
+            .arg("-c")
+            .arg(&self.cluster)
+            .arg("-k")
+            .arg(&self.key)
+            .arg("-o")
+            .arg(&ok)
+            .arg("-n")
+            .arg(&ko)
+            .args(extra)
+            .env("KD_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Pending {
+            child,
+            t0: Instant::now(),
+            nodeset: nodeset.to_string(),
+            ok,
+            ko,
+        }
+    }
+
+    /// Waits for a deployment started by [`Lab::start_deploy`].
+    fn finish_deploy(&self, mut p: Pending) -> Run {
+        let out = wait_child(&mut p.child, DEPLOY_LIMIT)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.dump()));
+        let secs = p.t0.elapsed().as_secs_f64();
         eprintln!(
-            "kd-coord deploy -m {nodeset}: exit {:?} after {:.1} s\n{}",
+            "kd-coord deploy -m {}: exit {:?} after {secs:.1} s\n{}",
+            p.nodeset,
             out.status.code(),
-            t0.elapsed().as_secs_f64(),
             String::from_utf8_lossy(&out.stdout)
         );
         if std::env::var_os("KD_TEST_VERBOSE").is_some() {
@@ -338,9 +381,9 @@ impl Lab {
         }
         Run {
             out,
-            secs: t0.elapsed().as_secs_f64(),
-            ok: lines(&ok),
-            ko: lines(&ko),
+            secs,
+            ok: lines(&p.ok),
+            ko: lines(&p.ko),
         }
     }
 
@@ -465,10 +508,41 @@ fn deploys_three_process_nodes() {
         assert!(lab.answers(i), "{n} does not answer\n{rep}");
     }
     // The tar was packed once into the state directory.
-    let images = std::fs::read_dir(lab.state.join("images"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert!(images >= 1, "nothing in STATE/images\n{rep}");
+    let images = || {
+        std::fs::read_dir(lab.state.join("images"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(images(), 1, "STATE/images\n{rep}");
+
+    // Again, on the deployed systems: the soft reboot works now, the image is not packed again.
+    let r = lab.deploy("node[1-3]", &lab.env, &["--json"]);
+    eprintln!("second deploy of 3 nodes: {:.1} s", r.secs);
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(0), "{rep}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&r.out.stdout).unwrap_or_else(|e| panic!("{e}: {rep}"));
+    assert_eq!(
+        v["ok"],
+        serde_json::json!(["node1", "node2", "node3"]),
+        "{rep}"
+    );
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["result"], "ok", "{rep}");
+        assert_eq!(n["steps"][0]["step"], "SetDeploymentEnv", "{rep}");
+        assert_eq!(
+            n["steps"][0]["reboots"],
+            serde_json::json!(["soft"]),
+            "{rep}"
+        );
+    }
+    assert!(!r.stderr().contains("packing"), "packed again\n{rep}");
+    assert_eq!(images(), 1, "STATE/images\n{rep}");
+    for (i, n) in lab.nodes.iter().enumerate() {
+        lab.disk_ok(i)
+            .unwrap_or_else(|e| panic!("{n}'s disk: {e}\n{rep}"));
+        assert!(lab.answers(i), "{n} does not answer\n{rep}");
+    }
 }
 
 #[test]
@@ -485,7 +559,18 @@ fn a_dead_node_times_out_and_the_others_deploy() {
         .output()
         .unwrap();
     assert!(o.status.success());
-    let r = lab.deploy("node[1-3]", &lab.env, &[]);
+    let pending = lab.start_deploy("", "node[1-3]", &lab.env, &[]);
+    // While it runs, another deployment on one of its nodes is refused.
+    let t0 = Instant::now();
+    while !lab.bmc.join("events.log").exists() && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let busy = lab.start_deploy("-busy", "node3", &lab.env, &[]);
+    let b = lab.finish_deploy(busy);
+    assert_eq!(b.code(), Some(2), "{}", lab.report(&b));
+    assert!(b.stderr().contains("node3"), "{}", lab.report(&b));
+    assert!(b.ok.is_none() && b.ko.is_none(), "{}", lab.report(&b));
+    let r = lab.finish_deploy(pending);
     eprintln!("deploy of 3 nodes, one dead: {:.1} s", r.secs);
     let rep = lab.report(&r);
     assert_eq!(r.code(), Some(1), "{rep}");
@@ -654,6 +739,34 @@ fn a_node_whose_system_does_not_boot_fails_in_boot_new_env() {
     assert!(!lab.answers(1));
     for i in [0, 2] {
         assert!(lab.answers(i), "node{} does not answer\n{rep}", i + 1);
+    }
+}
+
+#[test]
+fn a_disk_too_small_for_the_layout_fails_in_prepare() {
+    if skip() {
+        return;
+    }
+    let _g = heavy();
+    // node3's 32 MiB disk cannot hold the layout's 1 + 8 + 80 MiB.
+    let lab = Lab::with_disks(7, &[128, 128, 32]);
+    let r = lab.deploy("node[1-3]", &lab.env, &[]);
+    eprintln!("deploy of 3 nodes, one disk too small: {:.1} s", r.secs);
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(1), "{rep}");
+    assert_eq!(r.last_line(), "2/3 nodes deployed", "{rep}");
+    assert_eq!(r.ko.as_deref(), Some(&["node3".to_string()][..]), "{rep}");
+    let row = r.row("node3");
+    assert!(row.contains("Prepare"), "node3's reason: {row:?}\n{rep}");
+    // The disk was not touched: no partition table.
+    let head = std::fs::read(&lab.disks[2].0).unwrap();
+    assert!(
+        head[..1024].iter().all(|&b| b == 0),
+        "node3's disk was written\n{rep}"
+    );
+    for i in [0, 1] {
+        lab.disk_ok(i)
+            .unwrap_or_else(|e| panic!("node{}: {e}\n{rep}", i + 1));
     }
 }
 
