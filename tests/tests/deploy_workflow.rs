@@ -270,7 +270,7 @@ impl Lab {
              very_hard: {fb} cycle HOSTNAME\n  power_on: {{ hard: {fb} on HOSTNAME }}\n  \
              power_off: {{ hard: {fb} off HOSTNAME }}\n  power_status: {fb} status HOSTNAME\n\
              coordinator: {{ address: 127.0.0.1, port: {port} }}\n\
-             disk:\n  block_device: /dev/vda\n  layout:\n    device: /dev/vda\n    label: gpt\n    partitions:\n\
+             disk:\n  block_device: /dev/kd-no-such-disk\n  layout:\n    device: /dev/kd-no-such-disk\n    label: gpt\n    partitions:\n\
              \x20     - {{ number: 1, size: 1MiB, role: bios_grub }}\n\
              \x20     - {{ number: 2, size: 8MiB, role: swap, fs: swap }}\n\
              \x20     - {{ number: 3, size: 80MiB, role: deploy, fs: ext4 }}\n\
@@ -284,6 +284,8 @@ impl Lab {
             http = http_root.display(),
             port = free_udp_port(),
         );
+        // The cluster's block device does not exist: every agent writes the loop device the
+        // fake BMC gives it with --disk, never a disk of this machine.
         let cluster = t.join("cluster.yaml");
         write(&cluster, &y);
         Lab {
@@ -815,7 +817,7 @@ fn the_fake_bmc_boots_the_agent_then_the_deployed_system() {
     let layout = lab.path("layout.yaml");
     write(
         &layout,
-        "device: /dev/vda\nlabel: gpt\npartitions:\n\
+        "device: /dev/kd-no-such-disk\nlabel: gpt\npartitions:\n\
          - { number: 1, size: 1MiB, role: bios_grub }\n\
          - { number: 2, size: 8MiB, role: swap, fs: swap }\n\
          - { number: 3, size: 80MiB, role: deploy, fs: ext4 }\n\

@@ -178,6 +178,14 @@ fn set_state(dir: &Path, node: &BmcNode, state: &str) {
 
 /// The node: boots from its PXE profile until halted, killed, or out of boots.
 fn machine(dir: &Path, cfg: &BmcConfig, node: &BmcNode) -> Result<()> {
+    // Agents write this disk: only ever a loop device (never a disk of this machine).
+    if !node.disk.to_string_lossy().starts_with("/dev/loop") {
+        bail!(
+            "{}: disk {} is not a loop device",
+            node.name,
+            node.disk.display()
+        );
+    }
     let end = Instant::now() + MACHINE_LIFETIME;
     let nd = fakebmc::node_dir(dir, &node.name);
     for _boot in 0..MAX_BOOTS {
