@@ -63,7 +63,7 @@ cleanup() {
 	if [ -n "$FAILED" ] && [ -d "$STATE" ]; then
 		for i in $(seq 1 "$NODES"); do
 			echo "--- node$i console (last lines)"
-			tail -n 25 "$STATE/node$i.log" 2>/dev/null | tr -d '\r' | cut -c1-200
+			tail -n 25 "$STATE/node$i.log" 2>/dev/null | tr -d '\r' | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200
 		done
 	fi
 	"$BIN/kd-lab" down --state "$STATE" >/dev/null 2>&1
@@ -171,8 +171,8 @@ if [ -n "$FAIL_ONE" ]; then
 	grep -q "^$((NODES - 1))/$NODES nodes deployed" "$WORK/phase2.out" || fail "phase 2: no '$((NODES - 1))/$NODES nodes deployed' line"
 	[ "$(sorted "$WORK/phase2.ko")" = "$FAIL_NODE" ] || fail "phase 2: ko file: '$(sorted "$WORK/phase2.ko")' (expected $FAIL_NODE)"
 	[ "$(wc -l <"$WORK/phase2.ok")" = "$((NODES - 1))" ] || fail "phase 2: ok file: $(sorted "$WORK/phase2.ok")"
-	row=$(grep -E "^[[:space:]]*$FAIL_NODE[[:space:]]" "$WORK/phase2.out" | head -n1 || true)
-	echo "$row" | grep -q KO || fail "phase 2: no KO row for $FAIL_NODE in the report"
+	row=$(awk -v n="$FAIL_NODE" '$1 == n && toupper($2) == "KO"' "$WORK/phase2.out" | head -n1)
+	[ -n "$row" ] || fail "phase 2: no KO row for $FAIL_NODE in the report"
 	say "phase 2: $FAIL_NODE KO: $(echo "$row" | tr -s ' ')"
 	say "phase 2: ended $(printf '%.0f' "$(echo "$(now) - $KILLED_AT" | bc)") s after the power-off; checking ssh on the others"
 	mapfile -t OK2 <"$WORK/phase2.ok"
