@@ -77,7 +77,7 @@ struct Driver {
     used: HashSet<String>,
     agents: HashMap<String, Agent>,
     round: Option<Round>,
-    queued_reboots: Vec<(String, CommandId)>,
+    queued_reboots: Vec<String>,
     finish_results: HashMap<String, Result<(), String>>,
     awaiting_finish: HashSet<String>,
     commands: HashMap<CommandId, tokio::task::AbortHandle>,
@@ -260,16 +260,29 @@ impl Driver {
                         status: CommandStatus::Failed("no agent connection to reboot".into()),
                     }];
                 }
-                let busy = self
+                let needed = self
                     .round
                     .as_ref()
-                    .is_some_and(|r| r.nodes.contains(&node) && !r.pending.is_empty());
-                if busy {
-                    // Its children may still read from it: reboot once the round is over.
-                    self.queued_reboots.push((node, id));
-                    return Vec::new();
+                    .is_some_and(|r| relays_for_pending(r, &node));
+                if needed {
+                    // A node still receiving reads from it (directly or further down): the
+                    // reboot goes out when no one does. The request itself is answered now, so
+                    // the wait counts in the boot timeout, not as a failed soft reboot.
+                    self.note(format!(
+                        "{node}: reboot held while nodes below it still receive"
+                    ));
+                    self.queued_reboots.push(node.clone());
+                    return vec![Event::CommandDone {
+                        node,
+                        id,
+                        status: CommandStatus::Exited(0),
+                    }];
                 }
-                vec![self.send_reboot(node, id)]
+                vec![Event::CommandDone {
+                    status: self.send_reboot(&node),
+                    node,
+                    id,
+                }]
             }
             Action::KillCommand { node, id } => {
                 if let Some(h) = self.commands.remove(&id) {
@@ -315,7 +328,8 @@ impl Driver {
                     Step::Prepare | Step::Finish => self.drop_agent(&node, &reason),
                     Step::Broadcast => {
                         self.drop_agent(&node, &reason);
-                        return self.leave_round(&node).await;
+                        self.leave_round(&node).await;
+                        return Vec::new();
                     }
                     Step::BootNewEnv => {}
                 }
@@ -343,7 +357,8 @@ impl Driver {
                         self.note(format!("{node}: FAILED in {step}: {reason}"));
                         self.drop_agent(&node, reason);
                         self.tokens.remove(&node);
-                        return self.leave_round(&node).await;
+                        self.leave_round(&node).await;
+                        return Vec::new();
                     }
                 }
                 Vec::new()
@@ -419,15 +434,14 @@ impl Driver {
         Vec::new()
     }
 
-    fn send_reboot(&mut self, node: String, id: CommandId) -> Event {
-        let status = match self.agents.remove(&node) {
+    fn send_reboot(&mut self, node: &str) -> CommandStatus {
+        match self.agents.remove(node) {
             Some(a) => match a.tx.try_send(ToAgent::Reboot) {
                 Ok(()) => CommandStatus::Exited(0),
                 Err(e) => CommandStatus::Failed(format!("cannot tell the agent: {e}")),
             },
             None => CommandStatus::Failed("no agent connection to reboot".into()),
-        };
-        Event::CommandDone { node, id, status }
+        }
     }
 
     fn probe(&self, node: String) {
@@ -563,12 +577,12 @@ impl Driver {
 
     /// `node` leaves the current round (failed or cancelled): its children get new parents;
     /// returns the events of reboots that were waiting for the round's end.
-    async fn leave_round(&mut self, node: &str) -> Vec<Event> {
+    async fn leave_round(&mut self, node: &str) {
         let Some(r) = self.round.as_mut() else {
-            return Vec::new();
+            return;
         };
         if !r.nodes.iter().any(|n| n == node) {
-            return Vec::new();
+            return;
         }
         r.pending.remove(node);
         // Children still receiving need a new parent; those done need nothing.
@@ -581,7 +595,7 @@ impl Driver {
         for o in orphans {
             self.reattach(&o, Some(node)).await;
         }
-        self.round_maybe_over()
+        self.round_maybe_over();
     }
 
     async fn reattach(&mut self, node: &str, lost: Option<&str>) {
@@ -611,17 +625,21 @@ impl Driver {
         ));
     }
 
-    /// When the round has no pending node, the held reboots go out.
-    fn round_maybe_over(&mut self) -> Vec<Event> {
-        let over = self.round.as_ref().is_none_or(|r| r.pending.is_empty());
-        if !over {
-            return Vec::new();
-        }
+    /// Held reboots of nodes no receiving node depends on any more go out (a held node whose
+    /// agent is gone by then is left to the boot timeout and the reboot commands).
+    fn round_maybe_over(&mut self) {
         let queued = std::mem::take(&mut self.queued_reboots);
-        queued
-            .into_iter()
-            .map(|(n, id)| self.send_reboot(n, id))
-            .collect()
+        for node in queued {
+            let needed = self
+                .round
+                .as_ref()
+                .is_some_and(|r| relays_for_pending(r, &node));
+            if needed {
+                self.queued_reboots.push(node);
+            } else if let CommandStatus::Failed(e) = self.send_reboot(&node) {
+                self.note(format!("{node}: held reboot not sent: {e}"));
+            }
+        }
     }
 
     async fn inbound(&mut self, ib: Inbound) -> Vec<Event> {
@@ -680,12 +698,11 @@ impl Driver {
                     return Vec::new();
                 }
                 self.agents.remove(&node);
-                let mut ev = self.leave_round(&node).await;
-                ev.push(Event::NodeLost {
+                self.leave_round(&node).await;
+                vec![Event::NodeLost {
                     node,
                     reason: format!("agent connection lost: {reason}"),
-                });
-                ev
+                }]
             }
         }
     }
@@ -745,7 +762,7 @@ impl Driver {
                     (None, Some(h)) if h == expected => None,
                     (None, _) => Some("the agent reported a different image hash".into()),
                 };
-                let mut ev = match error {
+                let ev = match error {
                     None => {
                         self.note(format!(
                             "{node}: image verified and written ({} chunks, {} refused as corrupt, {} fetched again)",
@@ -763,7 +780,7 @@ impl Driver {
                         reason: format!("broadcast failed: {e}"),
                     }],
                 };
-                ev.extend(self.round_maybe_over());
+                self.round_maybe_over();
                 ev
             }
             ToCoord::ParentLost {
@@ -807,6 +824,25 @@ impl Driver {
             ToCoord::Hello(_) => Vec::new(),
         }
     }
+}
+
+/// True when `node` is an ancestor of a node of the round that is still receiving.
+fn relays_for_pending(r: &Round, node: &str) -> bool {
+    r.pending.iter().any(|p| {
+        let mut cur = r.parent.get(p).cloned().flatten();
+        let mut hops = 0;
+        while let Some(c) = cur {
+            if c == node {
+                return true;
+            }
+            hops += 1;
+            if hops > r.parent.len() {
+                return false;
+            }
+            cur = r.parent.get(&c).cloned().flatten();
+        }
+        false
+    })
 }
 
 fn describe_inventory(inv: &kd_proto::msg::Inventory) -> String {
