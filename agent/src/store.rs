@@ -5,15 +5,23 @@
 //! (and, through the parent's own window, the whole path up to the source). A child that stalls
 //! longer than the grace period is overtaken: it will get `Unavailable` and repair from the
 //! coordinator instead of holding everyone back.
+//!
+//! Siblings also move in step ([`Store::pace`]): a child may not be sent a chunk more than
+//! [`LEAD`] chunks ahead of its slowest live sibling. Without it, congestion control shares the
+//! parent's uplink between its children's connections unevenly, and the child that falls behind
+//! is often the one with a subtree (a leaf takes more than its share, an inner node cannot catch
+//! up later because its own uplink is then the limit): a k-ary tree lost 15-45 % on its ideal.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{watch, Notify};
 
 /// A verified compressed chunk, shared between the writer and the children's senders.
-pub(crate) type Chunk = Arc<Vec<u8>>;
+pub(crate) type Chunk = bytes::Bytes;
 
 /// What [`Store::get`] found.
 pub(crate) enum Get {
@@ -22,11 +30,36 @@ pub(crate) enum Get {
     NotYet,
 }
 
+/// How many chunks a child may be ahead of its slowest live sibling.
+pub(crate) const LEAD: u32 = 2;
+/// A sibling that has not advanced for this long no longer holds the others back.
+pub(crate) const PACE_GRACE: Duration = Duration::from_secs(5);
+
+struct Child {
+    /// Next chunk this child will be sent.
+    pos: u32,
+    /// When `pos` last moved (or the child registered).
+    moved: Instant,
+    /// Whether it streams (takes part in pacing) or fetches one chunk.
+    paced: bool,
+}
+
 struct Inner {
     chunks: VecDeque<Chunk>,
     base: u32,
-    children: HashMap<u64, u32>,
+    children: HashMap<u64, Child>,
     next_id: u64,
+}
+
+impl Inner {
+    /// The position of the slowest live paced child other than `id`, if any.
+    fn slowest_sibling(&self, id: u64, now: Instant) -> Option<u32> {
+        self.children
+            .iter()
+            .filter(|(&cid, c)| cid != id && c.paced && now.duration_since(c.moved) < PACE_GRACE)
+            .map(|(_, c)| c.pos)
+            .min()
+    }
 }
 
 pub(crate) struct Store {
@@ -71,7 +104,7 @@ impl Store {
                 let mut g = self.lock();
                 debug_assert_eq!(g.base + g.chunks.len() as u32, index);
                 let full = g.chunks.len() >= self.window;
-                let needed = g.children.values().any(|&p| p <= g.base);
+                let needed = g.children.values().any(|c| c.pos <= g.base);
                 if !full || !needed || tokio::time::Instant::now() >= deadline {
                     if full {
                         g.chunks.pop_front();
@@ -108,20 +141,51 @@ impl Store {
         let _ = rx.wait_for(|&n| n > index).await;
     }
 
-    /// A child starts reading at `from`.
-    pub(crate) fn register(&self, from: u32) -> u64 {
+    /// A child starts reading at `from`; `paced`: a stream that moves in step with its siblings
+    /// (a one-chunk request is not).
+    pub(crate) fn register(&self, from: u32, paced: bool) -> u64 {
         let mut g = self.lock();
         let id = g.next_id;
         g.next_id += 1;
-        g.children.insert(id, from);
+        g.children.insert(
+            id,
+            Child {
+                pos: from,
+                moved: Instant::now(),
+                paced,
+            },
+        );
         id
     }
 
     pub(crate) fn advance(&self, id: u64, pos: u32) {
-        if let Some(p) = self.lock().children.get_mut(&id) {
-            *p = pos;
+        if let Some(c) = self.lock().children.get_mut(&id) {
+            c.pos = pos;
+            c.moved = Instant::now();
         }
         self.advanced.notify_waiters();
+    }
+
+    /// Waits until child `id` may be sent chunk `index`: at most [`LEAD`] chunks ahead of its
+    /// slowest sibling that moved within [`PACE_GRACE`] (so a stalled sibling holds it back for
+    /// at most that long).
+    pub(crate) async fn pace(&self, id: u64, index: u32) {
+        let deadline = tokio::time::Instant::now() + PACE_GRACE + Duration::from_millis(100);
+        loop {
+            let notified = self.advanced.notified();
+            let slowest = self.lock().slowest_sibling(id, Instant::now());
+            match slowest {
+                Some(p) if index >= p.saturating_add(LEAD) => {}
+                _ => return,
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return;
+            }
+            let _ =
+                tokio::time::timeout_at(deadline.min(now + Duration::from_millis(200)), notified)
+                    .await;
+        }
     }
 
     pub(crate) fn unregister(&self, id: u64) {
@@ -133,18 +197,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn window_evicts_and_waits_for_children() {
         let s = Arc::new(Store::new(2));
-        let c = s.register(0);
-        s.push(0, Arc::new(vec![0]), Duration::from_secs(5)).await;
-        s.push(1, Arc::new(vec![1]), Duration::from_secs(5)).await;
+        let c = s.register(0, true);
+        s.push(0, Chunk::from(vec![0]), Duration::from_secs(5))
+            .await;
+        s.push(1, Chunk::from(vec![1]), Duration::from_secs(5))
+            .await;
         // Full and the child still needs chunk 0: push waits until the child advances.
         let s2 = s.clone();
-        let h = tokio::spawn(
-            async move { s2.push(2, Arc::new(vec![2]), Duration::from_secs(5)).await },
-        );
+        let h = tokio::spawn(async move {
+            s2.push(2, Chunk::from(vec![2]), Duration::from_secs(5))
+                .await
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!h.is_finished());
         s.advance(c, 1);
@@ -153,9 +221,43 @@ mod tests {
         assert!(matches!(s.get(2), Get::Ready(_)));
         assert!(matches!(s.get(3), Get::NotYet));
         // A stalled child is overtaken after the grace period.
-        s.push(3, Arc::new(vec![3]), Duration::from_millis(50))
+        s.push(3, Chunk::from(vec![3]), Duration::from_millis(50))
             .await;
         assert_eq!(s.available(), 4);
         s.unregister(c);
+    }
+
+    #[tokio::test]
+    async fn siblings_move_in_step() {
+        let s = Arc::new(Store::new(64));
+        let a = s.register(0, true);
+        let b = s.register(0, true);
+        let one = s.register(0, false);
+        // a may run LEAD chunks ahead of b, not more.
+        for i in 0..LEAD {
+            tokio::time::timeout(Duration::from_millis(50), s.pace(a, i))
+                .await
+                .unwrap();
+        }
+        let s2 = s.clone();
+        let h = tokio::spawn(async move { s2.pace(a, LEAD).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!h.is_finished());
+        // A one-chunk request at 0 does not hold anyone back; b moving does.
+        s.advance(one, 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!h.is_finished());
+        s.advance(b, 1);
+        tokio::time::timeout(Duration::from_millis(500), h)
+            .await
+            .unwrap()
+            .unwrap();
+        // A sibling that stops moving is ignored after the grace period.
+        tokio::time::pause();
+        let s3 = s.clone();
+        let h = tokio::spawn(async move { s3.pace(a, 10).await });
+        tokio::time::sleep(PACE_GRACE + Duration::from_secs(1)).await;
+        assert!(h.is_finished());
+        h.await.unwrap();
     }
 }
