@@ -2,10 +2,12 @@
 # kd's developer entry point (run as root on Debian 12; it installs what is missing).
 #
 #   ./dev.sh setup   install the Debian packages kd's build, tests and lab need
-#   ./dev.sh build   setup + build every binary + the deploy initrd (cached by input hash)
+#   ./dev.sh build   setup + build every binary, the deploy initrd and the test environment
+#                    (both cached by input hash)
 #   ./dev.sh test    build + run every test (the command CI runs)
-#   ./dev.sh demo    build + a 3-node virtual cluster that PXE-boots the deploy initrd and
-#                    receives an image through kd's QUIC tree (see README)
+#   ./dev.sh demo    build + a 3-node virtual cluster: the nodes PXE-boot kd's deploy initrd,
+#                    kd-coord deploy writes Debian 12 to their disks, they boot it, ssh works
+#                    (scripts/lab-deploy.sh; args after `demo` go to it, e.g. --nodes 2)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -17,6 +19,7 @@ PACKAGES=(
 	grub-pc-bin grub-efi-amd64-bin grub2-common      # grub-install i386-pc / x86_64-efi
 	mmdebstrap cpio kmod busybox-static     # deploy initrd and test environment builds
 	qemu-system-x86 ipxe-qemu dnsmasq-base pxelinux syslinux-common   # the virtual lab
+	openssh-client                          # the lab demo/test logs in to the deployed nodes
 )
 
 setup() {
@@ -39,6 +42,8 @@ build() {
 	# The initrd gets a stripped copy of the agent (the debug build carries ~100 MB of symbols).
 	strip --strip-debug -o build/kd-agent target/debug/kd-agent
 	initrd/build.sh --agent build/kd-agent --out build/initrd
+	# The test environment the lab deploys (Debian 12 + sshd, ~3 min the first time).
+	envs/build-debian12.sh --out build/env
 }
 
 case "${1:-}" in
@@ -51,10 +56,10 @@ test)
 	;;
 demo)
 	build
-	exec scripts/lab-broadcast.sh "${@:2}"
+	exec scripts/lab-deploy.sh --env build/env/debian12-min.yaml "${@:2}"
 	;;
 *)
-	sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
 	exit 2
 	;;
 esac

@@ -10,6 +10,7 @@ use kd_net::tls::AllowedPeers;
 use kd_net::wire::{self, DataIn};
 use kd_proto::codec::MAX_FRAME;
 use kd_proto::manifest::{verify_chunk, Manifest};
+use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
     DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, PeerIdentity, Plan, Progress,
     Report, StepReport, ToAgent, ToCoord, Upstream,
@@ -69,9 +70,63 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         deployment = welcome.deployment,
         "welcomed by the coordinator"
     );
+    // Control plumbing: a writer task and a reader task around the control stream.
+    let (to_coord, mut out_rx) = mpsc::channel::<ToCoord>(256);
+    tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            if wire::send(&mut send, &m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (ctl_tx, mut ctl) = mpsc::channel::<ToAgent>(256);
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = wire::recv_opt::<ToAgent>(&mut recv).await {
+            if ctl_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    // Before the plan: a staged deployment prepares the disk when asked.
+    let mut staged: Option<(Box<DeployJob>, kd_disk::Prepared)> = None;
+    let plan_deadline = tokio::time::Instant::now() + cfg.plan_timeout;
     let plan = loop {
-        match wire::recv::<ToAgent>(&mut recv, cfg.plan_timeout, "the plan").await? {
+        let msg = match tokio::time::timeout_at(plan_deadline, ctl.recv()).await {
+            Err(_) => bail!("no plan from the coordinator within {:?}", cfg.plan_timeout),
+            Ok(None) => match coord.close_reason() {
+                Some(r) => bail!("the coordinator closed the connection before the plan: {r}"),
+                None => bail!("the control stream ended before the plan"),
+            },
+            Ok(Some(m)) => m,
+        };
+        match msg {
             ToAgent::Plan(p) => break p,
+            ToAgent::Prepare(job) => {
+                // A second Prepare (a retry) starts over: the previous mounts go first.
+                drop(staged.take());
+                let t = Instant::now();
+                let r = prepare_disk(&cfg, &job, &to_coord).await;
+                let end = StepEnd {
+                    step: AgentStep::Prepare,
+                    millis: t.elapsed().as_millis() as u64,
+                    error: r.as_ref().err().cloned(),
+                };
+                match &end.error {
+                    None => tracing::info!(millis = end.millis, "disk prepared"),
+                    Some(e) => tracing::error!("{e}"),
+                }
+                let _ = to_coord.send(ToCoord::StepEnd(end)).await;
+                if let Ok(p) = r {
+                    staged = Some((job, p));
+                }
+            }
+            ToAgent::Reboot => {
+                drop(staged.take());
+                coord.close(kd_net::close::DONE.into(), b"rebooting");
+                reboot_or_exit(&cfg);
+                bail!("the coordinator ended this deployment before the plan");
+            }
             ToAgent::Abort { reason } => {
                 bail!("aborted by the coordinator before the plan: {reason}")
             }
@@ -90,24 +145,6 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     manifest
         .validate(16 << 20)
         .map_err(|e| anyhow!("bad manifest from the coordinator: {e}"))?;
-
-    // Control plumbing: a writer task and a reader task around the control stream.
-    let (to_coord, mut out_rx) = mpsc::channel::<ToCoord>(256);
-    tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            if wire::send(&mut send, &m).await.is_err() {
-                break;
-            }
-        }
-    });
-    let (ctl_tx, ctl) = mpsc::channel::<ToAgent>(256);
-    tokio::spawn(async move {
-        while let Ok(Some(m)) = wire::recv_opt::<ToAgent>(&mut recv).await {
-            if ctl_tx.send(m).await.is_err() {
-                break;
-            }
-        }
-    });
 
     // Serve children.
     let allowed = AllowedPeers::default();
@@ -131,6 +168,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     ));
 
     let cpu0 = cpu_seconds();
+    let was_staged = staged.is_some();
     // The target: the command line's sink, or the node's disk prepared for a deployment. A node
     // whose disk cannot be prepared still relays to its children, then reports the failure.
     let mut prepare_error = None;
@@ -140,7 +178,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
             prepare_error = Some(e);
             None
         }),
-        Job::Deploy(d) => match prepare_disk(&cfg, d.as_ref(), &to_coord).await {
+        Job::Deploy(d) => match take_or_prepare(&cfg, d, staged.take(), &to_coord).await {
             Ok(p) => match p.sink() {
                 Ok(s) => {
                     prepared = Some(p);
@@ -173,9 +211,15 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         report.error = Some(e);
         report.image_hash = None;
     }
+    // A staged deployment (the disk was prepared on the coordinator's Prepare) reports the image
+    // first, then finishes the disk and reports that step; otherwise finishing is part of the
+    // report.
+    let mut finish_after = None;
     if let (Job::Deploy(d), Some(p)) = (&job, prepared) {
         if report.error.is_none() {
-            if let Err(e) = finish_disk(&ctx.cfg, d.as_ref(), p, &ctx.to_coord).await {
+            if was_staged {
+                finish_after = Some((d.clone(), p));
+            } else if let Err(e) = finish_disk(&ctx.cfg, d.as_ref(), p, &ctx.to_coord).await {
                 report.error = Some(e);
                 report.image_hash = None;
             }
@@ -186,6 +230,20 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         ..report
     };
     let _ = ctx.to_coord.send(ToCoord::Report(report.clone())).await;
+    if let Some((d, p)) = finish_after {
+        let t = Instant::now();
+        let r = finish_disk(&ctx.cfg, d.as_ref(), p, &ctx.to_coord).await;
+        let end = StepEnd {
+            step: AgentStep::Finish,
+            millis: t.elapsed().as_millis() as u64,
+            error: r.err(),
+        };
+        match &end.error {
+            None => tracing::info!(millis = end.millis, "disk finished"),
+            Some(e) => tracing::error!("{e}"),
+        }
+        let _ = ctx.to_coord.send(ToCoord::StepEnd(end)).await;
+    }
 
     // Keep serving children until the coordinator releases us.
     let end = loop {
@@ -195,7 +253,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         };
         match msg {
             Some(ToAgent::Adopt(p)) => ctx.allowed.allow(p.cert_sha256, p.node),
-            Some(ToAgent::Finish) => break Ok(()),
+            Some(ToAgent::Finish) => break Ok(false),
+            Some(ToAgent::Reboot) => break Ok(true),
             Some(ToAgent::Abort { reason }) => {
                 break Err(anyhow!("aborted by the coordinator: {reason}"))
             }
@@ -213,13 +272,39 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     if let Some(e) = &report.error {
         bail!("{e}");
     }
-    end?;
-    if matches!(job, Job::Deploy(_)) && ctx.cfg.reboot_on_finish {
+    let reboot = end?;
+    if reboot || matches!(job, Job::Deploy(_)) {
+        reboot_or_exit(&ctx.cfg);
+    }
+    Ok(AgentOutcome { report })
+}
+
+/// Reboots into the deployed system when this agent may (`reboot_on_finish`: the deploy
+/// initrd); otherwise returns (a test or a host just exits).
+fn reboot_or_exit(cfg: &AgentConfig) {
+    if cfg.reboot_on_finish {
         tracing::info!("deployment finished: rebooting into the deployed system");
         nix::unistd::sync();
         let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    } else {
+        tracing::info!("deployment finished (no reboot: not started by the deploy initrd)");
     }
-    Ok(AgentOutcome { report })
+}
+
+/// The disk prepared by an earlier `Prepare` for this same job, or a fresh preparation.
+async fn take_or_prepare(
+    cfg: &AgentConfig,
+    job: &DeployJob,
+    staged: Option<(Box<DeployJob>, kd_disk::Prepared)>,
+    to_coord: &mpsc::Sender<ToCoord>,
+) -> Result<kd_disk::Prepared, String> {
+    match staged {
+        Some((j, p)) if *j == *job => Ok(p),
+        other => {
+            drop(other);
+            prepare_disk(cfg, job, to_coord).await
+        }
+    }
 }
 
 fn send_steps(to_coord: &mpsc::Sender<ToCoord>, log: &kd_disk::StepLog) {

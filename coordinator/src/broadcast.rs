@@ -5,7 +5,7 @@
 //! I/O lives here (quinn, tokio); the decisions that need no I/O (who becomes whose parent) are
 //! plain functions at the bottom, unit-tested.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,7 +140,9 @@ impl Outcome {
     }
 }
 
-enum Inbound {
+/// What a connection task tells the main loop (shared by `broadcast` and `deploy`).
+pub(crate) enum Inbound {
+    /// An agent said Hello; answer on `reply` (Ok: Welcome, Err: refused and closed).
     Hello {
         hello: Hello,
         conn: quinn::Connection,
@@ -153,6 +155,8 @@ enum Inbound {
     },
     Lost {
         node: String,
+        /// `quinn::Connection::stable_id` of the lost connection.
+        conn_id: usize,
         reason: String,
     },
 }
@@ -176,9 +180,11 @@ struct Node {
 }
 
 /// Shared, read-only state of the data service.
-struct Source {
-    image: ImageFile,
-    deployment: u64,
+pub(crate) struct Source {
+    /// The image served.
+    pub(crate) image: ImageFile,
+    /// Data requests must name this deployment.
+    pub(crate) deployment: u64,
 }
 
 /// Runs a whole broadcast. `events` receives live progress (dropped events are fine).
@@ -200,26 +206,10 @@ pub async fn run(
     });
     let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
 
-    let accept_task = {
-        let endpoint = endpoint.clone();
-        let in_tx = in_tx.clone();
-        let source = source.clone();
-        let events = events.clone();
-        tokio::spawn(async move {
-            while let Some(incoming) = endpoint.accept().await {
-                tokio::spawn(handle_connection(
-                    incoming,
-                    in_tx.clone(),
-                    source.clone(),
-                    events.clone(),
-                ));
-            }
-        })
-    };
-    drop(in_tx);
+    let accept_task = spawn_accept(&endpoint, in_tx, source.clone(), events.clone());
 
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
-    let mut used_tokens: HashMap<String, ()> = HashMap::new();
+    let mut used_tokens: HashSet<String> = HashSet::new();
 
     // Phase 1: gather Hellos.
     let hello_deadline = tokio::time::Instant::now() + cfg.hello_timeout;
@@ -236,10 +226,10 @@ pub async fn run(
                 tx,
                 reply,
             } => {
-                let verdict = check_hello(&hello, &cfg, &used_tokens, false);
+                let verdict = check_hello(&hello, &cfg.tokens, &used_tokens, false);
                 match verdict {
                     Ok(()) => {
-                        used_tokens.insert(hello.node.clone(), ());
+                        used_tokens.insert(hello.node.clone());
                         let _ = reply.send(Ok(()));
                         let _ = events.send(Event::Connected {
                             node: hello.node.clone(),
@@ -267,7 +257,7 @@ pub async fn run(
                     }
                 }
             }
-            Inbound::Lost { node, reason } => {
+            Inbound::Lost { node, reason, .. } => {
                 if let Some(n) = nodes.get_mut(&node) {
                     n.status = Status::Failed(format!("connection lost before the plan: {reason}"));
                 }
@@ -356,7 +346,7 @@ pub async fn run(
         };
         match ev {
             Inbound::Hello { hello, reply, .. } => {
-                let e = check_hello(&hello, &cfg, &used_tokens, true)
+                let e = check_hello(&hello, &cfg.tokens, &used_tokens, true)
                     .err()
                     .unwrap_or_else(|| {
                         WireError::new(ErrorCode::Unexpected, "the broadcast has already started")
@@ -410,9 +400,9 @@ pub async fn run(
                 ToCoord::Step(s) => {
                     let _ = events.send(Event::Step { node, step: s });
                 }
-                ToCoord::Hello(_) => {}
+                ToCoord::Hello(_) | ToCoord::StepEnd(_) => {}
             },
-            Inbound::Lost { node, reason } => {
+            Inbound::Lost { node, reason, .. } => {
                 let Some(n) = nodes.get_mut(&node) else {
                     continue;
                 };
@@ -502,6 +492,27 @@ pub async fn run(
     })
 }
 
+/// Accepts connections on `endpoint` until it closes; each one is handled by its own task that
+/// reports to `in_tx`.
+pub(crate) fn spawn_accept(
+    endpoint: &quinn::Endpoint,
+    in_tx: mpsc::Sender<Inbound>,
+    source: Arc<Source>,
+    events: mpsc::UnboundedSender<Event>,
+) -> tokio::task::JoinHandle<()> {
+    let endpoint = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            tokio::spawn(handle_connection(
+                incoming,
+                in_tx.clone(),
+                source.clone(),
+                events.clone(),
+            ));
+        }
+    })
+}
+
 fn info_of(nodes: &BTreeMap<String, Node>, name: &str) -> Result<PeerInfo> {
     nodes
         .get(name)
@@ -509,10 +520,12 @@ fn info_of(nodes: &BTreeMap<String, Node>, name: &str) -> Result<PeerInfo> {
         .with_context(|| format!("no peer info for {name}"))
 }
 
-fn check_hello(
+/// Checks an agent's Hello against the expected tokens (`used`: nodes whose token was spent;
+/// `started`: no new agent is wanted any more).
+pub(crate) fn check_hello(
     h: &Hello,
-    cfg: &BroadcastConfig,
-    used: &HashMap<String, ()>,
+    tokens: &HashMap<String, String>,
+    used: &HashSet<String>,
     started: bool,
 ) -> Result<(), WireError> {
     if h.version != kd_proto::PROTOCOL_VERSION {
@@ -525,7 +538,7 @@ fn check_hello(
             ),
         ));
     }
-    let Some(expected) = cfg.tokens.get(&h.node) else {
+    let Some(expected) = tokens.get(&h.node) else {
         return Err(WireError::new(
             ErrorCode::UnknownNode,
             format!("node {:?} is not part of this deployment", h.node),
@@ -537,7 +550,7 @@ fn check_hello(
             format!("wrong token for node {}", h.node),
         ));
     }
-    if used.contains_key(&h.node) {
+    if used.contains(&h.node) {
         return Err(WireError::new(
             ErrorCode::BadToken,
             format!("the token of node {} was already used", h.node),
@@ -578,6 +591,37 @@ pub fn new_parent(
     None
 }
 
+/// Moves `node` away from its lost parent `lost` (`None`: it lost the coordinator): updates
+/// `parent` and returns the messages to send, as (recipient, message): `Adopt` to the new parent
+/// (if an agent) and `Reparent` to the node. `info` gives a node's peer address and fingerprint.
+pub(crate) fn reattach_messages(
+    node: &str,
+    lost: Option<&str>,
+    parent: &mut HashMap<String, Option<String>>,
+    alive: impl Fn(&str) -> bool,
+    info: impl Fn(&str) -> Option<PeerInfo>,
+) -> (Option<String>, Vec<(String, ToAgent)>) {
+    let np = new_parent(lost, parent, |n| alive(n) && Some(n) != lost);
+    let mut out = Vec::new();
+    let upstream = match (&np, info(node)) {
+        (Some(p), Some(child_info)) => match info(p) {
+            Some(pi) => {
+                out.push((p.clone(), ToAgent::Adopt(child_info)));
+                Upstream::Peer(pi)
+            }
+            None => Upstream::Coordinator,
+        },
+        _ => Upstream::Coordinator,
+    };
+    let np = match &upstream {
+        Upstream::Coordinator => None,
+        Upstream::Peer(p) => Some(p.node.clone()),
+    };
+    parent.insert(node.to_string(), np.clone());
+    out.push((node.to_string(), ToAgent::Reparent(upstream)));
+    (np, out)
+}
+
 async fn reattach(
     node: &str,
     lost: Option<&str>,
@@ -585,32 +629,22 @@ async fn reattach(
     nodes: &mut BTreeMap<String, Node>,
     events: &mpsc::UnboundedSender<Event>,
 ) {
-    let alive = |n: &str| {
-        nodes
-            .get(n)
-            .map(|x| matches!(x.status, Status::Planned | Status::Done(_)))
-            .unwrap_or(false)
-            && Some(n) != lost
-    };
-    let np = new_parent(lost, parent, alive);
-    let upstream = match &np {
-        None => Upstream::Coordinator,
-        Some(p) => {
-            let (Some(child_info), Some(pn)) =
-                (nodes.get(node).and_then(|n| n.info.clone()), nodes.get(p))
-            else {
-                return;
-            };
-            let _ = pn.tx.send(ToAgent::Adopt(child_info)).await;
-            match pn.info.clone() {
-                Some(i) => Upstream::Peer(i),
-                None => Upstream::Coordinator,
-            }
+    let (np, msgs) = reattach_messages(
+        node,
+        lost,
+        parent,
+        |n| {
+            nodes
+                .get(n)
+                .map(|x| matches!(x.status, Status::Planned | Status::Done(_)))
+                .unwrap_or(false)
+        },
+        |n| nodes.get(n).and_then(|x| x.info.clone()),
+    );
+    for (to, msg) in msgs {
+        if let Some(n) = nodes.get(&to) {
+            let _ = n.tx.send(msg).await;
         }
-    };
-    parent.insert(node.to_string(), np.clone());
-    if let Some(n) = nodes.get(node) {
-        let _ = n.tx.send(ToAgent::Reparent(upstream)).await;
     }
     let _ = events.send(Event::Reparented {
         node: node.to_string(),
@@ -618,7 +652,7 @@ async fn reattach(
     });
 }
 
-async fn handle_connection(
+pub(crate) async fn handle_connection(
     incoming: quinn::Incoming,
     in_tx: mpsc::Sender<Inbound>,
     source: Arc<Source>,
@@ -754,7 +788,13 @@ async fn handle_connection(
             }
         }
     };
-    let _ = in_tx.send(Inbound::Lost { node, reason }).await;
+    let _ = in_tx
+        .send(Inbound::Lost {
+            node,
+            conn_id: conn.stable_id(),
+            reason,
+        })
+        .await;
 }
 
 fn describe_close(e: &quinn::ConnectionError) -> String {
@@ -902,23 +942,23 @@ mod tests {
             data_port: 1,
             inventory: Default::default(),
         };
-        let used = HashMap::new();
-        assert!(check_hello(&h, &cfg, &used, false).is_ok());
+        let used = HashSet::new();
+        assert!(check_hello(&h, &cfg.tokens, &used, false).is_ok());
         h.token = "x".into();
         assert_eq!(
-            check_hello(&h, &cfg, &used, false).unwrap_err().code,
+            check_hello(&h, &cfg.tokens, &used, false).unwrap_err().code,
             ErrorCode::BadToken
         );
         h.node = "zz".into();
         assert_eq!(
-            check_hello(&h, &cfg, &used, false).unwrap_err().code,
+            check_hello(&h, &cfg.tokens, &used, false).unwrap_err().code,
             ErrorCode::UnknownNode
         );
         h.node = "a".into();
         h.token = "t".into();
         h.version = 99;
         assert_eq!(
-            check_hello(&h, &cfg, &used, false).unwrap_err().code,
+            check_hello(&h, &cfg.tokens, &used, false).unwrap_err().code,
             ErrorCode::VersionMismatch
         );
     }

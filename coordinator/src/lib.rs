@@ -3,6 +3,7 @@
 
 pub mod broadcast;
 pub mod config;
+pub mod deploy;
 pub mod env;
 pub mod image;
 pub mod pki;

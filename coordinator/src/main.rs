@@ -32,6 +32,44 @@ enum Cmd {
     Pin,
     /// Send an image to agents that connect (no PXE, no disks: see `deploy` for the whole flow).
     Broadcast(BroadcastArgs),
+    /// Deploy an environment on nodes: PXE, reboot, prepare, broadcast, finish, boot, check.
+    Deploy(DeployCli),
+}
+
+#[derive(clap::Args)]
+struct DeployCli {
+    /// Environment: a description file (YAML), or a name looked up as STATE/envs/NAME.yaml.
+    #[arg(short = 'e', long = "env")]
+    env: String,
+    /// Nodes, in node-set syntax (node[1-8,10]).
+    #[arg(short = 'm', long = "machines")]
+    nodes: String,
+    /// Cluster configuration.
+    #[arg(
+        short = 'c',
+        long,
+        env = "KD_CLUSTER",
+        default_value = "/etc/kd/cluster.yaml"
+    )]
+    cluster: PathBuf,
+    /// Public SSH key file to put in root's authorized_keys on the deployed system.
+    #[arg(short = 'k', long = "key")]
+    ssh_key: Option<PathBuf>,
+    /// Tree: chain, star, or a fan-out k.
+    #[arg(long, default_value = "chain")]
+    arity: Arity,
+    /// Write the deployed nodes' names here (one per line).
+    #[arg(short = 'o', long = "output-ok-nodes")]
+    ok_file: Option<PathBuf>,
+    /// Write the failed nodes' names here (one per line).
+    #[arg(short = 'n', long = "output-ko-nodes")]
+    ko_file: Option<PathBuf>,
+    /// UDP address to listen on (default: the cluster's coordinator address and port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -199,6 +237,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Broadcast(a) => broadcast_cmd(&cli.state, a),
+        Cmd::Deploy(a) => deploy_cmd(&cli.state, a),
     }
 }
 
@@ -399,4 +438,186 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
         );
     }
     Ok(if outcome.all_ok() { 0 } else { 1 })
+}
+
+fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
+    use kd_coord::config::ClusterConfig;
+    use kd_coord::deploy::{self, DeployConfig};
+    use kd_coord::env::Environment;
+    let t0 = Instant::now();
+    let say =
+        move |line: String| eprintln!("kd-coord: [{:6.1} s] {line}", t0.elapsed().as_secs_f64());
+    let nodes = kd_proto::nodeset::parse(&a.nodes)
+        .map_err(|e| anyhow::anyhow!("bad node set {:?}: {e}", a.nodes))?;
+    let cluster = ClusterConfig::load(&a.cluster)
+        .with_context(|| format!("cluster configuration {}", a.cluster.display()))?;
+    let unknown: Vec<&str> = nodes
+        .iter()
+        .filter(|n| cluster.node(n).is_none())
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "unknown node(s) {} (not in {}; known: {})",
+            kd_proto::nodeset::fold(&unknown.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+            a.cluster.display(),
+            kd_proto::nodeset::fold(
+                &cluster
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.clone())
+                    .collect::<Vec<_>>()
+            )
+        );
+    }
+    // One deployment per node at a time (also across kd-coord processes): held until exit.
+    let _locks = lock_nodes(state, &nodes)?;
+    let env_path = {
+        let p = PathBuf::from(&a.env);
+        if p.exists() {
+            p
+        } else {
+            let named = state.join("envs").join(format!("{}.yaml", a.env));
+            if !named.exists() {
+                bail!(
+                    "no environment {:?}: neither a file nor {}",
+                    a.env,
+                    named.display()
+                );
+            }
+            named
+        }
+    };
+    let env_text = std::fs::read_to_string(&env_path)
+        .with_context(|| format!("read {}", env_path.display()))?;
+    let env = Environment::parse(&env_text)
+        .with_context(|| format!("environment {}", env_path.display()))?;
+    let ssh_key = match &a.ssh_key {
+        None => None,
+        Some(k) => {
+            let text =
+                std::fs::read_to_string(k).with_context(|| format!("read {}", k.display()))?;
+            let ok = text.lines().any(|l| {
+                let l = l.trim();
+                l.starts_with("ssh-") || l.starts_with("ecdsa-") || l.starts_with("sk-")
+            });
+            if !ok {
+                bail!(
+                    "{} does not look like an SSH public key (ssh-ed25519 AAAA...)",
+                    k.display()
+                );
+            }
+            Some(text)
+        }
+    };
+    let mut archives = Vec::new();
+    for p in &env.postinstalls {
+        let path = deploy::local_path(&p.archive)?;
+        archives.push(
+            std::fs::read(&path)
+                .with_context(|| format!("post-install archive {}", path.display()))?,
+        );
+    }
+    let image_path = deploy::image_for(
+        &deploy::local_path(&env.image.file)?,
+        &state.join("images"),
+        &|l| say(l),
+    )?;
+    let img = ImageFile::open(&image_path)?;
+    let job = deploy::job_for(&env, &cluster, img.manifest.kind, ssh_key, archives)?;
+    let identity = CoordIdentity::load_or_create(state)?;
+    let mut seed = [0u8; 8];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+    let cfg = DeployConfig {
+        cluster,
+        nodes: nodes.clone(),
+        job,
+        arity: a.arity,
+        deployment: u64::from_le_bytes(seed),
+        listen: a.listen,
+    };
+    say(format!(
+        "deploying {}:{} ({}, {:.1} MiB) on {} node(s) {}, tree {}",
+        env.name,
+        env.version,
+        image_path.display(),
+        img.manifest.compressed_size() as f64 / 1048576.0,
+        nodes.len(),
+        kd_proto::nodeset::fold(&nodes),
+        a.arity
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let summary = rt.block_on(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let task = tokio::spawn(async move { deploy::run(img, cfg, &identity, tx).await });
+        while let Some(line) = rx.recv().await {
+            say(line);
+        }
+        task.await.context("deployment task")?
+    })?;
+    let write_list = |path: &Option<PathBuf>, names: Vec<&str>| -> Result<()> {
+        if let Some(p) = path {
+            let mut text = names.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            std::fs::write(p, text).with_context(|| format!("write {}", p.display()))?;
+        }
+        Ok(())
+    };
+    write_list(&a.ok_file, summary.ok.iter().map(String::as_str).collect())?;
+    write_list(
+        &a.ko_file,
+        summary.ko.iter().map(|(n, _, _)| n.as_str()).collect(),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary.to_json())?);
+    } else {
+        print!("{}", summary.table());
+        println!("{}/{} nodes deployed", summary.ok.len(), nodes.len());
+    }
+    Ok(if summary.ko.is_empty() { 0 } else { 1 })
+}
+
+/// Takes each node's lock file under STATE/locks; fails, naming the busy nodes, when another
+/// deployment holds some.
+fn lock_nodes(state: &Path, nodes: &[String]) -> Result<Vec<std::fs::File>> {
+    let dir = state.join("locks");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut held = Vec::new();
+    let mut busy = Vec::new();
+    for n in nodes {
+        let path = dir.join(format!("{n}.lock"));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => {
+                f.set_len(0)?;
+                writeln!(f, "{}", std::process::id())?;
+                held.push(f);
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                busy.push(format!("{n} (kd-coord pid {})", owner.trim()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
+    if !busy.is_empty() {
+        bail!(
+            "busy: another deployment is running on {}; nothing was done",
+            busy.join(", ")
+        );
+    }
+    Ok(held)
 }

@@ -391,6 +391,74 @@ pub struct ClusterCommands {
     pub console: String,
 }
 
+/// One partition of the disk layout (kd-disk's `PartitionSpec` YAML).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterPartition {
+    /// Partition number.
+    pub number: u32,
+    /// Size: `1MiB`, `256MiB`, `rest`, ...
+    pub size: String,
+    /// Role: `bios_grub`, `swap`, `deploy`, ...
+    pub role: String,
+    /// File system, when the role needs one chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<String>,
+}
+
+/// The partition layout kd-disk applies (its `Layout` YAML: device, label, partitions).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterLayout {
+    /// Whole-disk block device.
+    pub device: String,
+    /// `gpt` or `msdos`.
+    pub label: String,
+    /// Partitions in disk order.
+    pub partitions: Vec<ClusterPartition>,
+}
+
+/// The target disk of every node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterDisk {
+    /// Block device (`/dev/vda`, the virtio disk).
+    pub block_device: String,
+    /// Partition layout.
+    pub layout: ClusterLayout,
+}
+
+/// Timeout (s) and retries of one step of the deployment workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStep {
+    /// Seconds (for the reboot steps: from the reboot command to the answer).
+    pub timeout: u64,
+    /// Attempts after the first one.
+    pub retries: u32,
+}
+
+/// The workflow section of the cluster configuration (kd-coord's `WorkflowConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterWorkflow {
+    /// Reboot/power commands in flight at once.
+    pub reboot_window: usize,
+    /// A reboot/power command running longer is killed (s).
+    pub command_timeout: u64,
+    /// Delay between the final reboot and the first port probe (s).
+    pub probe_delay: u64,
+    /// Delay between port probes (s).
+    pub probe_interval: u64,
+    /// How long the broadcast barrier waits for late nodes (s).
+    pub broadcast_wait: u64,
+    /// Deploy profile, reboot, agent Hello.
+    pub set_deployment_env: ClusterStep,
+    /// Partition, mkfs, mount.
+    pub prepare: ClusterStep,
+    /// Receive and write the image.
+    pub broadcast: ClusterStep,
+    /// Post-installs, key, boot loader.
+    pub finish: ClusterStep,
+    /// Local-boot profile, reboot, the deployed OS answers on `check_port`.
+    pub boot_new_env: ClusterStep,
+}
+
 /// The cluster configuration written for kd-coord (`cluster.yaml`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterConfig {
@@ -398,14 +466,61 @@ pub struct ClusterConfig {
     pub name: String,
     /// Address the coordinator listens on and agents connect to.
     pub coordinator_address: String,
-    /// Target disk on every node.
-    pub disk: String,
+    /// Target disk and its layout.
+    pub disk: ClusterDisk,
     /// Nodes.
     pub nodes: Vec<ClusterNode>,
     /// PXE settings.
     pub pxe: ClusterPxe,
     /// Command templates.
     pub commands: ClusterCommands,
+    /// Workflow timeouts and retries.
+    pub workflow: ClusterWorkflow,
+    /// TCP port the deployed OS answers on (sshd).
+    pub check_port: u16,
+}
+
+/// The lab's disk: GPT on `/dev/vda`, 1 MiB bios_grub (GRUB's core image), 256 MiB swap, the
+/// rest ext4 for the deployed system.
+pub fn lab_disk() -> ClusterDisk {
+    let part = |number: u32, size: &str, role: &str, fs: Option<&str>| ClusterPartition {
+        number,
+        size: size.into(),
+        role: role.into(),
+        fs: fs.map(str::to_string),
+    };
+    ClusterDisk {
+        block_device: "/dev/vda".into(),
+        layout: ClusterLayout {
+            device: "/dev/vda".into(),
+            label: "gpt".into(),
+            partitions: vec![
+                part(1, "1MiB", "bios_grub", None),
+                part(2, "256MiB", "swap", None),
+                part(3, "rest", "deploy", Some("ext4")),
+            ],
+        },
+    }
+}
+
+/// Workflow timeouts for lab nodes. Under TCG (no KVM, 2 shared cores) a PXE boot to the
+/// agent's Hello takes 60-90 s per node and more when several boot at once, three nodes
+/// writing a ~370 MB root take ~6 min, and the deployed Debian needs 60-120 s to sshd.
+/// With KVM everything is ~10x faster and the same values only bound failures.
+pub fn lab_workflow() -> ClusterWorkflow {
+    let step = |timeout: u64, retries: u32| ClusterStep { timeout, retries };
+    ClusterWorkflow {
+        reboot_window: 10,
+        command_timeout: 60,
+        probe_delay: 20,
+        probe_interval: 5,
+        broadcast_wait: 180,
+        set_deployment_env: step(360, 2),
+        prepare: step(240, 1),
+        broadcast: step(1500, 0),
+        finish: step(300, 1),
+        boot_new_env: step(480, 1),
+    }
 }
 
 /// Build the cluster configuration. `kd_lab` is the absolute path of the kd-lab binary.
@@ -423,7 +538,7 @@ pub fn cluster_config(
     ClusterConfig {
         name: name.to_string(),
         coordinator_address: subnet.gateway().to_string(),
-        disk: "/dev/vda".into(),
+        disk: lab_disk(),
         nodes: nodes
             .iter()
             .map(|n| ClusterNode {
@@ -440,9 +555,11 @@ pub fn cluster_config(
             profile_naming: "mac".into(),
         },
         commands: ClusterCommands {
+            // `reset` fails at once on a node that is off; escalation then reaches `cycle`,
+            // which works from any state (a deployment may start from powered-off nodes).
             reboot: ClusterReboot {
                 soft: power("reset"),
-                hard: power("reset"),
+                hard: power("cycle"),
                 very_hard: power("cycle"),
             },
             power_on: power("on"),
@@ -450,6 +567,8 @@ pub fn cluster_config(
             power_status: power("status"),
             console: format!("{bin} console --state {sd} HOSTNAME"),
         },
+        workflow: lab_workflow(),
+        check_port: 22,
     }
 }
 
@@ -570,5 +689,51 @@ mod tests {
             v["pxe"]["http_base_url"].as_str(),
             Some("http://10.77.0.1:8080")
         );
+        // Escalation reaches a command that works on a powered-off node.
+        assert_eq!(
+            v["commands"]["reboot"]["hard"].as_str(),
+            Some("/bin/kd-lab power --state /s HOSTNAME cycle")
+        );
+        assert_eq!(v["check_port"].as_u64(), Some(22));
+        assert_eq!(v["disk"]["block_device"].as_str(), Some("/dev/vda"));
+        let parts = v["disk"]["layout"]["partitions"].as_sequence().unwrap();
+        let roles: Vec<_> = parts.iter().map(|p| p["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["bios_grub", "swap", "deploy"]);
+        assert_eq!(parts[2]["size"].as_str(), Some("rest"));
+        assert_eq!(parts[2]["fs"].as_str(), Some("ext4"));
+        assert!(parts[0].get("fs").is_none());
+        let w = &v["workflow"];
+        for step in [
+            "set_deployment_env",
+            "prepare",
+            "broadcast",
+            "finish",
+            "boot_new_env",
+        ] {
+            assert!(w[step]["timeout"].as_u64().unwrap() >= 60, "{step}");
+        }
+        // TCG: a PXE boot to the agent takes 60-90 s, the deployed Debian 60-120 s to sshd.
+        assert!(w["set_deployment_env"]["timeout"].as_u64().unwrap() >= 240);
+        assert!(w["boot_new_env"]["timeout"].as_u64().unwrap() >= 300);
+    }
+
+    /// kd-disk accepts the layout kd-lab writes and resolves it on the lab's 4 GiB disk.
+    #[test]
+    fn disk_layout_is_kd_disks() {
+        let layout = serde_norway::to_string(&lab_disk().layout).unwrap();
+        let l = kd_disk::layout::Layout::from_yaml(&layout).unwrap();
+        let plan = l.resolve(4 << 30, None).unwrap();
+        let deploy = plan.deploy().unwrap();
+        assert_eq!(deploy.number, 3);
+        assert_eq!(deploy.fs, Some(kd_disk::layout::FsType::Ext4));
+        assert!(deploy.size > 3 << 30, "{}", deploy.size);
+        assert_eq!(
+            plan.with_role(kd_disk::layout::Role::Swap)
+                .next()
+                .unwrap()
+                .size,
+            256 << 20
+        );
+        assert!(plan.needed_bytes() <= 4 << 30);
     }
 }

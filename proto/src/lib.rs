@@ -20,4 +20,4 @@ pub mod tree;
 /// ALPN protocol identifier of every kd QUIC connection.
 pub const ALPN: &[u8] = b"kd/1";
 /// Version of the wire protocol carried in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -42,6 +42,28 @@ pub enum ToCoord {
     Step(StepReport),
     /// The final report of this node for the current plan.
     Report(Report),
+    /// A deployment step the coordinator asked for (or that follows the image) ended.
+    StepEnd(StepEnd),
+}
+
+/// The end of an agent-side deployment step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepEnd {
+    /// Which step.
+    pub step: AgentStep,
+    /// Wall-clock milliseconds the step took on the node.
+    pub millis: u64,
+    /// `None` on success, else what failed (with the tool's output when there is one).
+    pub error: Option<String>,
+}
+
+/// Deployment steps an agent runs outside the image transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentStep {
+    /// Check, partition, format and mount the disk (answer to [`ToAgent::Prepare`]).
+    Prepare,
+    /// Post-installs, SSH key, fstab, bootloader, unmount (after a staged deployment's image).
+    Finish,
 }
 
 /// The agent introduces itself.
@@ -166,6 +188,14 @@ pub enum ToAgent {
     Adopt(PeerInfo),
     /// Everyone is done: close connections and end (or go on with the deployment).
     Finish,
+    /// Prepare the disk for this deployment now, before the plan; answer
+    /// [`ToCoord::StepEnd`] with [`AgentStep::Prepare`]. A later `Plan` with `Job::Deploy`
+    /// writes into that prepared disk, and the agent then reports the image (`Report`) before
+    /// it finishes the disk (`StepEnd` with [`AgentStep::Finish`]).
+    Prepare(Box<DeployJob>),
+    /// The deployment is over for this node: stop serving and reboot into the deployed system
+    /// (an agent outside the deploy initrd just exits).
+    Reboot,
     /// Stop now, with a reason.
     Abort {
         /// Why.

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod fakebmc;
+
 /// Serialises the tests that start many processes (the machine has 2 cores).
 pub fn heavy() -> MutexGuard<'static, ()> {
     static M: Mutex<()> = Mutex::new(());

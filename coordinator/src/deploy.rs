@@ -1,0 +1,1164 @@
+//! `kd-coord deploy`: the driver that runs the deployment workflow ([`crate::workflow`]) with
+//! real I/O.
+//!
+//! The workflow decides; this module executes its [`Action`]s and feeds back [`Event`]s:
+//! it writes PXE profiles (a fresh one-time token per deploy profile), runs the cluster's
+//! reboot commands (killed after `command_timeout`), keeps one QUIC endpoint open for the
+//! whole deployment (agents may say Hello at any time, with the token of their current
+//! profile), sends `Prepare`, plans and runs each broadcast round (the same data service and
+//! re-attachment as `kd-coord broadcast`), waits for each agent's finish step, reboots agents
+//! into the deployed system, and probes the deployed system's TCP port.
+//!
+//! Agents keep relaying to their children after their own report: a node's `RebootAgent` is
+//! held until every node of its broadcast round has reported or dropped out.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kd_proto::msg::{
+    AgentStep, DeployJob, Job, PeerInfo, Plan, Progress, ToAgent, ToCoord, Upstream,
+};
+use kd_proto::tree::Arity;
+use tokio::sync::mpsc;
+
+use crate::broadcast::{self, Inbound, Source};
+use crate::config::{ClusterConfig, DeployArgs, Level, Operation, ProfileBoot};
+use crate::env::Environment;
+use crate::image::ImageFile;
+use crate::pki::{CoordIdentity, DeploymentCa};
+use crate::workflow::{
+    Action, CommandId, CommandStatus, Deployment, Event, PxeKind, Settings, Step, Summary,
+};
+
+/// What to deploy where.
+#[derive(Debug, Clone)]
+pub struct DeployConfig {
+    /// The cluster (nodes, PXE, commands, workflow timeouts).
+    pub cluster: ClusterConfig,
+    /// Nodes to deploy, all in `cluster`.
+    pub nodes: Vec<String>,
+    /// What every agent does with the image (layout, environment, key, boot, post-installs).
+    pub job: DeployJob,
+    /// Tree shape of each broadcast round.
+    pub arity: Arity,
+    /// Deployment identifier (data requests must name it).
+    pub deployment: u64,
+    /// UDP address to listen on; default: the cluster's coordinator address and port.
+    pub listen: Option<SocketAddr>,
+}
+
+struct Agent {
+    conn: quinn::Connection,
+    tx: mpsc::Sender<ToAgent>,
+    data_port: u16,
+}
+
+/// One broadcast round: its tree and who has not reported yet.
+struct Round {
+    number: u32,
+    nodes: Vec<String>,
+    parent: HashMap<String, Option<String>>,
+    info: HashMap<String, PeerInfo>,
+    pending: HashSet<String>,
+    started: Instant,
+}
+
+struct Driver {
+    cfg: DeployConfig,
+    wf: Deployment,
+    pin_hex: String,
+    ca: DeploymentCa,
+    source: Arc<Source>,
+    tokens: HashMap<String, String>,
+    used: HashSet<String>,
+    agents: HashMap<String, Agent>,
+    round: Option<Round>,
+    queued_reboots: Vec<(String, CommandId)>,
+    finish_results: HashMap<String, Result<(), String>>,
+    awaiting_finish: HashSet<String>,
+    commands: HashMap<CommandId, tokio::task::AbortHandle>,
+    ev_tx: mpsc::UnboundedSender<Event>,
+    notes: mpsc::UnboundedSender<String>,
+    progress: HashMap<String, Progress>,
+    summary: Option<Summary>,
+}
+
+/// Runs a whole deployment; `notes` receives one human-readable line per thing that happened.
+pub async fn run(
+    image: ImageFile,
+    cfg: DeployConfig,
+    identity: &CoordIdentity,
+    notes: mpsc::UnboundedSender<String>,
+) -> Result<Summary> {
+    let mut cfg = cfg;
+    let wanted = cfg
+        .listen
+        .unwrap_or_else(|| cfg.cluster.coordinator.socket_addr());
+    let server =
+        kd_net::tls::coordinator_server(identity.cert_der.clone(), identity.key_der.clone())?;
+    // The configured port may be taken by another deployment running at the same time (on
+    // other nodes): any free port on the same address does, since each profile names it.
+    let endpoint = match kd_net::endpoint::bind(wanted, Some(server.clone())) {
+        Ok(e) => e,
+        Err(first) => kd_net::endpoint::bind(SocketAddr::new(wanted.ip(), 0), Some(server))
+            .with_context(|| {
+                format!("cannot listen on {wanted} ({first:#}) nor on another port of that address: run kd-coord where the nodes reach the cluster's coordinator address")
+            })?,
+    };
+    let local = endpoint.local_addr()?;
+    if !local.ip().is_unspecified() {
+        cfg.cluster.coordinator.address = local.ip();
+    }
+    cfg.cluster.coordinator.port = local.port();
+    let _ = notes.send(format!(
+        "listening on {local}, deployment {:016x}",
+        cfg.deployment
+    ));
+    let source = Arc::new(Source {
+        image,
+        deployment: cfg.deployment,
+    });
+    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
+    let (bev_tx, mut bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
+    let accept = broadcast::spawn_accept(&endpoint, in_tx, source.clone(), bev_tx);
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
+    let now = Instant::now();
+    let settings = Settings::from_config(&cfg.cluster);
+    let mut d = Driver {
+        wf: Deployment::new(cfg.nodes.clone(), settings, now),
+        pin_hex: kd_proto::manifest::hex(&identity.pin()),
+        ca: DeploymentCa::new(cfg.deployment)?,
+        source,
+        tokens: HashMap::new(),
+        used: HashSet::new(),
+        agents: HashMap::new(),
+        round: None,
+        queued_reboots: Vec::new(),
+        finish_results: HashMap::new(),
+        awaiting_finish: HashSet::new(),
+        commands: HashMap::new(),
+        ev_tx,
+        notes,
+        progress: HashMap::new(),
+        summary: None,
+        cfg,
+    };
+    let mut queue: VecDeque<Action> = d.wf.start(now).into();
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut interrupted = false;
+    let summary = loop {
+        // Execute everything asked, feeding back what executing it tells at once.
+        while let Some(a) = queue.pop_front() {
+            for e in d.execute(a).await {
+                queue.extend(d.wf.handle(e, Instant::now()));
+            }
+        }
+        if let Some(s) = d.summary.take() {
+            break s;
+        }
+        let wake =
+            d.wf.poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            ib = in_rx.recv() => {
+                let Some(ib) = ib else { anyhow::bail!("the QUIC endpoint stopped") };
+                for e in d.inbound(ib).await {
+                    queue.extend(d.wf.handle(e, Instant::now()));
+                }
+            }
+            Some(e) = ev_rx.recv() => queue.extend(d.wf.handle(e, Instant::now())),
+            Some(be) = bev_rx.recv() => {
+                if let broadcast::Event::Refused { addr, reason } = be {
+                    d.note(format!("refused a connection from {addr}: {reason}"));
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                queue.extend(d.wf.handle_timeout(Instant::now()));
+            }
+            _ = tick.tick() => d.progress_line(),
+            r = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                if r.is_ok() {
+                    d.note("interrupted: stopping every node (press Ctrl-C again to quit at once)".into());
+                    queue.extend(d.wf.handle(Event::Abort { reason: "interrupted by the operator".into() }, Instant::now()));
+                }
+            }
+        }
+    };
+    // Every node is done: release what is left and close.
+    for (_, h) in d.commands.drain() {
+        h.abort();
+    }
+    let names: Vec<String> = d.agents.keys().cloned().collect();
+    for n in names {
+        d.drop_agent(&n, "the deployment is over");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    endpoint.close(kd_net::close::DONE.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    accept.abort();
+    Ok(summary)
+}
+
+impl Driver {
+    fn note(&self, line: String) {
+        let _ = self.notes.send(line);
+    }
+
+    fn progress_line(&self) {
+        let p = self.wf.progress();
+        let mut parts: Vec<String> = Step::ALL
+            .iter()
+            .zip(p.in_step.iter())
+            .filter(|(_, &n)| n > 0)
+            .map(|(s, n)| format!("{s} {n}"))
+            .collect();
+        if let Some(r) = &self.round {
+            if !r.pending.is_empty() {
+                let total = self.source.image.manifest.chunk_count();
+                let min = r
+                    .pending
+                    .iter()
+                    .map(|n| self.progress.get(n).map(|p| p.chunks).unwrap_or(0))
+                    .min()
+                    .unwrap_or(0);
+                parts.push(format!(
+                    "round {} slowest node at chunk {min}/{total} after {:.0} s",
+                    r.number,
+                    r.started.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        parts.push(format!("{} ok, {} ko", p.ok, p.ko));
+        self.note(format!("progress: {}", parts.join(", ")));
+    }
+
+    /// Executes one action; returns the events known at once.
+    async fn execute(&mut self, action: Action) -> Vec<Event> {
+        match action {
+            Action::WritePxe { node, profile } => vec![Event::PxeWritten {
+                result: self.write_pxe(&node, profile),
+                node,
+            }],
+            Action::RunCommand {
+                node,
+                id,
+                op,
+                level,
+            } => self.run_command(node, id, op, level),
+            Action::RebootAgent { node, id } => {
+                if !self.agents.contains_key(&node) {
+                    return vec![Event::CommandDone {
+                        node,
+                        id,
+                        status: CommandStatus::Failed("no agent connection to reboot".into()),
+                    }];
+                }
+                let busy = self
+                    .round
+                    .as_ref()
+                    .is_some_and(|r| r.nodes.contains(&node) && !r.pending.is_empty());
+                if busy {
+                    // Its children may still read from it: reboot once the round is over.
+                    self.queued_reboots.push((node, id));
+                    return Vec::new();
+                }
+                vec![self.send_reboot(node, id)]
+            }
+            Action::KillCommand { node, id } => {
+                if let Some(h) = self.commands.remove(&id) {
+                    self.note(format!("{node}: command {} killed (too long)", id.0));
+                    h.abort();
+                }
+                Vec::new()
+            }
+            Action::SendPrepare { node } => {
+                let job = Box::new(self.cfg.job.clone());
+                match self.agents.get(&node) {
+                    Some(a) if a.tx.send(ToAgent::Prepare(job)).await.is_ok() => Vec::new(),
+                    _ => vec![Event::StepDone {
+                        node,
+                        step: Step::Prepare,
+                        result: Err("no agent connection".into()),
+                    }],
+                }
+            }
+            Action::StartBroadcast { round, nodes } => self.start_round(round, nodes).await,
+            Action::SendFinish { node } => match self.finish_results.remove(&node) {
+                Some(result) => vec![Event::StepDone {
+                    node,
+                    step: Step::Finish,
+                    result,
+                }],
+                None => {
+                    self.awaiting_finish.insert(node);
+                    Vec::new()
+                }
+            },
+            Action::ProbePort { node } => {
+                self.probe(node);
+                Vec::new()
+            }
+            Action::CancelStep { node, step, reason } => {
+                match step {
+                    Step::SetDeploymentEnv => {
+                        // A late Hello with this token is refused from now on.
+                        self.tokens.remove(&node);
+                        self.drop_agent(&node, &reason);
+                    }
+                    Step::Prepare | Step::Finish => self.drop_agent(&node, &reason),
+                    Step::Broadcast => {
+                        self.drop_agent(&node, &reason);
+                        return self.leave_round(&node).await;
+                    }
+                    Step::BootNewEnv => {}
+                }
+                Vec::new()
+            }
+            Action::StepStarted {
+                node,
+                step,
+                attempt,
+            } => {
+                if attempt == 0 {
+                    self.note(format!("{node}: {step}"));
+                } else {
+                    self.note(format!("{node}: {step} (retry {attempt})"));
+                }
+                Vec::new()
+            }
+            Action::NodeDone { node, report } => {
+                match &report.result {
+                    crate::workflow::NodeResult::Deployed => self.note(format!(
+                        "{node}: deployed in {:.1} s",
+                        report.total.as_secs_f64()
+                    )),
+                    crate::workflow::NodeResult::Failed { step, reason } => {
+                        self.note(format!("{node}: FAILED in {step}: {reason}"));
+                        self.drop_agent(&node, reason);
+                        self.tokens.remove(&node);
+                        return self.leave_round(&node).await;
+                    }
+                }
+                Vec::new()
+            }
+            Action::Finished { summary } => {
+                self.summary = Some(summary);
+                Vec::new()
+            }
+        }
+    }
+
+    fn write_pxe(&mut self, node: &str, kind: PxeKind) -> Result<(), String> {
+        let nc = self
+            .cfg
+            .cluster
+            .node(node)
+            .cloned()
+            .ok_or_else(|| format!("{node} is not in the cluster configuration"))?;
+        let profile = match kind {
+            PxeKind::Deploy => {
+                let token = random_token().map_err(|e| format!("no token: {e}"))?;
+                // A new profile means a new boot: the previous agent (if any) is gone.
+                self.drop_agent(node, "the node is rebooted into the deploy environment");
+                self.used.remove(node);
+                self.tokens.insert(node.to_string(), token.clone());
+                let args = DeployArgs::new(&self.pin_hex, &token).map_err(|e| e.to_string())?;
+                self.cfg
+                    .cluster
+                    .render_profile(&nc, &ProfileBoot::Deploy(&args))
+            }
+            PxeKind::LocalDisk => {
+                self.tokens.remove(node);
+                self.cfg
+                    .cluster
+                    .render_profile(&nc, &ProfileBoot::LocalDisk)
+            }
+        };
+        write_atomic(&profile.path, profile.content.as_bytes()).map_err(|e| {
+            format!(
+                "cannot write the PXE profile {}: {e}",
+                profile.path.display()
+            )
+        })
+    }
+
+    fn run_command(
+        &mut self,
+        node: String,
+        id: CommandId,
+        op: Operation,
+        level: Level,
+    ) -> Vec<Event> {
+        let cmd = self
+            .cfg
+            .cluster
+            .node(&node)
+            .and_then(|nc| self.cfg.cluster.command(op, level, nc));
+        let Some(cmd) = cmd else {
+            return vec![Event::CommandDone {
+                node,
+                id,
+                status: CommandStatus::Failed(format!("no {op:?} command at level {level}")),
+            }];
+        };
+        self.note(format!("{node}: {level} reboot: {cmd}"));
+        let tx = self.ev_tx.clone();
+        let limit = Duration::from_secs(self.cfg.cluster.workflow.command_timeout.max(1));
+        let h = tokio::spawn(async move {
+            let status = run_shell(&cmd, limit).await;
+            let _ = tx.send(Event::CommandDone { node, id, status });
+        });
+        self.commands.insert(id, h.abort_handle());
+        Vec::new()
+    }
+
+    fn send_reboot(&mut self, node: String, id: CommandId) -> Event {
+        let status = match self.agents.remove(&node) {
+            Some(a) => match a.tx.try_send(ToAgent::Reboot) {
+                Ok(()) => CommandStatus::Exited(0),
+                Err(e) => CommandStatus::Failed(format!("cannot tell the agent: {e}")),
+            },
+            None => CommandStatus::Failed("no agent connection to reboot".into()),
+        };
+        Event::CommandDone { node, id, status }
+    }
+
+    fn probe(&self, node: String) {
+        let Some(addr) = self
+            .cfg
+            .cluster
+            .node(&node)
+            .map(|n| SocketAddr::new(n.address, self.cfg.cluster.check_port))
+        else {
+            return;
+        };
+        let limit = Duration::from_secs(self.cfg.cluster.workflow.probe_interval.clamp(1, 3));
+        let tx = self.ev_tx.clone();
+        tokio::spawn(async move {
+            let open = matches!(
+                tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            );
+            let _ = tx.send(if open {
+                Event::PortOpen { node }
+            } else {
+                Event::PortClosed { node }
+            });
+        });
+    }
+
+    /// Tells the node's agent (if any) to stop and forgets it.
+    fn drop_agent(&mut self, node: &str, reason: &str) {
+        if let Some(a) = self.agents.remove(node) {
+            let _ = a.tx.try_send(ToAgent::Abort {
+                reason: reason.to_string(),
+            });
+            let conn = a.conn;
+            let reason = reason.to_string();
+            tokio::spawn(async move {
+                // Let the Abort leave before the connection closes.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                conn.close(kd_net::close::DONE.into(), reason.as_bytes());
+            });
+        }
+    }
+
+    async fn start_round(&mut self, number: u32, nodes: Vec<String>) -> Vec<Event> {
+        let mut events = Vec::new();
+        let mut live = Vec::new();
+        for n in nodes {
+            if self.agents.contains_key(&n) {
+                live.push(n);
+            } else {
+                events.push(Event::NodeLost {
+                    node: n,
+                    reason: "no agent connection when the broadcast started".into(),
+                });
+            }
+        }
+        let tree = kd_proto::tree::plan(live.len(), self.cfg.arity);
+        let mut info = HashMap::new();
+        let mut identities = HashMap::new();
+        for name in &live {
+            let Some(a) = self.agents.get(name) else {
+                continue;
+            };
+            match self.ca.issue(name) {
+                Ok(id) => {
+                    info.insert(
+                        name.clone(),
+                        PeerInfo {
+                            node: name.clone(),
+                            addr: SocketAddr::new(a.conn.remote_address().ip(), a.data_port),
+                            cert_sha256: kd_net::cert_sha256(&id.cert_der),
+                        },
+                    );
+                    identities.insert(name.clone(), id);
+                }
+                Err(e) => events.push(Event::NodeLost {
+                    node: name.clone(),
+                    reason: format!("cannot issue its certificate: {e:#}"),
+                }),
+            }
+        }
+        let mut parent = HashMap::new();
+        for (i, name) in live.iter().enumerate() {
+            parent.insert(name.clone(), tree.parent(i).map(|j| live[j].clone()));
+        }
+        self.note(format!(
+            "broadcast round {number} started: {} ({}, {:.1} MiB in {} chunks)",
+            live.join(" "),
+            self.cfg.arity,
+            self.source.image.manifest.compressed_size() as f64 / 1048576.0,
+            self.source.image.manifest.chunk_count()
+        ));
+        let mut pending = HashSet::new();
+        for (i, name) in live.iter().enumerate() {
+            let (Some(identity), Some(a)) = (identities.remove(name), self.agents.get(name)) else {
+                continue;
+            };
+            let upstream = match tree.parent(i).and_then(|j| info.get(&live[j])) {
+                None => Upstream::Coordinator,
+                Some(p) => Upstream::Peer(p.clone()),
+            };
+            let children = tree
+                .children(i)
+                .iter()
+                .filter_map(|&c| info.get(&live[c]).cloned())
+                .collect();
+            let plan = Plan {
+                deployment: self.cfg.deployment,
+                identity,
+                upstream,
+                children,
+                manifest: self.source.image.manifest.clone(),
+                job: Job::Deploy(Box::new(self.cfg.job.clone())),
+            };
+            if a.tx.send(ToAgent::Plan(Box::new(plan))).await.is_ok() {
+                pending.insert(name.clone());
+            } else {
+                events.push(Event::NodeLost {
+                    node: name.clone(),
+                    reason: "control stream closed before the plan was sent".into(),
+                });
+            }
+        }
+        self.round = Some(Round {
+            number,
+            nodes: live,
+            parent,
+            info,
+            pending,
+            started: Instant::now(),
+        });
+        events
+    }
+
+    /// `node` leaves the current round (failed or cancelled): its children get new parents;
+    /// returns the events of reboots that were waiting for the round's end.
+    async fn leave_round(&mut self, node: &str) -> Vec<Event> {
+        let Some(r) = self.round.as_mut() else {
+            return Vec::new();
+        };
+        if !r.nodes.iter().any(|n| n == node) {
+            return Vec::new();
+        }
+        r.pending.remove(node);
+        // Children still receiving need a new parent; those done need nothing.
+        let orphans: Vec<String> = r
+            .parent
+            .iter()
+            .filter(|(c, p)| p.as_deref() == Some(node) && r.pending.contains(*c))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for o in orphans {
+            self.reattach(&o, Some(node)).await;
+        }
+        self.round_maybe_over()
+    }
+
+    async fn reattach(&mut self, node: &str, lost: Option<&str>) {
+        let Some(r) = self.round.as_mut() else {
+            return;
+        };
+        if !self.agents.contains_key(node) {
+            return;
+        }
+        let agents = &self.agents;
+        let info = &r.info;
+        let (np, msgs) = broadcast::reattach_messages(
+            node,
+            lost,
+            &mut r.parent,
+            |n| agents.contains_key(n),
+            |n| info.get(n).cloned(),
+        );
+        for (to, msg) in msgs {
+            if let Some(a) = self.agents.get(&to) {
+                let _ = a.tx.send(msg).await;
+            }
+        }
+        self.note(format!(
+            "{node} now reads from {}",
+            np.as_deref().unwrap_or("the coordinator")
+        ));
+    }
+
+    /// When the round has no pending node, the held reboots go out.
+    fn round_maybe_over(&mut self) -> Vec<Event> {
+        let over = self.round.as_ref().is_none_or(|r| r.pending.is_empty());
+        if !over {
+            return Vec::new();
+        }
+        let queued = std::mem::take(&mut self.queued_reboots);
+        queued
+            .into_iter()
+            .map(|(n, id)| self.send_reboot(n, id))
+            .collect()
+    }
+
+    async fn inbound(&mut self, ib: Inbound) -> Vec<Event> {
+        match ib {
+            Inbound::Hello {
+                hello,
+                conn,
+                tx,
+                reply,
+            } => match broadcast::check_hello(&hello, &self.tokens, &self.used, false) {
+                Ok(()) => {
+                    let node = hello.node.clone();
+                    self.used.insert(node.clone());
+                    let _ = reply.send(Ok(()));
+                    self.note(format!(
+                        "{node}: agent connected from {} ({})",
+                        conn.remote_address(),
+                        describe_inventory(&hello.inventory)
+                    ));
+                    self.agents.insert(
+                        node.clone(),
+                        Agent {
+                            conn,
+                            tx,
+                            data_port: hello.data_port,
+                        },
+                    );
+                    vec![Event::AgentHello { node }]
+                }
+                Err(e) => {
+                    self.note(format!(
+                        "refused agent {:?} from {}: {e}",
+                        hello.node,
+                        conn.remote_address()
+                    ));
+                    let _ = reply.send(Err(e));
+                    Vec::new()
+                }
+            },
+            Inbound::Msg { node, msg } => {
+                if !self.agents.contains_key(&node) {
+                    return Vec::new();
+                }
+                self.agent_message(node, msg).await
+            }
+            Inbound::Lost {
+                node,
+                conn_id,
+                reason,
+            } => {
+                let current = self
+                    .agents
+                    .get(&node)
+                    .is_some_and(|a| a.conn.stable_id() == conn_id);
+                if !current {
+                    return Vec::new();
+                }
+                self.agents.remove(&node);
+                let mut ev = self.leave_round(&node).await;
+                ev.push(Event::NodeLost {
+                    node,
+                    reason: format!("agent connection lost: {reason}"),
+                });
+                ev
+            }
+        }
+    }
+
+    async fn agent_message(&mut self, node: String, msg: ToCoord) -> Vec<Event> {
+        match msg {
+            ToCoord::StepEnd(end) => {
+                let result = match end.error {
+                    None => Ok(()),
+                    Some(e) => Err(e),
+                };
+                match end.step {
+                    AgentStep::Prepare => vec![Event::StepDone {
+                        node,
+                        step: Step::Prepare,
+                        result,
+                    }],
+                    // The agent finishes a disk once (its mounts are gone after): a failure
+                    // ends the node instead of waiting for a retry that cannot come.
+                    AgentStep::Finish if result.is_err() => {
+                        self.awaiting_finish.remove(&node);
+                        self.finish_results.remove(&node);
+                        vec![Event::NodeLost {
+                            node,
+                            reason: format!(
+                                "finishing the disk failed: {}",
+                                result.err().unwrap_or_default()
+                            ),
+                        }]
+                    }
+                    AgentStep::Finish => {
+                        if self.awaiting_finish.remove(&node) {
+                            vec![Event::StepDone {
+                                node,
+                                step: Step::Finish,
+                                result,
+                            }]
+                        } else {
+                            self.finish_results.insert(node, result);
+                            Vec::new()
+                        }
+                    }
+                }
+            }
+            ToCoord::Report(r) => {
+                let in_round = self
+                    .round
+                    .as_mut()
+                    .is_some_and(|round| round.pending.remove(&node));
+                if !in_round {
+                    return Vec::new();
+                }
+                self.progress.insert(node.clone(), r.progress.clone());
+                let expected = self.source.image.manifest.image_hash();
+                let error = match (&r.error, r.image_hash) {
+                    (Some(e), _) => Some(e.clone()),
+                    (None, Some(h)) if h == expected => None,
+                    (None, _) => Some("the agent reported a different image hash".into()),
+                };
+                let mut ev = match error {
+                    None => {
+                        self.note(format!(
+                            "{node}: image verified and written ({} chunks, {} refused as corrupt, {} fetched again)",
+                            r.progress.chunks, r.progress.corrupt_chunks, r.refetched_chunks
+                        ));
+                        vec![Event::StepDone {
+                            node,
+                            step: Step::Broadcast,
+                            result: Ok(()),
+                        }]
+                    }
+                    // The agent cannot take a second plan: the node ends here.
+                    Some(e) => vec![Event::NodeLost {
+                        node,
+                        reason: format!("broadcast failed: {e}"),
+                    }],
+                };
+                ev.extend(self.round_maybe_over());
+                ev
+            }
+            ToCoord::ParentLost {
+                parent: lost,
+                next_chunk,
+                reason,
+            } => {
+                let current = self
+                    .round
+                    .as_ref()
+                    .and_then(|r| r.parent.get(&node).cloned())
+                    .flatten();
+                tracing::info!(%node, ?lost, next_chunk, %reason, "parent lost");
+                if lost.is_none() || lost == current {
+                    self.note(format!(
+                        "{node}: lost its upstream {} at chunk {next_chunk}: {reason}",
+                        lost.as_deref().unwrap_or("(the coordinator)")
+                    ));
+                    self.reattach(&node, lost.as_deref()).await;
+                }
+                Vec::new()
+            }
+            ToCoord::ChildLost { child, reason } => {
+                tracing::info!(%node, %child, %reason, "child lost");
+                Vec::new()
+            }
+            ToCoord::Progress(p) => {
+                self.progress.insert(node, p);
+                Vec::new()
+            }
+            ToCoord::Step(s) => {
+                match &s.error {
+                    None => self.note(format!("{node}:   {} ok ({} ms)", s.step, s.millis)),
+                    Some(e) => self.note(format!(
+                        "{node}:   {} FAILED ({} ms): {e}",
+                        s.step, s.millis
+                    )),
+                }
+                Vec::new()
+            }
+            ToCoord::Hello(_) => Vec::new(),
+        }
+    }
+}
+
+fn describe_inventory(inv: &kd_proto::msg::Inventory) -> String {
+    let disks: Vec<String> = inv
+        .disks
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {:.1} GiB",
+                d.name,
+                d.size_bytes as f64 / (1u64 << 30) as f64
+            )
+        })
+        .collect();
+    format!(
+        "{} CPU, {} MiB RAM, {:?}, disks: {}",
+        inv.cpus,
+        inv.ram_bytes >> 20,
+        inv.boot_mode,
+        if disks.is_empty() {
+            "none".to_string()
+        } else {
+            disks.join(", ")
+        }
+    )
+}
+
+/// The agents' work for `env` on `cluster`: the cluster's disk layout (or a default one: a BIOS
+/// boot partition and the rest for the system) with the environment's file system on the deploy
+/// partition, the SSH key, the boot loader settings and the post-install archives (`archives`:
+/// the bytes of each of `env.postinstalls`, in order). Checked here, before any node reboots.
+pub fn job_for(
+    env: &Environment,
+    cluster: &ClusterConfig,
+    image_kind: kd_proto::manifest::ImageKind,
+    ssh_key: Option<String>,
+    archives: Vec<Vec<u8>>,
+) -> Result<DeployJob> {
+    use serde_norway::Value;
+    let tar = image_kind == kd_proto::manifest::ImageKind::Tar;
+    let fs = env.filesystem.clone().unwrap_or_else(|| "ext4".into());
+    let mut layout = match &cluster.disk.layout {
+        Value::Null => serde_norway::from_str::<Value>(&format!(
+            "label: gpt\npartitions:\n  - {{ number: 1, size: 1MiB, role: bios_grub }}\n  - {{ number: 2, size: rest, role: deploy, fs: {fs} }}\n"
+        ))
+        .context("default layout")?,
+        v => v.clone(),
+    };
+    let Value::Mapping(m) = &mut layout else {
+        anyhow::bail!("the cluster's disk.layout must be a mapping (device, label, partitions)");
+    };
+    if !m.contains_key("device") {
+        m.insert(
+            Value::from("device"),
+            Value::from(cluster.disk.block_device.clone()),
+        );
+    }
+    if tar && env.filesystem.is_some() {
+        if let Some(Value::Sequence(parts)) = m.get_mut("partitions") {
+            for p in parts.iter_mut() {
+                if let Value::Mapping(pm) = p {
+                    if pm.get("role").and_then(Value::as_str) == Some("deploy") {
+                        pm.insert(Value::from("fs"), Value::from(fs.clone()));
+                    }
+                }
+            }
+        }
+    }
+    let text = serde_norway::to_string(&layout).context("layout")?;
+    kd_disk::Layout::from_yaml(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "the disk layout for environment {} is not usable: {e}",
+            env.name
+        )
+    })?;
+    if env.postinstalls.len() != archives.len() {
+        anyhow::bail!(
+            "post-install archives: {} given, {} expected",
+            archives.len(),
+            env.postinstalls.len()
+        );
+    }
+    let boot = env
+        .boot
+        .kernel
+        .clone()
+        .map(|kernel| kd_proto::msg::BootSpec {
+            kernel,
+            initrd: env.boot.initrd.clone(),
+            params: env.boot.kernel_params.clone().unwrap_or_default(),
+            bios: true,
+            efi: true,
+        });
+    Ok(DeployJob {
+        layout: text,
+        deploy_partition: None,
+        image: if tar {
+            kd_proto::msg::DeployImage::Tar
+        } else {
+            kd_proto::msg::DeployImage::RawPartition
+        },
+        partition: true,
+        environment: format!("{}:{}", env.name, env.version),
+        ssh_key,
+        boot,
+        postinstalls: env
+            .postinstalls
+            .iter()
+            .zip(archives)
+            .map(|(p, archive)| kd_proto::msg::PostInstallSpec {
+                name: p
+                    .archive
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(&p.archive)
+                    .to_string(),
+                archive,
+                script: p.script.clone(),
+            })
+            .collect(),
+        postinstall_timeout_secs: 300,
+    })
+}
+
+/// A local path of an environment's `image.file` or post-install `archive` (absolute paths,
+/// `server://` and `local://`); URLs are refused with the reason.
+pub fn local_path(location: &str) -> Result<std::path::PathBuf> {
+    let p = location
+        .strip_prefix("server://")
+        .or_else(|| location.strip_prefix("local://"))
+        .unwrap_or(location);
+    if p.starts_with("http://") || p.starts_with("https://") {
+        anyhow::bail!("{location}: fetching images over HTTP is not supported yet; give a path on the coordinator");
+    }
+    Ok(std::path::PathBuf::from(p))
+}
+
+/// The kd image for an environment's image file: the file itself when it is a `.kdi`,
+/// otherwise a `.kdi` packed once into `cache_dir` (named after the file's path, size and
+/// modification time, so a changed file is packed again).
+pub fn image_for(
+    file: &Path,
+    cache_dir: &Path,
+    notes: &dyn Fn(String),
+) -> Result<std::path::PathBuf> {
+    let meta = std::fs::metadata(file)
+        .with_context(|| format!("the environment's image {}", file.display()))?;
+    if file.extension().is_some_and(|e| e == "kdi") {
+        return Ok(file.to_path_buf());
+    }
+    let abs = std::fs::canonicalize(file)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let key = blake3::hash(format!("{}\0{}\0{mtime}", abs.display(), meta.len()).as_bytes());
+    let stem = abs
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let out = cache_dir.join(format!("{stem}.{}.kdi", &key.to_hex()[..16]));
+    if out.exists() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    notes(format!(
+        "packing {} ({:.1} MiB) into {} (once)",
+        file.display(),
+        meta.len() as f64 / 1048576.0,
+        out.display()
+    ));
+    let t = Instant::now();
+    let tmp = out.with_extension("kdi-tmp");
+    crate::image::pack(&abs, &tmp, &crate::image::PackOptions::default())
+        .with_context(|| format!("cannot pack {}", file.display()))?;
+    std::fs::rename(&tmp, &out)?;
+    notes(format!("packed in {:.1} s", t.elapsed().as_secs_f64()));
+    Ok(out)
+}
+
+/// Runs `cmd` with `sh -c`, killed after `limit`. A non-zero exit carries the end of its output.
+async fn run_shell(cmd: &str, limit: Duration) -> CommandStatus {
+    let child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => return CommandStatus::Failed(format!("cannot run {cmd:?}: {e}")),
+    };
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Err(_) => CommandStatus::Failed(format!("killed after {} s", limit.as_secs())),
+        Ok(Err(e)) => CommandStatus::Failed(format!("{cmd:?}: {e}")),
+        Ok(Ok(out)) => match out.status.code() {
+            Some(0) => CommandStatus::Exited(0),
+            code => {
+                let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                if text.is_empty() {
+                    text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                }
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(300)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                match code {
+                    Some(c) => CommandStatus::Failed(format!("exit status {c}: {tail}")),
+                    None => CommandStatus::Failed(format!("killed by a signal: {tail}")),
+                }
+            }
+        },
+    }
+}
+
+/// 128 random bits as 32 hex digits.
+fn random_token() -> std::io::Result<String> {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
+    Ok(kd_proto::manifest::hex(&b))
+}
+
+/// Writes `path` through a temporary file and a rename (a node never reads half a profile).
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("kd-tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shell_commands_report_their_failure() {
+        assert_eq!(
+            run_shell("true", Duration::from_secs(5)).await,
+            CommandStatus::Exited(0)
+        );
+        match run_shell("echo no such node >&2; exit 3", Duration::from_secs(5)).await {
+            CommandStatus::Failed(m) => assert!(m.contains("exit status 3: no such node"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match run_shell("sleep 5", Duration::from_millis(200)).await {
+            CommandStatus::Failed(m) => assert!(m.contains("killed after"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const CLUSTER: &str = "cluster: t
+nodes:
+  - {name: n1, address: 127.0.0.11, mac: \"52:54:00:00:00:01\"}
+pxe: {tftp_root: /tmp/x, profile_naming: mac}
+commands:
+  reboot: {soft: echo HOSTNAME}
+coordinator: {address: 127.0.0.1}
+";
+    const ENV: &str = "name: e
+version: 2
+image: {file: /e.tar.zst, kind: tar}
+boot: {kernel: /vmlinuz, initrd: /initrd.img, kernel_params: rw}
+filesystem: xfs
+";
+
+    #[test]
+    fn job_from_environment_and_cluster() {
+        use kd_proto::manifest::ImageKind;
+        let env = Environment::parse(ENV).unwrap();
+        // No layout in the cluster: the default one, on the cluster's disk, with the env's fs.
+        let mut cluster = ClusterConfig::parse(&format!("{CLUSTER}disk: /dev/sdb\n")).unwrap();
+        let job = job_for(
+            &env,
+            &cluster,
+            ImageKind::Tar,
+            Some("ssh-ed25519 K".into()),
+            vec![],
+        )
+        .unwrap();
+        let l = kd_disk::Layout::from_yaml(&job.layout).unwrap();
+        assert_eq!(l.device, std::path::PathBuf::from("/dev/sdb"));
+        assert!(
+            job.layout.contains("bios_grub") && job.layout.contains("xfs"),
+            "{}",
+            job.layout
+        );
+        assert_eq!(job.environment, "e:2");
+        assert_eq!(job.image, kd_proto::msg::DeployImage::Tar);
+        assert_eq!(job.ssh_key.as_deref(), Some("ssh-ed25519 K"));
+        let boot = job.boot.unwrap();
+        assert_eq!(
+            (boot.kernel.as_str(), boot.params.as_str()),
+            ("/vmlinuz", "rw")
+        );
+        // The cluster's layout is kept; its deploy partition takes the env's file system.
+        cluster = ClusterConfig::parse(&format!(
+            "{CLUSTER}disk:\n  block_device: /dev/vda\n  layout:\n    label: msdos\n    partitions:\n      - {{number: 1, size: 256MiB, role: swap, fs: swap}}\n      - {{number: 2, size: rest, role: deploy, fs: ext4}}\n"
+        ))
+        .unwrap();
+        let job = job_for(&env, &cluster, ImageKind::Tar, None, vec![]).unwrap();
+        assert!(
+            job.layout.contains("msdos") && job.layout.contains("xfs"),
+            "{}",
+            job.layout
+        );
+        assert!(!job.layout.contains("ext4"), "{}", job.layout);
+        // A raw image keeps the layout's file system; a broken layout is refused up front.
+        let job = job_for(&env, &cluster, ImageKind::Raw, None, vec![]).unwrap();
+        assert!(job.layout.contains("ext4"));
+        cluster = ClusterConfig::parse(&format!(
+            "{CLUSTER}disk:\n  block_device: /dev/vda\n  layout:\n    label: gpt\n    partitions: []\n"
+        ))
+        .unwrap();
+        let e = job_for(&env, &cluster, ImageKind::Tar, None, vec![]).unwrap_err();
+        assert!(format!("{e:#}").contains("not usable"), "{e:#}");
+    }
+
+    #[test]
+    fn image_locations() {
+        assert_eq!(
+            local_path("server:///srv/a.kdi").unwrap(),
+            std::path::PathBuf::from("/srv/a.kdi")
+        );
+        assert_eq!(
+            local_path("/srv/a.tar").unwrap(),
+            std::path::PathBuf::from("/srv/a.tar")
+        );
+        assert!(local_path("http://x/a.tar").is_err());
+    }
+
+    #[test]
+    fn profiles_are_replaced_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("nodes/a.ipxe");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(
+            std::fs::read_dir(d.path().join("nodes")).unwrap().count(),
+            1
+        );
+        assert_eq!(random_token().unwrap().len(), 32);
+    }
+}

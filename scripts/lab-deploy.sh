@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# kd's whole job on a virtual cluster: QEMU nodes (powered off at first) PXE-boot kd's deploy
+# initrd, `kd-coord deploy` writes the test environment (Debian 12 + sshd) to their disks with an
+# SSH key, they boot it, and every node must answer `ssh -i KEY root@NODE true`. The lab is torn
+# down on every exit.
+#
+#   scripts/lab-deploy.sh [--nodes N] [--subnet 10.77.0.0/24] [--arity chain|star|K]
+#                         [--env ENV.yaml] [--fail-one] [--fail-node NODE] [--fail-after S]
+#                         [--limit S]
+#
+#   --env        environment description to deploy (default: envs/build-debian12.sh's, cached)
+#   --fail-one   then deploy again and power NODE (default node2, the middle of the chain) off
+#                S seconds (default 5) after the broadcast started: expects exit 1, NODE KO with
+#                a reason, the other nodes deployed and answering ssh
+#   --limit      bound of each kd-coord deploy run in seconds (default 1800)
+#
+# Needs: kd-coord and kd-lab in $KD_BIN_DIR (default target/debug), the deploy initrd in
+# $KD_INITRD_DIR (default build/initrd): `./dev.sh build` makes them; openssh-client.
+# Exit code: 0 when every phase went as expected, 1 otherwise, 2 on a usage or set-up error.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+NODES=3
+SUBNET=10.77.0.0/24
+ARITY=chain
+ENV_YAML=
+FAIL_ONE=
+FAIL_NODE=node2
+FAIL_AFTER=5
+LIMIT=1800
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--nodes) NODES=$2; shift 2 ;;
+	--subnet) SUBNET=$2; shift 2 ;;
+	--arity) ARITY=$2; shift 2 ;;
+	--env) ENV_YAML=$2; shift 2 ;;
+	--fail-one) FAIL_ONE=1; shift ;;
+	--fail-node) FAIL_NODE=$2; shift 2 ;;
+	--fail-after) FAIL_AFTER=$2; shift 2 ;;
+	--limit) LIMIT=$2; shift 2 ;;
+	-h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	*) echo "lab-deploy: unknown argument $1 (see --help)" >&2; exit 2 ;;
+	esac
+done
+BIN=${KD_BIN_DIR:-$PWD/target/debug}
+BOOT=${KD_INITRD_DIR:-$PWD/build/initrd}
+for b in kd-coord kd-lab; do
+	[ -x "$BIN/$b" ] || { echo "lab-deploy: no $BIN/$b: run ./dev.sh build" >&2; exit 2; }
+done
+[ -f "$BOOT/vmlinuz" ] && [ -f "$BOOT/initramfs.img" ] || { echo "lab-deploy: no deploy initrd in $BOOT: run ./dev.sh build" >&2; exit 2; }
+command -v ssh-keygen >/dev/null && command -v ssh >/dev/null || { echo "lab-deploy: needs openssh-client" >&2; exit 2; }
+[ "$(id -u)" = 0 ] || { echo "lab-deploy: must run as root (namespaces, QEMU taps)" >&2; exit 2; }
+if [ -n "$FAIL_ONE" ] && [ "$NODES" -lt 2 ]; then echo "lab-deploy: --fail-one needs 2 nodes or more" >&2; exit 2; fi
+
+NET=${SUBNET%.0/24}
+ID=$(echo "$NET" | cut -d. -f2)
+STATE=/var/lib/kd-lab/$ID
+WORK=$(mktemp -d /tmp/kd-lab-deploy.XXXXXX)
+COORD_PID=
+FAILED=
+cleanup() {
+	set +e
+	[ -n "$COORD_PID" ] && kill "$COORD_PID" 2>/dev/null && wait "$COORD_PID" 2>/dev/null
+	if [ -n "$FAILED" ] && [ -d "$STATE" ]; then
+		for i in $(seq 1 "$NODES"); do
+			echo "--- node$i console (last lines)"
+			tail -n 25 "$STATE/node$i.log" 2>/dev/null | tr -d '\r' | cut -c1-200
+		done
+	fi
+	"$BIN/kd-lab" down --state "$STATE" >/dev/null 2>&1
+	rm -rf --one-file-system "$WORK"
+}
+trap cleanup EXIT
+trap 'FAILED=1; exit 130' INT TERM
+
+t0=$(date +%s.%N)
+now() { echo "$(date +%s.%N) - $t0" | bc; }
+say() { printf '[%6.1f s] %s\n' "$(now)" "$*"; }
+fail() { FAILED=1; say "FAILED: $*"; exit 1; }
+
+# --- the environment and the key -------------------------------------------------------------
+if [ -z "$ENV_YAML" ]; then
+	say "test environment: envs/build-debian12.sh (cached by input hash)"
+	envs/build-debian12.sh --out "$WORK/env" | sed 's/^/  /'
+	ENV_YAML=$WORK/env/debian12-min.yaml
+fi
+[ -f "$ENV_YAML" ] || { echo "lab-deploy: no environment $ENV_YAML" >&2; exit 2; }
+ssh-keygen -q -t ed25519 -N '' -C kd-lab-deploy -f "$WORK/key"
+say "deploy initrd: $(du -h "$BOOT/initramfs.img" | cut -f1) initramfs + $(du -h "$BOOT/vmlinuz" | cut -f1) kernel"
+
+# --- the lab ----------------------------------------------------------------------------------
+say "bringing up a lab of $NODES nodes on $SUBNET (powered off: kd-coord powers them on)"
+"$BIN/kd-lab" up --nodes "$NODES" --subnet "$SUBNET" --state "$STATE" --boot-files "$BOOT" --no-start --replace | sed 's/^/  /'
+ALL="node[1-$NODES]"
+ip_of() { echo "$NET.$((10 + ${1#node}))"; }
+
+# deploy PHASE: runs kd-coord deploy in the lab (bounded by LIMIT), progress on stderr; sets RC.
+# With FAIL_ONE set for this phase, powers FAIL_NODE off FAIL_AFTER s after the broadcast starts.
+deploy() {
+	local phase=$1 kill_node=${2:-}
+	local out=$WORK/$phase.out err=$WORK/$phase.err
+	: >"$err"
+	rm -f "$WORK/$phase.ok" "$WORK/$phase.ko"
+	local start
+	start=$(now)
+	set +e
+	timeout --signal=TERM --kill-after=30 "$LIMIT" \
+		"$BIN/kd-lab" exec --state "$STATE" -- "$BIN/kd-coord" --state "$WORK/coord" deploy \
+		-e "$ENV_YAML" -m "$ALL" -c "$STATE/cluster.yaml" -k "$WORK/key.pub" --arity "$ARITY" \
+		-o "$WORK/$phase.ok" -n "$WORK/$phase.ko" \
+		>"$out" 2> >(tee -a "$err" >&2) &
+	COORD_PID=$!
+	if [ -n "$kill_node" ]; then
+		# Bounded by the deploy itself: stop watching when kd-coord ends.
+		while kill -0 "$COORD_PID" 2>/dev/null && ! grep -q 'broadcast round 1 started:' "$err"; do
+			sleep 1
+		done
+		if grep -q 'broadcast round 1 started:' "$err"; then
+			say "$phase: broadcast started ($(grep -m1 -o 'broadcast round 1 started:.*' "$err")); powering $kill_node off in $FAIL_AFTER s"
+			sleep "$FAIL_AFTER"
+			say "$phase: $kill_node power off: $("$BIN/kd-lab" power --state "$STATE" "$kill_node" off 2>&1)"
+			KILLED_AT=$(now)
+		fi
+	fi
+	wait "$COORD_PID"
+	RC=$?
+	COORD_PID=
+	set -e
+	sleep 0.2 # let tee flush
+	ELAPSED=$(echo "$(now) - $start" | bc)
+	say "$phase: kd-coord deploy exited $RC after $(printf '%.1f' "$ELAPSED") s; its report:"
+	sed 's/^/  | /' "$out"
+}
+
+# check_ssh NODE...: port 22 and `ssh -i key root@IP true` from inside the lab namespace.
+check_ssh() {
+	local n ip
+	for n in "$@"; do
+		ip=$(ip_of "$n")
+		"$BIN/kd-lab" exec --state "$STATE" -- timeout 10 bash -c "exec 3<>/dev/tcp/$ip/22" 2>/dev/null ||
+			fail "$n ($ip): port 22 closed"
+		local host
+		host=$("$BIN/kd-lab" exec --state "$STATE" -- timeout 60 ssh -i "$WORK/key" -o BatchMode=yes \
+			-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 \
+			-o LogLevel=ERROR "root@$ip" 'true && . /etc/os-release && echo "$PRETTY_NAME, kernel $(uname -r), / on $(findmnt -no SOURCE /)"') ||
+			fail "$n ($ip): ssh -i key root@$ip true failed"
+		say "  $n ($ip): port 22 open, ssh with the key ok: $host"
+	done
+}
+
+sorted() { sort "$@" 2>/dev/null | tr '\n' ' ' | sed 's/ $//'; }
+
+# --- phase 1: every node -----------------------------------------------------------------------
+say "phase 1: kd-coord deploy -e $(basename "$ENV_YAML") -m $ALL --arity $ARITY -k key.pub (TCG: 5-15 min)"
+deploy phase1
+P1_TIME=$ELAPSED
+[ "$RC" = 0 ] || fail "phase 1: kd-coord deploy exited $RC (expected 0)"
+grep -q "^$NODES/$NODES nodes deployed" "$WORK/phase1.out" || fail "phase 1: no '$NODES/$NODES nodes deployed' line"
+[ "$(wc -l <"$WORK/phase1.ok")" = "$NODES" ] || fail "phase 1: ok file: $(sorted "$WORK/phase1.ok")"
+say "phase 1: $NODES/$NODES deployed in $(printf '%.0f' "$P1_TIME") s; checking ssh"
+mapfile -t OK1 <"$WORK/phase1.ok"
+check_ssh "${OK1[@]}"
+say "phase 1 ok: ssh ok on $NODES/$NODES nodes"
+
+# --- phase 2: one node lost during the broadcast ---------------------------------------------
+if [ -n "$FAIL_ONE" ]; then
+	say "phase 2: deploy again, $FAIL_NODE powered off $FAIL_AFTER s into the broadcast"
+	KILLED_AT=
+	deploy phase2 "$FAIL_NODE"
+	[ -n "$KILLED_AT" ] || fail "phase 2: no 'broadcast round 1 started:' line from kd-coord"
+	[ "$RC" = 1 ] || fail "phase 2: kd-coord deploy exited $RC (expected 1)"
+	grep -q "^$((NODES - 1))/$NODES nodes deployed" "$WORK/phase2.out" || fail "phase 2: no '$((NODES - 1))/$NODES nodes deployed' line"
+	[ "$(sorted "$WORK/phase2.ko")" = "$FAIL_NODE" ] || fail "phase 2: ko file: '$(sorted "$WORK/phase2.ko")' (expected $FAIL_NODE)"
+	[ "$(wc -l <"$WORK/phase2.ok")" = "$((NODES - 1))" ] || fail "phase 2: ok file: $(sorted "$WORK/phase2.ok")"
+	row=$(grep -E "^[[:space:]]*$FAIL_NODE[[:space:]]" "$WORK/phase2.out" | head -n1 || true)
+	echo "$row" | grep -q KO || fail "phase 2: no KO row for $FAIL_NODE in the report"
+	say "phase 2: $FAIL_NODE KO: $(echo "$row" | tr -s ' ')"
+	say "phase 2: ended $(printf '%.0f' "$(echo "$(now) - $KILLED_AT" | bc)") s after the power-off; checking ssh on the others"
+	mapfile -t OK2 <"$WORK/phase2.ok"
+	check_ssh "${OK2[@]}"
+	say "phase 2 ok: $((NODES - 1))/$NODES deployed, $FAIL_NODE KO, ssh ok on the others"
+fi
+say "done: phase 1 $(printf '%.0f' "$P1_TIME") s${FAIL_ONE:+, phase 2 $(printf '%.0f' "$ELAPSED") s}; tearing the lab down"

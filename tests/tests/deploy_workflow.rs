@@ -1,0 +1,709 @@
+//! The whole deploy workflow on loopback: `kd-coord deploy` drives "process nodes" through a
+//! fake BMC (`kd-fakebmc`, see `kd_tests::fakebmc`). A node's reset starts a machine process
+//! that reads the node's iPXE profile: the deploy profile runs the real `kd-agent` on the node's
+//! loop-device disk; the local-boot profile checks the disk (GRUB, marker, key) and only then
+//! opens the node's check port on its own loopback address (127.0.0.X1..X3).
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use kd_disk::loopdev::LoopDevice;
+use kd_tests::fakebmc::{self, BmcConfig, BmcNode};
+use kd_tests::*;
+
+/// Per-run limit of one `kd-coord deploy`.
+const DEPLOY_LIMIT: Duration = Duration::from_secs(150);
+/// Deploy partition of the test layout.
+const DEPLOY_PARTITION: u32 = 3;
+
+/// A fake cluster: disks, PXE root, fake BMC, cluster and environment files.
+struct Lab {
+    tmp: tempfile::TempDir,
+    bmc: PathBuf,
+    http_root: PathBuf,
+    state: PathBuf,
+    cluster: PathBuf,
+    env: PathBuf,
+    key: PathBuf,
+    nodes: Vec<String>,
+    addrs: Vec<IpAddr>,
+    check_port: u16,
+    disks: Vec<(PathBuf, LoopDevice)>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Machines (and their agents) first, then what killed agents left mounted or attached;
+        // the disks' own loop devices are detached when `disks` drops.
+        fakebmc::kill_all(&self.bmc);
+        let keep: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .map(|(_, d)| d.path().to_path_buf())
+            .collect();
+        fakebmc::release_under(self.tmp.path(), &keep);
+    }
+}
+
+/// The outcome of one `kd-coord deploy`.
+struct Run {
+    out: Output,
+    secs: f64,
+    ok: Option<Vec<String>>,
+    ko: Option<Vec<String>>,
+}
+
+impl Run {
+    fn code(&self) -> Option<i32> {
+        self.out.status.code()
+    }
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).to_string()
+    }
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).to_string()
+    }
+    fn last_line(&self) -> String {
+        self.stdout()
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    }
+    /// The stdout lines that name `node` (its row of the result table).
+    fn row(&self, node: &str) -> String {
+        self.stdout()
+            .lines()
+            .filter(|l| {
+                l.split(|c: char| c.is_whitespace() || c == '|')
+                    .any(|w| w == node)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn write(p: &Path, text: &str) {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, text).unwrap();
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn lines(p: &Path) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(p).ok()?;
+    let mut v: Vec<String> = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+impl Lab {
+    /// `n` nodes `node1..` at 127.0.0.{10*net+i}, each with a 128 MiB loop-device disk.
+    fn new(net: u8, n: usize) -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().to_path_buf();
+        let bmc = t.join("bmc");
+        let http_root = t.join("http");
+        let state = t.join("state");
+        std::fs::create_dir_all(&bmc).unwrap();
+        std::fs::create_dir_all(http_root.join("nodes")).unwrap();
+        std::fs::create_dir_all(t.join("tftp")).unwrap();
+        // The deploy kernel and initrd the profiles point at (never booted here).
+        write(&http_root.join("boot/vmlinuz"), "not a kernel\n");
+        write(&http_root.join("boot/initramfs.img"), "not an initrd\n");
+
+        // The environment: a tar of a small root file system.
+        let marker = format!("deployed by kd (lab {net})\n");
+        let root = t.join("root");
+        for d in ["etc", "boot", "root", "usr/bin"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        write(&root.join("etc/kd-marker"), &marker);
+        std::fs::write(root.join("boot/vmlinuz-test"), vec![0u8; 4096]).unwrap();
+        std::os::unix::fs::symlink("boot/vmlinuz-test", root.join("vmlinuz")).unwrap();
+        // 6 MiB that do not compress much: several 1 MiB chunks to broadcast.
+        make_raw_input(&root.join("usr/bin/tool"), 6 << 20, 7 + u64::from(net));
+        let image = t.join("image.tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&image)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let env = t.join("env.yaml");
+        write(
+            &env,
+            &format!(
+                "name: kdtest\nversion: 1\ndescription: loopback deploy test\n\
+                 image:\n  file: {}\n  kind: tar\n\
+                 boot:\n  kernel: /vmlinuz\n  kernel_params: console=ttyS0\n\
+                 filesystem: ext4\n",
+                image.display()
+            ),
+        );
+        let key_text = format!("ssh-ed25519 AAAAC3NzaKDTEST{net} kd@test");
+        let key = t.join("id.pub");
+        write(&key, &format!("{key_text}\n"));
+
+        let nodes: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
+        let addrs: Vec<IpAddr> = (1..=n)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, net * 10 + i as u8)))
+            .collect();
+        let macs: Vec<String> = (1..=n)
+            .map(|i| format!("52:54:00:00:{net:02x}:{i:02x}"))
+            .collect();
+        let mut disks = Vec::new();
+        for node in &nodes {
+            let f = t.join(format!("{node}.disk"));
+            std::fs::File::create(&f)
+                .unwrap()
+                .set_len(128 << 20)
+                .unwrap();
+            let d = LoopDevice::attach(&f, None, false).unwrap();
+            disks.push((f, d));
+        }
+        let check_port = free_tcp_port();
+        let cfg = BmcConfig {
+            agent: bin("kd-agent"),
+            http_root: http_root.clone(),
+            check_port,
+            deploy_partition: DEPLOY_PARTITION,
+            marker: ("/etc/kd-marker".into(), marker.clone()),
+            key: key_text.clone(),
+            agent_args: vec!["--stall-timeout".into(), "5".into()],
+            nodes: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, name)| BmcNode {
+                    name: name.clone(),
+                    mac: macs[i].clone(),
+                    address: addrs[i],
+                    disk: disks[i].1.path().to_path_buf(),
+                })
+                .collect(),
+        };
+        cfg.save(&bmc).unwrap();
+
+        let fb = format!(
+            "{} --dir {}",
+            env!("CARGO_BIN_EXE_kd-fakebmc"),
+            bmc.display()
+        );
+        let mut y = String::from("cluster: fake\nnodes:\n");
+        for i in 0..n {
+            y += &format!(
+                "  - {{ name: {}, address: {}, mac: \"{}\" }}\n",
+                nodes[i], addrs[i], macs[i]
+            );
+        }
+        y += &format!(
+            "pxe:\n  tftp_root: {tftp}\n  http_root: {http}\n  http_base_url: http://127.0.0.1:9/\n  \
+             profile_naming: mac\n  method: ipxe\n\
+             commands:\n  reboot:\n    soft: {fb} soft HOSTNAME\n    hard: {fb} reset HOSTNAME\n    \
+             very_hard: {fb} cycle HOSTNAME\n  power_on: {{ hard: {fb} on HOSTNAME }}\n  \
+             power_off: {{ hard: {fb} off HOSTNAME }}\n  power_status: {fb} status HOSTNAME\n\
+             coordinator: {{ address: 127.0.0.1, port: {port} }}\n\
+             disk:\n  block_device: /dev/vda\n  layout:\n    device: /dev/vda\n    label: gpt\n    partitions:\n\
+             \x20     - {{ number: 1, size: 1MiB, role: bios_grub }}\n\
+             \x20     - {{ number: 2, size: 8MiB, role: swap, fs: swap }}\n\
+             \x20     - {{ number: 3, size: 80MiB, role: deploy, fs: ext4 }}\n\
+             \x20     - {{ number: 4, size: rest, role: tmp, fs: ext4 }}\n\
+             workflow:\n  reboot_window: 10\n  command_timeout: 10\n  probe_delay: 1\n  probe_interval: 1\n  \
+             broadcast_wait: 5\n  set_deployment_env: {{ timeout: 10, retries: 1 }}\n  \
+             prepare: {{ timeout: 60, retries: 0 }}\n  broadcast: {{ timeout: 60, retries: 0 }}\n  \
+             finish: {{ timeout: 60, retries: 0 }}\n  boot_new_env: {{ timeout: 15, retries: 1 }}\n\
+             check_port: {check_port}\n",
+            tftp = t.join("tftp").display(),
+            http = http_root.display(),
+            port = free_udp_port(),
+        );
+        let cluster = t.join("cluster.yaml");
+        write(&cluster, &y);
+        Lab {
+            tmp,
+            bmc,
+            http_root,
+            state,
+            cluster,
+            env,
+            key,
+            nodes,
+            addrs,
+            check_port,
+            disks,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Runs `kd-coord deploy -e ENV -m NODESET -c CLUSTER -k KEY -o ok -n ko EXTRA`.
+    fn deploy(&self, nodeset: &str, env: &Path, extra: &[&str]) -> Run {
+        let ok = self.path("ok.txt");
+        let ko = self.path("ko.txt");
+        let _ = std::fs::remove_file(&ok);
+        let _ = std::fs::remove_file(&ko);
+        let t0 = Instant::now();
+        let out = run_with_timeout(
+            Command::new(bin("kd-coord"))
+                .arg("--state")
+                .arg(&self.state)
+                .arg("deploy")
+                .arg("-e")
+                .arg(env)
+                .args(["-m", nodeset])
+                .arg("-c")
+                .arg(&self.cluster)
+                .arg("-k")
+                .arg(&self.key)
+                .arg("-o")
+                .arg(&ok)
+                .arg("-n")
+                .arg(&ko)
+                .args(extra)
+                .env("KD_LOG", "info"),
+            DEPLOY_LIMIT,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.dump()));
+        Run {
+            out,
+            secs: t0.elapsed().as_secs_f64(),
+            ok: lines(&ok),
+            ko: lines(&ko),
+        }
+    }
+
+    /// Everything that explains a failure: the BMC's events, each node's machine and agent
+    /// logs (tails).
+    fn dump(&self) -> String {
+        let tail = |p: &Path, n: usize| {
+            let s = std::fs::read_to_string(p).unwrap_or_default();
+            let v: Vec<&str> = s.lines().collect();
+            v[v.len().saturating_sub(n)..].join("\n")
+        };
+        let mut s = format!(
+            "--- events.log\n{}\n",
+            tail(&self.bmc.join("events.log"), 200)
+        );
+        for n in &self.nodes {
+            let d = fakebmc::node_dir(&self.bmc, n);
+            s += &format!(
+                "--- {n} machine.log\n{}\n--- {n} agent.log\n{}\n",
+                tail(&d.join("machine.log"), 20),
+                tail(&d.join("agent.log"), 40)
+            );
+        }
+        s
+    }
+
+    fn report(&self, r: &Run) -> String {
+        format!(
+            "exit {:?} after {:.1} s\n--- stdout\n{}\n--- stderr\n{}\n{}",
+            r.code(),
+            r.secs,
+            r.stdout(),
+            r.stderr(),
+            self.dump()
+        )
+    }
+
+    fn profile(&self, i: usize) -> String {
+        let cfg = BmcConfig::load(&self.bmc).unwrap();
+        std::fs::read_to_string(cfg.profile_path(&cfg.nodes[i])).unwrap_or_default()
+    }
+
+    /// Nothing was written: no PXE profile, no BMC command, no result files, no packed image.
+    fn assert_untouched(&self, r: &Run) {
+        let profiles: Vec<_> = std::fs::read_dir(self.http_root.join("nodes"))
+            .unwrap()
+            .collect();
+        assert!(profiles.is_empty(), "profiles written\n{}", self.report(r));
+        assert!(
+            !self.bmc.join("events.log").exists(),
+            "BMC commands ran\n{}",
+            self.report(r)
+        );
+        assert!(r.ok.is_none() && r.ko.is_none(), "{}", self.report(r));
+        let images = std::fs::read_dir(self.state.join("images"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(images, 0, "an image was packed\n{}", self.report(r));
+    }
+
+    /// The node's deployed system answers on its check port with the fake banner.
+    fn answers(&self, i: usize) -> bool {
+        use std::io::Read;
+        let addr = std::net::SocketAddr::new(self.addrs[i], self.check_port);
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut b = [0u8; 64];
+        let n = s.read(&mut b).unwrap_or(0);
+        b[..n].starts_with(b"SSH-2.0-kd-fakebmc")
+    }
+
+    /// Checks one node's deployed disk, as the fake BMC does before "booting" it.
+    fn disk_ok(&self, i: usize) -> Result<(), String> {
+        let cfg = BmcConfig::load(&self.bmc).unwrap();
+        fakebmc::check_disk(&cfg, &cfg.nodes[i]).map_err(|e| format!("{e:#}"))
+    }
+}
+
+fn skip() -> bool {
+    if !kd_disk::loopdev::loop_available() {
+        eprintln!("skipped: no loop devices here (needs root and /dev/loop-control)");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn deploys_three_process_nodes() {
+    if skip() {
+        return;
+    }
+    let _g = heavy();
+    let lab = Lab::new(1, 3);
+    let r = lab.deploy("node[1-3]", &lab.env, &[]);
+    eprintln!("deploy of 3 nodes: {:.1} s", r.secs);
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(0), "{rep}");
+    assert_eq!(r.last_line(), "3/3 nodes deployed", "{rep}");
+    assert_eq!(r.ok.as_deref(), Some(&lab.nodes[..]), "{rep}");
+    assert!(r.ko.clone().unwrap_or_default().is_empty(), "{rep}");
+    for (i, n) in lab.nodes.iter().enumerate() {
+        // The marker, the key (mode 600), GRUB: checked on the disk itself.
+        lab.disk_ok(i)
+            .unwrap_or_else(|e| panic!("{n}'s disk: {e}\n{rep}"));
+        let p = lab.profile(i);
+        assert!(
+            p.contains("sanboot") && !p.contains("kd.token"),
+            "{n}: not a local-boot profile: {p}\n{rep}"
+        );
+        // The workflow saw the deployed system: the machine booted it and it answers.
+        let ev = fakebmc::events(&lab.bmc, n);
+        assert!(
+            ev.iter().any(|e| e.contains("deployed system up")),
+            "{n}: {ev:?}\n{rep}"
+        );
+        assert!(lab.answers(i), "{n} does not answer\n{rep}");
+    }
+    // The tar was packed once into the state directory.
+    let images = std::fs::read_dir(lab.state.join("images"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(images >= 1, "nothing in STATE/images\n{rep}");
+}
+
+#[test]
+fn a_dead_node_times_out_and_the_others_deploy() {
+    if skip() {
+        return;
+    }
+    let _g = heavy();
+    let lab = Lab::new(2, 3);
+    let o = Command::new(env!("CARGO_BIN_EXE_kd-fakebmc"))
+        .arg("--dir")
+        .arg(&lab.bmc)
+        .args(["kill", "node3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let r = lab.deploy("node[1-3]", &lab.env, &[]);
+    eprintln!("deploy of 3 nodes, one dead: {:.1} s", r.secs);
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(1), "{rep}");
+    assert_eq!(r.last_line(), "2/3 nodes deployed", "{rep}");
+    assert_eq!(
+        r.ok.as_deref(),
+        Some(&["node1".to_string(), "node2".to_string()][..]),
+        "{rep}"
+    );
+    assert_eq!(r.ko.as_deref(), Some(&["node3".to_string()][..]), "{rep}");
+    let row = r.row("node3").to_ascii_lowercase();
+    assert!(
+        row.contains("timeout") || row.contains("timed out") || row.contains("hello"),
+        "node3's reason: {row:?}\n{rep}"
+    );
+    // The reboot escalated soft -> hard -> very_hard on the dead node.
+    let ev = fakebmc::events(&lab.bmc, "node3");
+    assert!(
+        ev.iter().any(|e| e.starts_with("soft:"))
+            && ev.iter().any(|e| e.starts_with("reset:"))
+            && ev.iter().any(|e| e.starts_with("cycle:")),
+        "no escalation on node3: {ev:?}\n{rep}"
+    );
+    // Two attempts of 10 s each, plus commands: well under the test's limit.
+    assert!(r.secs < 75.0, "took {:.1} s\n{rep}", r.secs);
+    for i in 0..2 {
+        lab.disk_ok(i)
+            .unwrap_or_else(|e| panic!("node{}: {e}\n{rep}", i + 1));
+        assert!(lab.answers(i), "node{} does not answer\n{rep}", i + 1);
+    }
+    assert!(!lab.answers(2));
+}
+
+#[test]
+fn an_agent_dying_mid_broadcast_fails_only_its_node() {
+    if skip() {
+        return;
+    }
+    let _g = heavy();
+    let lab = Lab::new(3, 3);
+    // node2 is in the middle of the chain: node3 must be re-parented.
+    write(
+        &fakebmc::node_dir(&lab.bmc, "node2").join("fault"),
+        "die-after:2\n",
+    );
+    let r = lab.deploy("node[1-3]", &lab.env, &["--arity", "chain"]);
+    eprintln!("deploy of 3 nodes, one agent killed: {:.1} s", r.secs);
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(1), "{rep}");
+    assert_eq!(r.last_line(), "2/3 nodes deployed", "{rep}");
+    assert_eq!(
+        r.ok.as_deref(),
+        Some(&["node1".to_string(), "node3".to_string()][..]),
+        "{rep}"
+    );
+    assert_eq!(r.ko.as_deref(), Some(&["node2".to_string()][..]), "{rep}");
+    let row = r.row("node2");
+    assert!(
+        row.to_ascii_lowercase().contains("broadcast") || row.to_ascii_lowercase().contains("lost"),
+        "node2's reason: {row:?}\n{rep}"
+    );
+    let ev = fakebmc::events(&lab.bmc, "node2");
+    assert!(
+        ev.iter().any(|e| e.starts_with("agent failed")),
+        "node2's agent did not die: {ev:?}\n{rep}"
+    );
+    for i in [0, 2] {
+        lab.disk_ok(i)
+            .unwrap_or_else(|e| panic!("node{}: {e}\n{rep}", i + 1));
+        assert!(lab.answers(i), "node{} does not answer\n{rep}", i + 1);
+    }
+    assert!(lab.disk_ok(1).is_err());
+}
+
+#[test]
+fn bad_inputs_are_refused_before_anything_is_written() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new(4, 3);
+    let check = |what: &str, r: Run, needle: &str| {
+        let rep = lab.report(&r);
+        assert_eq!(r.code(), Some(2), "{what}: {rep}");
+        assert!(
+            r.stderr().contains(needle),
+            "{what}: stderr does not name {needle:?}\n{rep}"
+        );
+        assert!(r.secs < 20.0, "{what}: took {:.1} s", r.secs);
+        lab.assert_untouched(&r);
+    };
+    check(
+        "unknown node",
+        lab.deploy("node[1-3],node9", &lab.env, &[]),
+        "node9",
+    );
+    let bad_env = lab.path("bad-env.yaml");
+    write(
+        &bad_env,
+        &std::fs::read_to_string(&lab.env)
+            .unwrap()
+            .replace("filesystem: ext4", "filesystem: zfs"),
+    );
+    check(
+        "bad environment",
+        lab.deploy("node[1-3]", &bad_env, &[]),
+        "filesystem",
+    );
+    let no_env = lab.path("no-such-env.yaml");
+    check(
+        "missing environment file",
+        lab.deploy("node[1-3]", &no_env, &[]),
+        "no-such-env.yaml",
+    );
+    let no_image = lab.path("no-image-env.yaml");
+    write(
+        &no_image,
+        &std::fs::read_to_string(&lab.env)
+            .unwrap()
+            .replace("image.tar", "missing-image.tar"),
+    );
+    check(
+        "missing image file",
+        lab.deploy("node[1-3]", &no_image, &[]),
+        "missing-image.tar",
+    );
+}
+
+/// The harness itself, driven by hand with `kd-coord broadcast` (no workflow): a deploy profile
+/// boots the agent, which deploys the disk; a local-boot profile then boots the deployed system,
+/// which answers; `soft` fails on a node that is off; `off` stops it.
+#[test]
+fn the_fake_bmc_boots_the_agent_then_the_deployed_system() {
+    if skip() {
+        return;
+    }
+    let _g = heavy();
+    let lab = Lab::new(5, 1);
+    let fb = |verb: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kd-fakebmc"))
+            .arg("--dir")
+            .arg(&lab.bmc)
+            .args([verb, "node1"])
+            .output()
+            .unwrap()
+    };
+    let kd = |args: &[&str]| {
+        let o = run_with_timeout(
+            Command::new(bin("kd-coord"))
+                .arg("--state")
+                .arg(&lab.state)
+                .args(args),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let kdi = lab.path("image.kdi");
+    let tar = lab.path("image.tar");
+    kd(&[
+        "image",
+        "pack",
+        tar.to_str().unwrap(),
+        "-o",
+        kdi.to_str().unwrap(),
+    ]);
+    let pin = kd(&["pin"]);
+    let port = free_udp_port();
+    write(&lab.path("tokens"), "node1 tok-node1\n");
+    let layout = lab.path("layout.yaml");
+    write(
+        &layout,
+        "device: /dev/vda\nlabel: gpt\npartitions:\n\
+         - { number: 1, size: 1MiB, role: bios_grub }\n\
+         - { number: 2, size: 8MiB, role: swap, fs: swap }\n\
+         - { number: 3, size: 80MiB, role: deploy, fs: ext4 }\n\
+         - { number: 4, size: rest, role: tmp, fs: ext4 }\n",
+    );
+    let cfg = BmcConfig::load(&lab.bmc).unwrap();
+    let profile = cfg.profile_path(&cfg.nodes[0]);
+    write(
+        &profile,
+        &format!(
+            "#!ipxe\n# kd: deploy environment for node1\n\
+             kernel http://127.0.0.1:9/boot/vmlinuz initrd=initramfs.img console=ttyS0 \
+             kd.coord=127.0.0.1:{port} kd.pin={pin} kd.node=node1 kd.token=tok-node1\n\
+             initrd http://127.0.0.1:9/boot/initramfs.img\nboot\n"
+        ),
+    );
+    let o = fb("soft");
+    assert_eq!(o.status.code(), Some(1), "soft on a node that is off");
+    assert_eq!(String::from_utf8_lossy(&fb("status").stdout).trim(), "off");
+    let mut coord = Command::new(bin("kd-coord"))
+        .arg("--state")
+        .arg(&lab.state)
+        .arg("broadcast")
+        .arg(&kdi)
+        .args([
+            "-m",
+            "node1",
+            "--json",
+            "--hello-timeout",
+            "60",
+            "--timeout",
+            "120",
+        ])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tokens")
+        .arg(lab.path("tokens"))
+        .arg("--layout")
+        .arg(&layout)
+        .arg("-k")
+        .arg(&lab.key)
+        .args(["--kernel", "/vmlinuz", "--kernel-params", "console=ttyS0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(fb("reset").status.success());
+    assert_eq!(String::from_utf8_lossy(&fb("status").stdout).trim(), "on");
+    let co = wait_child(&mut coord, Duration::from_secs(150)).unwrap();
+    let err = String::from_utf8_lossy(&co.stderr).to_string();
+    let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\n{err}\n{}", lab.dump()));
+    assert_eq!(v["nodes"][0]["ok"], true, "{v}\n{err}\n{}", lab.dump());
+    // Boot the deployed system.
+    write(
+        &profile,
+        "#!ipxe\n# kd: local disk boot for node1\nsanboot --no-describe --drive 0x80 || exit\n",
+    );
+    assert!(fb("reset").status.success());
+    let t0 = Instant::now();
+    while !lab.answers(0) && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        lab.answers(0),
+        "the deployed system is not up\n{}",
+        lab.dump()
+    );
+    let ev = fakebmc::events(&lab.bmc, "node1");
+    assert!(ev.iter().any(|e| e == "boot: deploy agent"), "{ev:?}");
+    assert!(
+        ev.iter().any(|e| e.contains("deployed system up")),
+        "{ev:?}"
+    );
+    assert!(fb("soft").status.success(), "soft on a running system");
+    assert!(fb("off").status.success());
+    assert_eq!(String::from_utf8_lossy(&fb("status").stdout).trim(), "off");
+    assert!(!lab.answers(0));
+    // A wiped disk (no boot code in the MBR) does not boot.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(lab.disks[0].1.path())
+            .unwrap();
+        f.write_all(&[0u8; 512]).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert!(fb("on").status.success());
+    let t0 = Instant::now();
+    while !ev_has(&lab, "no bootable system") && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ev_has(&lab, "no bootable system"), "{}", lab.dump());
+    assert!(!lab.answers(0));
+}
+
+fn ev_has(lab: &Lab, what: &str) -> bool {
+    fakebmc::events(&lab.bmc, "node1")
+        .iter()
+        .any(|e| e.contains(what))
+}
