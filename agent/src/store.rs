@@ -6,18 +6,13 @@
 //! longer than the grace period is overtaken: it will get `Unavailable` and repair from the
 //! coordinator instead of holding everyone back.
 //!
-//! Siblings also move in step ([`Store::pace`]): a child may not be sent a chunk more than
-//! [`LEAD`] chunks ahead of its slowest live sibling. Without it, congestion control shares the
-//! parent's uplink between its children's connections unevenly, and the child that falls behind
-//! is often the one with a subtree (a leaf takes more than its share, an inner node cannot catch
-//! up later because its own uplink is then the limit): a k-ary tree lost 15-45 % on its ideal.
+//! Siblings also move in step ([`Store::pace`], [`kd_net::pace`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
+use kd_net::pace::Pacer;
 use tokio::sync::{watch, Notify};
 
 /// A verified compressed chunk, shared between the writer and the children's senders.
@@ -30,18 +25,11 @@ pub(crate) enum Get {
     NotYet,
 }
 
-/// How many chunks a child may be ahead of its slowest live sibling.
-pub(crate) const LEAD: u32 = 2;
-/// A sibling that has not advanced for this long no longer holds the others back.
-pub(crate) const PACE_GRACE: Duration = Duration::from_secs(5);
-
 struct Child {
     /// Next chunk this child will be sent.
     pos: u32,
-    /// When `pos` last moved (or the child registered).
-    moved: Instant,
-    /// Whether it streams (takes part in pacing) or fetches one chunk.
-    paced: bool,
+    /// Its id in the pacer, for a stream (a one-chunk request is not paced).
+    paced: Option<u64>,
 }
 
 struct Inner {
@@ -51,22 +39,12 @@ struct Inner {
     next_id: u64,
 }
 
-impl Inner {
-    /// The position of the slowest live paced child other than `id`, if any.
-    fn slowest_sibling(&self, id: u64, now: Instant) -> Option<u32> {
-        self.children
-            .iter()
-            .filter(|(&cid, c)| cid != id && c.paced && now.duration_since(c.moved) < PACE_GRACE)
-            .map(|(_, c)| c.pos)
-            .min()
-    }
-}
-
 pub(crate) struct Store {
     inner: Mutex<Inner>,
     window: usize,
     available: watch::Sender<u32>,
     advanced: Notify,
+    pacer: Pacer,
 }
 
 impl Store {
@@ -82,6 +60,7 @@ impl Store {
             window: window.max(1),
             available,
             advanced: Notify::new(),
+            pacer: Pacer::new(),
         }
     }
 
@@ -144,52 +123,38 @@ impl Store {
     /// A child starts reading at `from`; `paced`: a stream that moves in step with its siblings
     /// (a one-chunk request is not).
     pub(crate) fn register(&self, from: u32, paced: bool) -> u64 {
+        let paced = paced.then(|| self.pacer.register(from));
         let mut g = self.lock();
         let id = g.next_id;
         g.next_id += 1;
-        g.children.insert(
-            id,
-            Child {
-                pos: from,
-                moved: Instant::now(),
-                paced,
-            },
-        );
+        g.children.insert(id, Child { pos: from, paced });
         id
     }
 
     pub(crate) fn advance(&self, id: u64, pos: u32) {
-        if let Some(c) = self.lock().children.get_mut(&id) {
+        let paced = self.lock().children.get_mut(&id).and_then(|c| {
             c.pos = pos;
-            c.moved = Instant::now();
+            c.paced
+        });
+        if let Some(p) = paced {
+            self.pacer.advance(p, pos);
         }
         self.advanced.notify_waiters();
     }
 
-    /// Waits until child `id` may be sent chunk `index`: at most [`LEAD`] chunks ahead of its
-    /// slowest sibling that moved within [`PACE_GRACE`] (so a stalled sibling holds it back for
-    /// at most that long).
+    /// Waits until child `id` may be sent chunk `index` (see [`Pacer::pace`]).
     pub(crate) async fn pace(&self, id: u64, index: u32) {
-        let deadline = tokio::time::Instant::now() + PACE_GRACE + Duration::from_millis(100);
-        loop {
-            let notified = self.advanced.notified();
-            let slowest = self.lock().slowest_sibling(id, Instant::now());
-            match slowest {
-                Some(p) if index >= p.saturating_add(LEAD) => {}
-                _ => return,
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return;
-            }
-            let _ =
-                tokio::time::timeout_at(deadline.min(now + Duration::from_millis(200)), notified)
-                    .await;
+        let paced = self.lock().children.get(&id).and_then(|c| c.paced);
+        if let Some(p) = paced {
+            self.pacer.pace(p, index).await;
         }
     }
 
     pub(crate) fn unregister(&self, id: u64) {
-        self.lock().children.remove(&id);
+        let child = self.lock().children.remove(&id);
+        if let Some(p) = child.and_then(|c| c.paced) {
+            self.pacer.unregister(p);
+        }
         self.advanced.notify_waiters();
     }
 }
@@ -228,36 +193,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn siblings_move_in_step() {
+    async fn streams_are_paced_one_chunk_requests_are_not() {
         let s = Arc::new(Store::new(64));
         let a = s.register(0, true);
         let b = s.register(0, true);
         let one = s.register(0, false);
-        // a may run LEAD chunks ahead of b, not more.
-        for i in 0..LEAD {
-            tokio::time::timeout(Duration::from_millis(50), s.pace(a, i))
-                .await
-                .unwrap();
-        }
+        let lead = kd_net::pace::LEAD;
+        // a is held back by b, never by the one-chunk request; the request by nobody.
+        s.advance(one, 0);
+        tokio::time::timeout(Duration::from_millis(50), s.pace(one, 1000))
+            .await
+            .unwrap();
         let s2 = s.clone();
-        let h = tokio::spawn(async move { s2.pace(a, LEAD).await });
+        let h = tokio::spawn(async move { s2.pace(a, lead).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!h.is_finished());
-        // A one-chunk request at 0 does not hold anyone back; b moving does.
-        s.advance(one, 0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!h.is_finished());
-        s.advance(b, 1);
+        s.unregister(b);
         tokio::time::timeout(Duration::from_millis(500), h)
             .await
             .unwrap()
             .unwrap();
-        // A sibling that stops moving is ignored after the grace period.
-        tokio::time::pause();
-        let s3 = s.clone();
-        let h = tokio::spawn(async move { s3.pace(a, 10).await });
-        tokio::time::sleep(PACE_GRACE + Duration::from_secs(1)).await;
-        assert!(h.is_finished());
-        h.await.unwrap();
     }
 }
