@@ -104,8 +104,8 @@ impl Pacer {
             if now >= deadline {
                 return;
             }
-            let _ =
-                tokio::time::timeout_at(deadline.min(now + Duration::from_millis(200)), moved).await;
+            let _ = tokio::time::timeout_at(deadline.min(now + Duration::from_millis(200)), moved)
+                .await;
         }
     }
 }
