@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use kd_net::tls::AllowedPeers;
-use kd_net::wire;
-use kd_proto::codec::{self, MAX_FRAME};
+use kd_net::wire::{self, DataIn};
+use kd_proto::codec::MAX_FRAME;
 use kd_proto::manifest::{verify_chunk, Manifest};
 use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
@@ -18,7 +18,7 @@ use kd_proto::msg::{
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, Fault};
-use crate::store::{Get, Store};
+use crate::store::{Chunk, Get, Store};
 
 /// How an agent's run ended.
 #[derive(Debug)]
@@ -477,7 +477,7 @@ async fn receive_all(
                 break 'outer;
             }
             let frame = tokio::select! {
-                f = tokio::time::timeout(ctx.cfg.stall_timeout, wire::recv_payload(&mut recv, MAX_FRAME)) => f,
+                f = tokio::time::timeout(ctx.cfg.stall_timeout, wire::recv_data(&mut recv, MAX_FRAME)) => f,
                 m = ctx.ctl.recv() => {
                     match m {
                         Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
@@ -493,14 +493,16 @@ async fn receive_all(
                 Err(_) => format!("no data for {:?}", ctx.cfg.stall_timeout),
                 Ok(Err(e)) => e.to_string(),
                 Ok(Ok(None)) => "the upstream ended the stream early".into(),
-                Ok(Ok(Some(p))) => match codec::decode_data_frame(p) {
-                    Ok(DataFrame::Chunk { index, mut data }) if index == next => {
+                Ok(Ok(Some(p))) => match p {
+                    DataIn::Chunk { index, mut data } if index == next => {
                         for f in &ctx.cfg.faults {
                             if *f == Fault::CorruptChunk(index) && !corrupted_once {
                                 corrupted_once = true;
-                                if let Some(b) = data.first_mut() {
+                                let mut v = data.to_vec();
+                                if let Some(b) = v.first_mut() {
                                     *b ^= 0x5a;
                                 }
+                                data = v.into();
                             }
                         }
                         if let Err(e) = verify_chunk(&ctx.manifest, index, &data) {
@@ -521,10 +523,10 @@ async fn receive_all(
                         accept(ctx, store, &writer, index, data, &mut progress).await;
                         None
                     }
-                    Ok(DataFrame::Chunk { index, .. }) => {
+                    DataIn::Chunk { index, .. } => {
                         Some(format!("got chunk {index}, expected {next}"))
                     }
-                    Ok(DataFrame::Unavailable { index }) if index == next => {
+                    DataIn::Other(DataFrame::Unavailable { index }) if index == next => {
                         match repair(ctx, index).await {
                             Ok(d) => {
                                 refetched += 1;
@@ -537,11 +539,15 @@ async fn receive_all(
                             }
                         }
                     }
-                    Ok(DataFrame::Unavailable { index }) => {
+                    DataIn::Other(DataFrame::Unavailable { index }) => {
                         Some(format!("unexpected Unavailable({index})"))
                     }
-                    Ok(DataFrame::Error(e)) => Some(format!("the upstream refused: {e}")),
-                    Err(e) => Some(format!("bad frame from the upstream: {e}")),
+                    DataIn::Other(DataFrame::Error(e)) => {
+                        Some(format!("the upstream refused: {e}"))
+                    }
+                    DataIn::Other(DataFrame::Chunk { index, .. }) => Some(format!(
+                        "bad frame from the upstream: chunk {index} mis-framed"
+                    )),
                 }
                 .unwrap_or_default(),
             };
@@ -597,13 +603,12 @@ async fn accept(
     store: &Store,
     writer: &crate::sink::Writer,
     index: u32,
-    data: Vec<u8>,
+    chunk: Chunk,
     progress: &mut Progress,
 ) {
     progress.chunks += 1;
-    progress.bytes_received += data.len() as u64;
-    let chunk = Arc::new(data);
-    // Children first, then our own copy.
+    progress.bytes_received += chunk.len() as u64;
+    // Children first, then our own copy (the same bytes, shared).
     store
         .push(index, chunk.clone(), ctx.cfg.stall_timeout * 3)
         .await;
@@ -725,10 +730,10 @@ async fn open_upstream(
 }
 
 /// Fetches one chunk from the coordinator and verifies it.
-async fn repair(ctx: &Ctx, index: u32) -> Result<Vec<u8>> {
+async fn repair(ctx: &Ctx, index: u32) -> Result<Chunk> {
     let mut last = anyhow!("no attempt");
     for _ in 0..3 {
-        let r: Result<Vec<u8>> = async {
+        let r: Result<Chunk> = async {
             let (mut s, mut r) = ctx.coord.open_bi().await?;
             wire::send(
                 &mut s,
@@ -739,19 +744,17 @@ async fn repair(ctx: &Ctx, index: u32) -> Result<Vec<u8>> {
             )
             .await?;
             let _ = s.finish();
-            let p = tokio::time::timeout(
-                Duration::from_secs(60),
-                wire::recv_payload(&mut r, MAX_FRAME),
-            )
-            .await
-            .map_err(|_| anyhow!("timed out"))??
-            .ok_or_else(|| anyhow!("empty answer"))?;
-            match codec::decode_data_frame(p)? {
-                DataFrame::Chunk { index: i, data } if i == index => {
+            let p =
+                tokio::time::timeout(Duration::from_secs(60), wire::recv_data(&mut r, MAX_FRAME))
+                    .await
+                    .map_err(|_| anyhow!("timed out"))??
+                    .ok_or_else(|| anyhow!("empty answer"))?;
+            match p {
+                DataIn::Chunk { index: i, data } if i == index => {
                     verify_chunk(&ctx.manifest, index, &data).map_err(|e| anyhow!(e))?;
                     Ok(data)
                 }
-                DataFrame::Error(e) => Err(anyhow!("refused: {e}")),
+                DataIn::Other(DataFrame::Error(e)) => Err(anyhow!("refused: {e}")),
                 other => Err(anyhow!(
                     "unexpected answer {:?}",
                     std::mem::discriminant(&other)
@@ -820,10 +823,10 @@ async fn serve_stream(
 ) -> Result<()> {
     let req = wire::recv::<DataRequest>(&mut r, Duration::from_secs(10), "a data request").await?;
     let count = manifest.chunk_count();
-    let (d, from, to) = match req {
-        DataRequest::Stream { deployment, from } => (deployment, from, count),
+    let (d, from, to, paced) = match req {
+        DataRequest::Stream { deployment, from } => (deployment, from, count, true),
         DataRequest::One { deployment, index } => {
-            (deployment, index, index.saturating_add(1).min(count))
+            (deployment, index, index.saturating_add(1).min(count), false)
         }
     };
     if d != deployment {
@@ -837,19 +840,15 @@ async fn serve_stream(
         .await?;
         return Ok(());
     }
-    let id = store.register(from);
+    let id = store.register(from, paced);
     let result: Result<()> = async {
         for i in from..to {
             tokio::select! {
-                _ = store.wait_for(i) => {}
+                _ = async { store.wait_for(i).await; store.pace(id, i).await } => {}
                 _ = conn.closed() => bail!("connection closed"),
             }
             match store.get(i) {
-                Get::Ready(c) => {
-                    let h = codec::chunk_frame_header(i, c.len())?;
-                    s.write_all(&h).await?;
-                    s.write_all(&c).await?;
-                }
+                Get::Ready(c) => wire::send_chunk(&mut s, i, c).await?,
                 Get::Evicted | Get::NotYet => {
                     wire::send(&mut s, &DataFrame::Unavailable { index: i }).await?;
                 }

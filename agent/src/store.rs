@@ -5,15 +5,18 @@
 //! (and, through the parent's own window, the whole path up to the source). A child that stalls
 //! longer than the grace period is overtaken: it will get `Unavailable` and repair from the
 //! coordinator instead of holding everyone back.
+//!
+//! Siblings also move in step ([`Store::pace`], [`kd_net::pace`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use kd_net::pace::Pacer;
 use tokio::sync::{watch, Notify};
 
 /// A verified compressed chunk, shared between the writer and the children's senders.
-pub(crate) type Chunk = Arc<Vec<u8>>;
+pub(crate) type Chunk = bytes::Bytes;
 
 /// What [`Store::get`] found.
 pub(crate) enum Get {
@@ -22,10 +25,17 @@ pub(crate) enum Get {
     NotYet,
 }
 
+struct Child {
+    /// Next chunk this child will be sent.
+    pos: u32,
+    /// Its id in the pacer, for a stream (a one-chunk request is not paced).
+    paced: Option<u64>,
+}
+
 struct Inner {
     chunks: VecDeque<Chunk>,
     base: u32,
-    children: HashMap<u64, u32>,
+    children: HashMap<u64, Child>,
     next_id: u64,
 }
 
@@ -34,6 +44,7 @@ pub(crate) struct Store {
     window: usize,
     available: watch::Sender<u32>,
     advanced: Notify,
+    pacer: Pacer,
 }
 
 impl Store {
@@ -49,6 +60,7 @@ impl Store {
             window: window.max(1),
             available,
             advanced: Notify::new(),
+            pacer: Pacer::new(),
         }
     }
 
@@ -71,7 +83,7 @@ impl Store {
                 let mut g = self.lock();
                 debug_assert_eq!(g.base + g.chunks.len() as u32, index);
                 let full = g.chunks.len() >= self.window;
-                let needed = g.children.values().any(|&p| p <= g.base);
+                let needed = g.children.values().any(|c| c.pos <= g.base);
                 if !full || !needed || tokio::time::Instant::now() >= deadline {
                     if full {
                         g.chunks.pop_front();
@@ -108,24 +120,41 @@ impl Store {
         let _ = rx.wait_for(|&n| n > index).await;
     }
 
-    /// A child starts reading at `from`.
-    pub(crate) fn register(&self, from: u32) -> u64 {
+    /// A child starts reading at `from`; `paced`: a stream that moves in step with its siblings
+    /// (a one-chunk request is not).
+    pub(crate) fn register(&self, from: u32, paced: bool) -> u64 {
+        let paced = paced.then(|| self.pacer.register(from));
         let mut g = self.lock();
         let id = g.next_id;
         g.next_id += 1;
-        g.children.insert(id, from);
+        g.children.insert(id, Child { pos: from, paced });
         id
     }
 
     pub(crate) fn advance(&self, id: u64, pos: u32) {
-        if let Some(p) = self.lock().children.get_mut(&id) {
-            *p = pos;
+        let paced = self.lock().children.get_mut(&id).and_then(|c| {
+            c.pos = pos;
+            c.paced
+        });
+        if let Some(p) = paced {
+            self.pacer.advance(p, pos);
         }
         self.advanced.notify_waiters();
     }
 
+    /// Waits until child `id` may be sent chunk `index` (see [`Pacer::pace`]).
+    pub(crate) async fn pace(&self, id: u64, index: u32) {
+        let paced = self.lock().children.get(&id).and_then(|c| c.paced);
+        if let Some(p) = paced {
+            self.pacer.pace(p, index).await;
+        }
+    }
+
     pub(crate) fn unregister(&self, id: u64) {
-        self.lock().children.remove(&id);
+        let child = self.lock().children.remove(&id);
+        if let Some(p) = child.and_then(|c| c.paced) {
+            self.pacer.unregister(p);
+        }
         self.advanced.notify_waiters();
     }
 }
@@ -133,18 +162,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn window_evicts_and_waits_for_children() {
         let s = Arc::new(Store::new(2));
-        let c = s.register(0);
-        s.push(0, Arc::new(vec![0]), Duration::from_secs(5)).await;
-        s.push(1, Arc::new(vec![1]), Duration::from_secs(5)).await;
+        let c = s.register(0, true);
+        s.push(0, Chunk::from(vec![0]), Duration::from_secs(5))
+            .await;
+        s.push(1, Chunk::from(vec![1]), Duration::from_secs(5))
+            .await;
         // Full and the child still needs chunk 0: push waits until the child advances.
         let s2 = s.clone();
-        let h = tokio::spawn(
-            async move { s2.push(2, Arc::new(vec![2]), Duration::from_secs(5)).await },
-        );
+        let h = tokio::spawn(async move {
+            s2.push(2, Chunk::from(vec![2]), Duration::from_secs(5))
+                .await
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!h.is_finished());
         s.advance(c, 1);
@@ -153,9 +186,32 @@ mod tests {
         assert!(matches!(s.get(2), Get::Ready(_)));
         assert!(matches!(s.get(3), Get::NotYet));
         // A stalled child is overtaken after the grace period.
-        s.push(3, Arc::new(vec![3]), Duration::from_millis(50))
+        s.push(3, Chunk::from(vec![3]), Duration::from_millis(50))
             .await;
         assert_eq!(s.available(), 4);
         s.unregister(c);
+    }
+
+    #[tokio::test]
+    async fn streams_are_paced_one_chunk_requests_are_not() {
+        let s = Arc::new(Store::new(64));
+        let a = s.register(0, true);
+        let b = s.register(0, true);
+        let one = s.register(0, false);
+        let lead = kd_net::pace::LEAD;
+        // a is held back by b, never by the one-chunk request; the request by nobody.
+        s.advance(one, 0);
+        tokio::time::timeout(Duration::from_millis(50), s.pace(one, 1000))
+            .await
+            .unwrap();
+        let s2 = s.clone();
+        let h = tokio::spawn(async move { s2.pace(a, lead).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!h.is_finished());
+        s.unregister(b);
+        tokio::time::timeout(Duration::from_millis(500), h)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

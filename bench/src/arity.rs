@@ -50,7 +50,7 @@ pub(crate) struct ArityArgs {
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Uncompressed chunk size of the image (kd-coord image pack --chunk-size).
-    #[arg(long, default_value = "4M")]
+    #[arg(long, default_value = "1M")]
     chunk_size: String,
     /// zstd level of the image.
     #[arg(long, default_value_t = 3)]
@@ -70,6 +70,10 @@ pub(crate) struct ArityArgs {
     /// Skip the TCP check of the shaped links.
     #[arg(long)]
     no_probe: bool,
+    /// Turn on GRO on every host's veth (`ethtool -K eth0 gro on`, needs ethtool), as physical
+    /// NICs have it: received UDP datagrams of one flow reach the socket in batches.
+    #[arg(long)]
+    gro: bool,
     /// Niceness of the coordinator and agents (negative: ahead of the machine's other work,
     /// to tell this machine's other load from kd's own cost).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -465,7 +469,7 @@ fn remove_stale() {
     }
 }
 
-fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf) -> Result<()> {
+fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool) -> Result<()> {
     let br = lab.bridge_ns();
     lab.add_ns(&br)?;
     cmd("ip", &["-n", &br, "link", "set", "lo", "up"])?;
@@ -541,6 +545,12 @@ fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf) -> Result<()> {
         cmd("ip", &["-n", &br, "link", "set", &port, "up"])?;
         shape(&ns, "eth0")?;
         shape(&br, &port)?;
+        if gro {
+            cmd(
+                "ip",
+                &["netns", "exec", &ns, "ethtool", "-K", "eth0", "gro", "on"],
+            )?;
+        }
     }
     Ok(())
 }
@@ -1117,13 +1127,14 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     );
     check_stop()?;
 
-    build_network(&mut lab, a.nodes + 1, tbf)?;
+    build_network(&mut lab, a.nodes + 1, tbf, a.gro)?;
     eprintln!(
-        "kd-bench: {} hosts on a bridge, each link tbf rate {} burst {} B limit {} B, both directions",
+        "kd-bench: {} hosts on a bridge, each link tbf rate {} burst {} B limit {} B, both directions{}",
         a.nodes + 1,
         rate_label(rate_bps),
         tbf.burst,
-        tbf.limit
+        tbf.limit,
+        if a.gro { ", GRO on" } else { "" }
     );
     let probe = if a.no_probe {
         None

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use kd_net::wire;
-use kd_proto::codec;
 use kd_proto::msg::{
     DataFrame, DataRequest, ErrorCode, Hello, Job, PeerInfo, Plan, Progress, Report, ToAgent,
     ToCoord, Upstream, Welcome, WireError,
@@ -185,6 +184,8 @@ pub(crate) struct Source {
     pub(crate) image: ImageFile,
     /// Data requests must name this deployment.
     pub(crate) deployment: u64,
+    /// The root streams move in step (see `kd_net::pace`).
+    pub(crate) pacer: kd_net::pace::Pacer,
 }
 
 /// Runs a whole broadcast. `events` receives live progress (dropped events are fine).
@@ -203,6 +204,7 @@ pub async fn run(
     let source = Arc::new(Source {
         image,
         deployment: cfg.deployment,
+        pacer: Default::default(),
     });
     let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
 
@@ -842,10 +844,10 @@ async fn serve_data(mut send: quinn::SendStream, mut recv: quinn::RecvStream, so
         }
     };
     let count = source.image.manifest.chunk_count();
-    let (deployment, range) = match req {
-        DataRequest::Stream { deployment, from } => (deployment, from..count),
+    let (deployment, range, paced) = match req {
+        DataRequest::Stream { deployment, from } => (deployment, from..count, true),
         DataRequest::One { deployment, index } => {
-            (deployment, index..index.saturating_add(1).min(count))
+            (deployment, index..index.saturating_add(1).min(count), false)
         }
     };
     if deployment != source.deployment {
@@ -856,14 +858,31 @@ async fn serve_data(mut send: quinn::SendStream, mut recv: quinn::RecvStream, so
         let _ = send_frame(&mut send, &DataFrame::Error(e)).await;
         return;
     }
+    let pace = paced.then(|| source.pacer.register(range.start));
+    serve_range(&mut send, &source, range, pace).await;
+    if let Some(id) = pace {
+        source.pacer.unregister(id);
+    }
+}
+
+/// Sends chunks `range` on `send`, in step with the other root streams when `pace` is set.
+async fn serve_range(
+    send: &mut quinn::SendStream,
+    source: &Arc<Source>,
+    range: std::ops::Range<u32>,
+    pace: Option<u64>,
+) {
     for i in range {
+        if let Some(id) = pace {
+            source.pacer.pace(id, i).await;
+        }
         let src = source.clone();
         let chunk = match tokio::task::spawn_blocking(move || src.image.read_chunk(i)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::error!("serving chunk {i}: {e:#}");
                 let _ = send_frame(
-                    &mut send,
+                    send,
                     &DataFrame::Error(WireError::new(ErrorCode::Internal, format!("{e:#}"))),
                 )
                 .await;
@@ -871,11 +890,12 @@ async fn serve_data(mut send: quinn::SendStream, mut recv: quinn::RecvStream, so
             }
             Err(_) => return,
         };
-        let Ok(h) = codec::chunk_frame_header(i, chunk.len()) else {
+        // The chunk's buffer goes to QUIC as is (no copy into its send buffer).
+        if wire::send_chunk(send, i, chunk.into()).await.is_err() {
             return;
-        };
-        if send.write_all(&h).await.is_err() || send.write_all(&chunk).await.is_err() {
-            return;
+        }
+        if let Some(id) = pace {
+            source.pacer.advance(id, i + 1);
         }
     }
     let _ = send.finish();

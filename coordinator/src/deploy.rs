@@ -121,6 +121,7 @@ pub async fn run(
     let source = Arc::new(Source {
         image,
         deployment: cfg.deployment,
+        pacer: Default::default(),
     });
     let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
     let (bev_tx, mut bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();

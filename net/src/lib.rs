@@ -4,7 +4,9 @@
 //!   agents authenticate each other with the certificates the coordinator issued for the
 //!   deployment, checked against the exact fingerprints the coordinator announced.
 //! * [`endpoint`]: QUIC endpoints with large UDP buffers and kd's transport parameters.
-//! * [`wire`]: framed messages on QUIC streams, with size limits and timeouts.
+//! * [`wire`]: framed messages on QUIC streams, with size limits and timeouts; chunk frames
+//!   read into and sent from shared `Bytes`.
+//! * [`pace`]: the streams one sender serves move in step.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 /// Application close codes on kd connections.
@@ -16,6 +18,7 @@ pub mod close {
 }
 
 pub mod endpoint;
+pub mod pace;
 pub mod tls;
 pub mod wire;
 

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use kd_proto::codec::{self, CodecError, HEADER_LEN};
+use bytes::{Bytes, BytesMut};
+use kd_proto::codec::{self, CodecError, CHUNK_PREFIX_LEN, HEADER_LEN};
+use kd_proto::msg::DataFrame;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// A message could not be sent or received.
@@ -56,6 +58,93 @@ pub async fn recv_payload(
         quinn::ReadExactError::ReadError(e) => WireError::Read(e.to_string()),
     })?;
     Ok(Some(buf))
+}
+
+/// A data-stream frame as a receiver gets it: chunk data in shared, reference-counted bytes
+/// (handed to the children's senders and the writer without copies).
+#[derive(Debug)]
+pub enum DataIn {
+    /// `DataFrame::Chunk`.
+    Chunk {
+        /// Chunk index.
+        index: u32,
+        /// The compressed chunk, not verified yet.
+        data: Bytes,
+    },
+    /// Any other data frame.
+    Other(DataFrame),
+}
+
+fn read_err(e: quinn::ReadExactError, what: &str) -> WireError {
+    match e {
+        quinn::ReadExactError::FinishedEarly(n) => {
+            WireError::Read(format!("stream ended after {n} bytes inside {what}"))
+        }
+        quinn::ReadExactError::ReadError(e) => WireError::Read(e.to_string()),
+    }
+}
+
+/// Reads one data-stream frame of at most `limit` payload bytes; `Ok(None)` at a clean end of
+/// stream. Chunk data is read straight from QUIC's receive buffers into one buffer of the
+/// announced size (one copy, no zeroing, no shifting).
+pub async fn recv_data(r: &mut quinn::RecvStream, limit: u32) -> Result<Option<DataIn>, WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    match r.read_exact(&mut h).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(read_err(e, "a frame header")),
+    }
+    let len = codec::frame_len(h, limit)?;
+    if len < CHUNK_PREFIX_LEN {
+        let mut buf = vec![0u8; len];
+        r.read_exact(&mut buf)
+            .await
+            .map_err(|e| read_err(e, "a frame"))?;
+        return Ok(Some(DataIn::Other(codec::decode(&buf)?)));
+    }
+    let mut prefix = [0u8; CHUNK_PREFIX_LEN];
+    r.read_exact(&mut prefix)
+        .await
+        .map_err(|e| read_err(e, "a frame"))?;
+    let Some((index, data_len)) = codec::parse_chunk_prefix(&prefix, len)? else {
+        let mut buf = vec![0u8; len];
+        buf[..CHUNK_PREFIX_LEN].copy_from_slice(&prefix);
+        r.read_exact(&mut buf[CHUNK_PREFIX_LEN..])
+            .await
+            .map_err(|e| read_err(e, "a frame"))?;
+        return Ok(Some(DataIn::Other(codec::decode(&buf)?)));
+    };
+    let mut data = BytesMut::with_capacity(data_len);
+    while data.len() < data_len {
+        match r.read_chunk(data_len - data.len(), true).await {
+            Ok(Some(c)) => data.extend_from_slice(&c.bytes),
+            Ok(None) => {
+                return Err(WireError::Read(format!(
+                    "stream ended after {} of {data_len} bytes of chunk {index}",
+                    data.len()
+                )))
+            }
+            Err(e) => return Err(WireError::Read(e.to_string())),
+        }
+    }
+    Ok(Some(DataIn::Chunk {
+        index,
+        data: data.freeze(),
+    }))
+}
+
+/// Writes a chunk frame: the hand-written header, then the shared chunk bytes, which QUIC keeps
+/// until they are acknowledged instead of copying them.
+pub async fn send_chunk(
+    s: &mut quinn::SendStream,
+    index: u32,
+    data: Bytes,
+) -> Result<(), WireError> {
+    let h = codec::chunk_frame_header(index, data.len())?;
+    let mut parts = [Bytes::copy_from_slice(&h), data];
+    s.write_all_chunks(&mut parts)
+        .await
+        .map_err(|e| WireError::Write(e.to_string()))
 }
 
 /// Reads one control message (limit [`codec::MAX_CONTROL_FRAME`]) within `timeout`.

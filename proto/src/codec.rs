@@ -112,25 +112,46 @@ pub fn chunk_frame_header(
     Ok(h)
 }
 
-/// Decodes a data-stream payload, taking chunk data without a second copy.
-pub fn decode_data_frame(mut payload: Vec<u8>) -> Result<DataFrame, CodecError> {
-    const PREFIX: usize = CHUNK_HEADER_LEN - HEADER_LEN;
-    if payload.len() >= PREFIX && payload[0..4] == 0u32.to_le_bytes() {
-        let index = u32::from_le_bytes([payload[4], payload[5], payload[6], payload[7]]);
-        let mut l = [0u8; 8];
-        l.copy_from_slice(&payload[8..16]);
-        let data_len = u64::from_le_bytes(l);
-        if data_len != (payload.len() - PREFIX) as u64 {
-            return Err(CodecError::Malformed(format!(
-                "chunk {index} announces {data_len} bytes but carries {}",
-                payload.len() - PREFIX
-            )));
+/// Bytes of a chunk frame's payload before its data: variant tag, index, data length.
+pub const CHUNK_PREFIX_LEN: usize = CHUNK_HEADER_LEN - HEADER_LEN;
+
+/// Reads the start of a data-stream payload of `payload_len` bytes: `Ok(Some((index,
+/// data_len)))` if it is a `DataFrame::Chunk` whose data length matches the payload, `Ok(None)`
+/// if it is another variant (decode the whole payload with [`decode`]). Lets a receiver read the
+/// chunk data straight into its final buffer.
+pub fn parse_chunk_prefix(
+    prefix: &[u8; CHUNK_PREFIX_LEN],
+    payload_len: usize,
+) -> Result<Option<(u32, usize)>, CodecError> {
+    if prefix[0..4] != 0u32.to_le_bytes() {
+        return Ok(None);
+    }
+    let index = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+    let mut l = [0u8; 8];
+    l.copy_from_slice(&prefix[8..16]);
+    let data_len = u64::from_le_bytes(l);
+    let carried = payload_len.saturating_sub(CHUNK_PREFIX_LEN);
+    if payload_len < CHUNK_PREFIX_LEN || data_len != carried as u64 {
+        return Err(CodecError::Malformed(format!(
+            "chunk {index} announces {data_len} bytes but carries {carried}"
+        )));
+    }
+    Ok(Some((index, carried)))
+}
+
+/// Decodes a data-stream payload (a whole frame in memory; streaming receivers use
+/// [`parse_chunk_prefix`] instead).
+pub fn decode_data_frame(payload: Vec<u8>) -> Result<DataFrame, CodecError> {
+    if let Some(prefix) = payload
+        .get(..CHUNK_PREFIX_LEN)
+        .and_then(|p| <&[u8; CHUNK_PREFIX_LEN]>::try_from(p).ok())
+    {
+        if let Some((index, _)) = parse_chunk_prefix(prefix, payload.len())? {
+            return Ok(DataFrame::Chunk {
+                index,
+                data: payload[CHUNK_PREFIX_LEN..].to_vec(),
+            });
         }
-        payload.drain(0..PREFIX);
-        return Ok(DataFrame::Chunk {
-            index,
-            data: payload,
-        });
     }
     decode(&payload)
 }
@@ -208,6 +229,26 @@ mod tests {
         assert_eq!(full, manual);
         let back = decode_data_frame(full[HEADER_LEN..].to_vec()).unwrap();
         assert_eq!(back, DataFrame::Chunk { index: 42, data });
+    }
+
+    #[test]
+    fn chunk_prefix_parses_what_the_header_writes() {
+        let h = chunk_frame_header(9, 300).unwrap();
+        let payload_len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let mut prefix = [0u8; CHUNK_PREFIX_LEN];
+        prefix.copy_from_slice(&h[HEADER_LEN..]);
+        assert_eq!(
+            parse_chunk_prefix(&prefix, payload_len).unwrap(),
+            Some((9, 300))
+        );
+        // A length that does not match the frame is refused, also below the prefix size.
+        assert!(parse_chunk_prefix(&prefix, payload_len + 1).is_err());
+        assert!(parse_chunk_prefix(&prefix, 3).is_err());
+        // Another variant: not a chunk.
+        let f = encode(&DataFrame::Unavailable { index: 4 }).unwrap();
+        let mut p = [0u8; CHUNK_PREFIX_LEN];
+        p[..4].copy_from_slice(&f[HEADER_LEN..HEADER_LEN + 4]);
+        assert_eq!(parse_chunk_prefix(&p, f.len() - HEADER_LEN).unwrap(), None);
     }
 
     #[test]
