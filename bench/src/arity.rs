@@ -163,11 +163,12 @@ pub(crate) struct Tbf {
     pub(crate) limit: u64,
 }
 
-/// Bucket of `burst_ms` at the rate (at least 4 frames), queue of `queue_ms` (at least the
-/// bucket plus 16 frames).
+/// Bucket of `burst_ms` at the rate (at least 16 frames: one GSO batch of a QUIC sender, ~12
+/// datagrams per `sendmsg`; a smaller bucket makes tbf split every batch and drop ten times more),
+/// queue of `queue_ms` (at least the bucket plus 16 frames).
 pub(crate) fn tbf_params(rate_bps: u64, burst_ms: u64, queue_ms: u64) -> Tbf {
     let per_ms = rate_bps / 8 / 1000;
-    let burst = (per_ms * burst_ms).max(4 * FRAME);
+    let burst = (per_ms * burst_ms).max(16 * FRAME);
     let limit = (per_ms * queue_ms).max(burst + 16 * FRAME);
     Tbf {
         rate_bps,
@@ -1286,10 +1287,12 @@ mod tests {
         let t = tbf_params(100_000_000, 2, 50);
         assert_eq!(t.burst, 25_000);
         assert_eq!(t.limit, 625_000);
-        // Slow links still get room for a few frames.
+        // Slow links still get room for a GSO batch.
         let t = tbf_params(1_000_000, 2, 50);
-        assert_eq!(t.burst, 4 * FRAME);
-        assert_eq!(t.limit, 20 * FRAME);
+        assert_eq!(t.burst, 16 * FRAME);
+        assert_eq!(t.limit, 32 * FRAME);
+        let t = tbf_params(50_000_000, 2, 50);
+        assert_eq!(t.burst, 16 * FRAME);
     }
 
     #[test]
