@@ -52,7 +52,11 @@ fn deploy_to_three_pxe_nodes_then_lose_one_during_the_broadcast() {
     .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
-    eprintln!("lab-deploy.sh took {:.0} s", t.elapsed().as_secs_f64());
+    // Per-step times for `cargo test -- --nocapture` (and the failure output).
+    eprintln!(
+        "lab-deploy.sh took {:.0} s:\n{out}",
+        t.elapsed().as_secs_f64()
+    );
     let tail: String = {
         let lines: Vec<&str> = err.lines().collect();
         lines[lines.len().saturating_sub(60)..].join("\n")
