@@ -564,7 +564,14 @@ fn a_dead_node_times_out_and_the_others_deploy() {
     let pending = lab.start_deploy("", "node[1-3]", &lab.env, &[]);
     // While it runs, another deployment on one of its nodes is refused.
     let t0 = Instant::now();
-    while !lab.bmc.join("events.log").exists() && t0.elapsed() < Duration::from_secs(20) {
+    // events.log already holds the `kill` above: wait for the first deploy's first reboot
+    // command, which comes after it took its nodes' locks.
+    let rebooting = || {
+        std::fs::read_to_string(lab.bmc.join("events.log"))
+            .map(|t| t.lines().any(|l| l.contains(" soft:")))
+            .unwrap_or(false)
+    };
+    while !rebooting() && t0.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let busy = lab.start_deploy("-busy", "node3", &lab.env, &[]);
