@@ -58,6 +58,11 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("KD_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a real terminal (the initrd's serial console is logged to files).
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("TERM").is_some_and(|t| t != "dumb" && t != "linux"),
+        )
         .init();
     match real_main() {
         Ok(()) => {}

@@ -278,6 +278,9 @@ pub struct Environment {
     /// Post-install archives, run in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub postinstalls: Vec<Postinstall>,
+    /// Kadeploy's multi-partition images; accepted for compatibility, only `false` is supported.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub multipart: bool,
 }
 
 /// File systems kd can create for tar images.
@@ -301,6 +304,12 @@ impl Environment {
     /// Checks every rule and fills in compressions; `text` is only used to find lines.
     pub fn validate(&mut self, text: &str) -> Result<(), ConfigError> {
         let bad = |field: &str, msg: String| Err(ConfigError::invalid(text, field, msg));
+        if self.multipart {
+            return bad(
+                "multipart",
+                "multi-partition images are not supported: use a single tar or dd image".into(),
+            );
+        }
         if !is_valid_name(&self.name) {
             return bad(
                 "name",
@@ -505,6 +514,20 @@ postinstalls:
         assert_eq!(e.postinstalls[1].script, None);
         let again = Environment::parse(&e.to_yaml().unwrap()).unwrap();
         assert_eq!(again, e);
+    }
+
+    #[test]
+    fn kadeploy_multipart_field() {
+        let e = Environment::parse("name: a\nimage: {file: /a.raw, kind: dd}\nmultipart: false\n")
+            .unwrap();
+        assert!(!e.multipart);
+        let err = Environment::parse("name: a\nimage: {file: /a.raw, kind: dd}\nmultipart: true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("multipart") && err.contains("not supported"),
+            "{err}"
+        );
     }
 
     #[test]
