@@ -457,8 +457,14 @@ async fn receive_all(
     let mut last_progress = Instant::now();
     let mut fatal: Option<String> = None;
 
+    // A new parent may refuse our certificate for a moment (its Adopt can arrive after we
+    // connect; with TLS 1.3 that shows as the connection closing just after the handshake):
+    // such quick failures are retried on the same parent a few times before it counts as lost.
+    let mut quick_retries = 0u32;
     'outer: while store.available() < count {
         let next = store.available();
+        let opened_at = Instant::now();
+        let mut got_frame = false;
         let (conn, mut recv) = match open_upstream(ctx, &upstream, next).await {
             Ok(x) => x,
             Err(e) => {
@@ -489,6 +495,14 @@ async fn receive_all(
                 }
             };
             let next = store.available();
+            let refused_at_once = matches!(frame, Ok(Err(_)))
+                && !got_frame
+                && matches!(upstream, Upstream::Peer(_))
+                && opened_at.elapsed() < Duration::from_secs(3);
+            if matches!(frame, Ok(Ok(Some(_)))) {
+                got_frame = true;
+                quick_retries = 0;
+            }
             let problem = match frame {
                 Err(_) => format!("no data for {:?}", ctx.cfg.stall_timeout),
                 Ok(Err(e)) => e.to_string(),
@@ -558,6 +572,12 @@ async fn receive_all(
                     let _ = ctx.to_coord.try_send(ToCoord::Progress(progress.clone()));
                 }
                 continue;
+            }
+            if refused_at_once && quick_retries < 4 {
+                quick_retries += 1;
+                tracing::info!("new upstream closed at once ({problem}); retrying it");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue 'outer;
             }
             tracing::warn!("upstream problem: {problem}");
             if let Some(c) = &conn {
