@@ -275,47 +275,34 @@ pub async fn run(
         .filter(|n| matches!(nodes.get(*n).map(|x| &x.status), Some(Status::Connected)))
         .cloned()
         .collect();
-    let tree = kd_proto::tree::plan(live.len(), cfg.arity);
     let ca = DeploymentCa::new(cfg.deployment)?;
-    let mut identities = HashMap::new();
-    for name in &live {
-        let id = ca.issue(name)?;
-        let n = nodes.get_mut(name).context("node vanished")?;
-        n.info = Some(PeerInfo {
-            node: name.clone(),
-            addr: SocketAddr::new(n.conn.remote_address().ip(), n.data_port),
-            cert_sha256: kd_net::cert_sha256(&id.cert_der),
-        });
-        identities.insert(name.clone(), id);
+    let round = plan_round(
+        &live,
+        cfg.arity,
+        &ca,
+        |n| {
+            nodes
+                .get(n)
+                .map(|x| SocketAddr::new(x.conn.remote_address().ip(), x.data_port))
+        },
+        cfg.deployment,
+        &source.image.manifest,
+        &cfg.job,
+    )?;
+    for (name, info) in &round.info {
+        if let Some(n) = nodes.get_mut(name) {
+            n.info = Some(info.clone());
+        }
     }
-    let mut parent: HashMap<String, Option<String>> = HashMap::new();
-    let mut edges = Vec::new();
-    for (i, name) in live.iter().enumerate() {
-        let p = tree.parent(i).map(|j| live[j].clone());
-        parent.insert(name.clone(), p.clone());
-        edges.push((name.clone(), p));
-    }
+    let mut parent = round.parent;
+    let edges = live
+        .iter()
+        .map(|n| (n.clone(), parent.get(n).cloned().flatten()))
+        .collect();
     let _ = events.send(Event::Planned { edges });
     let started = Instant::now();
-    for (i, name) in live.iter().enumerate() {
-        let upstream = match tree.parent(i) {
-            None => Upstream::Coordinator,
-            Some(j) => Upstream::Peer(info_of(&nodes, &live[j])?),
-        };
-        let children = tree
-            .children(i)
-            .iter()
-            .map(|&c| info_of(&nodes, &live[c]))
-            .collect::<Result<Vec<_>>>()?;
-        let plan = Plan {
-            deployment: cfg.deployment,
-            identity: identities.remove(name).context("identity")?,
-            upstream,
-            children,
-            manifest: source.image.manifest.clone(),
-            job: cfg.job.clone(),
-        };
-        let n = nodes.get_mut(name).context("node")?;
+    for (name, plan) in round.plans {
+        let n = nodes.get_mut(&name).context("node")?;
         n.status = Status::Planned;
         if n.tx.send(ToAgent::Plan(Box::new(plan))).await.is_err() {
             n.status = Status::Failed("control stream closed before the plan was sent".into());
@@ -515,11 +502,77 @@ pub(crate) fn spawn_accept(
     })
 }
 
-fn info_of(nodes: &BTreeMap<String, Node>, name: &str) -> Result<PeerInfo> {
-    nodes
-        .get(name)
-        .and_then(|n| n.info.clone())
-        .with_context(|| format!("no peer info for {name}"))
+/// One round's tree: each node's parent (`None`: the coordinator), its peer address and
+/// certificate fingerprint, and the plan to send it.
+pub(crate) struct PlannedRound {
+    /// Parent of each node.
+    pub(crate) parent: HashMap<String, Option<String>>,
+    /// Peer address and fingerprint of each node.
+    pub(crate) info: HashMap<String, PeerInfo>,
+    /// The plan of each node, in `live` order.
+    pub(crate) plans: Vec<(String, Plan)>,
+}
+
+/// Plans a tree of `arity` over `live` (in that order), issues each node its certificate from
+/// `ca`, and writes every node's plan. `data_addr` gives the address a node serves children on.
+pub(crate) fn plan_round(
+    live: &[String],
+    arity: Arity,
+    ca: &DeploymentCa,
+    data_addr: impl Fn(&str) -> Option<SocketAddr>,
+    deployment: u64,
+    manifest: &kd_proto::manifest::Manifest,
+    job: &Job,
+) -> Result<PlannedRound> {
+    let tree = kd_proto::tree::plan(live.len(), arity);
+    let mut info = HashMap::new();
+    let mut identities = HashMap::new();
+    for name in live {
+        let id = ca.issue(name)?;
+        let addr = data_addr(name).with_context(|| format!("no address for {name}"))?;
+        info.insert(
+            name.clone(),
+            PeerInfo {
+                node: name.clone(),
+                addr,
+                cert_sha256: kd_net::cert_sha256(&id.cert_der),
+            },
+        );
+        identities.insert(name.clone(), id);
+    }
+    let info_of = |name: &str| {
+        info.get(name)
+            .cloned()
+            .with_context(|| format!("no peer info for {name}"))
+    };
+    let mut parent = HashMap::new();
+    let mut plans = Vec::new();
+    for (i, name) in live.iter().enumerate() {
+        parent.insert(name.clone(), tree.parent(i).map(|j| live[j].clone()));
+        let upstream = match tree.parent(i) {
+            None => Upstream::Coordinator,
+            Some(j) => Upstream::Peer(info_of(&live[j])?),
+        };
+        let children = tree
+            .children(i)
+            .iter()
+            .map(|&c| info_of(&live[c]))
+            .collect::<Result<Vec<_>>>()?;
+        let plan = Plan {
+            deployment,
+            identity: identities.remove(name).context("identity")?,
+            upstream,
+            children,
+            manifest: manifest.clone(),
+            job: job.clone(),
+        };
+        plans.push((name.clone(), plan));
+    }
+    Ok(PlannedRound {
+        parent,
+        info,
+        plans,
+    })
 }
 
 /// Checks an agent's Hello against the expected tokens (`used`: nodes whose token was spent;

@@ -19,9 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kd_proto::msg::{
-    AgentStep, DeployJob, Job, PeerInfo, Plan, Progress, ToAgent, ToCoord, Upstream,
-};
+use kd_proto::msg::{AgentStep, DeployJob, Job, PeerInfo, Progress, ToAgent, ToCoord};
 use kd_proto::tree::Arity;
 use tokio::sync::mpsc;
 
@@ -498,35 +496,30 @@ impl Driver {
                 });
             }
         }
-        let tree = kd_proto::tree::plan(live.len(), self.cfg.arity);
-        let mut info = HashMap::new();
-        let mut identities = HashMap::new();
-        for name in &live {
-            let Some(a) = self.agents.get(name) else {
-                continue;
-            };
-            match self.ca.issue(name) {
-                Ok(id) => {
-                    info.insert(
-                        name.clone(),
-                        PeerInfo {
-                            node: name.clone(),
-                            addr: SocketAddr::new(a.conn.remote_address().ip(), a.data_port),
-                            cert_sha256: kd_net::cert_sha256(&id.cert_der),
-                        },
-                    );
-                    identities.insert(name.clone(), id);
-                }
-                Err(e) => events.push(Event::NodeLost {
-                    node: name.clone(),
-                    reason: format!("cannot issue its certificate: {e:#}"),
-                }),
+        let agents = &self.agents;
+        let planned = broadcast::plan_round(
+            &live,
+            self.cfg.arity,
+            &self.ca,
+            |n| {
+                agents
+                    .get(n)
+                    .map(|a| SocketAddr::new(a.conn.remote_address().ip(), a.data_port))
+            },
+            self.cfg.deployment,
+            &self.source.image.manifest,
+            &Job::Deploy(Box::new(self.cfg.job.clone())),
+        );
+        let planned = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                events.extend(live.into_iter().map(|node| Event::NodeLost {
+                    node,
+                    reason: format!("cannot plan the broadcast: {e:#}"),
+                }));
+                return events;
             }
-        }
-        let mut parent = HashMap::new();
-        for (i, name) in live.iter().enumerate() {
-            parent.insert(name.clone(), tree.parent(i).map(|j| live[j].clone()));
-        }
+        };
         self.note(format!(
             "broadcast round {number} started: {} ({}, {:.1} MiB in {} chunks)",
             live.join(" "),
@@ -535,36 +528,21 @@ impl Driver {
             self.source.image.manifest.chunk_count()
         ));
         let mut pending = HashSet::new();
-        for (i, name) in live.iter().enumerate() {
-            let (Some(identity), Some(a)) = (identities.remove(name), self.agents.get(name)) else {
-                continue;
+        for (name, plan) in planned.plans {
+            let sent = match self.agents.get(&name) {
+                Some(a) => a.tx.send(ToAgent::Plan(Box::new(plan))).await.is_ok(),
+                None => false,
             };
-            let upstream = match tree.parent(i).and_then(|j| info.get(&live[j])) {
-                None => Upstream::Coordinator,
-                Some(p) => Upstream::Peer(p.clone()),
-            };
-            let children = tree
-                .children(i)
-                .iter()
-                .filter_map(|&c| info.get(&live[c]).cloned())
-                .collect();
-            let plan = Plan {
-                deployment: self.cfg.deployment,
-                identity,
-                upstream,
-                children,
-                manifest: self.source.image.manifest.clone(),
-                job: Job::Deploy(Box::new(self.cfg.job.clone())),
-            };
-            if a.tx.send(ToAgent::Plan(Box::new(plan))).await.is_ok() {
-                pending.insert(name.clone());
+            if sent {
+                pending.insert(name);
             } else {
                 events.push(Event::NodeLost {
-                    node: name.clone(),
+                    node: name,
                     reason: "control stream closed before the plan was sent".into(),
                 });
             }
         }
+        let (parent, info) = (planned.parent, planned.info);
         self.round = Some(Round {
             number,
             nodes: live,
