@@ -107,16 +107,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
                 drop(staged.take());
                 let t = Instant::now();
                 let r = prepare_disk(&cfg, &job, &to_coord).await;
-                let end = StepEnd {
-                    step: AgentStep::Prepare,
-                    millis: t.elapsed().as_millis() as u64,
-                    error: r.as_ref().err().cloned(),
-                };
-                match &end.error {
-                    None => tracing::info!(millis = end.millis, "disk prepared"),
-                    Some(e) => tracing::error!("{e}"),
-                }
-                let _ = to_coord.send(ToCoord::StepEnd(end)).await;
+                report_step_end(&to_coord, AgentStep::Prepare, t, r.as_ref().err()).await;
                 if let Ok(p) = r {
                     staged = Some((job, p));
                 }
@@ -233,16 +224,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     if let Some((d, p)) = finish_after {
         let t = Instant::now();
         let r = finish_disk(&ctx.cfg, d.as_ref(), p, &ctx.to_coord).await;
-        let end = StepEnd {
-            step: AgentStep::Finish,
-            millis: t.elapsed().as_millis() as u64,
-            error: r.err(),
-        };
-        match &end.error {
-            None => tracing::info!(millis = end.millis, "disk finished"),
-            Some(e) => tracing::error!("{e}"),
-        }
-        let _ = ctx.to_coord.send(ToCoord::StepEnd(end)).await;
+        report_step_end(&ctx.to_coord, AgentStep::Finish, t, r.as_ref().err()).await;
     }
 
     // Keep serving children until the coordinator releases us.
@@ -277,6 +259,25 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         reboot_or_exit(&ctx.cfg);
     }
     Ok(AgentOutcome { report })
+}
+
+/// Tells the coordinator that a staged deployment step ended (and logs it).
+async fn report_step_end(
+    to_coord: &mpsc::Sender<ToCoord>,
+    step: AgentStep,
+    started: Instant,
+    error: Option<&String>,
+) {
+    let end = StepEnd {
+        step,
+        millis: started.elapsed().as_millis() as u64,
+        error: error.cloned(),
+    };
+    match &end.error {
+        None => tracing::info!(millis = end.millis, "{step:?} done"),
+        Some(e) => tracing::error!("{step:?} failed: {e}"),
+    }
+    let _ = to_coord.send(ToCoord::StepEnd(end)).await;
 }
 
 /// Reboots into the deployed system when this agent may (`reboot_on_finish`: the deploy
