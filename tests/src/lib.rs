@@ -13,6 +13,21 @@ use anyhow::{bail, Context, Result};
 
 pub mod fakebmc;
 
+/// The deploy initrd the lab tests boot (`KD_INITRD_DIR`, set by `./dev.sh test`); `None`, with
+/// a message, when it is not set (the test is then skipped). Panics when it has no initramfs.
+pub fn initrd_dir() -> Option<std::path::PathBuf> {
+    let Some(dir) = std::env::var_os("KD_INITRD_DIR").map(std::path::PathBuf::from) else {
+        eprintln!("skipped: KD_INITRD_DIR is not set (./dev.sh test builds the deploy initrd and sets it)");
+        return None;
+    };
+    assert!(
+        dir.join("initramfs.img").exists(),
+        "no initramfs.img in {}",
+        dir.display()
+    );
+    Some(dir)
+}
+
 /// Serialises the tests that start many processes (the machine has 2 cores).
 pub fn heavy() -> MutexGuard<'static, ()> {
     static M: Mutex<()> = Mutex::new(());

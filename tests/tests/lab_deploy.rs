@@ -26,15 +26,9 @@ impl Drop for LabGuard {
 
 #[test]
 fn deploy_to_three_pxe_nodes_then_lose_one_during_the_broadcast() {
-    let Some(initrd) = std::env::var_os("KD_INITRD_DIR").map(PathBuf::from) else {
-        eprintln!("skipped: KD_INITRD_DIR is not set (./dev.sh test builds the deploy initrd and sets it)");
+    let Some(initrd) = kd_tests::initrd_dir() else {
         return;
     };
-    assert!(
-        initrd.join("initramfs.img").exists(),
-        "no initramfs.img in {}",
-        initrd.display()
-    );
     let _g = kd_tests::heavy();
     let coord = kd_tests::bin("kd-coord");
     let bin_dir = coord.parent().unwrap().to_path_buf();
