@@ -629,6 +629,7 @@ async fn accept(
 ) {
     progress.chunks += 1;
     progress.bytes_received += chunk.len() as u64;
+    tracing::debug!(index, "chunk accepted");
     // Children first, then our own copy (the same bytes, shared).
     store
         .push(index, chunk.clone(), ctx.cfg.stall_timeout * 3)
@@ -716,14 +717,17 @@ async fn open_upstream(
                 let attempt = ctx
                     .endpoint
                     .connect_with(client.clone(), p.addr, "kd-peer")?;
+                let t = Instant::now();
                 match tokio::time::timeout(Duration::from_secs(3), attempt).await {
                     Ok(Ok(c)) => {
+                        tracing::debug!(parent = %p.node, ms = t.elapsed().as_millis() as u64, "connected to the parent");
                         conn = Some(c);
                         break;
                     }
                     Ok(Err(e)) => last = Some(e.to_string()),
                     Err(_) => last = Some("no answer within 3 s".into()),
                 }
+                tracing::debug!(parent = %p.node, ms = t.elapsed().as_millis() as u64, error = ?last, "connection attempt failed");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             let conn = conn.ok_or_else(|| {
@@ -868,6 +872,17 @@ async fn serve_stream(
                 _ = async { store.wait_for(i).await; store.pace(id, i).await } => {}
                 _ = conn.closed() => bail!("connection closed"),
             }
+            if tracing::enabled!(tracing::Level::DEBUG) && i % 8 == 0 {
+                let p = conn.stats().path;
+                tracing::debug!(
+                    index = i,
+                    rtt_us = p.rtt.as_micros() as u64,
+                    cwnd = p.cwnd,
+                    lost_packets = p.lost_packets,
+                    congestion_events = p.congestion_events,
+                    "serving a child"
+                );
+            }
             match store.get(i) {
                 Get::Ready(c) => wire::send_chunk(&mut s, i, c).await?,
                 Get::Evicted | Get::NotYet => {
@@ -878,6 +893,18 @@ async fn serve_stream(
         }
         let _ = s.finish();
         let _ = tokio::time::timeout(Duration::from_secs(30), s.stopped()).await;
+        if paced {
+            let p = conn.stats().path;
+            tracing::info!(
+                chunks = to - from,
+                rtt_us = p.rtt.as_micros() as u64,
+                cwnd = p.cwnd,
+                sent_packets = p.sent_packets,
+                lost_packets = p.lost_packets,
+                congestion_events = p.congestion_events,
+                "stream to a child served"
+            );
+        }
         Ok(())
     }
     .await;

@@ -78,6 +78,18 @@ pub(crate) struct ArityArgs {
     /// to tell this machine's other load from kd's own cost).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     nice: i32,
+    /// Log level of the coordinator and agents (their `KD_LOG`).
+    #[arg(long, default_value = "warn")]
+    log: String,
+    /// Copy every run's logs (coord.log, coord.json, node<i>.log) to DIR/run<k> before they
+    /// are removed.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
+    /// Queue discipline under each host's own tbf (what the host sends): `fifo` (tbf's byte
+    /// FIFO, limit --queue-ms) or `fq_codel` (Linux's default qdisc: per-flow queues, so the
+    /// ACKs a relay sends its parent do not wait behind the data it sends its children).
+    #[arg(long, default_value = "fifo", value_parser = ["fifo", "fq_codel"])]
+    host_qdisc: String,
 }
 
 const MIB: u64 = 1 << 20;
@@ -470,7 +482,7 @@ fn remove_stale() {
     }
 }
 
-fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool) -> Result<()> {
+fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool, host_qdisc: &str) -> Result<()> {
     let br = lab.bridge_ns();
     lab.add_ns(&br)?;
     cmd("ip", &["-n", &br, "link", "set", "lo", "up"])?;
@@ -511,8 +523,8 @@ fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool) -> Result<()>
         cmd(
             "tc",
             &[
-                "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst",
-                &burst, "limit", &limit,
+                "-n", ns, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "tbf", "rate",
+                &rate, "burst", &burst, "limit", &limit,
             ],
         )
     };
@@ -545,6 +557,15 @@ fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool) -> Result<()>
         cmd("ip", &["-n", &br, "link", "set", &port, "master", "br0"])?;
         cmd("ip", &["-n", &br, "link", "set", &port, "up"])?;
         shape(&ns, "eth0")?;
+        if host_qdisc == "fq_codel" {
+            cmd(
+                "tc",
+                &[
+                    "-n", &ns, "qdisc", "add", "dev", "eth0", "parent", "1:1", "handle", "10:",
+                    "fq_codel",
+                ],
+            )?;
+        }
         shape(&br, &port)?;
         if gro {
             cmd(
@@ -821,7 +842,7 @@ fn run_one(
         .arg(&env.tokens)
         .args(["--json", "--hello-timeout", &hello.to_string()])
         .args(["--timeout", &transfer_limit.to_string()])
-        .env("KD_LOG", "warn")
+        .env("KD_LOG", &a.log)
         .stdin(Stdio::null())
         .stdout(c_out)
         .stderr(c_err)
@@ -854,7 +875,7 @@ fn run_one(
             .args(["--sink", &sink])
             .args(["--listen", &format!("{}:0", host_addr(i))])
             .args(&a.agent_arg)
-            .env("KD_LOG", "warn")
+            .env("KD_LOG", &a.log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -923,6 +944,14 @@ fn run_one(
         }
     }
     lab.kill_procs();
+    if let Some(keep) = &a.keep_logs {
+        let dst = keep.join(format!("run{run}"));
+        std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
+        for e in std::fs::read_dir(&logs)? {
+            let e = e?;
+            std::fs::copy(e.path(), dst.join(e.file_name()))?;
+        }
+    }
     let tc1 = shaper_stats(lab, n + 1);
     if let Some(r) = &lab.raw {
         for i in 1..=n {
@@ -1128,7 +1157,7 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     );
     check_stop()?;
 
-    build_network(&mut lab, a.nodes + 1, tbf, a.gro)?;
+    build_network(&mut lab, a.nodes + 1, tbf, a.gro, &a.host_qdisc)?;
     eprintln!(
         "kd-bench: {} hosts on a bridge, each link tbf rate {} burst {} B limit {} B, both directions{}",
         a.nodes + 1,

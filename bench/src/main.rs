@@ -18,12 +18,12 @@ enum Cmd {
     Disk(disk::DiskArgs),
     /// Broadcast time against tree arity: kd-coord and kd-agent in network namespaces on a
     /// bridge, every link shaped by tc (needs root).
-    Arity(arity::ArityArgs),
+    Arity(Box<arity::ArityArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Disk(a) => disk::run(a),
-        Cmd::Arity(a) => arity::run(a),
+        Cmd::Arity(a) => arity::run(*a),
     }
 }

@@ -13,6 +13,12 @@ pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Initial maximum UDP payload (see [`transport`]).
 pub const INITIAL_MTU: u16 = 1452;
+/// RTT assumed before the first sample (quinn's default is RFC 9002's 333 ms). kd runs on a
+/// LAN: a lost or dropped handshake packet — typically a child's first packet reaching a parent
+/// agent that has not yet taken its own plan, which drops it — is sent again after ~60 ms
+/// (3 × this) instead of 1 s. Measured: that second was a whole second lost by every node
+/// downstream of the late hop. A slower peer (TCG guests) only costs a few duplicate packets.
+pub const INITIAL_RTT: Duration = Duration::from_millis(20);
 /// Ack-eliciting packets a peer may receive before it must acknowledge (see [`transport`]).
 pub const ACK_THRESHOLD: u32 = 64;
 
@@ -22,6 +28,7 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.initial_rtt(INITIAL_RTT);
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
     t.send_window(32 * 1024 * 1024);
