@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use crate as kd_lab;
-use crate::{Accel, Action, Lab, LabConfig, LabState, Subnet};
+use crate::{Accel, Action, Firmware, Lab, LabConfig, LabState, Subnet};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -78,6 +78,9 @@ enum Cmd {
         /// auto (KVM only when really usable), kvm or tcg.
         #[arg(long, default_value = "auto")]
         accel: Accel,
+        /// Node firmware: bios (SeaBIOS) or uefi (OVMF; the disk layout gets an ESP).
+        #[arg(long, default_value = "bios")]
+        firmware: Firmware,
         /// Nodes per rack label in cluster.yaml.
         #[arg(long, default_value_t = 2)]
         rack_size: usize,
@@ -163,6 +166,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             boot_files,
             http_port,
             accel,
+            firmware,
             rack_size,
             no_start,
             replace,
@@ -176,6 +180,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 boot_files,
                 http_port,
                 accel,
+                firmware,
                 rack_size,
                 kd_lab_bin: None,
                 start_nodes: !no_start,
@@ -187,13 +192,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cluster = lab.cluster_yaml();
             let st = lab.detach();
             outln!(
-                "lab {} up in {:.1}s: namespace {}, bridge {} {}, accel {}",
+                "lab {} up in {:.1}s: namespace {}, bridge {} {}, accel {}{}",
                 st.id,
                 start.elapsed().as_secs_f64(),
                 st.netns,
                 st.bridge,
                 st.gateway,
-                st.accel
+                st.accel,
+                match st.firmware {
+                    Firmware::Bios => String::new(),
+                    f => format!(", firmware {} (OVMF)", f.name()),
+                }
             );
             outln!("  state    {}", st.state_dir.display());
             outln!(

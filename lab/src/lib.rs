@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use plan::{Accel, ClusterConfig, NodeFiles, Subnet};
+pub use plan::{Accel, ClusterConfig, Firmware, NodeFiles, Subnet};
 pub use sys::{alive, kvm_usable, netns_exists};
 
 /// Errors of the lab library.
@@ -92,6 +92,8 @@ pub struct LabConfig {
     pub http_port: u16,
     /// Accelerator choice.
     pub accel: Accel,
+    /// The nodes' firmware (BIOS, or UEFI with OVMF; see [`Firmware`]).
+    pub firmware: Firmware,
     /// Nodes per rack label in cluster.yaml.
     pub rack_size: usize,
     /// The kd-lab binary (HTTP server, command templates); found automatically when `None`.
@@ -116,6 +118,7 @@ impl Default for LabConfig {
             boot_files: None,
             http_port: 8080,
             accel: Accel::Auto,
+            firmware: Firmware::Bios,
             rack_size: 2,
             kd_lab_bin: None,
             start_nodes: true,
@@ -174,6 +177,9 @@ pub struct LabState {
     pub kd_lab_bin: PathBuf,
     /// `kvm` or `tcg`.
     pub accel: String,
+    /// The nodes' firmware.
+    #[serde(default)]
+    pub firmware: Firmware,
     /// dnsmasq PID.
     pub dnsmasq_pid: Option<u32>,
     /// HTTP server PID.
@@ -338,6 +344,14 @@ fn require_tool(name: &str) -> Result<()> {
     }
 }
 
+/// iPXE's EFI binary on this host, if installed.
+fn ipxe_efi_source() -> Option<PathBuf> {
+    plan::IPXE_EFI_SOURCES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
 fn tail(path: &str, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let v: Vec<&str> = text.lines().collect();
@@ -372,6 +386,21 @@ impl Lab {
         for t in ["ip", "qemu-system-x86_64", "dnsmasq"] {
             require_tool(t)?;
         }
+        if cfg.firmware == Firmware::Uefi {
+            for f in [plan::OVMF_CODE, plan::OVMF_VARS] {
+                if !Path::new(f).is_file() {
+                    return Err(Error::Invalid(format!(
+                        "UEFI nodes need {f} (apt-get install ovmf)"
+                    )));
+                }
+            }
+            if ipxe_efi_source().is_none() {
+                return Err(Error::Invalid(format!(
+                    "UEFI nodes need iPXE's EFI binary ({}; apt-get install ipxe)",
+                    plan::IPXE_EFI_SOURCES.join(" or ")
+                )));
+            }
+        }
         let kd_lab_bin = find_kd_lab_bin(cfg.kd_lab_bin.as_deref())?;
         let state_dir = cfg
             .state_dir
@@ -401,7 +430,7 @@ impl Lab {
             .map(|n| {
                 let files = NodeFiles::new(&state_dir, &n.name);
                 NodeState {
-                    qemu_argv: plan::qemu_argv(n, &files, &sercon, cfg.mem_mb, kvm),
+                    qemu_argv: plan::qemu_argv(n, &files, &sercon, cfg.mem_mb, kvm, cfg.firmware),
                     name: n.name.clone(),
                     mac: n.mac.clone(),
                     ip: n.ip.to_string(),
@@ -423,6 +452,7 @@ impl Lab {
             state_dir,
             kd_lab_bin,
             accel: if kvm { "kvm" } else { "tcg" }.into(),
+            firmware: cfg.firmware,
             dnsmasq_pid: None,
             http_pid: None,
             nodes,
@@ -467,10 +497,16 @@ impl Lab {
         }
         let p = tftp.join("pxelinux.cfg/default");
         fs::write(&p, plan::PXELINUX_DEFAULT).map_err(io_err(&p))?;
+        if cfg.firmware == Firmware::Uefi {
+            if let Some(src) = ipxe_efi_source() {
+                let dst = tftp.join(plan::IPXE_EFI);
+                fs::copy(&src, &dst).map_err(io_err(&dst))?;
+            }
+        }
         let http = sd.join("http");
         fs::create_dir_all(http.join("nodes")).map_err(io_err(&http))?;
         let p = http.join("boot.ipxe");
-        fs::write(&p, plan::boot_ipxe(&subnet, cfg.http_port)).map_err(io_err(&p))?;
+        fs::write(&p, plan::boot_ipxe(&subnet, cfg.http_port, cfg.firmware)).map_err(io_err(&p))?;
         if let Some(dir) = &cfg.boot_files {
             let boot = http.join("boot");
             fs::create_dir_all(&boot).map_err(io_err(&boot))?;
@@ -492,11 +528,19 @@ impl Lab {
                 .map_err(io_err(disk))?;
             let log = Path::new(&n.files.log);
             File::create(log).map_err(io_err(log))?;
+            if cfg.firmware == Firmware::Uefi {
+                // A fresh NVRAM per node, created once: power cycles keep it.
+                let vars = Path::new(&n.files.vars);
+                fs::copy(plan::OVMF_VARS, vars).map_err(io_err(vars))?;
+            }
             let _ = fs::remove_file(&n.files.pidfile);
         }
         let conf = sd.join("dnsmasq.conf");
-        fs::write(&conf, plan::dnsmasq_conf(&subnet, plan, &sd, cfg.http_port))
-            .map_err(io_err(&conf))?;
+        fs::write(
+            &conf,
+            plan::dnsmasq_conf(&subnet, plan, &sd, cfg.http_port, cfg.firmware),
+        )
+        .map_err(io_err(&conf))?;
 
         // Network.
         let ns = self.state.netns.clone();
@@ -630,6 +674,7 @@ impl Lab {
             &sd,
             cfg.http_port,
             &self.state.kd_lab_bin,
+            cfg.firmware,
         );
         let text = serde_norway::to_string(&cluster)
             .map_err(|e| Error::Invalid(format!("cluster.yaml: {e}")))?;

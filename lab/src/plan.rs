@@ -165,12 +165,18 @@ pub fn ip_hex(ip: Ipv4Addr) -> String {
     ip.octets().iter().map(|o| format!("{o:02X}")).collect()
 }
 
-/// Text of the dnsmasq configuration (DHCP + TFTP, no DNS), per lab.md.
+/// Text of the dnsmasq configuration (DHCP + TFTP, no DNS), per lab.md. A UEFI lab also
+/// hands UEFI x86-64 PXE clients (client-arch 7 or 9) iPXE's EFI binary instead of
+/// pxelinux; iPXE then asks again (option 175) and gets `boot.ipxe` like on BIOS. OVMF's
+/// HTTP boot client (client-arch 16), which OVMF tries after PXE and before the disk, gets
+/// a URL the lab's HTTP server answers 404 at once ([`NO_HTTP_BOOT`]): unanswered, it waits
+/// ~30 s for an offer with a URL.
 pub fn dnsmasq_conf(
     subnet: &Subnet,
     nodes: &[NodePlan],
     state_dir: &Path,
     http_port: u16,
+    firmware: Firmware,
 ) -> String {
     let gw = subnet.gateway();
     let sd = state_dir.display();
@@ -193,7 +199,20 @@ pub fn dnsmasq_conf(
     s.push_str(&format!(
         "dhcp-boot=tag:ipxe,http://{gw}:{http_port}/boot.ipxe\n"
     ));
-    s.push_str("dhcp-boot=tag:!ipxe,pxelinux.0\n");
+    match firmware {
+        Firmware::Bios => s.push_str("dhcp-boot=tag:!ipxe,pxelinux.0\n"),
+        Firmware::Uefi => {
+            s.push_str("dhcp-match=set:efi64,option:client-arch,7\n");
+            s.push_str("dhcp-match=set:efi64,option:client-arch,9\n");
+            s.push_str("dhcp-match=set:efihttp,option:client-arch,16\n");
+            s.push_str(&format!("dhcp-boot=tag:!ipxe,tag:efi64,{IPXE_EFI}\n"));
+            s.push_str("dhcp-option-force=tag:efihttp,60,HTTPClient\n");
+            s.push_str(&format!(
+                "dhcp-boot=tag:!ipxe,tag:efihttp,http://{gw}:{http_port}/{NO_HTTP_BOOT}\n"
+            ));
+            s.push_str("dhcp-boot=tag:!ipxe,tag:!efi64,tag:!efihttp,pxelinux.0\n");
+        }
+    }
     // The two speed fixes of lab.md: an RA so iPXE does not wait for IPv6, and
     // "no ProxyDHCP" so it does not wait for a proxy offer.
     s.push_str(&format!(
@@ -206,7 +225,13 @@ pub fn dnsmasq_conf(
 
 /// Text of `boot.ipxe`, the script every iPXE client gets from DHCP: chain the node's own
 /// profile `nodes/<mac-hexhyp>.ipxe`, else `nodes/default.ipxe`, else boot the local disk.
-pub fn boot_ipxe(subnet: &Subnet, http_port: u16) -> String {
+///
+/// A profile that boots the local disk ends in `exit` (kd's is `sanboot --no-describe
+/// --drive 0x80 || exit`), which returns here. iPXE then exits, and the firmware moves on to
+/// the next boot device, the disk. Not so on UEFI: iPXE returning success makes OVMF stop
+/// and show its boot manager menu, so a UEFI lab's script exits with an error status instead
+/// (`exit 1`), and OVMF tries its next boot option.
+pub fn boot_ipxe(subnet: &Subnet, http_port: u16, firmware: Firmware) -> String {
     let base = format!("http://{}:{http_port}", subnet.gateway());
     format!(
         "#!ipxe\n\
@@ -215,7 +240,11 @@ pub fn boot_ipxe(subnet: &Subnet, http_port: u16) -> String {
          chain --autofree {base}/nodes/default.ipxe || goto local\n\
          :local\n\
          echo kd-lab: no profile, booting from disk\n\
-         exit\n"
+         exit{}\n",
+        match firmware {
+            Firmware::Bios => "",
+            Firmware::Uefi => " 1",
+        }
     )
 }
 
@@ -249,6 +278,55 @@ impl FromStr for Accel {
     }
 }
 
+/// The nodes' firmware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS (QEMU's default): PXE through the NIC's iPXE ROM, GRUB i386-pc from the disk.
+    #[default]
+    Bios,
+    /// OVMF (UEFI) in pflash: its PXE client fetches iPXE's EFI binary ([`IPXE_EFI`]) by TFTP,
+    /// which chains `boot.ipxe`; GRUB x86_64-efi from the ESP's `\EFI\BOOT\BOOTX64.EFI`.
+    Uefi,
+}
+
+impl Firmware {
+    /// `bios` or `uefi`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+}
+
+impl FromStr for Firmware {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "bios" => Ok(Firmware::Bios),
+            "uefi" | "efi" => Ok(Firmware::Uefi),
+            _ => Err(Error::Invalid(format!(
+                "firmware {s:?}: expected bios|uefi"
+            ))),
+        }
+    }
+}
+
+/// OVMF's code, mapped read-only as the first pflash unit (Debian package `ovmf`).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF's variable store template: each UEFI node gets its own writable copy.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// iPXE for UEFI PXE clients (Debian package `ipxe`), served by TFTP under this name. The
+/// SNP-only build drives the NIC through the firmware's own network stack (here the iPXE
+/// driver of QEMU's efi-virtio.rom), as a chain-loaded iPXE should.
+pub const IPXE_EFI: &str = "snponly.efi";
+/// The UEFI HTTP boot URL path dnsmasq hands out: nothing is served there (see
+/// [`dnsmasq_conf`]).
+pub const NO_HTTP_BOOT: &str = "kd-lab-no-uefi-http-boot.efi";
+/// Where [`IPXE_EFI`] is found on the host, in order of preference.
+pub const IPXE_EFI_SOURCES: [&str; 2] = ["/usr/lib/ipxe/snponly.efi", "/usr/lib/ipxe/ipxe.efi"];
+
 /// Paths of one node's files in the state directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeFiles {
@@ -262,6 +340,10 @@ pub struct NodeFiles {
     pub pidfile: String,
     /// QEMU's own stderr.
     pub qemu_err: String,
+    /// The node's writable copy of the OVMF variable store (UEFI nodes only; it persists
+    /// across power cycles, like a real machine's NVRAM).
+    #[serde(default)]
+    pub vars: String,
 }
 
 impl NodeFiles {
@@ -279,18 +361,21 @@ impl NodeFiles {
             qmp: p(".qmp"),
             pidfile: p(".pid"),
             qemu_err: p(".qemu.err"),
+            vars: p(".vars.fd"),
         }
     }
 }
 
 /// The QEMU command line of a node (without the `ip netns exec` prefix). The process
-/// daemonizes and writes its pid to `files.pidfile`.
+/// daemonizes and writes its pid to `files.pidfile`. A UEFI node maps OVMF's code read-only
+/// and its own variable store (`files.vars`) as pflash.
 pub fn qemu_argv(
     node: &NodePlan,
     files: &NodeFiles,
     sercon: &Path,
     mem_mb: u32,
     kvm: bool,
+    firmware: Firmware,
 ) -> Vec<String> {
     let mut v: Vec<String> = vec![
         "qemu-system-x86_64".into(),
@@ -322,6 +407,20 @@ pub fn qemu_argv(
         format!("unix:{},server=on,wait=off", files.qmp),
         "-fw_cfg".into(),
         format!("name=etc/sercon-port,file={}", sercon.display()),
+    ]);
+    if firmware == Firmware::Uefi {
+        v.extend([
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=1,file={}", files.vars),
+            // The lab has no DHCPv6: without this OVMF's PXEv6 and HTTPv6 boot options wait
+            // for one after iPXE gave up (local boot) before the disk's turn comes.
+            "-fw_cfg".into(),
+            "name=opt/org.tianocore/IPv6Support,string=no".into(),
+        ]);
+    }
+    v.extend([
         "-boot".into(),
         "strict=on,reboot-timeout=5000".into(),
         "-netdev".into(),
@@ -480,9 +579,13 @@ pub struct ClusterConfig {
     pub check_port: u16,
 }
 
-/// The lab's disk: GPT on `/dev/vda`, 1 MiB bios_grub (GRUB's core image), 256 MiB swap, the
-/// rest ext4 for the deployed system.
-pub fn lab_disk() -> ClusterDisk {
+/// The lab's disk: GPT on `/dev/vda`. BIOS: 1 MiB bios_grub (GRUB's core image), 256 MiB
+/// swap, the rest ext4 for the deployed system. UEFI: the same with a 64 MiB vfat ESP after
+/// the bios_grub partition (partition 2; swap 3, deploy 4). The cluster has one layout for
+/// every node, and this hybrid one boots on both firmwares (kd-coord asks kd-disk for GRUB
+/// i386-pc and x86_64-efi both), so a UEFI lab could hold BIOS nodes too; a BIOS lab keeps
+/// the layout it always had.
+pub fn lab_disk(firmware: Firmware) -> ClusterDisk {
     let part = |number: u32, size: &str, role: &str, fs: Option<&str>| ClusterPartition {
         number,
         size: size.into(),
@@ -494,11 +597,19 @@ pub fn lab_disk() -> ClusterDisk {
         layout: ClusterLayout {
             device: "/dev/vda".into(),
             label: "gpt".into(),
-            partitions: vec![
-                part(1, "1MiB", "bios_grub", None),
-                part(2, "256MiB", "swap", None),
-                part(3, "rest", "deploy", Some("ext4")),
-            ],
+            partitions: match firmware {
+                Firmware::Bios => vec![
+                    part(1, "1MiB", "bios_grub", None),
+                    part(2, "256MiB", "swap", None),
+                    part(3, "rest", "deploy", Some("ext4")),
+                ],
+                Firmware::Uefi => vec![
+                    part(1, "1MiB", "bios_grub", None),
+                    part(2, "64MiB", "esp", Some("vfat")),
+                    part(3, "256MiB", "swap", None),
+                    part(4, "rest", "deploy", Some("ext4")),
+                ],
+            },
         },
     }
 }
@@ -531,6 +642,7 @@ pub fn cluster_config(
     state_dir: &Path,
     http_port: u16,
     kd_lab: &Path,
+    firmware: Firmware,
 ) -> ClusterConfig {
     let sd = state_dir.display();
     let bin = kd_lab.display();
@@ -538,7 +650,7 @@ pub fn cluster_config(
     ClusterConfig {
         name: name.to_string(),
         coordinator_address: subnet.gateway().to_string(),
-        disk: lab_disk(),
+        disk: lab_disk(firmware),
         nodes: nodes
             .iter()
             .map(|n| ClusterNode {
@@ -620,7 +732,7 @@ mod tests {
     #[test]
     fn dnsmasq_has_the_lab_md_options() {
         let n = nodes(&Subnet::DEFAULT, 2, 2).unwrap();
-        let c = dnsmasq_conf(&Subnet::DEFAULT, &n, Path::new("/s"), 8080);
+        let c = dnsmasq_conf(&Subnet::DEFAULT, &n, Path::new("/s"), 8080, Firmware::Bios);
         for line in [
             "port=0",
             "interface=kdbr0",
@@ -642,17 +754,28 @@ mod tests {
 
     #[test]
     fn ipxe_script_chains_per_mac_profile() {
-        let s = boot_ipxe(&Subnet::DEFAULT, 8080);
+        let s = boot_ipxe(&Subnet::DEFAULT, 8080, Firmware::Bios);
         assert!(s.starts_with("#!ipxe\n"));
         assert!(s.contains("chain --autofree http://10.77.0.1:8080/nodes/${net0/mac:hexhyp}.ipxe"));
         assert!(s.contains("\nexit\n"));
+        // UEFI: an error status, so that OVMF goes on to the disk instead of its menu.
+        let u = boot_ipxe(&Subnet::DEFAULT, 8080, Firmware::Uefi);
+        assert!(u.ends_with("\nexit 1\n"), "{u}");
+        assert_eq!(u.replace("exit 1", "exit"), s);
     }
 
     #[test]
     fn qemu_command_line() {
         let n = &nodes(&Subnet::DEFAULT, 1, 2).unwrap()[0];
         let f = NodeFiles::new(Path::new("/s"), &n.name);
-        let a = qemu_argv(n, &f, Path::new("/s/sercon-port.bin"), 512, false);
+        let a = qemu_argv(
+            n,
+            &f,
+            Path::new("/s/sercon-port.bin"),
+            512,
+            false,
+            Firmware::Bios,
+        );
         let j = a.join(" ");
         assert!(j.starts_with("qemu-system-x86_64 -name node1 -accel tcg,tb-size=256 -m 512"));
         assert!(j.contains("mac=52:54:00:4d:00:0b,bootindex=1"));
@@ -660,7 +783,15 @@ mod tests {
         assert!(j.contains("-qmp unix:/s/node1.qmp,server=on,wait=off"));
         assert!(j.contains("file=/s/node1.img,if=none"));
         assert!(j.contains("-pidfile /s/node1.pid"));
-        let k = qemu_argv(n, &f, Path::new("/s/sercon-port.bin"), 512, true).join(" ");
+        let k = qemu_argv(
+            n,
+            &f,
+            Path::new("/s/sercon-port.bin"),
+            512,
+            true,
+            Firmware::Bios,
+        )
+        .join(" ");
         assert!(k.contains("-accel kvm -cpu host"));
     }
 
@@ -674,6 +805,7 @@ mod tests {
             Path::new("/s"),
             8080,
             Path::new("/bin/kd-lab"),
+            Firmware::Bios,
         );
         let y = serde_norway::to_string(&c).unwrap();
         let back: ClusterConfig = serde_norway::from_str(&y).unwrap();
@@ -720,7 +852,7 @@ mod tests {
     /// kd-disk accepts the layout kd-lab writes and resolves it on the lab's 4 GiB disk.
     #[test]
     fn disk_layout_is_kd_disks() {
-        let layout = serde_norway::to_string(&lab_disk().layout).unwrap();
+        let layout = serde_norway::to_string(&lab_disk(Firmware::Bios).layout).unwrap();
         let l = kd_disk::layout::Layout::from_yaml(&layout).unwrap();
         let plan = l.resolve(4 << 30, None).unwrap();
         let deploy = plan.deploy().unwrap();
@@ -735,5 +867,98 @@ mod tests {
             256 << 20
         );
         assert!(plan.needed_bytes() <= 4 << 30);
+    }
+
+    #[test]
+    fn uefi_dnsmasq_gives_efi_clients_ipxe_efi() {
+        let n = nodes(&Subnet::DEFAULT, 1, 2).unwrap();
+        let bios = dnsmasq_conf(&Subnet::DEFAULT, &n, Path::new("/s"), 8080, Firmware::Bios);
+        assert!(!bios.contains("efi64"), "{bios}");
+        let c = dnsmasq_conf(&Subnet::DEFAULT, &n, Path::new("/s"), 8080, Firmware::Uefi);
+        for line in [
+            "dhcp-match=set:ipxe,175",
+            "dhcp-match=set:efi64,option:client-arch,7",
+            "dhcp-match=set:efi64,option:client-arch,9",
+            "dhcp-boot=tag:!ipxe,tag:efi64,snponly.efi",
+            "dhcp-boot=tag:!ipxe,tag:!efi64,tag:!efihttp,pxelinux.0",
+            "dhcp-match=set:efihttp,option:client-arch,16",
+            "dhcp-option-force=tag:efihttp,60,HTTPClient",
+            "dhcp-boot=tag:!ipxe,tag:efihttp,http://10.77.0.1:8080/kd-lab-no-uefi-http-boot.efi",
+            "dhcp-boot=tag:ipxe,http://10.77.0.1:8080/boot.ipxe",
+        ] {
+            assert!(c.lines().any(|l| l == line), "missing {line}\n{c}");
+        }
+        // Exactly one boot file per client kind: the tag sets do not overlap.
+        assert!(
+            !c.lines().any(|l| l == "dhcp-boot=tag:!ipxe,pxelinux.0"),
+            "{c}"
+        );
+        assert_eq!("uefi".parse::<Firmware>().unwrap(), Firmware::Uefi);
+        assert_eq!("bios".parse::<Firmware>().unwrap(), Firmware::Bios);
+        assert!("coreboot".parse::<Firmware>().is_err());
+    }
+
+    #[test]
+    fn uefi_qemu_maps_ovmf_and_its_own_vars() {
+        let n = &nodes(&Subnet::DEFAULT, 1, 2).unwrap()[0];
+        let f = NodeFiles::new(Path::new("/s"), &n.name);
+        assert_eq!(f.vars, "/s/node1.vars.fd");
+        let bios = qemu_argv(
+            n,
+            &f,
+            Path::new("/s/sercon-port.bin"),
+            512,
+            false,
+            Firmware::Bios,
+        );
+        assert!(!bios.join(" ").contains("pflash"));
+        let a = qemu_argv(
+            n,
+            &f,
+            Path::new("/s/sercon-port.bin"),
+            512,
+            false,
+            Firmware::Uefi,
+        );
+        let j = a.join(" ");
+        assert!(j.starts_with("qemu-system-x86_64 -name node1 "), "{j}");
+        assert!(j.contains(&format!(
+            "-drive if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE} "
+        )));
+        assert!(j.contains("-drive if=pflash,format=raw,unit=1,file=/s/node1.vars.fd "));
+        assert!(j.contains("-fw_cfg name=opt/org.tianocore/IPv6Support,string=no "));
+        // Same boot order as BIOS: network first, then the disk.
+        assert!(j.contains("bootindex=1") && j.contains("virtio-blk-pci,drive=d0,bootindex=2"));
+    }
+
+    /// kd-disk accepts the UEFI lab's hybrid layout: bios_grub, a vfat ESP, swap, deploy.
+    #[test]
+    fn uefi_disk_layout_has_an_esp() {
+        let layout = serde_norway::to_string(&lab_disk(Firmware::Uefi).layout).unwrap();
+        let l = kd_disk::layout::Layout::from_yaml(&layout).unwrap();
+        let plan = l.resolve(4 << 30, None).unwrap();
+        let esp = plan.with_role(kd_disk::layout::Role::Esp).next().unwrap();
+        assert_eq!(esp.number, 2);
+        assert_eq!(esp.fs, Some(kd_disk::layout::FsType::Vfat));
+        assert_eq!(esp.size, 64 << 20);
+        assert_eq!(
+            plan.with_role(kd_disk::layout::Role::BiosGrub)
+                .next()
+                .unwrap()
+                .number,
+            1
+        );
+        let deploy = plan.deploy().unwrap();
+        assert_eq!(deploy.number, 4);
+        assert!(deploy.size > 3 << 30, "{}", deploy.size);
+        assert!(plan.needed_bytes() <= 4 << 30);
+        // A BIOS lab keeps its layout.
+        let roles: Vec<String> = lab_disk(Firmware::Bios)
+            .layout
+            .partitions
+            .iter()
+            .map(|p| p.role.clone())
+            .collect();
+        assert_eq!(roles, ["bios_grub", "swap", "deploy"]);
     }
 }
