@@ -19,6 +19,7 @@ PACKAGES=(
 	grub-pc-bin grub-efi-amd64-bin grub2-common      # grub-install i386-pc / x86_64-efi
 	mmdebstrap cpio kmod busybox-static     # deploy initrd and test environment builds
 	qemu-system-x86 ipxe-qemu dnsmasq-base pxelinux syslinux-common   # the virtual lab
+	ovmf ipxe                               # the lab's UEFI nodes: OVMF firmware, iPXE's EFI binary
 	openssh-client                          # the lab demo/test logs in to the deployed nodes
 )
 
