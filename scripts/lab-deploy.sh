@@ -6,13 +6,15 @@
 #
 #   scripts/lab-deploy.sh [--nodes N] [--subnet 10.77.0.0/24] [--arity chain|star|K]
 #                         [--env ENV.yaml] [--fail-one] [--fail-node NODE] [--fail-after S]
-#                         [--limit S]
+#                         [--limit S] [--firmware bios|uefi]
 #
 #   --env        environment description to deploy (default: envs/build-debian12.sh's, cached)
 #   --fail-one   then deploy again and power NODE (default node2, the middle of the chain) off
 #                S seconds (default 5) after the broadcast started: expects exit 1, NODE KO with
 #                a reason, the other nodes deployed and answering ssh
 #   --limit      bound of each kd-coord deploy run in seconds (default 1800)
+#   --firmware   uefi: OVMF nodes (kd-lab up --firmware uefi, a disk layout with an ESP); each
+#                node must then also have booted by UEFI with GRUB in the ESP's removable path
 #
 # Needs: kd-coord and kd-lab in $KD_BIN_DIR (default target/debug), the deploy initrd in
 # $KD_INITRD_DIR (default build/initrd): `./dev.sh build` makes them; openssh-client.
@@ -27,6 +29,7 @@ FAIL_ONE=
 FAIL_NODE=node2
 FAIL_AFTER=5
 LIMIT=1800
+FIRMWARE=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--nodes) NODES=$2; shift 2 ;;
@@ -37,7 +40,8 @@ while [ $# -gt 0 ]; do
 	--fail-node) FAIL_NODE=$2; shift 2 ;;
 	--fail-after) FAIL_AFTER=$2; shift 2 ;;
 	--limit) LIMIT=$2; shift 2 ;;
-	-h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	--firmware) FIRMWARE=$2; shift 2 ;;
+	-h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "lab-deploy: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
@@ -49,6 +53,8 @@ done
 [ -f "$BOOT/vmlinuz" ] && [ -f "$BOOT/initramfs.img" ] || { echo "lab-deploy: no deploy initrd in $BOOT: run ./dev.sh build" >&2; exit 2; }
 command -v ssh-keygen >/dev/null && command -v ssh >/dev/null || { echo "lab-deploy: needs openssh-client" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "lab-deploy: must run as root (namespaces, QEMU taps)" >&2; exit 2; }
+case "$FIRMWARE" in "" | bios | uefi) ;; *) echo "lab-deploy: --firmware bios|uefi" >&2; exit 2 ;; esac
+[ "$FIRMWARE" = bios ] && FIRMWARE=
 if [ -n "$FAIL_ONE" ] && [ "$NODES" -lt 2 ]; then echo "lab-deploy: --fail-one needs 2 nodes or more" >&2; exit 2; fi
 
 NET=${SUBNET%.0/24}
@@ -88,8 +94,8 @@ ssh-keygen -q -t ed25519 -N '' -C kd-lab-deploy -f "$WORK/key"
 say "deploy initrd: $(du -h "$BOOT/initramfs.img" | cut -f1) initramfs + $(du -h "$BOOT/vmlinuz" | cut -f1) kernel"
 
 # --- the lab ----------------------------------------------------------------------------------
-say "bringing up a lab of $NODES nodes on $SUBNET (powered off: kd-coord powers them on)"
-"$BIN/kd-lab" up --nodes "$NODES" --subnet "$SUBNET" --state "$STATE" --boot-files "$BOOT" --no-start --replace | sed 's/^/  /'
+say "bringing up a lab of $NODES ${FIRMWARE:+$FIRMWARE }nodes on $SUBNET (powered off: kd-coord powers them on)"
+"$BIN/kd-lab" up --nodes "$NODES" --subnet "$SUBNET" --state "$STATE" --boot-files "$BOOT" --no-start --replace ${FIRMWARE:+--firmware "$FIRMWARE"} | sed 's/^/  /'
 ALL="node[1-$NODES]"
 ip_of() { echo "$NET.$((10 + ${1#node}))"; }
 
@@ -144,7 +150,21 @@ check_ssh() {
 			-o LogLevel=ERROR "root@$ip" 'true && . /etc/os-release && echo "$PRETTY_NAME, kernel $(uname -r), / on $(findmnt -no SOURCE /)"') ||
 			fail "$n ($ip): ssh -i key root@$ip true failed"
 		say "  $n ($ip): port 22 open, ssh with the key ok: $host"
+		[ -z "$FIRMWARE" ] || check_efi "$n" "$ip"
 	done
+}
+
+# check_efi NODE IP: the deployed system runs under UEFI and its ESP (vfat, mounted by fstab on
+# /boot/efi) holds GRUB at the removable path the firmware boots.
+check_efi() {
+	local efi
+	efi=$("$BIN/kd-lab" exec --state "$STATE" -- timeout 60 ssh -i "$WORK/key" -o BatchMode=yes \
+		-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 \
+		-o LogLevel=ERROR "root@$2" 'test -d /sys/firmware/efi && test "$(findmnt -no FSTYPE /boot/efi)" = vfat &&
+			test -s /boot/efi/EFI/BOOT/BOOTX64.EFI && test -f /boot/grub/x86_64-efi/normal.mod &&
+			echo "UEFI $(cat /sys/firmware/efi/fw_platform_size)-bit, ESP $(findmnt -no SOURCE /boot/efi) vfat: $(cd /boot/efi && find EFI -type f | sort | tr "\n" " ")"') ||
+		fail "$1 ($2): not booted by UEFI from GRUB on a vfat ESP (/sys/firmware/efi, /boot/efi/EFI/BOOT/BOOTX64.EFI)"
+	say "  $1 ($2): $efi"
 }
 
 sorted() { sort "$@" 2>/dev/null | tr '\n' ' ' | sed 's/ $//'; }
