@@ -853,12 +853,17 @@ fn describe_inventory(inv: &kd_proto::msg::Inventory) -> String {
 /// boot partition and the rest for the system) with the environment's file system on the deploy
 /// partition, the SSH key, the boot loader settings and the post-install archives (`archives`:
 /// the bytes of each of `env.postinstalls`, in order). Checked here, before any node reboots.
+///
+/// `deploy_partition` (`-p N`): the image goes to partition N of the layout instead of its
+/// deploy partition, which is then kept untouched; the disk's partition table is not written
+/// again but checked against the layout (the other partitions keep their data).
 pub fn job_for(
     env: &Environment,
     cluster: &ClusterConfig,
     image_kind: kd_proto::manifest::ImageKind,
     ssh_key: Option<String>,
     archives: Vec<Vec<u8>>,
+    deploy_partition: Option<u32>,
 ) -> Result<DeployJob> {
     use serde_norway::Value;
     let tar = image_kind == kd_proto::manifest::ImageKind::Tar;
@@ -879,24 +884,40 @@ pub fn job_for(
             Value::from(cluster.disk.block_device.clone()),
         );
     }
+    let check = |layout: &Value| -> Result<(String, kd_disk::Layout)> {
+        let text = serde_norway::to_string(layout).context("layout")?;
+        let l = kd_disk::Layout::from_yaml(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "the disk layout for environment {} is not usable: {e}",
+                env.name
+            )
+        })?;
+        Ok((text, l))
+    };
+    let (_, checked) = check(&layout)?;
+    if let Some(n) = deploy_partition {
+        // Sizes do not matter here (the agents check them against their disks): only whether
+        // partition N exists and may take the image.
+        checked
+            .resolve(1 << 50, Some(n))
+            .map_err(|e| anyhow::anyhow!("-p {n}: {e}"))?;
+    }
     if tar && env.filesystem.is_some() {
-        if let Some(Value::Sequence(parts)) = m.get_mut("partitions") {
+        if let Some(Value::Sequence(parts)) = layout.get_mut("partitions") {
             for p in parts.iter_mut() {
                 if let Value::Mapping(pm) = p {
-                    if pm.get("role").and_then(Value::as_str) == Some("deploy") {
+                    let target = match deploy_partition {
+                        Some(n) => pm.get("number").and_then(Value::as_u64) == Some(u64::from(n)),
+                        None => pm.get("role").and_then(Value::as_str) == Some("deploy"),
+                    };
+                    if target {
                         pm.insert(Value::from("fs"), Value::from(fs.clone()));
                     }
                 }
             }
         }
     }
-    let text = serde_norway::to_string(&layout).context("layout")?;
-    kd_disk::Layout::from_yaml(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "the disk layout for environment {} is not usable: {e}",
-            env.name
-        )
-    })?;
+    let (text, _) = check(&layout)?;
     if env.postinstalls.len() != archives.len() {
         anyhow::bail!(
             "post-install archives: {} given, {} expected",
@@ -917,13 +938,13 @@ pub fn job_for(
         });
     Ok(DeployJob {
         layout: text,
-        deploy_partition: None,
+        deploy_partition,
         image: if tar {
             kd_proto::msg::DeployImage::Tar
         } else {
             kd_proto::msg::DeployImage::RawPartition
         },
-        partition: true,
+        partition: deploy_partition.is_none(),
         environment: format!("{}:{}", env.name, env.version),
         ssh_key,
         boot,
@@ -1110,6 +1131,7 @@ filesystem: xfs
             ImageKind::Tar,
             Some("ssh-ed25519 K".into()),
             vec![],
+            None,
         )
         .unwrap();
         let l = kd_disk::Layout::from_yaml(&job.layout).unwrap();
@@ -1132,21 +1154,44 @@ filesystem: xfs
             "{CLUSTER}disk:\n  block_device: /dev/vda\n  layout:\n    label: msdos\n    partitions:\n      - {{number: 1, size: 256MiB, role: swap, fs: swap}}\n      - {{number: 2, size: rest, role: deploy, fs: ext4}}\n"
         ))
         .unwrap();
-        let job = job_for(&env, &cluster, ImageKind::Tar, None, vec![]).unwrap();
+        let job = job_for(&env, &cluster, ImageKind::Tar, None, vec![], None).unwrap();
         assert!(
             job.layout.contains("msdos") && job.layout.contains("xfs"),
             "{}",
             job.layout
         );
         assert!(!job.layout.contains("ext4"), "{}", job.layout);
+        assert!(job.partition && job.deploy_partition.is_none());
+        // -p: another partition takes the image (and the env's file system); the table stays.
+        let three = format!(
+            "{CLUSTER}disk:\n  block_device: /dev/vda\n  layout:\n    label: gpt\n    partitions:\n      - {{number: 1, size: 1MiB, role: bios_grub}}\n      - {{number: 2, size: 4GiB, role: deploy, fs: ext4}}\n      - {{number: 3, size: rest, role: tmp, fs: ext4}}\n"
+        );
+        let c3 = ClusterConfig::parse(&three).unwrap();
+        let job = job_for(&env, &c3, ImageKind::Tar, None, vec![], Some(3)).unwrap();
+        assert_eq!(job.deploy_partition, Some(3));
+        assert!(
+            !job.partition,
+            "-p must not write the partition table again"
+        );
+        let l = kd_disk::Layout::from_yaml(&job.layout).unwrap();
+        let plan = l.resolve(16 << 30, Some(3)).unwrap();
+        let d = plan.deploy().unwrap();
+        assert_eq!((d.number, d.fs), (3, Some(kd_disk::FsType::Xfs)));
+        for (n, want) in [
+            (9, "not in the layout"),
+            (1, "cannot be the deploy partition"),
+        ] {
+            let e = job_for(&env, &c3, ImageKind::Tar, None, vec![], Some(n)).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "-p {n}: {e:#}");
+        }
         // A raw image keeps the layout's file system; a broken layout is refused up front.
-        let job = job_for(&env, &cluster, ImageKind::Raw, None, vec![]).unwrap();
+        let job = job_for(&env, &cluster, ImageKind::Raw, None, vec![], None).unwrap();
         assert!(job.layout.contains("ext4"));
         cluster = ClusterConfig::parse(&format!(
             "{CLUSTER}disk:\n  block_device: /dev/vda\n  layout:\n    label: gpt\n    partitions: []\n"
         ))
         .unwrap();
-        let e = job_for(&env, &cluster, ImageKind::Tar, None, vec![]).unwrap_err();
+        let e = job_for(&env, &cluster, ImageKind::Tar, None, vec![], None).unwrap_err();
         assert!(format!("{e:#}").contains("not usable"), "{e:#}");
     }
 

@@ -58,6 +58,10 @@ struct DeployCli {
     /// Tree: chain, star, or a fan-out k.
     #[arg(long, default_value = "chain")]
     arity: Arity,
+    /// Deploy on partition N of the cluster's layout instead of its deploy partition (which
+    /// is kept); the disk must already carry the layout's partition table.
+    #[arg(short = 'p', long = "partition")]
+    partition: Option<u32>,
     /// Write the deployed nodes' names here (one per line).
     #[arg(short = 'o', long = "output-ok-nodes")]
     ok_file: Option<PathBuf>,
@@ -524,7 +528,14 @@ fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
         &|l| say(l),
     )?;
     let img = ImageFile::open(&image_path)?;
-    let job = deploy::job_for(&env, &cluster, img.manifest.kind, ssh_key, archives)?;
+    let job = deploy::job_for(
+        &env,
+        &cluster,
+        img.manifest.kind,
+        ssh_key,
+        archives,
+        a.partition,
+    )?;
     let identity = CoordIdentity::load_or_create(state)?;
     let mut seed = [0u8; 8];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;

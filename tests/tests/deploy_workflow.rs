@@ -545,6 +545,32 @@ fn deploys_three_process_nodes() {
             .unwrap_or_else(|e| panic!("{n}'s disk: {e}\n{rep}"));
         assert!(lab.answers(i), "{n} does not answer\n{rep}");
     }
+
+    // -p 4: node1's image goes to partition 4 (role tmp in the layout); the partition table is
+    // not written again and partition 3 keeps the system deployed before.
+    let r = lab.deploy("node1", &lab.env, &["-p", "4"]);
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(0), "{rep}");
+    let cfg = BmcConfig::load(&lab.bmc).unwrap();
+    let disk = &cfg.nodes[0].disk;
+    for part in [DEPLOY_PARTITION, 4] {
+        let (off, _) = fakebmc::partition_range(disk, part).unwrap();
+        let post = fakebmc::debugfs(disk, off, "cat /etc/kd-post").unwrap();
+        assert_eq!(post, "post-installed on node1\n", "partition {part}\n{rep}");
+        let st = fakebmc::debugfs(disk, off, "stat /boot/grub/grub.cfg").unwrap();
+        assert!(
+            st.contains("Inode:"),
+            "partition {part}: no grub.cfg\n{rep}"
+        );
+    }
+    // A partition the layout cannot deploy on: refused before any node reboots.
+    let r = lab.deploy("node1", &lab.env, &["-p", "1"]);
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(2), "{rep}");
+    assert!(
+        r.stderr().contains("-p 1") && r.stderr().contains("cannot be the deploy partition"),
+        "{rep}"
+    );
 }
 
 #[test]
