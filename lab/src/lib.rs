@@ -7,6 +7,11 @@
 //! directory. [`Lab::power`] is the nodes' virtual BMC (QMP). [`Lab::down`], `Drop` and
 //! [`teardown`] remove everything, also after a crash.
 //!
+//! Nodes run SeaBIOS by default; with [`Firmware::Uefi`] (`kd-lab up --firmware uefi`) they run
+//! OVMF (read-only code + a per-node variable store that survives power cycles), UEFI PXE
+//! clients get iPXE's EFI binary by TFTP (which chains the same `boot.ipxe`), and the disk
+//! layout in `cluster.yaml` gains a vfat ESP (see [`plan::lab_disk`]).
+//!
 //! Everything on the lab network lives in the namespace: run the coordinator there with
 //! [`Lab::command`] / `kd-lab exec -- CMD...`; it listens on the gateway address `.1`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
