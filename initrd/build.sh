@@ -169,8 +169,10 @@ depmod -b "$ROOT" "$KVER"
 	rm -f "$keep" "$wanted"
 )
 depmod -b "$ROOT" "$KVER"
-# the modules /init loads by name must resolve
-for m in virtio_pci virtio_net virtio_blk virtio_scsi nvme ahci sd_mod e1000 e1000e igb ixgbe ext4 xfs vfat; do
+# the modules /init loads by name must resolve (vfat and its code pages: mounting a UEFI node's ESP
+# for grub-install x86_64-efi; efivarfs: /sys/firmware/efi/efivars on UEFI)
+for m in virtio_pci virtio_net virtio_blk virtio_scsi nvme ahci sd_mod e1000 e1000e igb ixgbe ext4 xfs vfat \
+	nls_cp437 nls_iso8859_1 nls_ascii nls_utf8 efivarfs; do
 	modprobe -d "$ROOT" -S "$KVER" --show-depends "$m" >/dev/null ||
 		die "module $m (or a dependency) missing after pruning"
 done
@@ -290,6 +292,12 @@ fi
 for tool in sfdisk wipefs blkid blockdev partx mkfs.ext4 mkfs.xfs mkfs.vfat grub-install grub-mkimage \
 	grub-probe zstd tar ip modprobe busybox bash mount setsid; do
 	chroot "$ROOT" /bin/bash -c "command -v $tool" >/dev/null || die "tool $tool missing from the root"
+done
+# grub-install's two platforms: BIOS (i386-pc) and UEFI (x86_64-efi, onto the ESP)
+for f in i386-pc/boot.img i386-pc/normal.mod i386-pc/part_gpt.mod i386-pc/ext2.mod \
+	x86_64-efi/normal.mod x86_64-efi/part_gpt.mod x86_64-efi/fat.mod x86_64-efi/ext2.mod \
+	x86_64-efi/modinfo.sh; do
+	[ -f "$ROOT/usr/lib/grub/$f" ] || die "GRUB file /usr/lib/grub/$f missing from the root"
 done
 chroot "$ROOT" /usr/local/bin/kd-agent --version >/dev/null 2>&1 ||
 	echo "initrd:   note: 'kd-agent --version' did not succeed in the root (fine for a stand-in agent)"
