@@ -413,10 +413,14 @@ impl Prepared {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         log.step("grub-install:x86_64-efi", || {
-            // Some kernels (this lab host's) cannot mount vfat: then skip, and say so.
+            // Some kernels (this lab host's) cannot mount vfat: then skip, and say so. Not on
+            // a machine that itself runs under UEFI: it would be left without a boot loader.
             let m = match Mount::new(&dev, &dir, Some("vfat"), nix::mount::MsFlags::empty(), None) {
                 Ok(m) => m,
-                Err(e) => return Ok(((), note(format!("skipped: cannot mount the ESP: {e}")))),
+                Err(e) if !running_under_uefi() => {
+                    return Ok(((), note(format!("skipped: cannot mount the ESP: {e}"))))
+                }
+                Err(e) => return Err(e),
             };
             let out = boot::grub_install_efi(root, &dir);
             let um = m.unmount();
@@ -442,6 +446,12 @@ impl Prepared {
             Ok(((), String::new()))
         })
     }
+}
+
+/// Whether this machine booted through UEFI (its firmware's tables are exposed), i.e. whether
+/// the disk being deployed is booted by UEFI.
+fn running_under_uefi() -> bool {
+    Path::new("/sys/firmware/efi").exists()
 }
 
 /// For callers that only hold paths: flush a device's buffers.
