@@ -19,7 +19,7 @@ PACKAGES=(
 	grub-pc-bin grub-efi-amd64-bin grub2-common      # grub-install i386-pc / x86_64-efi
 	mmdebstrap cpio kmod busybox-static     # deploy initrd and test environment builds
 	qemu-system-x86 ipxe-qemu dnsmasq-base pxelinux syslinux-common   # the virtual lab
-	ovmf ipxe                               # the lab's UEFI nodes: OVMF firmware, iPXE's EFI binary
+	ovmf                                    # the lab's UEFI nodes (iPXE's EFI binary: see setup)
 	openssh-client                          # the lab demo/test logs in to the deployed nodes
 )
 
@@ -32,6 +32,16 @@ setup() {
 		echo "dev.sh: installing ${missing[*]}"
 		apt-get update -qq
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+	fi
+	# iPXE's EFI binary for the lab's UEFI PXE clients, unpacked from the `ipxe` package rather
+	# than installed: its postinst runs update-grub and would add entries to this host's menu.
+	if [ ! -f /var/cache/kd/ipxe/snponly.efi ]; then
+		local d
+		d=$(mktemp -d)
+		(cd "$d" && { apt-get download -qq ipxe 2>/dev/null || { apt-get update -qq && apt-get download -qq ipxe; }; } && dpkg-deb -x ipxe_*.deb root)
+		mkdir -p /var/cache/kd/ipxe
+		cp "$d/root/usr/lib/ipxe/snponly.efi" "$d/root/usr/lib/ipxe/ipxe.efi" /var/cache/kd/ipxe/
+		rm -rf "$d"
 	fi
 	command -v cargo >/dev/null || { echo "dev.sh: cargo not found (install Rust with rustup)" >&2; exit 1; }
 }

@@ -401,7 +401,7 @@ impl Lab {
             }
             if ipxe_efi_source().is_none() {
                 return Err(Error::Invalid(format!(
-                    "UEFI nodes need iPXE's EFI binary ({}; apt-get install ipxe)",
+                    "UEFI nodes need iPXE's EFI binary ({}; `./dev.sh setup` unpacks it)",
                     plan::IPXE_EFI_SOURCES.join(" or ")
                 )));
             }

@@ -324,8 +324,14 @@ pub const IPXE_EFI: &str = "snponly.efi";
 /// The UEFI HTTP boot URL path dnsmasq hands out: nothing is served there (see
 /// [`dnsmasq_conf`]).
 pub const NO_HTTP_BOOT: &str = "kd-lab-no-uefi-http-boot.efi";
-/// Where [`IPXE_EFI`] is found on the host, in order of preference.
-pub const IPXE_EFI_SOURCES: [&str; 2] = ["/usr/lib/ipxe/snponly.efi", "/usr/lib/ipxe/ipxe.efi"];
+/// Where [`IPXE_EFI`] is found on the host, in order of preference: `./dev.sh setup` unpacks
+/// the `ipxe` package there (installing it would run update-grub and add iPXE entries to the
+/// host's own boot menu), or the package's own paths when it is installed.
+pub const IPXE_EFI_SOURCES: [&str; 3] = [
+    "/var/cache/kd/ipxe/snponly.efi",
+    "/usr/lib/ipxe/snponly.efi",
+    "/usr/lib/ipxe/ipxe.efi",
+];
 
 /// Paths of one node's files in the state directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
