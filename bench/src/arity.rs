@@ -85,11 +85,6 @@ pub(crate) struct ArityArgs {
     /// are removed.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
-    /// Queue discipline under each host's own tbf (what the host sends): `fifo` (tbf's byte
-    /// FIFO, limit --queue-ms) or `fq_codel` (Linux's default qdisc: per-flow queues, so the
-    /// ACKs a relay sends its parent do not wait behind the data it sends its children).
-    #[arg(long, default_value = "fifo", value_parser = ["fifo", "fq_codel"])]
-    host_qdisc: String,
 }
 
 const MIB: u64 = 1 << 20;
@@ -482,7 +477,7 @@ fn remove_stale() {
     }
 }
 
-fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool, host_qdisc: &str) -> Result<()> {
+fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool) -> Result<()> {
     let br = lab.bridge_ns();
     lab.add_ns(&br)?;
     cmd("ip", &["-n", &br, "link", "set", "lo", "up"])?;
@@ -523,8 +518,8 @@ fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool, host_qdisc: &
         cmd(
             "tc",
             &[
-                "-n", ns, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "tbf", "rate",
-                &rate, "burst", &burst, "limit", &limit,
+                "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+                &burst, "limit", &limit,
             ],
         )
     };
@@ -557,15 +552,6 @@ fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool, host_qdisc: &
         cmd("ip", &["-n", &br, "link", "set", &port, "master", "br0"])?;
         cmd("ip", &["-n", &br, "link", "set", &port, "up"])?;
         shape(&ns, "eth0")?;
-        if host_qdisc == "fq_codel" {
-            cmd(
-                "tc",
-                &[
-                    "-n", &ns, "qdisc", "add", "dev", "eth0", "parent", "1:1", "handle", "10:",
-                    "fq_codel",
-                ],
-            )?;
-        }
         shape(&br, &port)?;
         if gro {
             cmd(
@@ -1157,7 +1143,7 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     );
     check_stop()?;
 
-    build_network(&mut lab, a.nodes + 1, tbf, a.gro, &a.host_qdisc)?;
+    build_network(&mut lab, a.nodes + 1, tbf, a.gro)?;
     eprintln!(
         "kd-bench: {} hosts on a bridge, each link tbf rate {} burst {} B limit {} B, both directions{}",
         a.nodes + 1,

@@ -19,6 +19,13 @@ pub const INITIAL_MTU: u16 = 1452;
 /// (3 × this) instead of 1 s. Measured: that second was a whole second lost by every node
 /// downstream of the late hop. A slower peer (TCG guests) only costs a few duplicate packets.
 pub const INITIAL_RTT: Duration = Duration::from_millis(20);
+/// Bytes a connection may hold unacknowledged (buffered or in flight). A writer blocks beyond
+/// it, so what a sender has handed to a stream stays within a few chunks of what the child has
+/// received: sibling pacing ([`crate::pace`]) then paces deliveries, not buffers (with 32 MiB, a
+/// child starved by congestion control at the start could be 10 chunks behind its sibling
+/// while the pacer saw them level). 4 MiB is several times a LAN path's bandwidth × (RTT +
+/// switch queue) at 100 Mbit/s–10 Gbit/s.
+pub const SEND_WINDOW: u64 = 4 * 1024 * 1024;
 /// Ack-eliciting packets a peer may receive before it must acknowledge (see [`transport`]).
 pub const ACK_THRESHOLD: u32 = 64;
 
@@ -31,7 +38,7 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     t.initial_rtt(INITIAL_RTT);
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
-    t.send_window(32 * 1024 * 1024);
+    t.send_window(SEND_WINDOW);
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // Full-size datagrams from the start: 1452 bytes of UDP payload fit a 1500-byte Ethernet
