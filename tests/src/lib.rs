@@ -277,3 +277,78 @@ pub fn outcome(stdout: &[u8]) -> Result<serde_json::Value> {
     serde_json::from_slice(stdout)
         .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(stdout)))
 }
+
+/// What `scripts/lab-deploy.sh` did in a lab test ([`lab_deploy`]).
+pub struct LabDeploy {
+    /// The script's exit status.
+    pub status: std::process::ExitStatus,
+    /// Its stdout: the phases, kd-coord's tables, the ssh checks.
+    pub out: String,
+    /// Its stderr: kd-coord's progress and the lab's logs.
+    pub err: String,
+    /// The last 60 lines of `err`, for failure messages.
+    pub err_tail: String,
+    /// What the script left of its lab when it returned (namespace, state), if anything.
+    pub left_behind: Option<String>,
+}
+
+/// Runs `scripts/lab-deploy.sh --subnet SUBNET ARGS` (a /24 such as `10.83.0.0/24`, which names
+/// the lab: namespace `kdlab-83`, state `/var/lib/kd-lab/83`) with this build's binaries and the
+/// deploy initrd in `initrd`, within `limit`. Prints its stdout (per-step times, for `--nocapture`),
+/// notes what it left of its lab, and then tears the lab down whatever happened.
+pub fn lab_deploy(initrd: &Path, subnet: &str, args: &[&str], limit: Duration) -> LabDeploy {
+    let id = subnet.split('.').nth(1).unwrap_or_default().to_string();
+    let state = PathBuf::from(format!("/var/lib/kd-lab/{id}"));
+    let netns = format!("kdlab-{id}");
+    let coord = bin("kd-coord");
+    let bin_dir = coord.parent().unwrap().to_path_buf();
+    // Tears the lab down even if the script was killed before its own trap ran.
+    struct Down(PathBuf, PathBuf);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = Command::new(&self.0)
+                .arg("down")
+                .arg("--state")
+                .arg(&self.1)
+                .output();
+        }
+    }
+    let _down = Down(bin("kd-lab"), state.clone());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let t = Instant::now();
+    let o = run_with_timeout(
+        Command::new(root.join("scripts/lab-deploy.sh"))
+            .args(["--subnet", subnet])
+            .args(args)
+            .env("KD_BIN_DIR", &bin_dir)
+            .env("KD_INITRD_DIR", initrd),
+        limit,
+    )
+    .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    eprintln!(
+        "lab-deploy.sh {} took {:.0} s:\n{out}",
+        args.join(" "),
+        t.elapsed().as_secs_f64()
+    );
+    let err_tail = {
+        let lines: Vec<&str> = err.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    };
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left_behind = if String::from_utf8_lossy(&ns.stdout).contains(&netns) {
+        Some(format!("namespace {netns} left behind"))
+    } else if state.join("lab.json").exists() {
+        Some(format!("{} left behind", state.display()))
+    } else {
+        None
+    };
+    LabDeploy {
+        status: o.status,
+        out,
+        err,
+        err_tail,
+        left_behind,
+    }
+}

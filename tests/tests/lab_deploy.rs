@@ -5,24 +5,7 @@
 //! Runs `scripts/lab-deploy.sh --fail-one` (`./dev.sh demo` runs the first phase).
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-const SUBNET: &str = "10.82.0.0/24";
-const STATE: &str = "/var/lib/kd-lab/82";
-const NETNS: &str = "kdlab-82";
-
-/// Tears the lab down even if the script was killed before its own trap ran.
-struct LabGuard(PathBuf);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.0)
-            .args(["down", "--state", STATE])
-            .output();
-    }
-}
+use std::time::Duration;
 
 #[test]
 fn deploy_to_three_pxe_nodes_then_lose_one_during_the_broadcast() {
@@ -30,35 +13,17 @@ fn deploy_to_three_pxe_nodes_then_lose_one_during_the_broadcast() {
         return;
     };
     let _g = kd_tests::heavy();
-    let coord = kd_tests::bin("kd-coord");
-    let bin_dir = coord.parent().unwrap().to_path_buf();
-    let _lab = LabGuard(kd_tests::bin("kd-lab"));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let t = Instant::now();
-    let o = kd_tests::run_with_timeout(
-        Command::new(root.join("scripts/lab-deploy.sh"))
-            .args(["--nodes", "3", "--subnet", SUBNET, "--fail-one"])
-            .args(["--limit", "1200"])
-            .env("KD_BIN_DIR", &bin_dir)
-            .env("KD_INITRD_DIR", &initrd),
+    let r = kd_tests::lab_deploy(
+        &initrd,
+        "10.82.0.0/24",
+        &["--nodes", "3", "--fail-one", "--limit", "1200"],
         Duration::from_secs(40 * 60),
-    )
-    .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    let err = String::from_utf8_lossy(&o.stderr);
-    // Per-step times for `cargo test -- --nocapture` (and the failure output).
-    eprintln!(
-        "lab-deploy.sh took {:.0} s:\n{out}",
-        t.elapsed().as_secs_f64()
     );
-    let tail: String = {
-        let lines: Vec<&str> = err.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    };
+    let (out, err, tail) = (&r.out, &r.err, &r.err_tail);
     assert!(
-        o.status.success(),
+        r.status.success(),
         "lab-deploy.sh failed ({}).\nstdout:\n{out}\nstderr (last lines):\n{tail}",
-        o.status
+        r.status
     );
     // Phase 1: every node deployed, its sshd takes the key.
     assert!(out.contains("\n  | 3/3 nodes deployed"), "{out}");
@@ -95,13 +60,5 @@ fn deploy_to_three_pxe_nodes_then_lose_one_during_the_broadcast() {
     // Progress went to stderr, with the broadcast start line the script keys on.
     assert!(err.contains("broadcast round 1 started:"), "{tail}");
     // The lab is gone.
-    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&ns.stdout).contains(NETNS),
-        "namespace {NETNS} left behind"
-    );
-    assert!(
-        !Path::new(STATE).join("lab.json").exists(),
-        "{STATE} left behind"
-    );
+    assert!(r.left_behind.is_none(), "{:?}", r.left_behind);
 }

@@ -7,24 +7,7 @@
 //! Runs `scripts/lab-deploy.sh --nodes 1 --firmware uefi` on its own subnet (10.83).
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-const SUBNET: &str = "10.83.0.0/24";
-const STATE: &str = "/var/lib/kd-lab/83";
-const NETNS: &str = "kdlab-83";
-
-/// Tears the lab down even if the script was killed before its own trap ran.
-struct LabGuard(PathBuf);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.0)
-            .args(["down", "--state", STATE])
-            .output();
-    }
-}
+use std::time::Duration;
 
 #[test]
 fn deploy_to_a_uefi_node_that_boots_grub_from_its_esp() {
@@ -32,35 +15,18 @@ fn deploy_to_a_uefi_node_that_boots_grub_from_its_esp() {
         return;
     };
     let _g = kd_tests::heavy();
-    let coord = kd_tests::bin("kd-coord");
-    let bin_dir = coord.parent().unwrap().to_path_buf();
-    let _lab = LabGuard(kd_tests::bin("kd-lab"));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let t = Instant::now();
-    let o = kd_tests::run_with_timeout(
-        Command::new(root.join("scripts/lab-deploy.sh"))
-            .args(["--nodes", "1", "--subnet", SUBNET, "--firmware", "uefi"])
-            .args(["--limit", "1200"])
-            .env("KD_BIN_DIR", &bin_dir)
-            .env("KD_INITRD_DIR", &initrd),
+    let r = kd_tests::lab_deploy(
+        &initrd,
+        "10.83.0.0/24",
+        &["--nodes", "1", "--firmware", "uefi", "--limit", "1200"],
         Duration::from_secs(25 * 60),
-    )
-    .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    let err = String::from_utf8_lossy(&o.stderr);
-    // Per-step times for `cargo test -- --nocapture` (and the failure output).
-    eprintln!(
-        "lab-deploy.sh --firmware uefi took {:.0} s:\n{out}",
-        t.elapsed().as_secs_f64()
     );
-    let tail: String = {
-        let lines: Vec<&str> = err.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    };
+    let out = &r.out;
     assert!(
-        o.status.success(),
-        "lab-deploy.sh failed ({}).\nstdout:\n{out}\nstderr (last lines):\n{tail}",
-        o.status
+        r.status.success(),
+        "lab-deploy.sh failed ({}).\nstdout:\n{out}\nstderr (last lines):\n{}",
+        r.status,
+        r.err_tail
     );
     // The lab ran OVMF nodes.
     assert!(out.contains("firmware uefi (OVMF)"), "{out}");
@@ -80,13 +46,5 @@ fn deploy_to_a_uefi_node_that_boots_grub_from_its_esp() {
     assert!(efi.contains("EFI/BOOT/BOOTX64.EFI"), "{efi}");
     assert!(efi.contains("ESP /dev/vda2 vfat"), "{efi}");
     // The lab is gone.
-    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&ns.stdout).contains(NETNS),
-        "namespace {NETNS} left behind"
-    );
-    assert!(
-        !Path::new(STATE).join("lab.json").exists(),
-        "{STATE} left behind"
-    );
+    assert!(r.left_behind.is_none(), "{:?}", r.left_behind);
 }
