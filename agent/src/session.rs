@@ -899,6 +899,7 @@ async fn serve_stream(
                 chunks = to - from,
                 rtt_us = p.rtt.as_micros() as u64,
                 cwnd = p.cwnd,
+                mtu = p.current_mtu,
                 sent_packets = p.sent_packets,
                 lost_packets = p.lost_packets,
                 congestion_events = p.congestion_events,
