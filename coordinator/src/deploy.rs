@@ -894,10 +894,10 @@ pub fn job_for(
         })?;
         Ok((text, l))
     };
-    let (_, checked) = check(&layout)?;
     if let Some(n) = deploy_partition {
         // Sizes do not matter here (the agents check them against their disks): only whether
-        // partition N exists and may take the image.
+        // partition N of the cluster's own layout exists and may take the image.
+        let (_, checked) = check(&layout)?;
         checked
             .resolve(1 << 50, Some(n))
             .map_err(|e| anyhow::anyhow!("-p {n}: {e}"))?;
