@@ -67,6 +67,12 @@ pub(crate) struct ArityArgs {
     /// tbf bucket size, in milliseconds at the rate (at least 4 full-size packets).
     #[arg(long, default_value_t = 2)]
     burst_ms: u64,
+    /// Queueing on every shaped link: `fifo` (tbf: one FIFO, tail drop) or `sparse` (htb at
+    /// the same rate whose packets under 256 bytes — ACKs — go before the bulk queue, as a
+    /// Linux host's default fq_codel serves sparse flows first; the bulk queue is the same
+    /// FIFO).
+    #[arg(long, default_value = "fifo", value_parser = ["fifo", "sparse"])]
+    qdisc: String,
     /// Skip the TCP check of the shaped links.
     #[arg(long)]
     no_probe: bool,
@@ -184,6 +190,41 @@ pub(crate) fn tbf_params(rate_bps: u64, burst_ms: u64, queue_ms: u64) -> Tbf {
     }
 }
 
+/// `tc` command lines (arguments after `tc -n NS`) that shape `dev` to `t`: one tbf (`fifo`),
+/// or (`sparse`) an htb class at the rate with two leaves, packets under 256 bytes (IPv4 total
+/// length) served first, everything else in a byte FIFO of `t.limit`.
+pub(crate) fn shaper_commands(dev: &str, t: Tbf, sparse: bool) -> Vec<Vec<String>> {
+    let rate = format!("{}bit", t.rate_bps);
+    let burst = t.burst.to_string();
+    let limit = t.limit.to_string();
+    let line = |s: &str| -> Vec<String> {
+        s.replace("DEV", dev)
+            .replace("RATE", &rate)
+            .replace("BURST", &burst)
+            .replace("LIMIT", &limit)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    if !sparse {
+        return vec![line(
+            "qdisc replace dev DEV root tbf rate RATE burst BURST limit LIMIT",
+        )];
+    }
+    [
+        "qdisc replace dev DEV root handle 1: htb default 20",
+        "class add dev DEV parent 1: classid 1:1 htb rate RATE ceil RATE burst BURST cburst BURST",
+        "class add dev DEV parent 1:1 classid 1:10 htb rate RATE ceil RATE burst BURST cburst BURST prio 0",
+        "class add dev DEV parent 1:1 classid 1:20 htb rate RATE ceil RATE burst BURST cburst BURST prio 1",
+        "qdisc add dev DEV parent 1:10 bfifo limit LIMIT",
+        "qdisc add dev DEV parent 1:20 bfifo limit LIMIT",
+        "filter add dev DEV parent 1: protocol ip prio 1 u32 match u16 0x0000 0xff00 at 2 flowid 1:10",
+    ]
+    .iter()
+    .map(|s| line(s))
+    .collect()
+}
+
 /// Address of host `i` (0 = coordinator) in 10.199.0.0/16.
 pub(crate) fn host_addr(i: usize) -> Ipv4Addr {
     let n = i + 1;
@@ -245,7 +286,7 @@ pub(crate) fn parse_tc_stats(json: &str) -> (u64, u64) {
         return (0, 0);
     };
     v.iter()
-        .filter(|q| q["kind"] == "tbf")
+        .filter(|q| q["kind"] == "tbf" || q["kind"] == "htb")
         .fold((0, 0), |(d, p), q| {
             (
                 d + q["drops"].as_u64().unwrap_or(0),
@@ -477,7 +518,7 @@ fn remove_stale() {
     }
 }
 
-fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool) -> Result<()> {
+fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, sparse: bool, gro: bool) -> Result<()> {
     let br = lab.bridge_ns();
     lab.add_ns(&br)?;
     cmd("ip", &["-n", &br, "link", "set", "lo", "up"])?;
@@ -511,17 +552,13 @@ fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, gro: bool) -> Result<()>
             ],
         );
     }
-    let rate = format!("{}bit", tbf.rate_bps);
-    let burst = tbf.burst.to_string();
-    let limit = tbf.limit.to_string();
-    let shape = |ns: &str, dev: &str| {
-        cmd(
-            "tc",
-            &[
-                "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst",
-                &burst, "limit", &limit,
-            ],
-        )
+    let shape = |ns: &str, dev: &str| -> Result<()> {
+        for c in shaper_commands(dev, tbf, sparse) {
+            let mut args = vec!["-n", ns];
+            args.extend(c.iter().map(String::as_str));
+            cmd("tc", &args)?;
+        }
+        Ok(())
     };
     for i in 0..hosts {
         check_stop()?;
@@ -1143,7 +1180,7 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     );
     check_stop()?;
 
-    build_network(&mut lab, a.nodes + 1, tbf, a.gro)?;
+    build_network(&mut lab, a.nodes + 1, tbf, a.qdisc == "sparse", a.gro)?;
     eprintln!(
         "kd-bench: {} hosts on a bridge, each link tbf rate {} burst {} B limit {} B, both directions{}",
         a.nodes + 1,
@@ -1295,6 +1332,45 @@ mod tests {
         assert_eq!(ideal_ratio(Arity::Kary(3), 16), 3.0);
         assert_eq!(ideal_ratio(Arity::Star, 16), 16.0);
         assert_eq!(ideal_ratio(Arity::Kary(32), 16), 16.0);
+    }
+
+    #[test]
+    fn shapers() {
+        let t = tbf_params(100_000_000, 2, 50);
+        let fifo = shaper_commands("eth0", t, false);
+        assert_eq!(
+            fifo,
+            vec![
+                "qdisc replace dev eth0 root tbf rate 100000000bit burst 25000 limit 625000"
+                    .split(' ')
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            ]
+        );
+        let sparse = shaper_commands("p3", t, true);
+        let text: Vec<String> = sparse.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            text[0],
+            "qdisc replace dev p3 root handle 1: htb default 20"
+        );
+        // Every class at the link's rate, never above it.
+        for c in text.iter().filter(|c| c.starts_with("class")) {
+            assert!(
+                c.contains("rate 100000000bit ceil 100000000bit burst 25000"),
+                "{c}"
+            );
+        }
+        // Both leaves hold the same byte queue as the tbf.
+        assert_eq!(
+            text.iter()
+                .filter(|c| c.ends_with("bfifo limit 625000"))
+                .count(),
+            2
+        );
+        // IPv4 total length < 256 (high byte zero) goes to the first class.
+        assert!(text
+            .last()
+            .is_some_and(|c| c.contains("u32 match u16 0x0000 0xff00 at 2 flowid 1:10")));
     }
 
     #[test]

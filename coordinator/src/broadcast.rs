@@ -815,7 +815,7 @@ pub(crate) async fn handle_connection(
         let source = source.clone();
         tokio::spawn(async move {
             while let Ok((s, r)) = conn.accept_bi().await {
-                tokio::spawn(serve_data(s, r, source.clone()));
+                tokio::spawn(serve_data(s, r, source.clone(), conn.clone()));
             }
         });
     }
@@ -882,7 +882,12 @@ async fn refuse(
     conn.close(kd_net::close::REFUSED.into(), e.message.as_bytes());
 }
 
-async fn serve_data(mut send: quinn::SendStream, mut recv: quinn::RecvStream, source: Arc<Source>) {
+async fn serve_data(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    source: Arc<Source>,
+    conn: quinn::Connection,
+) {
     let req = match wire::recv::<DataRequest>(&mut recv, Duration::from_secs(10), "a data request")
         .await
     {
@@ -912,7 +917,7 @@ async fn serve_data(mut send: quinn::SendStream, mut recv: quinn::RecvStream, so
         return;
     }
     let pace = paced.then(|| source.pacer.register(range.start));
-    serve_range(&mut send, &source, range, pace).await;
+    serve_range(&mut send, &source, range, pace, &conn).await;
     if let Some(id) = pace {
         source.pacer.unregister(id);
     }
@@ -924,10 +929,23 @@ async fn serve_range(
     source: &Arc<Source>,
     range: std::ops::Range<u32>,
     pace: Option<u64>,
+    conn: &quinn::Connection,
 ) {
+    let debug = tracing::enabled!(tracing::Level::DEBUG);
     for i in range {
         if let Some(id) = pace {
             source.pacer.pace(id, i).await;
+        }
+        if debug && i % 8 == 0 {
+            let p = conn.stats().path;
+            tracing::debug!(
+                index = i,
+                rtt_us = p.rtt.as_micros() as u64,
+                cwnd = p.cwnd,
+                lost_packets = p.lost_packets,
+                congestion_events = p.congestion_events,
+                "serving a root stream"
+            );
         }
         let src = source.clone();
         let chunk = match tokio::task::spawn_blocking(move || src.image.read_chunk(i)).await {
@@ -946,6 +964,9 @@ async fn serve_range(
         // The chunk's buffer goes to QUIC as is (no copy into its send buffer).
         if wire::send_chunk(send, i, chunk.into()).await.is_err() {
             return;
+        }
+        if debug {
+            tracing::debug!(index = i, "chunk handed to QUIC");
         }
         if let Some(id) = pace {
             source.pacer.advance(id, i + 1);
