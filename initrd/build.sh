@@ -172,7 +172,7 @@ depmod -b "$ROOT" "$KVER"
 # the modules /init loads by name must resolve (vfat and its code pages: mounting a UEFI node's ESP
 # for grub-install x86_64-efi; efivarfs: /sys/firmware/efi/efivars on UEFI)
 for m in virtio_pci virtio_net virtio_blk virtio_scsi nvme ahci sd_mod e1000 e1000e igb ixgbe ext4 xfs vfat \
-	nls_cp437 nls_iso8859_1 nls_ascii nls_utf8 efivarfs; do
+	nls_cp437 nls_iso8859_1 nls_ascii nls_utf8 efivarfs sch_fq_codel; do
 	modprobe -d "$ROOT" -S "$KVER" --show-depends "$m" >/dev/null ||
 		die "module $m (or a dependency) missing after pruning"
 done

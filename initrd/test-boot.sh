@@ -39,7 +39,7 @@ done
 
 if [ "${#EXPECT[@]}" = 0 ]; then
 	EXPECT=('stage 1/5: mounted' 'kd.node=kdtest1 kd.coord=10.213.0.1:7000 kd.pin=<set> kd.token=<set>'
-		'stage 2/5: [0-9]+ modules loaded')
+		'stage 2/5: [0-9]+ modules loaded' 'stage 2/5: default qdisc fq_codel')
 	if [ -n "$NET" ]; then
 		EXPECT+=('stage 3/5: network: ethernet interfaces: eth0|ens|enp' 'lease: [^ ]+ 10\.213\.0\.[0-9]+/24 router=10\.213\.0\.1'
 			'STAND-IN-KD-AGENT: addresses: [^ ]+ 10\.213\.0\.')

@@ -177,6 +177,11 @@ P1_TIME=$ELAPSED
 grep -q "^$NODES/$NODES nodes deployed" "$WORK/phase1.out" || fail "phase 1: no '$NODES/$NODES nodes deployed' line"
 [ "$(wc -l <"$WORK/phase1.ok")" = "$NODES" ] || fail "phase 1: ok file: $(sorted "$WORK/phase1.ok")"
 say "phase 1: $NODES/$NODES deployed in $(printf '%.0f' "$P1_TIME") s; checking ssh"
+# The deploy initrd sent through fq_codel (its /init makes it the default qdisc; see initrd/README.md).
+for i in $(seq 1 "$NODES"); do
+	tr -d '\r' <"$STATE/node$i.log" | grep -q "eth0: up, qdisc fq_codel" ||
+		fail "node$i: the deploy initrd's console has no 'eth0: up, qdisc fq_codel'"
+done
 mapfile -t OK1 <"$WORK/phase1.ok"
 check_ssh "${OK1[@]}"
 say "phase 1 ok: ssh ok on $NODES/$NODES nodes"

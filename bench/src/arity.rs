@@ -71,7 +71,7 @@ pub(crate) struct ArityArgs {
     /// the same rate whose packets under 256 bytes — ACKs — go before the bulk queue, as a
     /// Linux host's default fq_codel serves sparse flows first; the bulk queue is the same
     /// FIFO).
-    #[arg(long, default_value = "fifo", value_parser = ["fifo", "sparse"])]
+    #[arg(long, default_value = "sparse", value_parser = ["fifo", "sparse"])]
     qdisc: String,
     /// Skip the TCP check of the shaped links.
     #[arg(long)]
@@ -768,6 +768,8 @@ pub(crate) struct Results {
     compressed_bytes: u64,
     s_over_b_seconds: f64,
     tbf: Tbf,
+    /// `fifo` or `sparse` (see `--qdisc`).
+    qdisc: String,
     tcp_probe_bps: Option<f64>,
     cores: usize,
     agent_args: Vec<String>,
@@ -1182,8 +1184,13 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
 
     build_network(&mut lab, a.nodes + 1, tbf, a.qdisc == "sparse", a.gro)?;
     eprintln!(
-        "kd-bench: {} hosts on a bridge, each link tbf rate {} burst {} B limit {} B, both directions{}",
+        "kd-bench: {} hosts on a bridge, each link {} rate {} burst {} B limit {} B, both directions{}",
         a.nodes + 1,
+        if a.qdisc == "sparse" {
+            "htb (packets under 256 B first)"
+        } else {
+            "tbf"
+        },
         rate_label(rate_bps),
         tbf.burst,
         tbf.limit,
@@ -1253,6 +1260,7 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
         compressed_bytes: s_final,
         s_over_b_seconds: s_over_b,
         tbf,
+        qdisc: a.qdisc.clone(),
         tcp_probe_bps: probe,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         agent_args: a.agent_arg.clone(),
