@@ -73,6 +73,11 @@ pub(crate) struct ArityArgs {
     /// FIFO).
     #[arg(long, default_value = "sparse", value_parser = ["fifo", "sparse"])]
     qdisc: String,
+    /// After kd's runs, the same image through a plain TCP chain of the same N nodes (one
+    /// `kd-bench tcp-relay` per namespace: read, write on, nothing verified or stored — what
+    /// `nc | tee` does): the reference a chain must not fall behind. Its row is `tcp-chain`.
+    #[arg(long)]
+    tcp_chain: bool,
     /// Skip the TCP check of the shaped links.
     #[arg(long)]
     no_probe: bool,
@@ -1048,6 +1053,156 @@ fn run_one(
     })
 }
 
+/// The reference: the image file through a plain TCP chain (namespace 0 sends, 1..N relay).
+fn run_tcp_chain(
+    lab: &mut Lab,
+    env: &Env,
+    a: &ArityArgs,
+    run: usize,
+    s_over_b: f64,
+    rate_bps: u64,
+) -> Result<Row> {
+    let n = a.nodes;
+    let port = PORT + 500 + run as u16;
+    let limit = (s_over_b * 4.0 + 60.0).ceil() as u64;
+    let me = std::env::current_exe().context("kd-bench's own path")?;
+    let logs = lab.tmp.join(format!("run{run}"));
+    std::fs::create_dir_all(&logs)?;
+    let spawn = |lab: &mut Lab, i: usize, args: Vec<String>| -> Result<()> {
+        let out = File::create(logs.join(format!("tcp{i}.out")))?;
+        let err = File::create(logs.join(format!("tcp{i}.log")))?;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(i),
+                "nice",
+                "-n",
+                &a.nice.to_string(),
+            ])
+            .arg(&me)
+            .arg("tcp-relay")
+            .args(&args)
+            .args(["--timeout", &limit.to_string()])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .context("start kd-bench tcp-relay")?;
+        lab.procs.push(child);
+        Ok(())
+    };
+    let addr = |i: usize| format!("{}:{port}", host_addr(i));
+    // Listeners from the last node up; each connects on when its own connection comes in.
+    for i in (1..=n).rev() {
+        let mut args = vec!["--listen".to_string(), addr(i)];
+        if i < n {
+            args.extend(["--next".to_string(), addr(i + 1)]);
+        }
+        spawn(lab, i, args)?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let tc0 = shaper_stats(lab, n + 1);
+    let cpu0 = proc_stat();
+    let t0 = Instant::now();
+    spawn(
+        lab,
+        0,
+        vec![
+            "--send".to_string(),
+            env.image.display().to_string(),
+            "--next".to_string(),
+            addr(1),
+        ],
+    )?;
+    let pids: Vec<u32> = lab.procs.iter().map(|c| c.id()).collect();
+    let mut ticks = vec![(0u64, 0u64); pids.len()];
+    let deadline = t0 + Duration::from_secs(limit + 30);
+    let mut failures = Vec::new();
+    let mut done = vec![false; pids.len()];
+    while !done.iter().all(|d| *d) {
+        for (k, pid) in pids.iter().enumerate() {
+            if let Some((u, s)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| parse_pid_ticks(&s))
+            {
+                ticks[k] = (ticks[k].0.max(u), ticks[k].1.max(s));
+            }
+        }
+        for (k, d) in done.iter_mut().enumerate() {
+            if !*d {
+                if let Some(st) = lab.procs[k].try_wait()? {
+                    *d = true;
+                    if !st.success() {
+                        let who = if k < n {
+                            format!("node{}", n - k)
+                        } else {
+                            "the source".to_string()
+                        };
+                        failures.push(format!("tcp-relay of {who} exited with {st}"));
+                    }
+                }
+            }
+        }
+        if STOP.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if Instant::now() > deadline {
+            failures.push("the TCP chain did not finish in time".to_string());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu1 = proc_stat();
+    lab.kill_procs();
+    let tc1 = shaper_stats(lab, n + 1);
+    let size = std::fs::metadata(&env.image)?.len();
+    // procs were pushed for nodes n..1, then the source: the node of procs[k] is n - k.
+    for i in 1..=n {
+        let got = std::fs::read_to_string(logs.join(format!("tcp{i}.out"))).unwrap_or_default();
+        if got.trim() != format!("bytes {size}") {
+            failures.push(format!(
+                "node{i}: {:?} of {size} bytes ({})",
+                got.trim(),
+                tail(&logs.join(format!("tcp{i}.log")), 2)
+            ));
+        }
+    }
+    let gib = size as f64 / GIB;
+    let tck = clk_tck();
+    let relays = &ticks[..n];
+    let per_gib: Vec<f64> = relays
+        .iter()
+        .map(|t| (t.0 + t.1) as f64 / tck / gib)
+        .collect();
+    let (mean, max) = mean_max(&per_gib);
+    let relay_cpu: f64 = relays.iter().map(|t| (t.0 + t.1) as f64 / tck).sum();
+    let (busy, soft) = cpu_busy(cpu0, cpu1);
+    Ok(Row {
+        nodes: n,
+        rate_bps,
+        arity: "tcp-chain".to_string(),
+        fan_out: 1,
+        seconds,
+        wall_seconds: seconds,
+        ratio: seconds / s_over_b,
+        ideal_ratio: 1.0,
+        cpu_s_per_gib_mean: mean,
+        cpu_s_per_gib_max: max,
+        agent_cores: relay_cpu / seconds,
+        coord_cpu_seconds: (ticks[n].0 + ticks[n].1) as f64 / tck,
+        agent_user_s_per_gib: relays.iter().map(|t| t.0).sum::<u64>() as f64 / tck / n as f64 / gib,
+        agent_sys_s_per_gib: relays.iter().map(|t| t.1).sum::<u64>() as f64 / tck / n as f64 / gib,
+        machine_busy: busy,
+        machine_softirq: soft,
+        tbf_drops: tc1.0.saturating_sub(tc0.0),
+        tbf_packets: tc1.1.saturating_sub(tc0.1),
+        verified: failures.is_empty(),
+        failures,
+    })
+}
+
 /// The table, one line per run.
 pub(crate) fn table(rows: &[Row], s_over_b: f64) -> String {
     let line = |c: [&str; 15]| {
@@ -1228,6 +1383,23 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
         let row = run_one(&mut lab, &env, &a, arity, run, s_over_b, rate_bps)?;
         eprintln!(
             "kd-bench: arity {arity}: {:.1} s, ratio {:.3}, verified {}{}",
+            row.seconds,
+            row.ratio,
+            row.verified,
+            if row.failures.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", row.failures.join("; "))
+            }
+        );
+        rows.push(row);
+    }
+    if a.tcp_chain {
+        check_stop()?;
+        let s_over_b = compressed as f64 * 8.0 / rate_bps as f64;
+        let row = run_tcp_chain(&mut lab, &env, &a, arities.len(), s_over_b, rate_bps)?;
+        eprintln!(
+            "kd-bench: tcp-chain: {:.1} s, ratio {:.3}, every hop got the whole stream {}{}",
             row.seconds,
             row.ratio,
             row.verified,

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 mod arity;
 mod disk;
 mod plot;
+mod tcp;
 
 #[derive(Parser)]
 #[command(name = "kd-bench", about = "kd benchmarks")]
@@ -19,11 +20,15 @@ enum Cmd {
     /// Broadcast time against tree arity: kd-coord and kd-agent in network namespaces on a
     /// bridge, every link shaped by tc (needs root).
     Arity(Box<arity::ArityArgs>),
+    /// One hop of the plain TCP chain `arity --tcp-chain` runs as a reference.
+    #[command(hide = true)]
+    TcpRelay(tcp::RelayArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Disk(a) => disk::run(a),
         Cmd::Arity(a) => arity::run(*a),
+        Cmd::TcpRelay(a) => tcp::run(a),
     }
 }
