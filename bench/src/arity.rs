@@ -807,6 +807,34 @@ struct Env {
     tokens: PathBuf,
 }
 
+/// Raises `ticks[k]` to the (user, sys) ticks /proc shows now for `pids[k]` (a process that has
+/// exited keeps its last reading).
+fn sample_ticks(pids: &[u32], ticks: &mut [(u64, u64)]) {
+    for (t, pid) in ticks.iter_mut().zip(pids) {
+        if let Some((u, s)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| parse_pid_ticks(&s))
+        {
+            *t = (t.0.max(u), t.1.max(s));
+        }
+    }
+}
+
+/// `12.3 s, ratio 1.234, WHAT true` and the failures, for the progress lines.
+fn row_summary(row: &Row, what: &str) -> String {
+    format!(
+        "{:.1} s, ratio {:.3}, {what} {}{}",
+        row.seconds,
+        row.ratio,
+        row.verified,
+        if row.failures.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", row.failures.join("; "))
+        }
+    )
+}
+
 fn proc_stat() -> CpuTimes {
     std::fs::read_to_string("/proc/stat")
         .ok()
@@ -923,14 +951,7 @@ fn run_one(
     let coord_status = loop {
         if last_sample.elapsed() >= Duration::from_millis(250) {
             last_sample = Instant::now();
-            for (k, pid) in pids.iter().enumerate() {
-                if let Some((u, s)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .ok()
-                    .and_then(|s| parse_pid_ticks(&s))
-                {
-                    ticks[k] = (ticks[k].0.max(u), ticks[k].1.max(s));
-                }
-            }
+            sample_ticks(&pids, &mut ticks);
         }
         if let Some(s) = lab.procs[0].try_wait()? {
             break s;
@@ -1121,14 +1142,7 @@ fn run_tcp_chain(
     let mut failures = Vec::new();
     let mut done = vec![false; pids.len()];
     while !done.iter().all(|d| *d) {
-        for (k, pid) in pids.iter().enumerate() {
-            if let Some((u, s)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| parse_pid_ticks(&s))
-            {
-                ticks[k] = (ticks[k].0.max(u), ticks[k].1.max(s));
-            }
-        }
+        sample_ticks(&pids, &mut ticks);
         for (k, d) in done.iter_mut().enumerate() {
             if !*d {
                 if let Some(st) = lab.procs[k].try_wait()? {
@@ -1382,15 +1396,8 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
         );
         let row = run_one(&mut lab, &env, &a, arity, run, s_over_b, rate_bps)?;
         eprintln!(
-            "kd-bench: arity {arity}: {:.1} s, ratio {:.3}, verified {}{}",
-            row.seconds,
-            row.ratio,
-            row.verified,
-            if row.failures.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", row.failures.join("; "))
-            }
+            "kd-bench: arity {arity}: {}",
+            row_summary(&row, "verified")
         );
         rows.push(row);
     }
@@ -1399,15 +1406,8 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
         let s_over_b = compressed as f64 * 8.0 / rate_bps as f64;
         let row = run_tcp_chain(&mut lab, &env, &a, arities.len(), s_over_b, rate_bps)?;
         eprintln!(
-            "kd-bench: tcp-chain: {:.1} s, ratio {:.3}, every hop got the whole stream {}{}",
-            row.seconds,
-            row.ratio,
-            row.verified,
-            if row.failures.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", row.failures.join("; "))
-            }
+            "kd-bench: tcp-chain: {}",
+            row_summary(&row, "every hop got the whole stream")
         );
         rows.push(row);
     }
