@@ -81,6 +81,10 @@ pub(crate) struct ArityArgs {
     /// Skip the TCP check of the shaped links.
     #[arg(long)]
     no_probe: bool,
+    /// MTU of every veth and the bridge (9000: jumbo frames; kd's path-MTU discovery then finds
+    /// datagrams of up to 8952 bytes).
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
     /// Turn on GRO on every host's veth (`ethtool -K eth0 gro on`, needs ethtool), as physical
     /// NICs have it: received UDP datagrams of one flow reach the socket in batches.
     #[arg(long)]
@@ -523,7 +527,15 @@ fn remove_stale() {
     }
 }
 
-fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, sparse: bool, gro: bool) -> Result<()> {
+fn build_network(
+    lab: &mut Lab,
+    hosts: usize,
+    tbf: Tbf,
+    sparse: bool,
+    gro: bool,
+    mtu: u32,
+) -> Result<()> {
+    let mtu = mtu.to_string();
     let br = lab.bridge_ns();
     lab.add_ns(&br)?;
     cmd("ip", &["-n", &br, "link", "set", "lo", "up"])?;
@@ -590,6 +602,8 @@ fn build_network(lab: &mut Lab, hosts: usize, tbf: Tbf, sparse: bool, gro: bool)
                 "eth0",
             ],
         )?;
+        cmd("ip", &["-n", &ns, "link", "set", "eth0", "mtu", &mtu])?;
+        cmd("ip", &["-n", &br, "link", "set", &port, "mtu", &mtu])?;
         cmd("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
         cmd("ip", &["-n", &br, "link", "set", &port, "master", "br0"])?;
         cmd("ip", &["-n", &br, "link", "set", &port, "up"])?;
@@ -1351,7 +1365,14 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     );
     check_stop()?;
 
-    build_network(&mut lab, a.nodes + 1, tbf, a.qdisc == "sparse", a.gro)?;
+    build_network(
+        &mut lab,
+        a.nodes + 1,
+        tbf,
+        a.qdisc == "sparse",
+        a.gro,
+        a.mtu,
+    )?;
     eprintln!(
         "kd-bench: {} hosts on a bridge, each link {} rate {} burst {} B limit {} B, both directions{}",
         a.nodes + 1,
@@ -1395,10 +1416,7 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
             s_over_b * ideal_ratio(arity, a.nodes)
         );
         let row = run_one(&mut lab, &env, &a, arity, run, s_over_b, rate_bps)?;
-        eprintln!(
-            "kd-bench: arity {arity}: {}",
-            row_summary(&row, "verified")
-        );
+        eprintln!("kd-bench: arity {arity}: {}", row_summary(&row, "verified"));
         rows.push(row);
     }
     if a.tcp_chain {
