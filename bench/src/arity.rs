@@ -849,6 +849,14 @@ fn row_summary(row: &Row, what: &str) -> String {
     )
 }
 
+/// `ip netns exec <namespace of host i> nice -n NICE`, to which the program and its arguments
+/// are added.
+fn ns_command(lab: &Lab, i: usize, nice: i32) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &lab.ns(i), "nice", "-n", &nice.to_string()]);
+    c
+}
+
 fn proc_stat() -> CpuTimes {
     std::fs::read_to_string("/proc/stat")
         .ok()
@@ -895,15 +903,7 @@ fn run_one(
     let t0 = Instant::now();
     let c_out = File::create(logs.join("coord.json"))?;
     let c_err = File::create(logs.join("coord.log"))?;
-    let coord = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns(0),
-            "nice",
-            "-n",
-            &a.nice.to_string(),
-        ])
+    let coord = ns_command(lab, 0, a.nice)
         .arg(&env.coord)
         .arg("--state")
         .arg(&env.state)
@@ -927,15 +927,7 @@ fn run_one(
             _ => "null".to_string(),
         };
         let log = File::create(logs.join(format!("node{i}.log")))?;
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns(i),
-                "nice",
-                "-n",
-                &a.nice.to_string(),
-            ])
+        let child = ns_command(lab, i, a.nice)
             .arg(&env.agent)
             .args(["--coord", &coord_addr.to_string(), "--pin", &env.pin])
             .args([
@@ -1106,15 +1098,7 @@ fn run_tcp_chain(
     let spawn = |lab: &mut Lab, i: usize, args: Vec<String>| -> Result<()> {
         let out = File::create(logs.join(format!("tcp{i}.out")))?;
         let err = File::create(logs.join(format!("tcp{i}.log")))?;
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns(i),
-                "nice",
-                "-n",
-                &a.nice.to_string(),
-            ])
+        let child = ns_command(lab, i, a.nice)
             .arg(&me)
             .arg("tcp-relay")
             .args(&args)
