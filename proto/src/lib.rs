@@ -6,6 +6,7 @@
 //! * [`nodeset`]: ClusterShell-style node sets (`node[1-8,10]`).
 //! * [`tree`]: the broadcast tree planner (chain, k-ary, star).
 //! * [`manifest`]: the image manifest (chunk sizes, blake3 per chunk, image hash).
+//! * [`piece`]: the pieces a relay verifies and forwards before it has the whole chunk.
 //!
 //! Architecture invariant: no tokio, no sockets, no files in this crate.
 #![warn(missing_docs)]
@@ -15,9 +16,10 @@ pub mod codec;
 pub mod manifest;
 pub mod msg;
 pub mod nodeset;
+pub mod piece;
 pub mod tree;
 
 /// ALPN protocol identifier of every kd QUIC connection.
 pub const ALPN: &[u8] = b"kd/1";
 /// Version of the wire protocol carried in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

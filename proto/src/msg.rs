@@ -366,6 +366,15 @@ pub enum DataFrame {
     },
     /// The request was refused.
     Error(WireError),
+    /// Sent on a stream just before chunk `index`: its pieces' hashes
+    /// ([`crate::piece::piece_hashes`]), so that the receiver can verify and forward each piece
+    /// as it arrives. A chunk without it (a repair) is verified whole.
+    Pieces {
+        /// Chunk index.
+        index: u32,
+        /// One hash per piece.
+        hashes: Vec<Digest>,
+    },
 }
 
 /// A refusal, with a code a program can act on and a message a person can read.
