@@ -7,18 +7,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use kd_net::tls::AllowedPeers;
-use kd_net::wire::{self, DataIn};
+use kd_net::wire::{self, DataIn, Whole};
 use kd_proto::codec::MAX_FRAME;
 use kd_proto::manifest::{verify_chunk, Manifest};
+use kd_proto::msg::Digest;
 use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
     DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, PeerIdentity, Plan, Progress,
     Report, StepReport, ToAgent, ToCoord, Upstream,
 };
+use kd_proto::piece::{check_piece_hashes, piece_count, piece_ok, piece_range};
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, Fault};
-use crate::store::{Chunk, Get, Store};
+use crate::store::{Get, Store};
 
 /// How an agent's run ended.
 #[derive(Debug)]
@@ -466,6 +468,8 @@ async fn receive_all(
         let next = store.available();
         let opened_at = Instant::now();
         let mut got_frame = false;
+        // The piece hashes of the next chunk, when its upstream sent them (and they check out).
+        let mut pending: Option<Arc<[Digest]>> = None;
         let (conn, mut recv) = match open_upstream(ctx, &upstream, next).await {
             Ok(x) => x,
             Err(e) => {
@@ -509,43 +513,61 @@ async fn receive_all(
                 Ok(Err(e)) => e.to_string(),
                 Ok(Ok(None)) => "the upstream ended the stream early".into(),
                 Ok(Ok(Some(p))) => match p {
-                    DataIn::Chunk { index, mut data } if index == next => {
-                        for f in &ctx.cfg.faults {
-                            if *f == Fault::CorruptChunk(index) && !corrupted_once {
-                                corrupted_once = true;
-                                let mut v = data.to_vec();
-                                if let Some(b) = v.first_mut() {
-                                    *b ^= 0x5a;
-                                }
-                                data = v.into();
+                    DataIn::Other(DataFrame::Pieces { index, hashes }) if index == next => {
+                        let info = &ctx.manifest.chunks[index as usize];
+                        match check_piece_hashes(info.comp_len as usize, &hashes, &info.hash) {
+                            Ok(()) => pending = Some(hashes.into()),
+                            Err(e) => {
+                                tracing::warn!("chunk {index}: {e}; it will be verified whole");
+                                pending = None;
                             }
                         }
-                        if let Err(e) = verify_chunk(&ctx.manifest, index, &data) {
-                            tracing::warn!("refused {e}; fetching it again from the coordinator");
-                            progress.corrupt_chunks += 1;
-                            match repair(ctx, index).await {
-                                Ok(d) => {
-                                    refetched += 1;
-                                    data = d;
+                        None
+                    }
+                    DataIn::Other(DataFrame::Pieces { index, .. }) => Some(format!(
+                        "got the piece hashes of chunk {index}, expected {next}"
+                    )),
+                    DataIn::ChunkStart { index, len } if index == next => {
+                        let expected = ctx.manifest.chunks[index as usize].comp_len as usize;
+                        if len != expected {
+                            Some(format!(
+                                "chunk {index} announces {len} bytes, the manifest says {expected}"
+                            ))
+                        } else {
+                            let hashes = pending.take();
+                            let got = receive_chunk(
+                                ctx,
+                                store,
+                                &mut recv,
+                                (index, len),
+                                hashes,
+                                &mut corrupted_once,
+                                &mut progress,
+                            )
+                            .await;
+                            match got {
+                                Ok(repaired) => {
+                                    refetched += u32::from(repaired);
+                                    accept(ctx, store, &writer, index, &mut progress).await;
+                                    None
                                 }
-                                Err(e) => {
-                                    fatal =
-                                        Some(format!("chunk {index} could not be repaired: {e:#}"));
+                                Err(ChunkFail::Upstream(p)) => Some(p),
+                                Err(ChunkFail::Fatal(e)) => {
+                                    fatal = Some(e);
                                     break 'outer;
                                 }
                             }
                         }
-                        accept(ctx, store, &writer, index, data, &mut progress).await;
-                        None
                     }
-                    DataIn::Chunk { index, .. } => {
+                    DataIn::ChunkStart { index, .. } => {
                         Some(format!("got chunk {index}, expected {next}"))
                     }
                     DataIn::Other(DataFrame::Unavailable { index }) if index == next => {
                         match repair(ctx, index).await {
                             Ok(d) => {
                                 refetched += 1;
-                                accept(ctx, store, &writer, index, d, &mut progress).await;
+                                store.fill(index, d, ctx.cfg.stall_timeout * 3).await;
+                                accept(ctx, store, &writer, index, &mut progress).await;
                                 None
                             }
                             Err(e) => {
@@ -619,22 +641,121 @@ async fn receive_all(
     }
 }
 
+/// How receiving a chunk failed.
+enum ChunkFail {
+    /// The upstream failed (stalled, closed, broke the framing): find another.
+    Upstream(String),
+    /// The chunk could not be had at all.
+    Fatal(String),
+}
+
+/// Reads `n` bytes of chunk data within the stall timeout.
+async fn read_data(
+    recv: &mut quinn::RecvStream,
+    n: usize,
+    stall: Duration,
+) -> Result<bytes::Bytes, ChunkFail> {
+    match tokio::time::timeout(stall, wire::recv_bytes(recv, n)).await {
+        Err(_) => Err(ChunkFail::Upstream(format!("no data for {stall:?}"))),
+        Ok(Err(e)) => Err(ChunkFail::Upstream(e.to_string())),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+/// Receives the data of chunk `index` (`len` bytes, the manifest's length) into the window.
+/// With its piece hashes (checked against the manifest) it goes piece by piece: each piece is
+/// verified, then at once available to the children's senders. Without them it is verified
+/// whole. Nothing that fails verification is kept or forwarded: the chunk's missing pieces then
+/// come from the coordinator. Pieces already held (a new upstream resends the chunk from its
+/// start) are read and skipped. Returns whether the chunk had to be fetched again.
+async fn receive_chunk(
+    ctx: &Ctx,
+    store: &Store,
+    recv: &mut quinn::RecvStream,
+    (index, len): (u32, usize),
+    hashes: Option<Arc<[Digest]>>,
+    corrupted_once: &mut bool,
+    progress: &mut Progress,
+) -> Result<bool, ChunkFail> {
+    let stall = ctx.cfg.stall_timeout;
+    let grace = stall * 3;
+    let mut inject = !*corrupted_once && ctx.cfg.faults.contains(&Fault::CorruptChunk(index));
+    let mut corrupt = |b: bytes::Bytes| {
+        if !inject {
+            return b;
+        }
+        inject = false;
+        *corrupted_once = true;
+        let mut v = b.to_vec();
+        if let Some(x) = v.first_mut() {
+            *x ^= 0x5a;
+        }
+        v.into()
+    };
+    let refused = match hashes {
+        None => {
+            let data = corrupt(read_data(recv, len, stall).await?);
+            match verify_chunk(&ctx.manifest, index, &data) {
+                Ok(()) => {
+                    store.fill(index, data, grace).await;
+                    return Ok(false);
+                }
+                Err(e) => e,
+            }
+        }
+        Some(hashes) => {
+            store.begin(index, len, hashes.clone(), grace).await;
+            let held = store.pieces_held(index);
+            let count = piece_count(len);
+            let mut bad = None;
+            for p in 0..count {
+                let piece = read_data(recv, piece_range(len, p).len(), stall).await?;
+                if p < held || bad.is_some() {
+                    continue;
+                }
+                // The injected fault hits the middle piece: the pieces before it have been
+                // forwarded already, the rest must come from the repair.
+                let piece = if p == count / 2 {
+                    corrupt(piece)
+                } else {
+                    piece
+                };
+                if piece_ok(len, p, &piece, &hashes[p]) {
+                    store.push_piece(index, p, piece);
+                } else {
+                    bad = Some(p);
+                }
+            }
+            match bad {
+                None => return Ok(false),
+                Some(p) => format!("chunk {index}: piece {p} does not match its hash"),
+            }
+        }
+    };
+    tracing::warn!("refused {refused}; fetching it again from the coordinator");
+    progress.corrupt_chunks += 1;
+    let data = repair(ctx, index)
+        .await
+        .map_err(|e| ChunkFail::Fatal(format!("chunk {index} could not be repaired: {e:#}")))?;
+    store.fill(index, data, grace).await;
+    Ok(true)
+}
+
+/// Chunk `index` is complete in the window: hand it to the writer.
 async fn accept(
     ctx: &Ctx,
     store: &Store,
     writer: &crate::sink::Writer,
     index: u32,
-    chunk: Chunk,
     progress: &mut Progress,
 ) {
+    let Some(pieces) = store.pieces(index) else {
+        return;
+    };
     progress.chunks += 1;
-    progress.bytes_received += chunk.len() as u64;
+    progress.bytes_received += ctx.manifest.chunks[index as usize].comp_len as u64;
     tracing::debug!(index, "chunk accepted");
-    // Children first, then our own copy (the same bytes, shared).
-    store
-        .push(index, chunk.clone(), ctx.cfg.stall_timeout * 3)
-        .await;
-    let _ = writer.tx.send((index, chunk)).await;
+    let _ = writer.tx.send((index, pieces)).await;
     for f in &ctx.cfg.faults {
         if *f == Fault::DieAfter(index + 1) {
             tracing::error!("fault injection: dying after {} chunks", index + 1);
@@ -755,10 +876,10 @@ async fn open_upstream(
 }
 
 /// Fetches one chunk from the coordinator and verifies it.
-async fn repair(ctx: &Ctx, index: u32) -> Result<Chunk> {
+async fn repair(ctx: &Ctx, index: u32) -> Result<bytes::Bytes> {
     let mut last = anyhow!("no attempt");
     for _ in 0..3 {
-        let r: Result<Chunk> = async {
+        let r: Result<bytes::Bytes> = async {
             let (mut s, mut r) = ctx.coord.open_bi().await?;
             wire::send(
                 &mut s,
@@ -770,20 +891,18 @@ async fn repair(ctx: &Ctx, index: u32) -> Result<Chunk> {
             .await?;
             let _ = s.finish();
             let p =
-                tokio::time::timeout(Duration::from_secs(60), wire::recv_data(&mut r, MAX_FRAME))
+                tokio::time::timeout(Duration::from_secs(60), wire::recv_chunk(&mut r, MAX_FRAME))
                     .await
                     .map_err(|_| anyhow!("timed out"))??
                     .ok_or_else(|| anyhow!("empty answer"))?;
             match p {
-                DataIn::Chunk { index: i, data } if i == index => {
+                Whole::Chunk(i, data) if i == index => {
                     verify_chunk(&ctx.manifest, index, &data).map_err(|e| anyhow!(e))?;
                     Ok(data)
                 }
-                DataIn::Other(DataFrame::Error(e)) => Err(anyhow!("refused: {e}")),
-                other => Err(anyhow!(
-                    "unexpected answer {:?}",
-                    std::mem::discriminant(&other)
-                )),
+                Whole::Other(DataFrame::Error(e)) => Err(anyhow!("refused: {e}")),
+                Whole::Chunk(i, _) => Err(anyhow!("got chunk {i} instead")),
+                Whole::Other(f) => Err(anyhow!("unexpected answer {f:?}")),
             }
         }
         .await;
@@ -869,7 +988,7 @@ async fn serve_stream(
     let result: Result<()> = async {
         for i in from..to {
             tokio::select! {
-                _ = async { store.wait_for(i).await; store.pace(id, i).await } => {}
+                _ = async { store.wait_for_piece(i, 0).await; store.pace(id, i).await } => {}
                 _ = conn.closed() => bail!("connection closed"),
             }
             if tracing::enabled!(tracing::Level::DEBUG) && i % 8 == 0 {
@@ -883,8 +1002,29 @@ async fn serve_stream(
                     "serving a child"
                 );
             }
-            match store.get(i) {
-                Get::Ready(c) => wire::send_chunk(&mut s, i, c).await?,
+            match store.head(i) {
+                Get::Ready(len, hashes) => {
+                    // A stream gets the piece hashes first and each piece as soon as this node
+                    // has verified it; a one-chunk request (a repair) is verified whole.
+                    if paced {
+                        let f = DataFrame::Pieces {
+                            index: i,
+                            hashes: hashes.to_vec(),
+                        };
+                        wire::send(&mut s, &f).await?;
+                    }
+                    wire::send_chunk_header(&mut s, i, len).await?;
+                    for p in 0..piece_count(len) {
+                        tokio::select! {
+                            _ = store.wait_for_piece(i, p) => {}
+                            _ = conn.closed() => bail!("connection closed"),
+                        }
+                        let Some(piece) = store.piece(i, p) else {
+                            bail!("chunk {i} left the window while it was being sent (the child fell too far behind)");
+                        };
+                        wire::send_bytes(&mut s, piece).await?;
+                    }
+                }
                 Get::Evicted | Get::NotYet => {
                     wire::send(&mut s, &DataFrame::Unavailable { index: i }).await?;
                 }

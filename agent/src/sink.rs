@@ -10,7 +10,7 @@ use kd_proto::msg::Digest;
 use tokio::sync::mpsc;
 
 use crate::config::SinkSpec;
-use crate::store::Chunk;
+use crate::store::Piece;
 
 /// What the writer did.
 #[derive(Debug, Default)]
@@ -20,7 +20,7 @@ pub(crate) struct WriteResult {
 }
 
 pub(crate) struct Writer {
-    pub(crate) tx: mpsc::Sender<(u32, Chunk)>,
+    pub(crate) tx: mpsc::Sender<(u32, Vec<Piece>)>,
     pub(crate) written: Arc<AtomicU64>,
     pub(crate) handle: std::thread::JoinHandle<WriteResult>,
 }
@@ -45,7 +45,7 @@ pub(crate) fn spawn(
     manifest: &Manifest,
     depth: usize,
 ) -> std::io::Result<Writer> {
-    let (tx, mut rx) = mpsc::channel::<(u32, Chunk)>(depth.max(1));
+    let (tx, mut rx) = mpsc::channel::<(u32, Vec<Piece>)>(depth.max(1));
     let written = Arc::new(AtomicU64::new(0));
     let w = written.clone();
     let manifest = manifest.clone();
@@ -64,11 +64,23 @@ pub(crate) fn spawn(
                 }
             };
             let mut buf = Vec::new();
+            let mut joined = Vec::new();
             // Keep draining after an error so that the relay to children is never blocked.
-            while let Some((i, chunk)) = rx.blocking_recv() {
+            while let Some((i, pieces)) = rx.blocking_recv() {
                 if error.is_some() || !decompress {
                     continue;
                 }
+                // zstd wants the frame in one buffer: join the pieces (one copy) unless it is one.
+                let chunk: &[u8] = match pieces.as_slice() {
+                    [one] => one,
+                    many => {
+                        joined.clear();
+                        for p in many {
+                            joined.extend_from_slice(p);
+                        }
+                        &joined
+                    }
+                };
                 let raw_len = manifest
                     .chunks
                     .get(i as usize)
@@ -77,7 +89,7 @@ pub(crate) fn spawn(
                 buf.clear();
                 buf.reserve(raw_len);
                 let Some(d) = dec.as_mut() else { continue };
-                match d.decompress_to_buffer(&chunk[..], &mut buf) {
+                match d.decompress_to_buffer(chunk, &mut buf) {
                     Ok(n) if n == raw_len => {}
                     Ok(n) => {
                         error = Some(format!(

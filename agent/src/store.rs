@@ -9,18 +9,30 @@
 //! Siblings also move in step ([`Store::pace`], [`kd_net::pace`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use kd_net::pace::Pacer;
+use kd_proto::msg::Digest;
+use kd_proto::piece::{piece_count, piece_range};
 use tokio::sync::{watch, Notify};
 
-/// A verified compressed chunk, shared between the writer and the children's senders.
-pub(crate) type Chunk = bytes::Bytes;
+/// A verified piece of a compressed chunk, shared between the writer and the children's senders.
+pub(crate) type Piece = Bytes;
 
-/// What [`Store::get`] found.
+/// A chunk as the window holds it: its length, its pieces' hashes (sent to children before the
+/// pieces) and the verified pieces so far, in order.
+struct Slot {
+    len: usize,
+    hashes: Arc<[Digest]>,
+    pieces: Vec<Piece>,
+}
+
+/// What [`Store::head`] found.
 pub(crate) enum Get {
-    Ready(Chunk),
+    /// The chunk has begun: its length and piece hashes.
+    Ready(usize, Arc<[Digest]>),
     Evicted,
     NotYet,
 }
@@ -32,8 +44,16 @@ struct Child {
     paced: Option<u64>,
 }
 
+/// How far the receiver got: every chunk before `complete`, and `pieces` pieces of chunk
+/// `complete`. Ordered, and it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+struct Frontier {
+    complete: u32,
+    pieces: u32,
+}
+
 struct Inner {
-    chunks: VecDeque<Chunk>,
+    chunks: VecDeque<Slot>,
     base: u32,
     children: HashMap<u64, Child>,
     next_id: u64,
@@ -42,14 +62,14 @@ struct Inner {
 pub(crate) struct Store {
     inner: Mutex<Inner>,
     window: usize,
-    available: watch::Sender<u32>,
+    frontier: watch::Sender<Frontier>,
     advanced: Notify,
     pacer: Pacer,
 }
 
 impl Store {
     pub(crate) fn new(window: usize) -> Self {
-        let (available, _) = watch::channel(0);
+        let (frontier, _) = watch::channel(Frontier::default());
         Self {
             inner: Mutex::new(Inner {
                 chunks: VecDeque::new(),
@@ -58,7 +78,7 @@ impl Store {
                 next_id: 0,
             }),
             window: window.max(1),
-            available,
+            frontier,
             advanced: Notify::new(),
             pacer: Pacer::new(),
         }
@@ -68,20 +88,31 @@ impl Store {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Number of chunks received so far (the next index expected).
+    /// Number of chunks received whole so far (the next index expected).
     pub(crate) fn available(&self) -> u32 {
-        *self.available.borrow()
+        self.frontier.borrow().complete
     }
 
-    /// Appends chunk `index` (must be the next one); waits while the window is full and a child
-    /// still needs the oldest chunk, at most `grace` in all.
-    pub(crate) async fn push(&self, index: u32, data: Chunk, grace: Duration) {
+    /// Starts chunk `index` (must be the next one; nothing happens if it has begun already, as
+    /// after a change of upstream): `len` bytes whose pieces have `hashes`. Waits while the
+    /// window is full and a child still needs the oldest chunk, at most `grace` in all.
+    pub(crate) async fn begin(
+        &self,
+        index: u32,
+        len: usize,
+        hashes: Arc<[Digest]>,
+        grace: Duration,
+    ) {
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let notified = self.advanced.notified();
             {
                 let mut g = self.lock();
-                debug_assert_eq!(g.base + g.chunks.len() as u32, index);
+                let end = g.base + g.chunks.len() as u32;
+                if end > index {
+                    return;
+                }
+                debug_assert_eq!(end, index);
                 let full = g.chunks.len() >= self.window;
                 let needed = g.children.values().any(|c| c.pos <= g.base);
                 if !full || !needed || tokio::time::Instant::now() >= deadline {
@@ -89,9 +120,11 @@ impl Store {
                         g.chunks.pop_front();
                         g.base += 1;
                     }
-                    g.chunks.push_back(data);
-                    drop(g);
-                    self.available.send_replace(index + 1);
+                    g.chunks.push_back(Slot {
+                        len,
+                        hashes,
+                        pieces: Vec::new(),
+                    });
                     return;
                 }
             }
@@ -103,21 +136,94 @@ impl Store {
         }
     }
 
-    pub(crate) fn get(&self, index: u32) -> Get {
+    /// Pieces of chunk `index` held so far (0 if it has not begun).
+    pub(crate) fn pieces_held(&self, index: u32) -> usize {
+        let g = self.lock();
+        index
+            .checked_sub(g.base)
+            .and_then(|i| g.chunks.get(i as usize))
+            .map_or(0, |s| s.pieces.len())
+    }
+
+    /// Adds verified piece `p` of chunk `index` (begun, and `p` the next piece; anything else is
+    /// ignored). Returns true when that completes the chunk.
+    pub(crate) fn push_piece(&self, index: u32, p: usize, piece: Piece) -> bool {
+        let mut g = self.lock();
+        let Some(slot) = index
+            .checked_sub(g.base)
+            .and_then(|i| g.chunks.get_mut(i as usize))
+        else {
+            return false;
+        };
+        if slot.pieces.len() != p || p >= piece_count(slot.len) {
+            return false;
+        }
+        slot.pieces.push(piece);
+        let done = slot.pieces.len() == piece_count(slot.len);
+        drop(g);
+        self.frontier.send_replace(if done {
+            Frontier {
+                complete: index + 1,
+                pieces: 0,
+            }
+        } else {
+            Frontier {
+                complete: index,
+                pieces: p as u32 + 1,
+            }
+        });
+        done
+    }
+
+    /// Adds the pieces of chunk `index` that are still missing, cut from the whole verified chunk
+    /// `data` (a repair); begins the chunk first if needed.
+    pub(crate) async fn fill(&self, index: u32, data: Bytes, grace: Duration) {
+        let hashes: Arc<[Digest]> = kd_proto::piece::piece_hashes(&data).into();
+        self.begin(index, data.len(), hashes, grace).await;
+        for p in self.pieces_held(index)..piece_count(data.len()) {
+            self.push_piece(index, p, data.slice(piece_range(data.len(), p)));
+        }
+    }
+
+    /// The pieces of complete chunk `index`.
+    pub(crate) fn pieces(&self, index: u32) -> Option<Vec<Piece>> {
+        let g = self.lock();
+        index
+            .checked_sub(g.base)
+            .and_then(|i| g.chunks.get(i as usize))
+            .filter(|s| s.pieces.len() == piece_count(s.len))
+            .map(|s| s.pieces.clone())
+    }
+
+    /// The length and piece hashes of chunk `index`, once its first piece is here.
+    pub(crate) fn head(&self, index: u32) -> Get {
         let g = self.lock();
         if index < g.base {
             return Get::Evicted;
         }
         match g.chunks.get((index - g.base) as usize) {
-            Some(c) => Get::Ready(c.clone()),
-            None => Get::NotYet,
+            Some(s) if !s.pieces.is_empty() => Get::Ready(s.len, s.hashes.clone()),
+            _ => Get::NotYet,
         }
     }
 
-    /// Waits until chunk `index` has arrived.
-    pub(crate) async fn wait_for(&self, index: u32) {
-        let mut rx = self.available.subscribe();
-        let _ = rx.wait_for(|&n| n > index).await;
+    /// Piece `p` of chunk `index`: `None` if the chunk has left the window.
+    pub(crate) fn piece(&self, index: u32, p: usize) -> Option<Piece> {
+        let g = self.lock();
+        index
+            .checked_sub(g.base)
+            .and_then(|i| g.chunks.get(i as usize))
+            .and_then(|s| s.pieces.get(p).cloned())
+    }
+
+    /// Waits until piece `p` of chunk `index` has arrived.
+    pub(crate) async fn wait_for_piece(&self, index: u32, p: usize) {
+        let want = Frontier {
+            complete: index,
+            pieces: p as u32,
+        };
+        let mut rx = self.frontier.subscribe();
+        let _ = rx.wait_for(|&f| f > want).await;
     }
 
     /// A child starts reading at `from`; `paced`: a stream that moves in step with its siblings
@@ -162,34 +268,70 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+
+    /// A whole one-piece chunk.
+    async fn push(s: &Store, index: u32, byte: u8, grace: Duration) {
+        s.fill(index, Bytes::from(vec![byte]), grace).await;
+    }
 
     #[tokio::test]
     async fn window_evicts_and_waits_for_children() {
         let s = Arc::new(Store::new(2));
         let c = s.register(0, true);
-        s.push(0, Chunk::from(vec![0]), Duration::from_secs(5))
-            .await;
-        s.push(1, Chunk::from(vec![1]), Duration::from_secs(5))
-            .await;
-        // Full and the child still needs chunk 0: push waits until the child advances.
+        push(&s, 0, 0, Duration::from_secs(5)).await;
+        push(&s, 1, 1, Duration::from_secs(5)).await;
+        // Full and the child still needs chunk 0: the next chunk waits until the child advances.
         let s2 = s.clone();
-        let h = tokio::spawn(async move {
-            s2.push(2, Chunk::from(vec![2]), Duration::from_secs(5))
-                .await
-        });
+        let h = tokio::spawn(async move { push(&s2, 2, 2, Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!h.is_finished());
         s.advance(c, 1);
         h.await.unwrap();
-        assert!(matches!(s.get(0), Get::Evicted));
-        assert!(matches!(s.get(2), Get::Ready(_)));
-        assert!(matches!(s.get(3), Get::NotYet));
+        assert!(matches!(s.head(0), Get::Evicted));
+        assert!(matches!(s.head(2), Get::Ready(1, _)));
+        assert!(matches!(s.head(3), Get::NotYet));
+        assert_eq!(s.pieces(2).unwrap(), vec![Bytes::from(vec![2])]);
         // A stalled child is overtaken after the grace period.
-        s.push(3, Chunk::from(vec![3]), Duration::from_millis(50))
-            .await;
+        push(&s, 3, 3, Duration::from_millis(50)).await;
         assert_eq!(s.available(), 4);
         s.unregister(c);
+    }
+
+    #[tokio::test]
+    async fn pieces_arrive_in_order_and_a_repair_fills_the_rest() {
+        use kd_proto::piece::{piece_hashes, PIECE_LEN};
+        let s = Arc::new(Store::new(4));
+        let len = 3 * PIECE_LEN + 10;
+        let data = Bytes::from((0..len).map(|i| i as u8).collect::<Vec<_>>());
+        let hashes: Arc<[Digest]> = piece_hashes(&data).into();
+        s.begin(0, len, hashes.clone(), Duration::from_secs(1))
+            .await;
+        // A sender waiting for piece 1 wakes when it arrives, not before.
+        let s2 = s.clone();
+        let w = tokio::spawn(async move { s2.wait_for_piece(0, 1).await });
+        assert!(matches!(s.head(0), Get::NotYet));
+        assert!(!s.push_piece(0, 0, data.slice(piece_range(len, 0))));
+        assert!(matches!(s.head(0), Get::Ready(l, _) if l == len));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!w.is_finished());
+        // Out of order or repeated: ignored.
+        assert!(!s.push_piece(0, 2, data.slice(piece_range(len, 2))));
+        assert!(!s.push_piece(0, 0, data.slice(piece_range(len, 0))));
+        assert!(!s.push_piece(0, 1, data.slice(piece_range(len, 1))));
+        tokio::time::timeout(Duration::from_millis(500), w)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.pieces_held(0), 2);
+        assert_eq!(s.available(), 0);
+        assert!(s.pieces(0).is_none());
+        // Beginning again (a new upstream) keeps what is held; a repair adds only the rest.
+        s.begin(0, len, hashes, Duration::from_secs(1)).await;
+        assert_eq!(s.pieces_held(0), 2);
+        s.fill(0, data.clone(), Duration::from_secs(1)).await;
+        assert_eq!(s.available(), 1);
+        assert_eq!(s.pieces(0).unwrap().concat(), data.to_vec());
+        assert_eq!(s.piece(0, 3).unwrap(), data.slice(3 * PIECE_LEN..));
     }
 
     #[tokio::test]

@@ -948,7 +948,15 @@ async fn serve_range(
             );
         }
         let src = source.clone();
-        let chunk = match tokio::task::spawn_blocking(move || src.image.read_chunk(i)).await {
+        // A stream's chunk goes with its piece hashes (its receiver forwards each piece as soon
+        // as it has verified it); a one-chunk request (a repair) is verified whole.
+        let paced = pace.is_some();
+        let read = move || {
+            let c = src.image.read_chunk(i)?;
+            let hashes = paced.then(|| kd_proto::piece::piece_hashes(&c));
+            anyhow::Ok((c, hashes))
+        };
+        let (chunk, hashes) = match tokio::task::spawn_blocking(read).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::error!("serving chunk {i}: {e:#}");
@@ -961,6 +969,14 @@ async fn serve_range(
             }
             Err(_) => return,
         };
+        if let Some(hashes) = hashes {
+            if wire::send(send, &DataFrame::Pieces { index: i, hashes })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
         // The chunk's buffer goes to QUIC as is (no copy into its send buffer).
         if wire::send_chunk(send, i, chunk.into()).await.is_err() {
             return;

@@ -60,16 +60,18 @@ pub async fn recv_payload(
     Ok(Some(buf))
 }
 
-/// A data-stream frame as a receiver gets it: chunk data in shared, reference-counted bytes
-/// (handed to the children's senders and the writer without copies).
+/// A data-stream frame as a receiver gets it. A chunk's data is not read with its header: the
+/// receiver reads it with [`recv_bytes`], all at once ([`recv_chunk`]) or piece by piece, straight
+/// from QUIC's receive buffers into shared, reference-counted bytes (handed to the children's
+/// senders and the writer without copies).
 #[derive(Debug)]
 pub enum DataIn {
-    /// `DataFrame::Chunk`.
-    Chunk {
+    /// The start of a `DataFrame::Chunk`: `len` bytes of chunk data follow on the stream.
+    ChunkStart {
         /// Chunk index.
         index: u32,
-        /// The compressed chunk, not verified yet.
-        data: Bytes,
+        /// Bytes of compressed chunk data that follow.
+        len: usize,
     },
     /// Any other data frame.
     Other(DataFrame),
@@ -84,9 +86,8 @@ fn read_err(e: quinn::ReadExactError, what: &str) -> WireError {
     }
 }
 
-/// Reads one data-stream frame of at most `limit` payload bytes; `Ok(None)` at a clean end of
-/// stream. Chunk data is read straight from QUIC's receive buffers into one buffer of the
-/// announced size (one copy, no zeroing, no shifting).
+/// Reads the next data-stream frame of at most `limit` payload bytes, or a chunk frame's header
+/// only; `Ok(None)` at a clean end of stream.
 pub async fn recv_data(r: &mut quinn::RecvStream, limit: u32) -> Result<Option<DataIn>, WireError> {
     let mut h = [0u8; HEADER_LEN];
     match r.read_exact(&mut h).await {
@@ -114,23 +115,47 @@ pub async fn recv_data(r: &mut quinn::RecvStream, limit: u32) -> Result<Option<D
             .map_err(|e| read_err(e, "a frame"))?;
         return Ok(Some(DataIn::Other(codec::decode(&buf)?)));
     };
-    let mut data = BytesMut::with_capacity(data_len);
-    while data.len() < data_len {
-        match r.read_chunk(data_len - data.len(), true).await {
+    Ok(Some(DataIn::ChunkStart {
+        index,
+        len: data_len,
+    }))
+}
+
+/// Reads exactly `n` bytes of chunk data into one buffer of that size (one copy, no zeroing).
+pub async fn recv_bytes(r: &mut quinn::RecvStream, n: usize) -> Result<Bytes, WireError> {
+    let mut data = BytesMut::with_capacity(n);
+    while data.len() < n {
+        match r.read_chunk(n - data.len(), true).await {
             Ok(Some(c)) => data.extend_from_slice(&c.bytes),
             Ok(None) => {
                 return Err(WireError::Read(format!(
-                    "stream ended after {} of {data_len} bytes of chunk {index}",
+                    "stream ended after {} of {n} bytes of chunk data",
                     data.len()
                 )))
             }
             Err(e) => return Err(WireError::Read(e.to_string())),
         }
     }
-    Ok(Some(DataIn::Chunk {
-        index,
-        data: data.freeze(),
-    }))
+    Ok(data.freeze())
+}
+
+/// A whole data frame: a chunk (index, data) or another frame.
+pub enum Whole {
+    /// `DataFrame::Chunk`, its data read whole (not verified yet).
+    Chunk(u32, Bytes),
+    /// Any other data frame.
+    Other(DataFrame),
+}
+
+/// Like [`recv_data`], reading a chunk's data whole.
+pub async fn recv_chunk(r: &mut quinn::RecvStream, limit: u32) -> Result<Option<Whole>, WireError> {
+    Ok(match recv_data(r, limit).await? {
+        None => None,
+        Some(DataIn::ChunkStart { index, len }) => {
+            Some(Whole::Chunk(index, recv_bytes(r, len).await?))
+        }
+        Some(DataIn::Other(f)) => Some(Whole::Other(f)),
+    })
 }
 
 /// Writes a chunk frame: the hand-written header, then the shared chunk bytes, which QUIC keeps
@@ -143,6 +168,25 @@ pub async fn send_chunk(
     let h = codec::chunk_frame_header(index, data.len())?;
     let mut parts = [Bytes::copy_from_slice(&h), data];
     s.write_all_chunks(&mut parts)
+        .await
+        .map_err(|e| WireError::Write(e.to_string()))
+}
+
+/// Writes the header of a chunk frame of `len` data bytes; the data follows with [`send_bytes`].
+pub async fn send_chunk_header(
+    s: &mut quinn::SendStream,
+    index: u32,
+    len: usize,
+) -> Result<(), WireError> {
+    let h = codec::chunk_frame_header(index, len)?;
+    s.write_all(&h)
+        .await
+        .map_err(|e| WireError::Write(e.to_string()))
+}
+
+/// Writes shared bytes (a piece of a chunk) without copying them.
+pub async fn send_bytes(s: &mut quinn::SendStream, data: Bytes) -> Result<(), WireError> {
+    s.write_all_chunks(&mut [data])
         .await
         .map_err(|e| WireError::Write(e.to_string()))
 }
