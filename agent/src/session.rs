@@ -199,7 +199,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         identity,
         manifest,
     };
-    let mut report = receive_all(&mut ctx, upstream, &store, sink).await;
+    let mut report = receive_all(&mut ctx, upstream, &store, sink, children.len()).await;
     if let Some(e) = prepare_error {
         report.error = Some(e);
         report.image_hash = None;
@@ -437,12 +437,16 @@ async fn connect_coordinator(
     }
 }
 
+/// How long a node waits for its children to attach before it asks for the image itself.
+const CHILDREN_WAIT: Duration = Duration::from_secs(3);
+
 /// Receives every chunk, switching upstream when told to or when the current one fails.
 async fn receive_all(
     ctx: &mut Ctx,
     mut upstream: Upstream,
     store: &Arc<Store>,
     sink: Option<Box<dyn kd_disk::ImageSink>>,
+    children: usize,
 ) -> Report {
     let count = ctx.manifest.chunk_count();
     let writer = match crate::sink::spawn(sink, &ctx.manifest, 4) {
@@ -464,6 +468,18 @@ async fn receive_all(
     // connect; with TLS 1.3 that shows as the connection closing just after the handshake):
     // such quick failures are retried on the same parent a few times before it counts as lost.
     let mut quick_retries = 0u32;
+    // The tree is wired before data flows: this node asks its upstream for the image only once
+    // its children have asked it (or after CHILDREN_WAIT). Bytes a node receives before its
+    // child is attached stay queued ahead of everything it relays next, since its uplink runs
+    // no faster than its downlink: a late hop delays every chunk below it for the whole run
+    // (measured: the ~60 ms of a child's first packet resent after reaching a parent that had
+    // no plan yet, at every hop of a chain).
+    if children > 0 && !store.wait_for_streams(children, CHILDREN_WAIT).await {
+        tracing::warn!(
+            children,
+            "not every child asked for the image within {CHILDREN_WAIT:?}; starting anyway"
+        );
+    }
     'outer: while store.available() < count {
         let next = store.available();
         let opened_at = Instant::now();

@@ -65,6 +65,8 @@ pub(crate) struct Store {
     frontier: watch::Sender<Frontier>,
     advanced: Notify,
     pacer: Pacer,
+    /// Streams ever registered (children that asked for the image).
+    streams: watch::Sender<usize>,
 }
 
 impl Store {
@@ -81,6 +83,7 @@ impl Store {
             frontier,
             advanced: Notify::new(),
             pacer: Pacer::new(),
+            streams: watch::channel(0).0,
         }
     }
 
@@ -229,12 +232,24 @@ impl Store {
     /// A child starts reading at `from`; `paced`: a stream that moves in step with its siblings
     /// (a one-chunk request is not).
     pub(crate) fn register(&self, from: u32, paced: bool) -> u64 {
+        if paced {
+            self.streams.send_modify(|n| *n += 1);
+        }
         let paced = paced.then(|| self.pacer.register(from));
         let mut g = self.lock();
         let id = g.next_id;
         g.next_id += 1;
         g.children.insert(id, Child { pos: from, paced });
         id
+    }
+
+    /// Waits until `n` streams have registered, at most `timeout`.
+    pub(crate) async fn wait_for_streams(&self, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.streams.subscribe();
+        let ok = tokio::time::timeout(timeout, rx.wait_for(|&k| k >= n))
+            .await
+            .is_ok();
+        ok
     }
 
     pub(crate) fn advance(&self, id: u64, pos: u32) {
