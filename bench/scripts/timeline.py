@@ -6,8 +6,9 @@ Usage: timeline.py RUN_DIR [--rate-mbit 100] [--bin 1.0]
 RUN_DIR is one run directory written by `kd-bench arity --log info,kd_agent=debug
 --keep-logs DIR` (DIR/runK: nodeI.log, coord.log). For every sender (the coordinator and each
 agent with children) it prints the share of its link B used by the chunks its children
-accepted, per time bin, and for each node its first/last chunk times. A bin well under 100 %
-while a child still lacked chunks is a link left idle.
+accepted, per time bin, and for each node its first/last chunk times and its median lag behind
+its parent (the per-hop delay: a piece time plus what waits in the parent's queues). A bin well
+under 100 % while a child still lacked chunks is a link left idle.
 """
 import collections
 import datetime
@@ -73,10 +74,16 @@ def main():
         children[p].append(n)
     key = lambda n: (0, 0) if n == 'coord' else (1, int(n[4:]))
     print(f'{len(nodes)} nodes, {chunks} chunks, span {t1 - t0:.2f} s (first to last accepted chunk)')
-    print('node     parent   first_s  last_s  (s from the first accepted chunk)')
+    print('node     parent   first_s  last_s  hop_ms  (s from the first accepted chunk; hop_ms: median')
+    print('                                           over chunks of this node\'s time behind its parent)')
     for n in sorted(nodes, key=key):
         p, a = nodes[n]
-        print(f'{n:8} {p:8} {min(a.values()) - t0:7.2f} {max(a.values()) - t0:7.2f}')
+        hop = ''
+        if p in nodes:
+            lags = sorted(1000 * (t - nodes[p][1][i]) for i, t in a.items() if i in nodes[p][1])
+            if lags:
+                hop = f'{lags[len(lags) // 2]:7.1f}'
+        print(f'{n:8} {p:8} {min(a.values()) - t0:7.2f} {max(a.values()) - t0:7.2f} {hop}')
     print(f'\nlink use per {binw:g} s bin, % of B (chunks accepted by the sender\'s children)')
     for s in sorted(children, key=key):
         use = [0.0] * nbins
