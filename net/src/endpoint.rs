@@ -1,6 +1,7 @@
 //! QUIC endpoints with kd's transport parameters.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,11 @@ pub const INITIAL_RTT: Duration = Duration::from_millis(20);
 /// while the pacer saw them level). 4 MiB is several times a LAN path's bandwidth × (RTT +
 /// switch queue) at 100 Mbit/s–10 Gbit/s.
 pub const SEND_WINDOW: u64 = 4 * 1024 * 1024;
+/// Largest UDP payload path-MTU discovery looks for: a 9000-byte (jumbo) Ethernet MTU less the
+/// IPv6 and UDP headers. On a 1500-byte path the probes above [`INITIAL_MTU`] are lost and the
+/// connection stays at it; where the switches carry jumbo frames each datagram carries six times
+/// as much, and most of a relay's CPU is per datagram.
+pub const MAX_UDP_PAYLOAD: u16 = 8952;
 /// Ack-eliciting packets a peer may receive before it must acknowledge (see [`transport`]).
 pub const ACK_THRESHOLD: u32 = 64;
 /// Congestion window a connection starts with: two ACK_THRESHOLD batches of full datagrams.
@@ -60,6 +66,9 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     // MTU over IPv4 and IPv6 (quinn starts at 1200 and may take seconds to probe up); a path
     // that carries less is found by quinn's black-hole detection, which falls back to 1200.
     t.initial_mtu(INITIAL_MTU);
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtud));
     // Ask the peer for one ACK per ACK_THRESHOLD packets instead of one per two (or at its
     // max_ack_delay, and at once on reordering): a relay then handles a quarter fewer packets
     // (an ACK for every two data packets, both ways), the largest CPU saving measured.
@@ -93,5 +102,113 @@ pub fn bind(
     let udp: UdpSocket = sock.into();
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, udp, runtime)
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| std::io::Error::other(format!("QUIC endpoint configuration: {e}")))?;
+    let socket = Arc::new(GsoLimit {
+        inner: runtime.wrap_udp_socket(udp)?,
+        largest_segment: AtomicUsize::new(0),
+    });
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+}
+
+/// Largest UDP payload of one `sendmsg` with segmentation offload (the IPv4 total length is 16
+/// bits: 65535 less the IPv4 and UDP headers).
+const GSO_MAX_BYTES: usize = 65_507;
+
+/// Datagrams of `segment` bytes that one `sendmsg` may carry, at most `max`.
+fn gso_segments(segment: usize, max: usize) -> usize {
+    (GSO_MAX_BYTES / segment.max(1)).clamp(1, max.max(1))
+}
+
+/// quinn's socket, with its send batches kept under 64 KiB. quinn hands up to 10 datagrams of
+/// one connection to one `sendmsg`; once 10 × the datagram size passes 64 KiB the kernel refuses
+/// it (EMSGSIZE, which quinn takes for a lost MTU probe): with jumbo datagrams every batch was
+/// lost, and quinn's black-hole detection fell back to 1200-byte datagrams. So the socket tells
+/// quinn how many datagrams of the largest size it has sent fit in a batch, and splits a batch
+/// built before it knew (the first one after the path's MTU grew) on datagram boundaries.
+#[derive(Debug)]
+struct GsoLimit {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    /// Largest datagram sent in a batch so far.
+    largest_segment: AtomicUsize,
+}
+
+impl quinn::AsyncUdpSocket for GsoLimit {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, t: &quinn::udp::Transmit) -> std::io::Result<()> {
+        let Some(segment) = t.segment_size else {
+            return self.inner.try_send(t);
+        };
+        self.largest_segment.fetch_max(segment, Ordering::Relaxed);
+        if t.contents.len() <= GSO_MAX_BYTES {
+            return self.inner.try_send(t);
+        }
+        let step = gso_segments(segment, usize::MAX) * segment;
+        for (i, contents) in t.contents.chunks(step).enumerate() {
+            let piece = quinn::udp::Transmit {
+                destination: t.destination,
+                ecn: t.ecn,
+                contents,
+                segment_size: (contents.len() > segment).then_some(segment),
+                src_ip: t.src_ip,
+            };
+            match self.inner.try_send(&piece) {
+                Ok(()) => {}
+                // Part of the batch is out: the rest counts as lost (QUIC sends it again) rather
+                // than sending the whole batch again.
+                Err(e) if i > 0 && e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        let max = self.inner.max_transmit_segments();
+        match self.largest_segment.load(Ordering::Relaxed) {
+            0 => max,
+            s => gso_segments(s, max),
+        }
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_stay_under_64k() {
+        // Jumbo datagrams: 7 per batch; full-size Ethernet ones: quinn's 10; never 0.
+        assert_eq!(gso_segments(8952, 10), 7);
+        assert_eq!(gso_segments(1452, 10), 10);
+        assert_eq!(gso_segments(65_527, 10), 1);
+        assert_eq!(gso_segments(0, 10), 10);
+        assert!(gso_segments(8952, 10) * 8952 <= GSO_MAX_BYTES);
+    }
 }
