@@ -59,6 +59,17 @@ struct Inner {
     next_id: u64,
 }
 
+impl Inner {
+    /// Chunk `index`, if it has begun and is still in the window.
+    fn slot(&self, index: u32) -> Option<&Slot> {
+        self.chunks.get(index.checked_sub(self.base)? as usize)
+    }
+
+    fn slot_mut(&mut self, index: u32) -> Option<&mut Slot> {
+        self.chunks.get_mut(index.checked_sub(self.base)? as usize)
+    }
+}
+
 pub(crate) struct Store {
     inner: Mutex<Inner>,
     window: usize,
@@ -141,21 +152,14 @@ impl Store {
 
     /// Pieces of chunk `index` held so far (0 if it has not begun).
     pub(crate) fn pieces_held(&self, index: u32) -> usize {
-        let g = self.lock();
-        index
-            .checked_sub(g.base)
-            .and_then(|i| g.chunks.get(i as usize))
-            .map_or(0, |s| s.pieces.len())
+        self.lock().slot(index).map_or(0, |s| s.pieces.len())
     }
 
     /// Adds verified piece `p` of chunk `index` (begun, and `p` the next piece; anything else is
     /// ignored). Returns true when that completes the chunk.
     pub(crate) fn push_piece(&self, index: u32, p: usize, piece: Piece) -> bool {
         let mut g = self.lock();
-        let Some(slot) = index
-            .checked_sub(g.base)
-            .and_then(|i| g.chunks.get_mut(i as usize))
-        else {
+        let Some(slot) = g.slot_mut(index) else {
             return false;
         };
         if slot.pieces.len() != p || p >= piece_count(slot.len) {
@@ -181,8 +185,11 @@ impl Store {
     /// Adds the pieces of chunk `index` that are still missing, cut from the whole verified chunk
     /// `data` (a repair); begins the chunk first if needed.
     pub(crate) async fn fill(&self, index: u32, data: Bytes, grace: Duration) {
-        let hashes: Arc<[Digest]> = kd_proto::piece::piece_hashes(&data).into();
-        self.begin(index, data.len(), hashes, grace).await;
+        let begun = self.lock().slot(index).is_some();
+        if !begun {
+            let hashes = kd_proto::piece::piece_hashes(&data).into();
+            self.begin(index, data.len(), hashes, grace).await;
+        }
         for p in self.pieces_held(index)..piece_count(data.len()) {
             self.push_piece(index, p, data.slice(piece_range(data.len(), p)));
         }
@@ -190,10 +197,8 @@ impl Store {
 
     /// The pieces of complete chunk `index`.
     pub(crate) fn pieces(&self, index: u32) -> Option<Vec<Piece>> {
-        let g = self.lock();
-        index
-            .checked_sub(g.base)
-            .and_then(|i| g.chunks.get(i as usize))
+        self.lock()
+            .slot(index)
             .filter(|s| s.pieces.len() == piece_count(s.len))
             .map(|s| s.pieces.clone())
     }
@@ -204,7 +209,7 @@ impl Store {
         if index < g.base {
             return Get::Evicted;
         }
-        match g.chunks.get((index - g.base) as usize) {
+        match g.slot(index) {
             Some(s) if !s.pieces.is_empty() => Get::Ready(s.len, s.hashes.clone()),
             _ => Get::NotYet,
         }
@@ -212,10 +217,8 @@ impl Store {
 
     /// Piece `p` of chunk `index`: `None` if the chunk has left the window.
     pub(crate) fn piece(&self, index: u32, p: usize) -> Option<Piece> {
-        let g = self.lock();
-        index
-            .checked_sub(g.base)
-            .and_then(|i| g.chunks.get(i as usize))
+        self.lock()
+            .slot(index)
             .and_then(|s| s.pieces.get(p).cloned())
     }
 
