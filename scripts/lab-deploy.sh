@@ -178,9 +178,11 @@ grep -q "^$NODES/$NODES nodes deployed" "$WORK/phase1.out" || fail "phase 1: no 
 [ "$(wc -l <"$WORK/phase1.ok")" = "$NODES" ] || fail "phase 1: ok file: $(sorted "$WORK/phase1.ok")"
 say "phase 1: $NODES/$NODES deployed in $(printf '%.0f' "$P1_TIME") s; checking ssh"
 # The deploy initrd sent through fq_codel (its /init makes it the default qdisc; see initrd/README.md).
+# Kernel messages can land in the middle of a line /init writes to the console: they are cut out
+# (with their line end) before the line is looked for.
 for i in $(seq 1 "$NODES"); do
-	tr -d '\r' <"$STATE/node$i.log" | grep -q "eth0: up, qdisc fq_codel" ||
-		fail "node$i: the deploy initrd's console has no 'eth0: up, qdisc fq_codel'"
+	perl -0777 -pe 's/\r//g; s/\[ *\d+\.\d+\][^\n]*\n//g' "$STATE/node$i.log" | grep -q "eth0: up, qdisc fq_codel" ||
+		fail "node$i: the deploy initrd's console has no 'eth0: up, qdisc fq_codel'; its lines about eth0: $(tr -d '\r' <"$STATE/node$i.log" | grep -a 'eth0' | head -5 | tr '\n' '|')"
 done
 mapfile -t OK1 <"$WORK/phase1.ok"
 check_ssh "${OK1[@]}"
