@@ -181,7 +181,9 @@ say "phase 1: $NODES/$NODES deployed in $(printf '%.0f' "$P1_TIME") s; checking 
 # Kernel messages can land in the middle of a line /init writes to the console: they are cut out
 # (with their line end) before the line is looked for.
 for i in $(seq 1 "$NODES"); do
-	perl -0777 -pe 's/\r//g; s/\[ *\d+\.\d+\][^\n]*\n//g' "$STATE/node$i.log" | grep -q "eth0: up, qdisc fq_codel" ||
+	# grep -c, not -q: -q stops reading at the first match and, under pipefail, the writer's
+	# SIGPIPE then failed the check although the line was there.
+	perl -0777 -pe 's/\r//g; s/\[ *\d+\.\d+\][^\n]*\n//g' "$STATE/node$i.log" | grep -ac "eth0: up, qdisc fq_codel" >/dev/null ||
 		fail "node$i: the deploy initrd's console has no 'eth0: up, qdisc fq_codel'; its lines about eth0: $(tr -d '\r' <"$STATE/node$i.log" | grep -a 'eth0' | head -5 | tr '\n' '|')"
 done
 mapfile -t OK1 <"$WORK/phase1.ok"
