@@ -180,12 +180,23 @@ struct Node {
 
 /// Shared, read-only state of the data service.
 pub(crate) struct Source {
-    /// The image served.
-    pub(crate) image: ImageFile,
+    /// The image served, each chunk read and checked once for all streams.
+    pub(crate) chunks: crate::chunks::ChunkCache,
     /// Data requests must name this deployment.
     pub(crate) deployment: u64,
     /// The root streams move in step (see `kd_net::pace`).
     pub(crate) pacer: kd_net::pace::Pacer,
+}
+
+impl Source {
+    /// Serves `image` to the streams of `deployment`.
+    pub(crate) fn new(image: ImageFile, deployment: u64) -> Self {
+        Self {
+            chunks: crate::chunks::ChunkCache::new(image),
+            deployment,
+            pacer: Default::default(),
+        }
+    }
 }
 
 /// Runs a whole broadcast. `events` receives live progress (dropped events are fine).
@@ -201,11 +212,7 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = endpoint.local_addr()?;
     let _ = events.send(Event::Listening(local));
-    let source = Arc::new(Source {
-        image,
-        deployment: cfg.deployment,
-        pacer: Default::default(),
-    });
+    let source = Arc::new(Source::new(image, cfg.deployment));
     let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
 
     let accept_task = spawn_accept(&endpoint, in_tx, source.clone(), events.clone());
@@ -286,7 +293,7 @@ pub async fn run(
                 .map(|x| SocketAddr::new(x.conn.remote_address().ip(), x.data_port))
         },
         cfg.deployment,
-        &source.image.manifest,
+        &source.chunks.image().manifest,
         &cfg.job,
     )?;
     for (name, info) in &round.info {
@@ -310,7 +317,7 @@ pub async fn run(
     }
 
     // Phase 3: run until every planned node is done or failed.
-    let image_hash = source.image.manifest.image_hash();
+    let image_hash = source.chunks.image().manifest.image_hash();
     let run_deadline = tokio::time::Instant::now() + cfg.run_timeout;
     loop {
         let pending = nodes
@@ -375,6 +382,23 @@ pub async fn run(
                     reason,
                 } => {
                     tracing::info!(%node, ?lost, next_chunk, %reason, "parent lost");
+                    // The coordinator cannot serve a chunk: no node can complete the image.
+                    if let Some(e) = source.chunks.failure() {
+                        let Some(n) = nodes.get_mut(&node) else {
+                            continue;
+                        };
+                        if n.status == Status::Planned {
+                            let e = format!("the coordinator cannot serve the image: {e}");
+                            let _ = n.tx.try_send(ToAgent::Abort { reason: e.clone() });
+                            n.status = Status::Failed(e.clone());
+                            n.finished_at = Some(Instant::now());
+                            let _ = events.send(Event::Done {
+                                node,
+                                error: Some(e),
+                            });
+                        }
+                        continue;
+                    }
                     let current = parent.get(&node).cloned().flatten();
                     // Already moved away from that parent (its death was noticed here first):
                     // the Reparent sent then answers this request too.
@@ -476,7 +500,7 @@ pub async fn run(
     Ok(Outcome {
         nodes: out,
         transfer_seconds,
-        compressed_bytes: source.image.manifest.compressed_size(),
+        compressed_bytes: source.chunks.image().manifest.compressed_size(),
         image_hash: kd_proto::manifest::hex(&image_hash),
     })
 }
@@ -901,7 +925,7 @@ async fn serve_data(
             return;
         }
     };
-    let count = source.image.manifest.chunk_count();
+    let count = source.chunks.image().manifest.chunk_count();
     let (deployment, range, paced) = match req {
         DataRequest::Stream { deployment, from } => (deployment, from..count, true),
         DataRequest::One { deployment, index } => {
@@ -947,38 +971,35 @@ async fn serve_range(
                 "serving a root stream"
             );
         }
-        let src = source.clone();
-        // A stream's chunk goes with its piece hashes (its receiver forwards each piece as soon
-        // as it has verified it); a one-chunk request (a repair) is verified whole.
-        let paced = pace.is_some();
-        let read = move || {
-            let c = src.image.read_chunk(i)?;
-            let hashes = paced.then(|| kd_proto::piece::piece_hashes(&c));
-            anyhow::Ok((c, hashes))
-        };
-        let (chunk, hashes) = match tokio::task::spawn_blocking(read).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::error!("serving chunk {i}: {e:#}");
+        let chunk = match source.chunks.get(i).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("serving chunk {i}: {e}");
                 let _ = send_frame(
                     send,
-                    &DataFrame::Error(WireError::new(ErrorCode::Internal, format!("{e:#}"))),
+                    &DataFrame::Error(WireError::new(ErrorCode::Internal, e)),
                 )
                 .await;
                 return;
             }
-            Err(_) => return,
         };
-        if let Some(hashes) = hashes {
-            if wire::send(send, &DataFrame::Pieces { index: i, hashes })
-                .await
-                .is_err()
-            {
-                return;
-            }
+        // A stream's chunk goes with its piece hashes (its receiver forwards each piece as soon
+        // as it has verified it); a one-chunk request (a repair) is verified whole.
+        if pace.is_some()
+            && wire::send(
+                send,
+                &DataFrame::Pieces {
+                    index: i,
+                    hashes: chunk.hashes,
+                },
+            )
+            .await
+            .is_err()
+        {
+            return;
         }
         // The chunk's buffer goes to QUIC as is (no copy into its send buffer).
-        if wire::send_chunk(send, i, chunk.into()).await.is_err() {
+        if wire::send_chunk(send, i, chunk.data).await.is_err() {
             return;
         }
         if debug {

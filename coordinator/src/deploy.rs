@@ -116,11 +116,7 @@ pub async fn run(
         "listening on {local}, deployment {:016x}",
         cfg.deployment
     ));
-    let source = Arc::new(Source {
-        image,
-        deployment: cfg.deployment,
-        pacer: Default::default(),
-    });
+    let source = Arc::new(Source::new(image, cfg.deployment));
     let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
     let (bev_tx, mut bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
     let accept = broadcast::spawn_accept(&endpoint, in_tx, source.clone(), bev_tx);
@@ -220,7 +216,7 @@ impl Driver {
             .collect();
         if let Some(r) = &self.round {
             if !r.pending.is_empty() {
-                let total = self.source.image.manifest.chunk_count();
+                let total = self.source.chunks.image().manifest.chunk_count();
                 let min = r
                     .pending
                     .iter()
@@ -507,7 +503,7 @@ impl Driver {
                     .map(|a| SocketAddr::new(a.conn.remote_address().ip(), a.data_port))
             },
             self.cfg.deployment,
-            &self.source.image.manifest,
+            &self.source.chunks.image().manifest,
             &Job::Deploy(Box::new(self.cfg.job.clone())),
         );
         let planned = match planned {
@@ -524,8 +520,8 @@ impl Driver {
             "broadcast round {number} started: {} ({}, {:.1} MiB in {} chunks)",
             live.join(" "),
             self.cfg.arity,
-            self.source.image.manifest.compressed_size() as f64 / 1048576.0,
-            self.source.image.manifest.chunk_count()
+            self.source.chunks.image().manifest.compressed_size() as f64 / 1048576.0,
+            self.source.chunks.image().manifest.chunk_count()
         ));
         let mut pending = HashSet::new();
         for (name, plan) in planned.plans {
@@ -735,7 +731,7 @@ impl Driver {
                     return Vec::new();
                 }
                 self.progress.insert(node.clone(), r.progress.clone());
-                let expected = self.source.image.manifest.image_hash();
+                let expected = self.source.chunks.image().manifest.image_hash();
                 let error = match (&r.error, r.image_hash) {
                     (Some(e), _) => Some(e.clone()),
                     (None, Some(h)) if h == expected => None,
@@ -773,6 +769,15 @@ impl Driver {
                     .and_then(|r| r.parent.get(&node).cloned())
                     .flatten();
                 tracing::info!(%node, ?lost, next_chunk, %reason, "parent lost");
+                // The coordinator cannot serve a chunk: no node can complete the image.
+                if let Some(e) = self.source.chunks.failure() {
+                    return vec![Event::NodeLost {
+                        node,
+                        reason: format!(
+                            "broadcast failed: the coordinator cannot serve the image: {e}"
+                        ),
+                    }];
+                }
                 if lost.is_none() || lost == current {
                     self.note(format!(
                         "{node}: lost its upstream {} at chunk {next_chunk}: {reason}",

@@ -103,7 +103,8 @@ impl Compression {
             Some(Compression::Gzip)
         } else if ends(&[".xz", ".txz"]) {
             Some(Compression::Xz)
-        } else if ends(&[".zst", ".zstd", ".tzst"]) {
+        } else if ends(&[".zst", ".zstd", ".tzst", ".kdi"]) {
+            // A kd image (`kd-coord image pack`): zstd frames, served as they are.
             Some(Compression::Zstd)
         } else if ends(&[".tar", ".img", ".raw", ".dd", ".iso"]) {
             Some(Compression::None)
@@ -547,6 +548,13 @@ postinstalls:
                 .unwrap();
         assert_eq!(e.partition_type, 0x83);
         assert_eq!(e.kind_name(), "dd");
+        // A kd image made by `kd-coord image pack` needs no compression field.
+        let e = Environment::parse(
+            "name: k\nimage: {file: /srv/debian12.kdi, kind: tar}\nfilesystem: ext4\nboot: {kernel: /vmlinuz}\n",
+        )
+        .unwrap();
+        assert_eq!(e.image.compression, Some(Compression::Zstd));
+        assert_eq!(e.kind_name(), "tzst");
     }
 
     #[test]

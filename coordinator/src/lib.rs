@@ -2,6 +2,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod broadcast;
+pub mod chunks;
 pub mod config;
 pub mod deploy;
 pub mod env;

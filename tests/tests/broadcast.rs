@@ -278,3 +278,42 @@ fn bad_agents_are_refused_with_clear_errors() {
     let o = wait_child(&mut r.0[0], Duration::from_secs(30)).unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn damaged_image_file_stops_the_broadcast_with_a_clear_error() {
+    // The image file on the coordinator's disk changed after it was packed (bit rot, a copy cut
+    // short and padded): the coordinator checks each chunk it reads against the manifest and
+    // refuses to send bytes that do not match, naming the file and the chunk; no node reports
+    // success and nothing hangs.
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 2 * 1024 * 1024, 17);
+    let c = Cluster::new(&input, 3, "256K").unwrap();
+    let mut bytes = std::fs::read(&c.image).unwrap();
+    // The chunks are the file's end: this byte is in the last chunk.
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x40;
+    std::fs::write(&c.image, &bytes).unwrap();
+    // Killed if the test fails before they end.
+    let mut procs = Reaper(vec![c.start_coordinator("chain", &[]).unwrap()]);
+    for n in &c.nodes {
+        let a = c.start_agent(n, &format!("tok-{n}"), "null", &[]).unwrap();
+        procs.0.push(a);
+    }
+    let co = wait_child(&mut procs.0[0], LIMIT).unwrap();
+    for a in &mut procs.0[1..] {
+        wait_child(a, Duration::from_secs(60)).unwrap();
+    }
+    assert!(!co.status.success());
+    let stderr = String::from_utf8_lossy(&co.stderr).to_string();
+    let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["ok"], false, "{n}");
+        let reason = n["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("does not match its manifest") && reason.contains("image.kdi"),
+            "{n}\ncoordinator stderr:\n{stderr}"
+        );
+    }
+}

@@ -734,6 +734,56 @@ fn bad_inputs_are_refused_before_anything_is_written() {
 }
 
 #[test]
+fn a_damaged_image_file_fails_every_node_with_its_name() {
+    if skip() {
+        return;
+    }
+    let _g = heavy();
+    let lab = Lab::new(8, 2);
+    // The environment's image as a .kdi that changed on disk after it was packed.
+    let kdi = lab.path("damaged.kdi");
+    let o = run_with_timeout(
+        Command::new(bin("kd-coord"))
+            .args(["image", "pack"])
+            .arg(lab.path("image.tar"))
+            .arg("-o")
+            .arg(&kdi)
+            .args(["--chunk-size", "1M"]),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut bytes = std::fs::read(&kdi).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x40;
+    std::fs::write(&kdi, &bytes).unwrap();
+    let env = lab.path("damaged-env.yaml");
+    write(
+        &env,
+        &std::fs::read_to_string(&lab.env).unwrap().replace(
+            &lab.path("image.tar").display().to_string(),
+            &kdi.display().to_string(),
+        ),
+    );
+    let r = lab.deploy("node[1-2]", &env, &["--arity", "chain"]);
+    eprintln!("deploy of 2 nodes from a damaged image: {:.1} s", r.secs);
+    let rep = lab.report(&r);
+    assert_eq!(r.last_line(), "0/2 nodes deployed", "{rep}");
+    assert_eq!(
+        r.ko.as_deref(),
+        Some(&["node1".to_string(), "node2".to_string()][..]),
+        "{rep}"
+    );
+    for node in ["node1", "node2"] {
+        let row = r.row(node);
+        assert!(
+            row.contains("does not match its manifest") && row.contains("damaged.kdi"),
+            "{node}'s reason: {row:?}\n{rep}"
+        );
+    }
+}
+
+#[test]
 fn a_node_whose_system_does_not_boot_fails_in_boot_new_env() {
     if skip() {
         return;
