@@ -72,11 +72,18 @@ pub fn piece_ok(chunk_len: usize, i: usize, piece: &[u8], expected: &Digest) -> 
 
 /// Chaining value of the subtree over pieces `first..first + count` (bytes `start..end`).
 fn subtree(hashes: &[Digest], first: usize, start: u64, end: u64) -> ChainingValue {
-    let len = end - start;
-    if len <= PIECE_LEN as u64 {
+    if end - start <= PIECE_LEN as u64 {
         return hashes[first];
     }
-    let left = left_subtree_len(len);
+    let (l, r) = halves(hashes, first, start, end);
+    merge_subtrees_non_root(&l, &r, Mode::Hash)
+}
+
+/// Chaining values of the left and right subtrees of the node over bytes `start..end` (more than
+/// one piece; its first piece is `first`): blake3 splits at the largest power-of-two number of
+/// its 1 KiB chunks that leaves some bytes on the right.
+fn halves(hashes: &[Digest], first: usize, start: u64, end: u64) -> (ChainingValue, ChainingValue) {
+    let left = left_subtree_len(end - start);
     let l = subtree(hashes, first, start, start + left);
     let r = subtree(
         hashes,
@@ -84,7 +91,7 @@ fn subtree(hashes: &[Digest], first: usize, start: u64, end: u64) -> ChainingVal
         start + left,
         end,
     );
-    merge_subtrees_non_root(&l, &r, Mode::Hash)
+    (l, r)
 }
 
 /// Piece hashes that do not combine into the chunk's hash.
@@ -123,10 +130,7 @@ pub fn check_piece_hashes(
     let root = if n == 1 {
         hashes[0]
     } else {
-        let len = chunk_len as u64;
-        let left = left_subtree_len(len);
-        let l = subtree(hashes, 0, 0, left);
-        let r = subtree(hashes, (left / PIECE_LEN as u64) as usize, left, len);
+        let (l, r) = halves(hashes, 0, 0, chunk_len as u64);
         *merge_subtrees_root(&l, &r, Mode::Hash).as_bytes()
     };
     if root == *chunk_hash {
