@@ -178,6 +178,22 @@ struct Node {
     finished_at: Option<Instant>,
 }
 
+impl Node {
+    /// Ends a node still running with `reason` (and tells `events`); false if it had ended.
+    fn fail(&mut self, name: &str, reason: String, events: &mpsc::UnboundedSender<Event>) -> bool {
+        if self.status != Status::Planned {
+            return false;
+        }
+        self.status = Status::Failed(reason.clone());
+        self.finished_at = Some(Instant::now());
+        let _ = events.send(Event::Done {
+            node: name.to_string(),
+            error: Some(reason),
+        });
+        true
+    }
+}
+
 /// Shared, read-only state of the data service.
 pub(crate) struct Source {
     /// The image served, each chunk read and checked once for all streams.
@@ -387,15 +403,9 @@ pub async fn run(
                         let Some(n) = nodes.get_mut(&node) else {
                             continue;
                         };
-                        if n.status == Status::Planned {
-                            let e = format!("the coordinator cannot serve the image: {e}");
-                            let _ = n.tx.try_send(ToAgent::Abort { reason: e.clone() });
-                            n.status = Status::Failed(e.clone());
-                            n.finished_at = Some(Instant::now());
-                            let _ = events.send(Event::Done {
-                                node,
-                                error: Some(e),
-                            });
+                        let e = format!("the coordinator cannot serve the image: {e}");
+                        if n.fail(&node, e.clone(), &events) {
+                            let _ = n.tx.try_send(ToAgent::Abort { reason: e });
                         }
                         continue;
                     }
@@ -419,14 +429,7 @@ pub async fn run(
                 let Some(n) = nodes.get_mut(&node) else {
                     continue;
                 };
-                if n.status == Status::Planned {
-                    n.status = Status::Failed(format!("connection lost: {reason}"));
-                    n.finished_at = Some(Instant::now());
-                    let _ = events.send(Event::Done {
-                        node: node.clone(),
-                        error: Some(format!("connection lost: {reason}")),
-                    });
-                }
+                n.fail(&node, format!("connection lost: {reason}"), &events);
                 // Re-attach its children (their own ParentLost may come later; it is then a no-op).
                 let orphans: Vec<String> = parent
                     .iter()
