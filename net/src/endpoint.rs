@@ -17,8 +17,8 @@ pub const RECV_BUFFER: usize = 4 * 1024 * 1024;
 /// queue until it drops. Measured on the bench rig (100 Mbit/s links, 50 ms queues) with 4 MiB:
 /// every hop ran with its queue full (RTT 30–45 ms, a relay's data waiting that long before it
 /// left), whole GSO batches dropped, and the retransmissions cost a quarter of the agents' CPU.
-/// 128 KiB is 10 ms at 100 Mbit/s and 0.1 ms at 10 Gbit/s; on veth at 5 Gbit/s it did not
-/// lower the rate (one node's CPU is the limit there, ~1.2 Gbit/s).
+/// The 128 KiB the kernel then grants are 10 ms at 100 Mbit/s and 0.1 ms at 10 Gbit/s; on veth
+/// at 5 Gbit/s it did not lower the rate (one node's CPU is the limit there, ~1.2 Gbit/s).
 pub const SEND_BUFFER: usize = 64 * 1024;
 
 /// Initial maximum UDP payload (see [`transport`]).
@@ -81,7 +81,8 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// Binds a UDP socket with a large receive buffer and a small send buffer (see [`SEND_BUFFER`]) and wraps it in a quinn endpoint (tokio runtime).
+/// Binds a UDP socket with a large receive buffer and a small send buffer (see [`SEND_BUFFER`])
+/// and wraps it in a quinn endpoint (tokio runtime).
 pub fn bind(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
