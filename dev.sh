@@ -35,12 +35,24 @@ setup() {
 	fi
 	# iPXE's EFI binary for the lab's UEFI PXE clients, unpacked from the `ipxe` package rather
 	# than installed: its postinst runs update-grub and would add entries to this host's menu.
-	if [ ! -f /var/cache/kd/ipxe/snponly.efi ]; then
+	if [ ! -f /var/cache/kd/ipxe/snponly.efi ] || [ ! -f /var/cache/kd/ipxe/ipxe.efi ]; then
 		local d
 		d=$(mktemp -d)
 		(cd "$d" && { apt-get download -qq ipxe 2>/dev/null || { apt-get update -qq && apt-get download -qq ipxe; }; } && dpkg-deb -x ipxe_*.deb root)
 		mkdir -p /var/cache/kd/ipxe
-		cp "$d/root/usr/lib/ipxe/snponly.efi" "$d/root/usr/lib/ipxe/ipxe.efi" /var/cache/kd/ipxe/
+		# Some of the package's files are absolute symlinks (/usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi):
+		# follow each inside the unpacked root, never on this host.
+		local f t
+		for f in snponly.efi ipxe.efi; do
+			t="usr/lib/ipxe/$f"
+			while [ -L "$d/root/$t" ]; do
+				local l
+				l=$(readlink "$d/root/$t")
+				case "$l" in /*) t="${l#/}" ;; *) t="$(dirname "$t")/$l" ;; esac
+			done
+			[ -f "$d/root/$t" ] || { echo "dev.sh: the ipxe package has no $f (looked for /$t)" >&2; exit 1; }
+			cp "$d/root/$t" "/var/cache/kd/ipxe/$f.tmp" && mv "/var/cache/kd/ipxe/$f.tmp" "/var/cache/kd/ipxe/$f"
+		done
 		rm -rf "$d"
 	fi
 	command -v cargo >/dev/null || { echo "dev.sh: cargo not found (install Rust with rustup)" >&2; exit 1; }
