@@ -2,6 +2,7 @@
 # kd's developer entry point (run as root on Debian 12; it installs what is missing).
 #
 #   ./dev.sh setup   install the Debian packages kd's build, tests and lab need
+#   ./dev.sh check-setup   run setup in a fresh Debian 12 root (what CI does first)
 #   ./dev.sh build   setup + build every binary, the deploy initrd and the test environment
 #                    (both cached by input hash)
 #   ./dev.sh test    build + run every test (the command CI runs)
@@ -55,7 +56,70 @@ setup() {
 		done
 		rm -rf "$d"
 	fi
-	command -v cargo >/dev/null || { echo "dev.sh: cargo not found (install Rust with rustup)" >&2; exit 1; }
+	verify_installed
+	[ -n "${KD_SETUP_NO_RUST:-}" ] || check_rust
+}
+
+# What the builds, tests and lab run, checked after installing: a package that no longer ships a
+# command or file the code names fails here, with the name, instead of in the middle of a test.
+TOOLS=(cc pkg-config strip ip tc tar zstd pzstd xz gzip bc mkfs.ext4 mkfs.xfs mkfs.vfat sfdisk losetup
+	blkid wipefs grub-install mmdebstrap cpio depmod qemu-system-x86_64 dnsmasq ssh ssh-keygen)
+FILES=(/usr/lib/PXELINUX/pxelinux.0 /usr/lib/syslinux/modules/bios/ldlinux.c32 /bin/busybox
+	/usr/lib/grub/i386-pc/boot.img /usr/lib/grub/x86_64-efi/kernel.img
+	/usr/share/OVMF/OVMF_CODE_4M.fd /usr/share/OVMF/OVMF_VARS_4M.fd
+	/usr/lib/ipxe/qemu/efi-virtio.rom /var/cache/kd/ipxe/snponly.efi /var/cache/kd/ipxe/ipxe.efi)
+
+verify_installed() {
+	local bad=()
+	for t in "${TOOLS[@]}"; do command -v "$t" >/dev/null || bad+=("command $t"); done
+	for f in "${FILES[@]}"; do [ -f "$f" ] || bad+=("file $f"); done
+	if [ ${#bad[@]} -gt 0 ]; then
+		printf 'dev.sh: setup is incomplete, missing: %s\n' "${bad[@]}" >&2
+		exit 1
+	fi
+}
+
+# Rust is the one thing setup does not install (Debian 12's rustc is older than kd needs).
+check_rust() {
+	local want have
+	want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+	command -v cargo >/dev/null || {
+		echo "dev.sh: cargo not found: kd needs Rust >= $want (install it with rustup, https://rustup.rs)" >&2
+		exit 1
+	}
+	have=$(rustc --version | cut -d' ' -f2)
+	if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -n1)" != "$want" ]; then
+		echo "dev.sh: rustc $have is older than kd's rust-version $want (rustup update)" >&2
+		exit 1
+	fi
+}
+
+# The set-up check CI runs: `setup` in a fresh Debian 12 root (mmdebstrap minbase), so that a
+# package or file installed by hand on this machine cannot hide a missing install step. Rust is
+# checked on the host (check_rust): it does not come from Debian.
+check_setup() {
+	setup
+	local root log rc=0
+	root=$(mktemp -d /tmp/kd-freshroot.XXXXXX)
+	log="$root.log"
+	echo "dev.sh check-setup: a fresh Debian 12 root in $root, then ./dev.sh setup inside it (log: $log)"
+	# The root's /var/cache/kd is its own (mmdebstrap mounts /proc, /sys and /dev for the hooks
+	# and unmounts them, even when a hook fails).
+	mmdebstrap --variant=minbase --mode=root --format=directory \
+		--aptopt='Acquire::Retries "3"' \
+		--customize-hook='mkdir -p "$1/opt/kd"' \
+		--customize-hook="copy-in dev.sh Cargo.toml /opt/kd/" \
+		--customize-hook='chroot "$1" env KD_SETUP_NO_RUST=1 /opt/kd/dev.sh setup' \
+		bookworm "$root" http://deb.debian.org/debian >"$log" 2>&1 || rc=$?
+	if [ "$rc" != 0 ]; then
+		tail -n 30 "$log" >&2
+		echo "dev.sh check-setup: FAILED: ./dev.sh setup does not work on a fresh Debian 12 root (log: $log)" >&2
+	else
+		echo "dev.sh check-setup: ok, setup works on a fresh Debian 12 root"
+		rm -f "$log"
+	fi
+	rm -rf --one-file-system "$root"
+	return "$rc"
 }
 
 build() {
@@ -71,6 +135,7 @@ build() {
 
 case "${1:-}" in
 setup) setup ;;
+check-setup) check_setup ;;
 build) build ;;
 test)
 	build
@@ -82,7 +147,7 @@ demo)
 	exec scripts/lab-deploy.sh --env build/env/debian12-min.yaml "${@:2}"
 	;;
 *)
-	sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
 	exit 2
 	;;
 esac
