@@ -136,7 +136,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         job,
     } = *plan;
     manifest
-        .validate(16 << 20)
+        .validate()
         .map_err(|e| anyhow!("bad manifest from the coordinator: {e}"))?;
 
     // Serve children.

@@ -85,15 +85,19 @@ enum ImageCmd {
         /// Output .kdi file.
         #[arg(short, long)]
         output: PathBuf,
-        /// Uncompressed chunk size (bytes, or with K/M suffix).
+        /// Uncompressed chunk size (bytes, or with K/M suffix; 4K to 16M).
         #[arg(long, default_value = "1M", value_parser = parse_size)]
         chunk_size: u32,
-        /// zstd level.
+        /// zstd level (1 to 19).
         #[arg(long, default_value_t = 3)]
         level: i32,
-        /// Compression threads.
+        /// Compression threads (1 to 64; their buffers are bounded to 1 GiB in all).
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Most uncompressed input bytes (K/M/G/T suffix); 64G by default, which stops an input
+        /// that never ends.
+        #[arg(long, value_parser = image::parse_bytes)]
+        max_size: Option<u64>,
         /// Force the kind (detected otherwise).
         #[arg(long, value_parser = ["tar", "raw"])]
         kind: Option<String>,
@@ -158,17 +162,10 @@ struct BroadcastArgs {
     whole_disk: bool,
 }
 
+/// A chunk size; its bounds are checked by `image::pack`, before it reads anything.
 fn parse_size(s: &str) -> Result<u32, String> {
-    let (n, mul) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1024),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1024 * 1024),
-        _ => (s, 1),
-    };
-    n.parse::<u32>()
-        .ok()
-        .and_then(|v| v.checked_mul(mul))
-        .filter(|v| *v > 0 && *v <= image::MAX_CHUNK)
-        .ok_or_else(|| format!("bad size {s:?} (1 byte to {} MiB)", image::MAX_CHUNK >> 20))
+    let n = image::parse_bytes(s)?;
+    u32::try_from(n).map_err(|_| format!("bad chunk size {s:?} (at most {})", image::MAX_CHUNK))
 }
 
 fn main() {
@@ -197,11 +194,13 @@ fn run(cli: Cli) -> Result<i32> {
             level,
             threads,
             kind,
+            max_size,
         }) => {
             let opts = PackOptions {
                 chunk_size,
                 level,
                 threads,
+                max_size,
                 kind: kind.map(|k| {
                     if k == "tar" {
                         ImageKind::Tar
