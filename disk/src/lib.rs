@@ -54,6 +54,7 @@ pub mod post;
 pub mod safety;
 pub mod steps;
 pub mod sys;
+pub mod testenv;
 pub mod write;
 
 pub use boot::BootConfig;

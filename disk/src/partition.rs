@@ -3,7 +3,6 @@
 //! the disk otherwise.
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -71,12 +70,12 @@ fn mbr_type(role: Role) -> u8 {
     }
 }
 
-/// Random bytes from the kernel.
+/// Random bytes from the kernel (getrandom(2)).
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], DiskError> {
     let mut b = [0u8; N];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .ctx(|| "reading /dev/urandom".into())?;
+    getrandom::fill(&mut b)
+        .map_err(std::io::Error::from)
+        .ctx(|| "getrandom".into())?;
     Ok(b)
 }
 

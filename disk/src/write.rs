@@ -17,7 +17,6 @@ use nix::sys::stat::{
 use nix::sys::time::TimeSpec;
 
 use crate::error::{DiskError, IoContext};
-use crate::sys;
 
 /// Size of the messages between the caller and the worker thread.
 const CHUNK: usize = 4 << 20;
@@ -663,7 +662,7 @@ fn apply_xattrs<R: Read>(e: &mut tar::Entry<'_, R>, dst: &Path) -> Result<(), Di
     for ext in exts.flatten() {
         if let Some(key) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
             let key = std::ffi::OsStr::from_bytes(key);
-            sys::set_xattr(dst, key, ext.value_bytes())
+            xattr::set(dst, key, ext.value_bytes())
                 .ctx(|| format!("set xattr {} on {}", key.to_string_lossy(), dst.display()))?;
         }
     }
