@@ -13,6 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -340,21 +341,17 @@ pub(crate) fn mean_max(v: &[f64]) -> (f64, f64) {
 // ---------------------------------------------------------------------------------------------
 // Signals and the clean-up guard
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by SIGINT, SIGTERM or SIGHUP: every wait checks it and the guard cleans up.
+static STOP: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        let handler = on_signal as extern "C" fn(libc::c_int);
-        // SAFETY: the handler only stores to a static atomic (async-signal-safe); exec'd
-        // children get the default disposition back.
-        unsafe {
-            libc::signal(sig, handler as libc::sighandler_t);
-        }
+fn install_signal_handlers() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // The handler only stores to the flag; exec'd children get the default disposition back.
+        signal_hook::flag::register(sig, Arc::clone(&STOP))
+            .with_context(|| format!("installing a handler for signal {sig}"))?;
     }
+    Ok(())
 }
 
 fn check_stop() -> Result<()> {
@@ -446,72 +443,9 @@ fn cmd(prog: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-/// Runs a command with a time limit, output captured through files (no pipe can fill up).
+/// Runs a command with a time limit ([`kd_disk::cmd::output`]), stopped early by a signal.
 fn run_limited(c: &mut Command, limit: Duration) -> Result<Output> {
-    let mut out = TempFile::new("out")?;
-    let mut err = TempFile::new("err")?;
-    let mut child = c
-        .stdin(Stdio::null())
-        .stdout(out.file.try_clone()?)
-        .stderr(err.file.try_clone()?)
-        .spawn()
-        .with_context(|| format!("cannot run {:?}", c.get_program()))?;
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline || STOP.load(Ordering::SeqCst) {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{:?} timed out or was interrupted", c.get_program());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ok(Output {
-        status,
-        stdout: out.read_all(),
-        stderr: err.read_all(),
-    })
-}
-
-/// A temp file removed on drop.
-struct TempFile {
-    file: File,
-    path: PathBuf,
-}
-
-impl TempFile {
-    fn new(tag: &str) -> Result<Self> {
-        use std::sync::atomic::AtomicU64;
-        static N: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "kdb-{}-cmd-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .with_context(|| format!("create {}", path.display()))?;
-        Ok(Self { file, path })
-    }
-
-    fn read_all(&mut self) -> Vec<u8> {
-        let mut v = Vec::new();
-        let _ = std::io::Seek::rewind(&mut self.file);
-        let _ = self.file.read_to_end(&mut v);
-        v
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+    kd_disk::cmd::output(c, limit, Some(&**STOP)).with_context(|| format!("{:?}", c.get_program()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -645,14 +579,10 @@ fn in_netns<T: Send + 'static>(
 ) -> std::thread::JoinHandle<Result<T>> {
     let path = PathBuf::from("/run/netns").join(ns);
     std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
         let fd = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        // SAFETY: setns with a valid namespace file descriptor; it changes only this thread's
-        // network namespace, which is what we want for the sockets made below.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns");
-        }
+        // Changes only this thread's network namespace: the sockets made below live there.
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns {}", path.display()))?;
         f()
     })
 }
@@ -865,12 +795,9 @@ fn proc_stat() -> CpuTimes {
 }
 
 fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as f64,
+        _ => 100.0,
     }
 }
 
@@ -1286,12 +1213,11 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     if a.size_mib == 0 || a.size_mib > 64 * 1024 {
         bail!("--size-mib must be between 1 and 65536");
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("kd-bench arity creates network namespaces: run it as root");
     }
     let (coord_bin, agent_bin) = find_bins(&a)?;
-    install_signal_handlers();
+    install_signal_handlers()?;
     remove_stale();
     let tbf = tbf_params(rate_bps, a.burst_ms, a.queue_ms);
     let mut lab = Lab::new((a.sink == "raw").then_some(a.raw_dir.as_path()))?;

@@ -4,10 +4,10 @@
 //! printed as a table with ratios. Needs root.
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use kd_disk::loopdev::LoopDevice;
 use kd_disk::mount::Mount;
 use kd_disk::{raw_sink, tar_sink, FsType};
@@ -104,9 +104,10 @@ fn sync() {
     let _ = Command::new("sync").status();
 }
 
-/// Run a reference tool to completion.
+/// Run a reference tool to completion (an hour at most).
 fn run_tool(cmd: &mut Command) -> Result<()> {
-    let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    let out = kd_disk::cmd::output(cmd, Duration::from_secs(3600), None)
+        .with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
         bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
     }

@@ -3,7 +3,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -12,12 +12,13 @@ use nix::unistd::Pid;
 
 use crate::Error;
 
-/// Run a command to completion; an error carries its stderr.
+/// How long a short command (`ip`, `dnsmasq --test`) may take.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Run a short command to completion (killed past [`RUN_LIMIT`]); an error carries its stderr.
 pub(crate) fn run(cmd: &mut Command) -> Result<String, Error> {
     let desc = describe(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
+    let out = kd_disk::cmd::output(cmd, RUN_LIMIT, None)
         .map_err(|e| Error::Command(format!("{desc}: {e}")))?;
     if !out.status.success() {
         return Err(Error::Command(format!(

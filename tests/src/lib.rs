@@ -2,7 +2,6 @@
 //! processes on loopback, compare what they wrote.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,12 +13,15 @@ use anyhow::{bail, Context, Result};
 pub mod fakebmc;
 
 /// The deploy initrd the lab tests boot (`KD_INITRD_DIR`, set by `./dev.sh test`); `None`, with
-/// a message, when it is not set (the test is then skipped). Panics when it has no initramfs.
+/// a message, when it is not set (the test is then skipped; under `CI=true` it fails: see
+/// [`kd_disk::testenv`]). Panics when it has no initramfs.
 pub fn initrd_dir() -> Option<std::path::PathBuf> {
-    let Some(dir) = std::env::var_os("KD_INITRD_DIR").map(std::path::PathBuf::from) else {
-        eprintln!("skipped: KD_INITRD_DIR is not set (./dev.sh test builds the deploy initrd and sets it)");
+    let dir = std::env::var_os("KD_INITRD_DIR").map(std::path::PathBuf::from);
+    let why = "KD_INITRD_DIR is not set (./dev.sh test builds the deploy initrd and sets it)";
+    if kd_disk::testenv::skip_unless(dir.is_some(), why) {
         return None;
-    };
+    }
+    let dir = dir?;
     assert!(
         dir.join("initramfs.img").exists(),
         "no initramfs.img in {}",
@@ -66,49 +68,23 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Result<Output> {
     wait_child(&mut child, limit)
 }
 
-/// Waits for a spawned child (stdout/stderr piped) with a time limit.
+/// Waits for a spawned child (stdout/stderr piped) with a time limit ([`kd_disk::cmd`]); past
+/// it, kills the child and fails with its last stderr lines.
 pub fn wait_child(child: &mut Child, limit: Duration) -> Result<Output> {
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.read_to_end(&mut v);
-        }
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_end(&mut v);
-        }
-        v
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = t_err.join().unwrap_or_default();
-            let text = String::from_utf8_lossy(&err).to_string();
+    let pid = child.id();
+    match kd_disk::cmd::wait_output(child, limit, None) {
+        Ok(o) => Ok(o),
+        Err(kd_disk::cmd::RunError::Killed { reason, stderr, .. }) => {
+            let text = String::from_utf8_lossy(&stderr);
             let mut tail: Vec<&str> = text.lines().rev().take(80).collect();
             tail.reverse();
             bail!(
-                "process {} timed out after {limit:?}; its last stderr lines:\n{}",
-                child.id(),
+                "process {pid} {reason}; its last stderr lines:\n{}",
                 tail.join("\n")
-            );
+            )
         }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Ok(Output {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    })
+        Err(e) => Err(e).with_context(|| format!("process {pid}")),
+    }
 }
 
 /// Kills child processes when dropped (tests clean up even when they fail).

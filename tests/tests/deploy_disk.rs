@@ -32,8 +32,7 @@ fn partition(disk: &Path, n: usize) -> (u64, u64) {
 
 #[test]
 fn agents_deploy_a_tar_image_onto_their_disks() {
-    if !kd_disk::loopdev::loop_available() {
-        eprintln!("skipped: no loop devices here (needs root and /dev/loop-control)");
+    if kd_disk::testenv::skip_without_loop_devices() {
         return;
     }
     let _g = heavy();

@@ -467,11 +467,7 @@ impl Lab {
 }
 
 fn skip() -> bool {
-    if !kd_disk::loopdev::loop_available() {
-        eprintln!("skipped: no loop devices here (needs root and /dev/loop-control)");
-        return true;
-    }
-    false
+    kd_disk::testenv::skip_without_loop_devices()
 }
 
 #[test]
