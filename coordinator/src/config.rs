@@ -889,12 +889,7 @@ impl DeployArgs {
                 message: "must be 64 hex digits".into(),
             });
         }
-        if token.is_empty()
-            || token.len() > 128
-            || !token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
+        if !is_valid_token(token) {
             return Err(ConfigError::Invalid {
                 field: "kd.token".into(),
                 line: None,
@@ -1066,6 +1061,15 @@ pub fn render_template(template: &str, node: &NodeConfig, cluster: &str) -> Stri
         }
     }
     out
+}
+
+/// One-time tokens (kernel parameter `kd.token=`, tokens files): 1–128 of `[A-Za-z0-9_-]`.
+pub fn is_valid_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 128
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Node, rack and cluster names: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 253 bytes.

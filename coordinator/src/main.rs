@@ -1,5 +1,5 @@
 //! `kd-coord`: the operator's command line (and, later, the daemon).
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -244,54 +244,12 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn load_or_make_tokens(path: &Path, nodes: &[String]) -> Result<HashMap<String, String>> {
-    let mut tokens = HashMap::new();
-    if path.exists() {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (n, t) = line
-                .split_once(char::is_whitespace)
-                .with_context(|| format!("{}:{}: expected `node token`", path.display(), i + 1))?;
-            tokens.insert(n.to_string(), t.trim().to_string());
-        }
-        for n in nodes {
-            if !tokens.contains_key(n) {
-                bail!("{} has no token for node {n}", path.display());
-            }
-        }
-        return Ok(tokens);
-    }
-    let mut out = String::new();
-    let mut rnd = std::fs::File::open("/dev/urandom").context("/dev/urandom")?;
-    for n in nodes {
-        let mut b = [0u8; 16];
-        std::io::Read::read_exact(&mut rnd, &mut b)?;
-        let t = kd_proto::manifest::hex(&b);
-        out.push_str(&format!("{n} {t}\n"));
-        tokens.insert(n.clone(), t);
-    }
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(out.as_bytes()))
-        .with_context(|| format!("write {}", path.display()))?;
-    Ok(tokens)
-}
-
 fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
     let nodes = kd_proto::nodeset::parse(&a.nodes)
         .map_err(|e| anyhow::anyhow!("bad node set {:?}: {e}", a.nodes))?;
     let img = ImageFile::open(&a.image)?;
     let identity = CoordIdentity::load_or_create(state)?;
-    let tokens = load_or_make_tokens(&a.tokens, &nodes)?;
+    let tokens = kd_coord::tokens::load_or_make(&a.tokens, &nodes)?;
     let total_chunks = img.manifest.chunk_count();
     let compressed = img.manifest.compressed_size();
     let job = match &a.layout {
@@ -341,7 +299,8 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
         arity: a.arity,
         hello_timeout: Duration::from_secs(a.hello_timeout),
         run_timeout: Duration::from_secs(a.timeout),
-        deployment: std::process::id() as u64 ^ (Instant::now().elapsed().as_nanos() as u64),
+        deployment: getrandom::u64()
+            .map_err(|e| anyhow::anyhow!("no random deployment id: {e}"))?,
     };
     eprintln!(
         "kd-coord: broadcasting {} ({:.1} MiB in {} chunks) to {} nodes, arity {}, pin {}",
@@ -536,14 +495,14 @@ fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
         a.partition,
     )?;
     let identity = CoordIdentity::load_or_create(state)?;
-    let mut seed = [0u8; 8];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+    let deployment =
+        getrandom::u64().map_err(|e| anyhow::anyhow!("no random deployment id: {e}"))?;
     let cfg = DeployConfig {
         cluster,
         nodes: nodes.clone(),
         job,
         arity: a.arity,
-        deployment: u64::from_le_bytes(seed),
+        deployment,
         listen: a.listen,
     };
     say(format!(
@@ -595,6 +554,7 @@ fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
 /// Takes each node's lock file under STATE/locks; fails, naming the busy nodes, when another
 /// deployment holds some.
 fn lock_nodes(state: &Path, nodes: &[String]) -> Result<Vec<std::fs::File>> {
+    kd_coord::state::create_dir(state)?;
     let dir = state.join("locks");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut held = Vec::new();
