@@ -31,8 +31,9 @@ struct Args {
     /// Chunks kept in memory for children.
     #[arg(long, default_value_t = 16)]
     window: usize,
-    /// Seconds before a silent upstream is declared lost (TCG nodes need tens of seconds).
-    #[arg(long, default_value_t = 30)]
+    /// Seconds before a silent upstream is declared lost (TCG nodes need tens of seconds; 1 to
+    /// 86400).
+    #[arg(long, default_value_t = 30, value_parser = kd_proto::bounds::parse_timeout_secs)]
     stall_timeout: u64,
     /// Deployments: write this disk instead of the layout's device.
     #[arg(long)]

@@ -222,6 +222,20 @@ pub async fn run(
     identity: &CoordIdentity,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<Outcome> {
+    // Only the set's nodes may be welcomed: a token of another node would take a place.
+    let mut outside: Vec<String> = cfg
+        .tokens
+        .keys()
+        .filter(|n| !cfg.nodes.contains(n))
+        .cloned()
+        .collect();
+    if !outside.is_empty() {
+        outside.sort();
+        anyhow::bail!(
+            "tokens given for nodes outside the set: {}",
+            kd_proto::nodeset::fold(&outside)
+        );
+    }
     let server =
         kd_net::tls::coordinator_server(identity.cert_der.clone(), identity.key_der.clone())?;
     let endpoint = kd_net::endpoint::bind(cfg.listen, Some(server))
@@ -237,7 +251,7 @@ pub async fn run(
     let mut used_tokens: HashSet<String> = HashSet::new();
 
     // Phase 1: gather Hellos.
-    let hello_deadline = tokio::time::Instant::now() + cfg.hello_timeout;
+    let hello_deadline = deadline_after(cfg.hello_timeout);
     while nodes.len() < cfg.nodes.len() {
         let ev = tokio::select! {
             ev = in_rx.recv() => ev,
@@ -334,7 +348,7 @@ pub async fn run(
 
     // Phase 3: run until every planned node is done or failed.
     let image_hash = source.chunks.image().manifest.image_hash();
-    let run_deadline = tokio::time::Instant::now() + cfg.run_timeout;
+    let run_deadline = deadline_after(cfg.run_timeout);
     loop {
         let pending = nodes
             .values()
@@ -600,6 +614,15 @@ pub(crate) fn plan_round(
         info,
         plans,
     })
+}
+
+/// Now + `d`, or far in the future when that does not fit in an `Instant` (`Instant + Duration`
+/// panics on overflow; the CLI bounds timeouts, a library caller may not).
+pub(crate) fn deadline_after(d: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
 }
 
 /// Checks an agent's Hello against the expected tokens (`used`: nodes whose token was spent;

@@ -37,7 +37,8 @@
 //! disk:
 //!   block_device: /dev/vda
 //!   layout: {}                       # opaque here; kd-disk owns its type
-//! workflow:                          # optional; every key optional (defaults shown)
+//! workflow:                          # optional; every key optional (defaults shown); seconds
+//!                                    # at most 86400 (1 day), retries at most 10 (kd_proto::bounds)
 //!   reboot_window: 10                # reboot commands in flight at once
 //!   command_timeout: 60              # s, a reboot/power command is killed after this
 //!   probe_delay: 10                  # s after a final reboot before the first port probe
@@ -743,12 +744,15 @@ impl ClusterConfig {
         if w.reboot_window == 0 {
             return bad("workflow.reboot_window", "must be at least 1".into());
         }
-        if w.probe_interval == 0 {
-            return bad("workflow.probe_interval", "must be at least 1".into());
-        }
-        if w.command_timeout == 0 {
-            return bad("workflow.command_timeout", "must be at least 1".into());
-        }
+        // Every timeout and retry count within kd_proto::bounds (a huge one would overflow the
+        // workflow's clock arithmetic).
+        let mut secs: Vec<(String, u64, u64)> = vec![
+            ("workflow.command_timeout".into(), w.command_timeout, 1),
+            ("workflow.probe_delay".into(), w.probe_delay, 0),
+            ("workflow.probe_interval".into(), w.probe_interval, 1),
+            ("workflow.broadcast_wait".into(), w.broadcast_wait, 0),
+        ];
+        let mut retries = Vec::new();
         for (name, p) in [
             ("set_deployment_env", w.set_deployment_env),
             ("prepare", w.prepare),
@@ -756,17 +760,17 @@ impl ClusterConfig {
             ("finish", w.finish),
             ("boot_new_env", w.boot_new_env),
         ] {
-            if p.timeout == 0 {
-                return bad(
-                    &format!("workflow.{name}.timeout"),
-                    "must be at least 1".into(),
-                );
+            secs.push((format!("workflow.{name}.timeout"), p.timeout, 1));
+            retries.push((format!("workflow.{name}.retries"), p.retries));
+        }
+        for (field, value, min) in secs {
+            if let Err(m) = kd_proto::bounds::check_secs(value, min) {
+                return bad(&field, m);
             }
-            if p.retries > 10 {
-                return bad(
-                    &format!("workflow.{name}.retries"),
-                    format!("{} is too many (at most 10)", p.retries),
-                );
+        }
+        for (field, value) in retries {
+            if let Err(m) = kd_proto::bounds::check_retries(value) {
+                return bad(&field, m);
             }
         }
         Ok(())
@@ -1435,6 +1439,67 @@ commands:
             .replace("    hard: kd-lab bmc --node HOSTNAME reset\n", "")
             .replace("    very_hard: kd-lab bmc --node HOSTNAME cycle\n", "");
         assert!(err(&no_reboot).contains("commands.reboot"));
+    }
+
+    #[test]
+    fn huge_timeouts_and_retries_are_refused_with_field_value_and_limit() {
+        let huge = u64::MAX;
+        for (key, value) in [
+            ("command_timeout", huge.to_string()),
+            ("probe_delay", huge.to_string()),
+            ("probe_interval", "86401".to_string()),
+            ("broadcast_wait", huge.to_string()),
+            (
+                "set_deployment_env",
+                format!("{{ timeout: {huge}, retries: 1 }}"),
+            ),
+            ("broadcast", format!("{{ timeout: {huge}, retries: 1 }}")),
+            ("finish", "{ timeout: 86401, retries: 1 }".to_string()),
+            ("boot_new_env", format!("{{ timeout: {huge}, retries: 1 }}")),
+        ] {
+            let text = LAB.replace(
+                "  reboot_window: 2\n",
+                &format!("  reboot_window: 2\n  {key}: {value}\n"),
+            );
+            let e = err(&text);
+            let field = if value.starts_with('{') {
+                format!("workflow.{key}.timeout")
+            } else {
+                format!("workflow.{key}")
+            };
+            assert!(
+                e.contains(&field) && e.contains("limit of 86400 s (1 day)"),
+                "{key}: {e}"
+            );
+            assert!(
+                e.contains(&format!(
+                    "{} s",
+                    value
+                        .trim_start_matches("{ timeout: ")
+                        .split(',')
+                        .next()
+                        .unwrap_or("")
+                )),
+                "{key}: {e}"
+            );
+        }
+        let e = err(&LAB.replace(
+            "prepare: { timeout: 60, retries: 0 }",
+            &format!("prepare: {{ timeout: 60, retries: {} }}", u32::MAX),
+        ));
+        assert_eq!(
+            e,
+            format!(
+                "workflow.prepare.retries: {} retries is more than the limit of 10",
+                u32::MAX
+            )
+        );
+        // The limits themselves are accepted.
+        let ok = LAB.replace(
+            "prepare: { timeout: 60, retries: 0 }",
+            "prepare: { timeout: 86400, retries: 10 }\n  broadcast_wait: 0\n  probe_delay: 0",
+        );
+        ClusterConfig::parse(&ok).unwrap();
     }
 
     #[test]

@@ -130,11 +130,11 @@ struct BroadcastArgs {
     /// File of `node token` lines; created with fresh tokens if absent.
     #[arg(long)]
     tokens: PathBuf,
-    /// Seconds to wait for every agent.
-    #[arg(long, default_value_t = 120)]
+    /// Seconds to wait for every agent (1 to 86400).
+    #[arg(long, default_value_t = 120, value_parser = kd_proto::bounds::parse_timeout_secs)]
     hello_timeout: u64,
-    /// Seconds the transfer may take.
-    #[arg(long, default_value_t = 3600)]
+    /// Seconds the transfer may take (1 to 86400).
+    #[arg(long, default_value_t = 3600, value_parser = kd_proto::bounds::parse_timeout_secs)]
     timeout: u64,
     /// Print the result as JSON on stdout.
     #[arg(long)]

@@ -6,12 +6,14 @@
 //! * [`nodeset`]: ClusterShell-style node sets (`node[1-8,10]`).
 //! * [`tree`]: the broadcast tree planner (chain, k-ary, star).
 //! * [`manifest`]: the image manifest (chunk sizes, blake3 per chunk, image hash).
+//! * [`bounds`]: the limits of every timeout and retry count an operator sets.
 //! * [`piece`]: the pieces a relay verifies and forwards before it has the whole chunk.
 //!
 //! Architecture invariant: no tokio, no sockets, no files in this crate.
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod bounds;
 pub mod codec;
 pub mod manifest;
 pub mod msg;

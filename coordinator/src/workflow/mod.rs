@@ -752,26 +752,44 @@ impl Deployment {
     /// The latest time the deployment can end, counted from its start, whatever the nodes do
     /// (assuming the driver answers every action it must answer).
     pub fn time_bound(settings: &Settings, nodes: usize) -> Duration {
+        // Saturating: settings that were not validated (see `kd_proto::bounds`) give a huge
+        // bound, not a panic.
         let p = &settings.policy;
         let c = Settings::secs(p.command_timeout);
-        let attempts = |s: StepPolicy| s.retries + 1;
+        let attempts = |s: StepPolicy| s.retries.saturating_add(1);
         let set_levels = settings.levels(Step::SetDeploymentEnv).len() as u32;
         let boot_levels = settings.levels(Step::BootNewEnv).len() as u32;
-        let set = (c * (1 + set_levels) + p.set_deployment_env.timeout())
-            * attempts(p.set_deployment_env);
-        let prepare = p.prepare.timeout() * attempts(p.prepare);
-        let bcast =
-            (Settings::secs(p.broadcast_wait) + p.broadcast.timeout() * 2) * attempts(p.broadcast);
-        let finish = p.finish.timeout() * attempts(p.finish);
-        let boot = (c * (1 + boot_levels) + p.boot_new_env.timeout()) * attempts(p.boot_new_env);
-        let commands = nodes as u64
-            * u64::from(
-                set_levels * attempts(p.set_deployment_env)
-                    + boot_levels * attempts(p.boot_new_env),
-            );
+        let set = c
+            .saturating_mul(1 + set_levels)
+            .saturating_add(p.set_deployment_env.timeout())
+            .saturating_mul(attempts(p.set_deployment_env));
+        let prepare = p.prepare.timeout().saturating_mul(attempts(p.prepare));
+        let bcast = Settings::secs(p.broadcast_wait)
+            .saturating_add(p.broadcast.timeout().saturating_mul(2))
+            .saturating_mul(attempts(p.broadcast));
+        let finish = p.finish.timeout().saturating_mul(attempts(p.finish));
+        let boot = c
+            .saturating_mul(1 + boot_levels)
+            .saturating_add(p.boot_new_env.timeout())
+            .saturating_mul(attempts(p.boot_new_env));
+        let commands = (nodes as u64).saturating_mul(u64::from(
+            set_levels
+                .saturating_mul(attempts(p.set_deployment_env))
+                .saturating_add(boot_levels.saturating_mul(attempts(p.boot_new_env))),
+        ));
         let windows = commands.div_ceil(p.reboot_window.max(1) as u64);
-        let queue = c * u32::try_from(windows).unwrap_or(u32::MAX);
-        set + prepare + bcast + finish + boot + queue + Duration::from_secs(1)
+        let queue = c.saturating_mul(u32::try_from(windows).unwrap_or(u32::MAX));
+        [
+            set,
+            prepare,
+            bcast,
+            finish,
+            boot,
+            queue,
+            Duration::from_secs(1),
+        ]
+        .into_iter()
+        .fold(Duration::ZERO, Duration::saturating_add)
     }
 
     // ---------------------------------------------------------------- internals
@@ -788,14 +806,14 @@ impl Deployment {
 
     fn set_deadline(&mut self, i: usize, after: Duration) {
         self.gen += 1;
-        let at = self.now + after;
+        let at = later(self.now, after);
         self.nodes[i].deadline = Some((at, self.gen));
         self.schedule(at, Timer::Deadline(i, self.gen));
     }
 
     fn set_probe(&mut self, i: usize, after: Duration) {
         self.gen += 1;
-        let at = self.now + after;
+        let at = later(self.now, after);
         self.nodes[i].next_probe = Some((at, self.gen));
         self.schedule(at, Timer::Probe(i, self.gen));
     }
@@ -803,7 +821,10 @@ impl Deployment {
     fn new_command(&mut self, i: usize, windowed: bool) -> CommandId {
         let id = CommandId(self.next_command);
         self.next_command += 1;
-        let deadline = self.now + Settings::secs(self.settings.policy.command_timeout);
+        let deadline = later(
+            self.now,
+            Settings::secs(self.settings.policy.command_timeout),
+        );
         self.commands.insert(
             id,
             Command {
@@ -1096,7 +1117,7 @@ impl Deployment {
         let n = &mut self.nodes[i];
         n.records.push(StepRecord {
             step: n.step,
-            attempts: n.attempt + 1,
+            attempts: n.attempt.saturating_add(1),
             duration: now.saturating_duration_since(n.step_started),
             ok,
             reboots: std::mem::take(&mut n.reboots),
@@ -1171,7 +1192,7 @@ impl Deployment {
             return;
         };
         let first = self.nodes[oldest].ready_since.unwrap_or(self.now);
-        let at = first + Settings::secs(self.settings.policy.broadcast_wait);
+        let at = later(first, Settings::secs(self.settings.policy.broadcast_wait));
         if self.pre_broadcast == 0 || at <= self.now {
             self.start_round(out);
         } else if self.barrier_deadline != Some(at) {
@@ -1244,6 +1265,14 @@ impl Deployment {
     pub fn current_round(&self) -> Option<u32> {
         self.round.as_ref().map(|r| r.id)
     }
+}
+
+/// `t + d`, or an instant about a century later when that does not fit (`Instant + Duration`
+/// panics on overflow): a timer that far away never fires, as the huge timeout meant.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(t)
 }
 
 /// Counts for a progress line.

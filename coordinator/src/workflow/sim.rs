@@ -1165,3 +1165,73 @@ workflow: {reboot_window: 1, set_deployment_env: {timeout: 60, retries: 0}}
         "{a:?}"
     );
 }
+
+/// Settings that skipped validation (huge timeouts and retries, as a library caller could
+/// pass): every step and the time bound work with them instead of panicking on `Instant +
+/// Duration` or `Duration * n` overflow.
+#[test]
+fn huge_unvalidated_timeouts_do_not_overflow_the_clock() {
+    let huge = StepPolicy {
+        timeout: u64::MAX,
+        retries: u32::MAX,
+    };
+    let s = settings(WorkflowConfig {
+        reboot_window: usize::MAX,
+        command_timeout: u64::MAX,
+        probe_delay: u64::MAX,
+        probe_interval: u64::MAX,
+        broadcast_wait: u64::MAX,
+        set_deployment_env: huge,
+        prepare: huge,
+        broadcast: huge,
+        finish: huge,
+        boot_new_env: huge,
+    });
+    assert!(Deployment::time_bound(&s, 1000) > secs(100 * 365 * 86_400));
+    let t0 = Instant::now();
+    let names = vec!["n1".to_string(), "n2".to_string()];
+    let mut d = Deployment::new(names, s, t0);
+    d.start(t0);
+    let n1 = || "n1".to_string();
+    d.handle(
+        Event::PxeWritten {
+            node: n1(),
+            result: Ok(()),
+        },
+        t0,
+    );
+    d.handle(
+        Event::CommandDone {
+            node: n1(),
+            id: CommandId(1),
+            status: CommandStatus::Exited(0),
+        },
+        t0,
+    );
+    d.handle(Event::AgentHello { node: n1() }, t0);
+    d.handle(
+        Event::StepDone {
+            node: n1(),
+            step: Step::Prepare,
+            result: Ok(()),
+        },
+        t0,
+    );
+    // n1 waits at the barrier (n2 still reboots): the barrier's timer is far away, as are the
+    // others; nothing fires within a year.
+    let next = d.poll_timeout().expect("timers are set");
+    assert!(next > t0 + secs(365 * 86_400), "{next:?}");
+    assert!(d.handle_timeout(t0 + secs(365 * 86_400)).is_empty());
+    assert_eq!(d.node_step("n1"), Some((Step::Broadcast, false)));
+    // An abort still ends every node.
+    let a = d.handle(
+        Event::Abort {
+            reason: "test".into(),
+        },
+        t0,
+    );
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Finished { .. })),
+        "{a:?}"
+    );
+}
