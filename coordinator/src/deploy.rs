@@ -122,26 +122,7 @@ pub async fn run(
     let accept = broadcast::spawn_accept(&endpoint, in_tx, source.clone(), bev_tx);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
     let now = Instant::now();
-    let settings = Settings::from_config(&cfg.cluster);
-    let mut d = Driver {
-        wf: Deployment::new(cfg.nodes.clone(), settings, now),
-        pin_hex: kd_proto::manifest::hex(&identity.pin()),
-        ca: DeploymentCa::new(cfg.deployment)?,
-        source,
-        tokens: HashMap::new(),
-        used: HashSet::new(),
-        agents: HashMap::new(),
-        round: None,
-        queued_reboots: Vec::new(),
-        finish_results: HashMap::new(),
-        awaiting_finish: HashSet::new(),
-        commands: HashMap::new(),
-        ev_tx,
-        notes,
-        progress: HashMap::new(),
-        summary: None,
-        cfg,
-    };
+    let mut d = Driver::new(cfg, identity, source, ev_tx, notes, now)?;
     let mut queue: VecDeque<Action> = d.wf.start(now).into();
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -202,6 +183,36 @@ pub async fn run(
 }
 
 impl Driver {
+    fn new(
+        cfg: DeployConfig,
+        identity: &CoordIdentity,
+        source: Arc<Source>,
+        ev_tx: mpsc::UnboundedSender<Event>,
+        notes: mpsc::UnboundedSender<String>,
+        now: Instant,
+    ) -> Result<Self> {
+        let settings = Settings::from_config(&cfg.cluster);
+        Ok(Driver {
+            wf: Deployment::new(cfg.nodes.clone(), settings, now),
+            pin_hex: kd_proto::manifest::hex(&identity.pin()),
+            ca: DeploymentCa::new(cfg.deployment)?,
+            source,
+            tokens: HashMap::new(),
+            used: HashSet::new(),
+            agents: HashMap::new(),
+            round: None,
+            queued_reboots: Vec::new(),
+            finish_results: HashMap::new(),
+            awaiting_finish: HashSet::new(),
+            commands: HashMap::new(),
+            ev_tx,
+            notes,
+            progress: HashMap::new(),
+            summary: None,
+            cfg,
+        })
+    }
+
     fn note(&self, line: String) {
         let _ = self.notes.send(line);
     }
@@ -351,7 +362,13 @@ impl Driver {
                     crate::workflow::NodeResult::Failed { step, reason } => {
                         self.note(format!("{node}: FAILED in {step}: {reason}"));
                         self.drop_agent(&node, reason);
+                        // Its token is revoked and its profile boots the local disk again: a
+                        // later reboot (a BMC, an operator) does not start a deploy agent
+                        // that nobody waits for, and the file no longer holds a token.
                         self.tokens.remove(&node);
+                        if let Err(e) = self.write_pxe(&node, PxeKind::LocalDisk) {
+                            self.note(format!("{node}: {e}"));
+                        }
                         self.leave_round(&node).await;
                         return Vec::new();
                     }
@@ -374,7 +391,7 @@ impl Driver {
             .ok_or_else(|| format!("{node} is not in the cluster configuration"))?;
         let profile = match kind {
             PxeKind::Deploy => {
-                let token = random_token().map_err(|e| format!("no token: {e}"))?;
+                let token = crate::tokens::random_token().map_err(|e| format!("{e:#}"))?;
                 // A new profile means a new boot: the previous agent (if any) is gone.
                 self.drop_agent(node, "the node is rebooted into the deploy environment");
                 self.used.remove(node);
@@ -391,7 +408,7 @@ impl Driver {
                     .render_profile(&nc, &ProfileBoot::LocalDisk)
             }
         };
-        write_atomic(&profile.path, profile.content.as_bytes()).map_err(|e| {
+        write_profile(&profile.path, profile.content.as_bytes()).map_err(|e| {
             format!(
                 "cannot write the PXE profile {}: {e}",
                 profile.path.display()
@@ -1072,21 +1089,10 @@ async fn run_shell(cmd: &str, limit: Duration) -> CommandStatus {
     }
 }
 
-/// 128 random bits as 32 hex digits.
-fn random_token() -> std::io::Result<String> {
-    let mut b = [0u8; 16];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
-    Ok(kd_proto::manifest::hex(&b))
-}
-
-/// Writes `path` through a temporary file and a rename (a node never reads half a profile).
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("kd-tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+/// Writes a profile through a temporary file and a rename (a node never reads half a
+/// profile). Mode 0644: the TFTP and HTTP servers read it.
+fn write_profile(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    crate::fsutil::write_atomic(path, bytes, 0o644)
 }
 
 #[cfg(test)]
@@ -1213,17 +1219,175 @@ filesystem: xfs
         assert!(local_path("http://x/a.tar").is_err());
     }
 
+    /// What "replaced whole" means for a profile writer, checked on `write`: the new content
+    /// replaces the old (not appended, not mixed), through a new file renamed into place (a
+    /// reader that opened the old file keeps reading the old content whole: it is never
+    /// truncated or rewritten in place), readers running meanwhile only ever see one whole
+    /// version, and no temporary file stays.
+    fn check_replaced_whole(write: fn(&Path, &[u8]) -> std::io::Result<()>) -> Result<(), String> {
+        use std::io::Read;
+        let d = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let p = d.path().join("nodes/a.ipxe");
+        let version = |b: u8| vec![b; 256 * 1024];
+        write(&p, &version(b'a')).map_err(|e| e.to_string())?;
+        let mut old = std::fs::File::open(&p).map_err(|e| e.to_string())?;
+        write(&p, &version(b'b')).map_err(|e| e.to_string())?;
+        let mut seen = Vec::new();
+        old.read_to_end(&mut seen).map_err(|e| e.to_string())?;
+        if seen != version(b'a') {
+            return Err("a reader of the old file saw it change: written in place".into());
+        }
+        if std::fs::read(&p).map_err(|e| e.to_string())? != version(b'b') {
+            return Err("the new content is not exactly what was written".into());
+        }
+        // Readers while versions alternate (bounded: 200 writes).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (p, stop) = (p.clone(), stop.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let t0 = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && t0.elapsed() < Duration::from_secs(20)
+                {
+                    let Ok(b) = std::fs::read(&p) else { continue };
+                    let whole = b.len() == 256 * 1024 && b.iter().all(|&x| x == b[0]);
+                    if !whole {
+                        return Err(format!(
+                            "a reader saw a partial profile ({} bytes)",
+                            b.len()
+                        ));
+                    }
+                }
+                Ok(())
+            })
+        };
+        let mut result = Ok(());
+        for i in 0..200u32 {
+            if let Err(e) = write(&p, &version(b'c' + (i % 2) as u8)) {
+                result = Err(e.to_string());
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().map_err(|_| "reader panicked".to_string())??;
+        result?;
+        let left = std::fs::read_dir(d.path().join("nodes"))
+            .map_err(|e| e.to_string())?
+            .count();
+        if left != 1 {
+            return Err(format!(
+                "{left} files in the directory: a temporary file stayed"
+            ));
+        }
+        Ok(())
+    }
+
     #[test]
     fn profiles_are_replaced_whole() {
+        assert_eq!(check_replaced_whole(write_profile), Ok(()));
+        // The check fails for writers that are not atomic: in place, or appending.
+        let in_place: fn(&Path, &[u8]) -> std::io::Result<()> = |p, b| {
+            std::fs::create_dir_all(p.parent().unwrap())?;
+            std::fs::write(p, b)
+        };
+        let e = check_replaced_whole(in_place).unwrap_err();
+        assert!(e.contains("in place") || e.contains("partial"), "{e}");
+        let appending: fn(&Path, &[u8]) -> std::io::Result<()> = |p, b| {
+            use std::io::Write;
+            std::fs::create_dir_all(p.parent().unwrap())?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?;
+            f.write_all(b)
+        };
+        assert!(check_replaced_whole(appending).is_err());
+        assert_eq!(crate::tokens::random_token().unwrap().len(), 32);
+    }
+
+    #[tokio::test]
+    async fn a_failed_nodes_profile_no_longer_boots_the_deploy_kernel() {
+        use crate::workflow::{NodeReport, NodeResult};
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("nodes/a.ipxe");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let raw = d.path().join("img.raw");
+        std::fs::write(&raw, vec![1u8; 8192]).unwrap();
+        let kdi = d.path().join("img.kdi");
+        crate::image::pack(&raw, &kdi, &crate::image::PackOptions::default()).unwrap();
+        let tftp = d.path().join("tftp");
+        let cluster = ClusterConfig::parse(&format!(
+            "{}disk: /dev/sdb\n",
+            CLUSTER.replace("/tmp/x", tftp.to_str().unwrap())
+        ))
+        .unwrap();
+        let env = Environment::parse(ENV).unwrap();
+        let job = job_for(
+            &env,
+            &cluster,
+            kd_proto::manifest::ImageKind::Raw,
+            None,
+            vec![],
+            None,
+        )
+        .unwrap();
+        let path = cluster
+            .render_profile(&cluster.nodes[0], &ProfileBoot::LocalDisk)
+            .path;
+        let cfg = DeployConfig {
+            cluster,
+            nodes: vec!["n1".into()],
+            job,
+            arity: Arity::Chain,
+            deployment: 1,
+            listen: None,
+        };
+        let (ev_tx, _ev_rx) = mpsc::unbounded_channel();
+        let (notes, _notes_rx) = mpsc::unbounded_channel();
+        let source = Arc::new(Source::new(ImageFile::open(&kdi).unwrap(), 1));
+        let id = CoordIdentity::generate().unwrap();
+        let mut drv = Driver::new(cfg, &id, source, ev_tx, notes, Instant::now()).unwrap();
+        let ev = drv
+            .execute(Action::WritePxe {
+                node: "n1".into(),
+                profile: PxeKind::Deploy,
+            })
+            .await;
         assert_eq!(
-            std::fs::read_dir(d.path().join("nodes")).unwrap().count(),
-            1
+            ev,
+            vec![Event::PxeWritten {
+                node: "n1".into(),
+                result: Ok(())
+            }]
         );
-        assert_eq!(random_token().unwrap().len(), 32);
+        let token = drv.tokens["n1"].clone();
+        let deploy = std::fs::read_to_string(&path).unwrap();
+        assert!(deploy.contains(&format!("kd.token={token}")), "{deploy}");
+        drv.execute(Action::NodeDone {
+            node: "n1".into(),
+            report: NodeReport {
+                node: "n1".into(),
+                result: NodeResult::Failed {
+                    step: Step::Prepare,
+                    reason: "disk too small".into(),
+                },
+                steps: vec![],
+                barrier_wait: Duration::ZERO,
+                total: Duration::ZERO,
+            },
+        })
+        .await;
+        let after = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !after.contains("kd.token") && !after.contains(&token) && after.contains("sanboot"),
+            "{after}"
+        );
+        // The token is revoked: an agent booted with it is refused.
+        let hello = kd_proto::msg::Hello {
+            version: kd_proto::PROTOCOL_VERSION,
+            node: "n1".into(),
+            token,
+            data_port: 1,
+            inventory: Default::default(),
+        };
+        assert!(broadcast::check_hello(&hello, &drv.tokens, &drv.used, false).is_err());
     }
 }

@@ -63,7 +63,8 @@
 //! * `ProbePort{node}`: try one TCP connection to the node's check port with a timeout shorter
 //!   than `probe_interval`; answer `PortOpen` or `PortClosed`.
 //! * `StepStarted`, `NodeDone`, `Finished`: progress and results, for display and records.
-//!   On `NodeDone` with a failure, close the node's agent connection if any.
+//!   On `NodeDone` with a failure, close the node's agent connection if any, revoke its token
+//!   and write its local-disk profile.
 //! * The agent's `Hello` (token already checked by the driver) is `AgentHello{node}`; a lost
 //!   control connection is `NodeLost{node, reason}` (ignored while the node is rebooting).
 
