@@ -3,6 +3,11 @@
 //!
 //! Layout: `KDIMG\0\0\x01` magic, one codec frame holding the [`Manifest`], then the
 //! compressed chunks back to back (offsets in the manifest are relative to that data section).
+//!
+//! Bounds: [`pack`] writes only images [`ImageFile::open`] accepts (one manifest limit,
+//! `kd_proto::manifest::MAX_MANIFEST_BYTES`), with bounded memory ([`pack_memory`]) and input
+//! ([`DEFAULT_MAX_SIZE`]); [`parse_kdi`] and [`verify_kdi`] read any `Read + Seek` and allocate
+//! nothing a header field has not been checked for.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -529,8 +534,8 @@ pub struct KdiHeader {
 /// Reads and checks a .kdi's header from `r`: the magic, the manifest (its length checked
 /// against [`MAX_MANIFEST_BYTES`] and the stream's length before anything is allocated, then
 /// decoded and validated) and a data section holding exactly the manifest's chunks. Touches
-/// nothing but `r`; errors do not name a file (the caller does). Fuzzed by fuzz/ (target
-/// `manifest`).
+/// nothing but `r`; errors do not name a file (the caller does).
+/// Fuzzed by fuzz/src/targets.rs (target `manifest`).
 pub fn parse_kdi<R: Read + Seek + ?Sized>(r: &mut R) -> Result<KdiHeader> {
     let size = r.seek(SeekFrom::End(0)).context("seek")?;
     if size < HEADER_LEN {
@@ -570,7 +575,8 @@ pub fn parse_kdi<R: Read + Seek + ?Sized>(r: &mut R) -> Result<KdiHeader> {
 }
 
 /// Reads every chunk of a .kdi from `r` (its header from [`parse_kdi`]), checks its hash,
-/// decompresses it and checks the content hash. Fuzzed by fuzz/ (target `manifest`).
+/// decompresses it and checks the content hash.
+/// Fuzzed by fuzz/src/targets.rs (target `manifest`).
 pub fn verify_kdi<R: Read + Seek + ?Sized>(r: &mut R, header: &KdiHeader) -> Result<()> {
     verify_chunks(&header.manifest, |i| {
         let c = header
@@ -1030,7 +1036,10 @@ mod tests {
         /// Damaged bytes of an image never panic the reader.
         #[test]
         fn damaged_images_fail_without_panicking(
-            flips in proptest::collection::vec((0usize..30_000, proptest::prelude::any::<u8>()), 1..8),
+            flips in proptest::collection::vec(
+                (0usize..30_000, proptest::prelude::any::<u8>()),
+                1..8,
+            ),
             cut in proptest::option::of(0usize..30_000),
         ) {
             let mut b = small_kdi();

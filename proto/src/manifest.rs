@@ -276,7 +276,7 @@ pub fn encode(manifest: &Manifest) -> Result<Vec<u8>, ManifestError> {
 
 /// Decodes and validates a manifest payload (without its frame header): refuses more than
 /// [`MAX_MANIFEST_BYTES`] bytes before decoding anything, then what [`Manifest::validate`]
-/// refuses. Fuzzed by fuzz/ (target `manifest`).
+/// refuses. Fuzzed by fuzz/src/targets.rs (target `manifest`).
 pub fn decode(payload: &[u8]) -> Result<Manifest, ManifestError> {
     if payload.len() as u64 > u64::from(MAX_MANIFEST_BYTES) {
         return Err(ManifestError::TooLarge {
@@ -488,7 +488,12 @@ mod tests {
                 content_hash: [7; 32],
                 chunks: chunks
                     .into_iter()
-                    .map(|(offset, comp_len, raw_len, hash)| ChunkInfo { offset, comp_len, raw_len, hash })
+                    .map(|(offset, comp_len, raw_len, hash)| ChunkInfo {
+                        offset,
+                        comp_len,
+                        raw_len,
+                        hash,
+                    })
                     .collect(),
             };
             let frame = codec::encode(&m).unwrap();
