@@ -427,6 +427,39 @@ mod tests {
         ));
     }
 
+    /// The largest manifest reaches an agent: a plan carrying it, with 10,000 children (a star
+    /// over 10,000 nodes) and 4 KiB certificates, fits one control frame.
+    #[test]
+    fn a_plan_with_the_largest_manifest_fits_a_control_frame() {
+        use crate::msg::{Job, PeerIdentity, PeerInfo, Plan, ToAgent, Upstream};
+        let peer = |i: u32| PeerInfo {
+            node: format!("node-with-a-long-name-{i:06}.cluster.example.org"),
+            addr: std::net::SocketAddr::from(([10, 0, 0, 1], 7001)),
+            cert_sha256: [9; 32],
+        };
+        let plan = ToAgent::Plan(Box::new(Plan {
+            deployment: u64::MAX,
+            identity: PeerIdentity {
+                cert_der: vec![1; 4096],
+                key_der: vec![2; 4096],
+                ca_der: vec![3; 4096],
+            },
+            upstream: Upstream::Peer(peer(0)),
+            children: (1..=10_000).map(peer).collect(),
+            manifest: widest(MAX_CHUNKS, MIN_CHUNK_SIZE),
+            job: Job::LocalSink,
+        }));
+        let frame = codec::encode(&plan).unwrap();
+        let mut d = codec::FrameDecoder::new(codec::MAX_CONTROL_FRAME);
+        d.push(&frame);
+        let payload = d.next_payload().unwrap().unwrap();
+        let back: ToAgent = codec::decode(&payload).unwrap();
+        let ToAgent::Plan(p) = back else {
+            panic!("not a plan")
+        };
+        p.manifest.validate().unwrap();
+    }
+
     #[test]
     fn the_builder_stops_at_the_most_chunks() {
         let mut b = ManifestBuilder::new(ImageKind::Raw, 1);
