@@ -633,6 +633,12 @@ fn a_dead_node_times_out_and_the_others_deploy() {
         assert!(lab.answers(i), "node{} does not answer\n{rep}", i + 1);
     }
     assert!(!lab.answers(2));
+    // The failed node's profile boots its disk again: no deploy kernel, no token.
+    let p = lab.profile(2);
+    assert!(
+        p.contains("sanboot") && !p.contains("kd.token"),
+        "node3's profile after its failure: {p}\n{rep}"
+    );
 }
 
 #[test]
@@ -674,6 +680,11 @@ fn an_agent_dying_mid_broadcast_fails_only_its_node() {
         assert!(lab.answers(i), "node{} does not answer\n{rep}", i + 1);
     }
     assert!(lab.disk_ok(1).is_err());
+    let p = lab.profile(1);
+    assert!(
+        p.contains("sanboot") && !p.contains("kd.token"),
+        "node2's profile after its failure: {p}\n{rep}"
+    );
 }
 
 #[test]
