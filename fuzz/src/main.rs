@@ -101,7 +101,7 @@ fn real_main() -> Result<bool> {
                 &inputs,
                 a.max_secs,
                 a.trace,
-                &mut std::io::stdout().lock(),
+                &mut std::io::stdout(),
             )?;
             Ok(true)
         }

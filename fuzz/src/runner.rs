@@ -23,8 +23,16 @@ use crate::targets::{self, Outcome, Target};
 /// An input that takes more CPU time than this (all threads, user + system: on a loaded
 /// machine wall time says little) is a finding.
 pub const SLOW: Duration = Duration::from_secs(1);
-/// An input still running after this many seconds is a hang: the child reports it and exits.
+/// An input still running after this many seconds is a hang: the child reports it and exits
+/// (`KD_FUZZ_HANG_SECS` overrides it, for the harness's own test).
 pub const HANG_SECS: u64 = 20;
+
+fn hang_secs() -> u64 {
+    std::env::var("KD_FUZZ_HANG_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(HANG_SECS)
+}
 /// The address space of a child (an unchecked allocation of a few GiB aborts it).
 pub const MEMORY_LIMIT: u64 = 4 << 30;
 /// Exit code of a child whose watchdog saw a hang.
@@ -109,6 +117,7 @@ pub fn batch(
     let t0 = Instant::now();
     let current = Arc::new(AtomicU64::new(IDLE));
     let since = Arc::new(AtomicU64::new(0));
+    let hang = hang_secs();
     {
         let (current, since) = (current.clone(), since.clone());
         std::thread::Builder::new()
@@ -118,7 +127,7 @@ pub fn batch(
                 let i = current.load(Ordering::SeqCst);
                 let start = since.load(Ordering::SeqCst);
                 let now = t0.elapsed().as_millis() as u64;
-                if i != IDLE && now.saturating_sub(start) > HANG_SECS * 1000 {
+                if i != IDLE && now.saturating_sub(start) > hang * 1000 {
                     let mut o = std::io::stdout().lock();
                     let _ = writeln!(o, "HANG {i}");
                     let _ = o.flush();
@@ -423,7 +432,7 @@ pub fn run(
                 None => format!("exited with {}", r.status),
             };
             let left = max_secs - t0.elapsed().as_secs_f64();
-            let again = run_child(exe, t, &part, left.max(HANG_SECS as f64 * 2.0), true)?;
+            let again = run_child(exe, t, &part, left.max(hang_secs() as f64 * 2.0), true)?;
             match again.last_at {
                 Some(i) if !again.status.success() => {
                     rec.record(&inputs, i + offset, "crash", &how)?;

@@ -96,9 +96,56 @@ pub fn all() -> Vec<Target> {
     ]
 }
 
-/// The target called `name`.
+/// The target called `name` (also `selftest`, which is not in [`all`]).
 pub fn by_name(name: &str) -> Option<Target> {
-    all().into_iter().find(|t| t.name == name)
+    all()
+        .into_iter()
+        .chain([selftest_target()])
+        .find(|t| t.name == name)
+}
+
+/// A target that fails on purpose, to test the harness: its seeds are `ok`, `PANIC`, `ALLOC`
+/// (8 GiB at once: over the memory limit, the process aborts), `HANG` (sleeps forever) and
+/// `SLOW` (1.5 s of CPU).
+fn selftest_target() -> Target {
+    fn run(d: &[u8]) -> Outcome {
+        match d {
+            b"PANIC" => panic!("selftest panic"),
+            b"ALLOC" => {
+                let v: Vec<u8> = Vec::with_capacity(8 << 30);
+                std::hint::black_box(&v);
+            }
+            b"HANG" => loop {
+                std::thread::sleep(Duration::from_secs(1));
+            },
+            b"SLOW" => {
+                let t = Instant::now();
+                let mut x = 0u64;
+                while t.elapsed() < Duration::from_millis(1500) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            _ => {}
+        }
+        Outcome::Accepted
+    }
+    fn seeds() -> Vec<Vec<u8>> {
+        ["ok", "PANIC", "ALLOC", "HANG", "SLOW"]
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect()
+    }
+    fn arb(u: &mut Unstructured<'_>) -> arbitrary::Result<Vec<u8>> {
+        u.arbitrary()
+    }
+    Target {
+        name: "selftest",
+        run,
+        seeds,
+        arbitrary: arb,
+        dict: &[],
+        setup: no_setup,
+    }
 }
 
 fn no_setup() -> anyhow::Result<()> {

@@ -17,6 +17,44 @@ fn kd_fuzz(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// The harness itself: a panic, an allocation over the memory limit (the child aborts), a
+/// hang and a slow input are each reported once, saved, and the run goes on to the end.
+#[test]
+fn harness_reports_every_kind_of_finding() {
+    let out_dir = std::env::temp_dir().join(format!("kd-fuzz-selftest-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_kd-fuzz"))
+        .args(["run", "selftest", "--inputs", "50", "--out"])
+        .arg(&out_dir)
+        .env("KD_FUZZ_HANG_SECS", "2")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("selftest: 50 inputs"), "{text}");
+    for kind in ["(panic)", "(crash)", "(hang)", "(slow)"] {
+        assert!(
+            text.contains(&format!("FINDING {kind}")),
+            "no {kind} finding:\n{text}"
+        );
+    }
+    assert!(text.contains("selftest panic"), "{text}");
+    let saved: Vec<Vec<u8>> = std::fs::read_dir(out_dir.join("selftest"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    for s in ["PANIC", "ALLOC", "HANG", "SLOW"] {
+        assert!(
+            saved.contains(&s.as_bytes().to_vec()),
+            "{s} not saved:\n{text}"
+        );
+    }
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
 /// Every file under fuzz/regressions/TARGET/ runs without a finding.
 #[test]
 fn regressions_replay_clean() {
