@@ -122,12 +122,15 @@ check_setup() {
 	return "$rc"
 }
 
+# Cargo's output directory (CARGO_TARGET_DIR is honoured: a clone may share another's target/).
+target_dir() { realpath -m "${CARGO_TARGET_DIR:-target}"; }
+
 build() {
 	setup
 	cargo build --workspace --bins
 	mkdir -p build
 	# The initrd gets a stripped copy of the agent (the debug build carries ~100 MB of symbols).
-	strip --strip-debug -o build/kd-agent target/debug/kd-agent
+	strip --strip-debug -o build/kd-agent "$(target_dir)/debug/kd-agent"
 	initrd/build.sh --agent build/kd-agent --out build/initrd
 	# The test environment the lab deploys (Debian 12 + sshd, ~3 min the first time).
 	envs/build-debian12.sh --out build/env
@@ -144,7 +147,7 @@ test)
 	;;
 demo)
 	build
-	exec scripts/lab-deploy.sh --env build/env/debian12-min.yaml "${@:2}"
+	KD_BIN_DIR="$(target_dir)/debug" exec scripts/lab-deploy.sh --env build/env/debian12-min.yaml "${@:2}"
 	;;
 *)
 	sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
