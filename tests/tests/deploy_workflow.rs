@@ -278,7 +278,7 @@ impl Lab {
              workflow:\n  reboot_window: 10\n  command_timeout: 10\n  probe_delay: 1\n  probe_interval: 1\n  \
              broadcast_wait: 5\n  set_deployment_env: {{ timeout: 10, retries: 1 }}\n  \
              prepare: {{ timeout: 60, retries: 0 }}\n  broadcast: {{ timeout: 60, retries: 0 }}\n  \
-             finish: {{ timeout: 60, retries: 0 }}\n  boot_new_env: {{ timeout: 15, retries: 1 }}\n\
+             finish: {{ timeout: 60, retries: 0 }}\n  boot_new_env: {{ timeout: 30, retries: 1 }}\n\
              check_port: {check_port}\n",
             tftp = t.join("tftp").display(),
             http = http_root.display(),
