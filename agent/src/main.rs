@@ -28,8 +28,9 @@ struct Args {
     /// Address to listen on for children.
     #[arg(long, default_value = "0.0.0.0:0")]
     listen: SocketAddr,
-    /// Chunks kept in memory for children.
-    #[arg(long, default_value_t = 16)]
+    /// Chunks kept in memory for children (2 to 256: up to 256 x the image's chunk size).
+    #[arg(long, default_value_t = 16,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=256))]
     window: usize,
     /// Seconds before a silent upstream is declared lost (TCG nodes need tens of seconds; 1 to
     /// 86400).

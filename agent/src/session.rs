@@ -379,7 +379,10 @@ async fn finish_disk(
         node: cfg.node.clone(),
         environment: job.environment.clone(),
         postinstalls,
-        postinstall_timeout_secs: job.postinstall_timeout_secs,
+        // From the wire: bounded like every timeout an operator sets (Instant + it must not
+        // overflow).
+        postinstall_timeout_secs: kd_proto::bounds::check_secs(job.postinstall_timeout_secs, 0)
+            .map_err(|e| format!("the job's post-install timeout: {e}"))?,
         ssh_key: job.ssh_key.clone(),
         boot: job.boot.as_ref().map(|b| kd_disk::BootConfig {
             title: job.environment.clone(),

@@ -31,3 +31,23 @@ fn a_huge_stall_timeout_is_refused_with_the_limit() {
         );
     }
 }
+
+#[test]
+fn a_window_out_of_bounds_is_refused_with_the_range() {
+    // 2^40 chunks of window would be an allocation bomb the moment data flows.
+    for value in ["1099511627776", "257", "0"] {
+        let pin = "00".repeat(32);
+        let o = Command::new(env!("CARGO_BIN_EXE_kd-agent"))
+            .args(["--coord", "127.0.0.1:9", "--pin", &pin, "--node", "n1"])
+            .args(["--token", "t", "--window", value])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{value}: {e}");
+        assert!(
+            e.contains("--window") && e.contains("2..=256"),
+            "{value}: {e}"
+        );
+    }
+}
