@@ -705,6 +705,14 @@ impl ClusterConfig {
                 format!("{:?} is not a /dev path", self.disk.block_device),
             );
         }
+        // kd-disk reads the layout from its YAML text: it must be writable as YAML (no
+        // mapping or sequence as a mapping key).
+        if let Err(e) = serde_norway::to_string(&self.disk.layout) {
+            return bad(
+                "disk.layout",
+                format!("cannot be written as YAML ({e}): mapping keys must be plain values"),
+            );
+        }
         if self.commands.reboot.levels().is_empty() {
             return bad(
                 "commands.reboot",
@@ -1500,6 +1508,18 @@ commands:
             "prepare: { timeout: 86400, retries: 10 }\n  broadcast_wait: 0\n  probe_delay: 0",
         );
         ClusterConfig::parse(&ok).unwrap();
+    }
+
+    /// A layout with a non-scalar mapping key (`? table: gpt`) parsed and validated, but could
+    /// not be written back as YAML: `to_yaml` failed, and a deployment failed late with
+    /// "layout: expected SCALAR, ..." (found by fuzz/, target cluster-yaml:
+    /// fuzz/regressions/cluster-yaml/fd46ef6ecd3620a4.bin).
+    #[test]
+    fn layout_with_a_complex_key_is_refused() {
+        let text = LAB.replace("    table: gpt", "    ? table: gpt");
+        assert_ne!(text, LAB);
+        let e = err(&text);
+        assert!(e.contains("disk.layout"), "{e}");
     }
 
     #[test]
