@@ -4,7 +4,8 @@
 #
 #   scripts/lab-broadcast.sh [--nodes N] [--arity chain|K|star] [--subnet 10.77.0.0/24] [--image F.kdi]
 #
-# Needs: target/debug/{kd-coord,kd-agent,kd-lab} and build/initrd/{vmlinuz,initramfs.img}
+# Needs: {kd-coord,kd-agent,kd-lab} in $KD_BIN_DIR (default target/debug) and
+# {vmlinuz,initramfs.img} in $KD_INITRD_DIR (default build/initrd)
 # (./dev.sh build makes them). Exit code: the broadcast's (0 only if every node verified the image).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,8 +22,8 @@ while [ $# -gt 0 ]; do
 	*) echo "unknown argument $1" >&2; exit 2 ;;
 	esac
 done
-BIN=$PWD/target/debug
-BOOT=$PWD/build/initrd
+BIN=${KD_BIN_DIR:-$PWD/target/debug}
+BOOT=${KD_INITRD_DIR:-$PWD/build/initrd}
 [ -f "$BOOT/vmlinuz" ] && [ -f "$BOOT/initramfs.img" ] || { echo "no deploy initrd in $BOOT: run ./dev.sh build" >&2; exit 1; }
 NET=${SUBNET%.0/24}
 GW=$NET.1

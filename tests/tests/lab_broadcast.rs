@@ -9,18 +9,17 @@ use std::time::Duration;
 
 #[test]
 fn three_pxe_booted_nodes_receive_an_image() {
-    if kd_tests::initrd_dir().is_none() {
+    let Some(initrd) = kd_tests::initrd_dir() else {
         return;
-    }
+    };
     let _g = kd_tests::heavy();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let o = kd_tests::run_with_timeout(
-        Command::new(root.join("scripts/lab-broadcast.sh")).args([
-            "--nodes",
-            "3",
-            "--subnet",
-            "10.81.0.0/24",
-        ]),
+        Command::new(root.join("scripts/lab-broadcast.sh"))
+            .args(["--nodes", "3", "--subnet", "10.81.0.0/24"])
+            // The binaries of this build (a target dir of its own is honoured), the initrd it made.
+            .env("KD_BIN_DIR", kd_tests::bin("kd-coord").parent().unwrap())
+            .env("KD_INITRD_DIR", initrd),
         Duration::from_secs(1500),
     )
     .unwrap();
