@@ -453,6 +453,7 @@ pub fn run(
         }
     }
     rec.summary.secs = t0.elapsed().as_secs_f64();
+    targets::remove_scratch();
     Ok(rec.summary)
 }
 

@@ -357,6 +357,12 @@ pub fn scratch() -> &'static Path {
     })
 }
 
+/// Removes this process's scratch directory (the parent of the child processes and the tests
+/// make one for the seeds; a child's is removed by its parent).
+pub fn remove_scratch() {
+    let _ = fs::remove_dir_all(scratch());
+}
+
 fn kdi_seeds() -> Vec<Vec<u8>> {
     let d = scratch().join("seeds");
     let _ = fs::create_dir_all(&d);
