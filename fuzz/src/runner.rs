@@ -182,7 +182,7 @@ pub fn batch(
 }
 
 /// CPU time of this process so far (every thread, user + system).
-fn cpu_time() -> Duration {
+pub fn cpu_time() -> Duration {
     use nix::sys::resource::{getrusage, UsageWho};
     match getrusage(UsageWho::RUSAGE_SELF) {
         Ok(u) => {

@@ -119,10 +119,15 @@ fn selftest_target() -> Target {
                 std::thread::sleep(Duration::from_secs(1));
             },
             b"SLOW" => {
-                let t = Instant::now();
+                // 1.5 s of CPU (not of wall time: on a loaded machine that is less CPU).
+                let (t, cpu) = (Instant::now(), crate::runner::cpu_time());
                 let mut x = 0u64;
-                while t.elapsed() < Duration::from_millis(1500) {
-                    x = std::hint::black_box(x.wrapping_add(1));
+                while crate::runner::cpu_time().saturating_sub(cpu) < Duration::from_millis(1500)
+                    && t.elapsed() < Duration::from_secs(60)
+                {
+                    for _ in 0..100_000 {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
                 }
             }
             _ => {}

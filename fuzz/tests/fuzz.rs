@@ -25,7 +25,7 @@ fn harness_reports_every_kind_of_finding() {
     let out = Command::new(env!("CARGO_BIN_EXE_kd-fuzz"))
         .args(["run", "selftest", "--inputs", "50", "--out"])
         .arg(&out_dir)
-        .env("KD_FUZZ_HANG_SECS", "2")
+        .env("KD_FUZZ_HANG_SECS", "10")
         .output()
         .unwrap();
     let text = format!(
