@@ -147,6 +147,7 @@ fn seeds_are_accepted() {
             seeds.len()
         );
     }
+    kd_fuzz::targets::remove_scratch();
     assert!(Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("regressions")
         .is_dir());
