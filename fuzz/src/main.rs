@@ -96,13 +96,7 @@ fn real_main() -> Result<bool> {
             } else {
                 Inputs::Files(a.files.clone())
             };
-            runner::batch(
-                &t,
-                &inputs,
-                a.max_secs,
-                a.trace,
-                &mut std::io::stdout(),
-            )?;
+            runner::batch(&t, &inputs, a.max_secs, a.trace, &mut std::io::stdout())?;
             Ok(true)
         }
         ["run", name] => {
