@@ -1040,10 +1040,10 @@ pub fn image_for(
         out.display()
     ));
     let t = Instant::now();
-    let tmp = out.with_extension("kdi-tmp");
-    crate::image::pack(&abs, &tmp, &crate::image::PackOptions::default())
+    // pack writes beside `out` under a name of its own and renames: two deployments packing
+    // the same new environment at once each finish with a whole file.
+    crate::image::pack(&abs, &out, &crate::image::PackOptions::default())
         .with_context(|| format!("cannot pack {}", file.display()))?;
-    std::fs::rename(&tmp, &out)?;
     notes(format!("packed in {:.1} s", t.elapsed().as_secs_f64()));
     Ok(out)
 }

@@ -7,65 +7,33 @@
 //! mode.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
-/// A temporary file next to `path`, opened with `mode`; removed when dropped unless kept.
-struct Temp {
-    path: PathBuf,
-    keep: bool,
-}
+use tempfile::NamedTempFile;
 
-impl Drop for Temp {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Writes `bytes` into a new temporary file next to `path` with exactly `mode` (the umask does
-/// not apply: the mode is set again after creation) and syncs it.
-fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Temp> {
+/// Writes `bytes` into a new temporary file next to `path` (a unique name: tempfile's) with
+/// exactly `mode` (the umask does not apply: the mode is set again after creation) and syncs
+/// it; it is removed when dropped unless persisted.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<NamedTempFile> {
     let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let mut last = None;
-    // A unique name: the pid and random bits (a few tries in case a stale file holds it).
-    for _ in 0..8 {
-        let mut r = [0u8; 6];
-        getrandom::fill(&mut r).map_err(std::io::Error::other)?;
-        let tmp = dir.join(format!(
-            ".{name}.{}.{}.tmp",
-            std::process::id(),
-            kd_proto::manifest::hex(&r)
-        ));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-        {
-            Ok(mut f) => {
-                let t = Temp {
-                    path: tmp,
-                    keep: false,
-                };
-                f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-                f.write_all(bytes)?;
-                f.sync_all()?;
-                return Ok(t);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("no temporary file name")))
+    let mut t = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    t.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))?;
+    t.write_all(bytes)?;
+    t.as_file().sync_all()?;
+    Ok(t)
 }
 
 /// Replaces `path` with `bytes` atomically (temporary file, then rename), with `mode`. Creates
@@ -74,20 +42,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let mut t = write_temp(path, bytes, mode)?;
-    std::fs::rename(&t.path, path)?;
-    t.keep = true;
+    write_temp(path, bytes, mode)?
+        .persist(path)
+        .map_err(|e| e.error)?;
     Ok(())
 }
 
 /// Creates `path` with `bytes` and `mode`, atomically and only if it does not exist (temporary
-/// file, then a hard link, which fails if `path` exists). `Ok(false)`: it existed (left as is).
+/// file, then a no-clobber persist, which fails if `path` exists). `Ok(false)`: it existed (left
+/// as is).
 pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<bool> {
-    let t = write_temp(path, bytes, mode)?;
-    match std::fs::hard_link(&t.path, path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
+    match write_temp(path, bytes, mode)?.persist_noclobber(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e.error),
     }
 }
 

@@ -9,10 +9,10 @@
 //! ([`DEFAULT_MAX_SIZE`]); [`parse_kdi`] and [`verify_kdi`] read any `Read + Seek` and allocate
 //! nothing a header field has not been checked for.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::ops::RangeInclusive;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -21,6 +21,7 @@ use kd_proto::manifest::{
     self, ImageKind, Manifest, ManifestBuilder, MAX_CHUNKS, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
     MIN_CHUNK_SIZE,
 };
+use tempfile::NamedTempFile;
 
 /// Magic bytes at the start of every `.kdi` file.
 pub const MAGIC: &[u8; 8] = b"KDIMG\0\0\x01";
@@ -290,66 +291,35 @@ fn read_full(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> Result<usize> {
     Ok(n)
 }
 
-/// A file next to the output, removed when dropped unless renamed into place.
-struct TempFile {
-    path: PathBuf,
-    file: File,
-    kept: bool,
+/// A temporary file beside `output` (tempfile's unique name, the umask's mode as a plain
+/// create would give), removed when dropped unless persisted by [`persist`].
+fn temp_beside(output: &Path, tag: &str) -> Result<NamedTempFile> {
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = output
+        .file_name()
+        .with_context(|| format!("{}: not a file name", output.display()))?
+        .to_string_lossy();
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}.{tag}."))
+        .permissions(PermissionsExt::from_mode(0o666))
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
 }
 
-impl TempFile {
-    fn beside(output: &Path, tag: &str) -> Result<Self> {
-        let dir = output
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = output
-            .file_name()
-            .with_context(|| format!("{}: not a file name", output.display()))?
-            .to_string_lossy();
-        for i in 0..100 {
-            let path = dir.join(format!(".{name}.{tag}.{}.{i}", std::process::id()));
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(file) => {
-                    return Ok(Self {
-                        path,
-                        file,
-                        kept: false,
-                    })
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot create {}", path.display()))
-                }
-            }
-        }
-        bail!("cannot create a temporary file in {}", dir.display())
+/// Syncs `t` and renames it to `to` (then syncs `to`'s directory).
+fn persist(t: NamedTempFile, to: &Path) -> Result<()> {
+    t.as_file().sync_all().context("sync image")?;
+    let from = t.path().to_path_buf();
+    t.persist(to)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
+    if let Some(dir) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
     }
-
-    fn persist(mut self, to: &Path) -> Result<()> {
-        self.file.sync_all().context("sync image")?;
-        std::fs::rename(&self.path, to).with_context(|| {
-            format!("cannot rename {} to {}", self.path.display(), to.display())
-        })?;
-        self.kept = true;
-        if let Some(dir) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let _ = File::open(dir).and_then(|d| d.sync_all());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.kept {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
+    Ok(())
 }
 
 /// A chunk on its way through a compression thread; its buffers are reused.
@@ -500,9 +470,9 @@ pub fn pack(input: &Path, output: &Path, opts: &PackOptions) -> Result<Manifest>
         }
     }
     let kind = opts.kind.unwrap_or(detected);
-    let mut data = TempFile::beside(output, "data")?;
+    let mut data = temp_beside(output, "data")?;
     let mut b = ManifestBuilder::new(kind, opts.chunk_size);
-    compress_all(input, &mut r, &mut data.file, &mut b, opts)?;
+    compress_all(input, &mut r, data.as_file_mut(), &mut b, opts)?;
     drop(r);
     if b.is_empty() {
         bail!("{} is empty: nothing to pack", input.display());
@@ -510,15 +480,13 @@ pub fn pack(input: &Path, output: &Path, opts: &PackOptions) -> Result<Manifest>
     let manifest = b.finish();
     let frame = manifest::encode(&manifest).context("manifest")?;
     // Header + manifest first, then the data written above.
-    let mut out = TempFile::beside(output, "part")?;
-    out.file.write_all(MAGIC).context("write image")?;
-    out.file.write_all(&frame).context("write image")?;
-    data.file
-        .seek(SeekFrom::Start(0))
-        .context("read image data")?;
-    std::io::copy(&mut data.file, &mut out.file).context("write image")?;
+    let mut out = temp_beside(output, "part")?;
+    out.write_all(MAGIC).context("write image")?;
+    out.write_all(&frame).context("write image")?;
+    data.seek(SeekFrom::Start(0)).context("read image data")?;
+    std::io::copy(&mut data, &mut out).context("write image")?;
     drop(data);
-    out.persist(output)?;
+    persist(out, output)?;
     Ok(manifest)
 }
 
