@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kd_coord::pki::{keys_match, CoordIdentity};
 
@@ -17,22 +17,12 @@ fn mode(p: &Path) -> u32 {
 
 /// Runs `kd-coord ARGS` (killed after 60 s: a hang is a failure, not a stuck test).
 fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("KD_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    kd_disk::cmd::output(
+        Command::new(BIN).args(args).env("KD_LOG", "warn"),
+        Duration::from_secs(60),
+        None,
+    )
+    .unwrap()
 }
 
 fn stderr(o: &Output) -> String {

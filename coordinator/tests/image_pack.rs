@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kd-coord");
@@ -13,25 +13,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_kd-coord");
 /// "$@"`), killed after `limit`: a hang is a failure, not a stuck test.
 fn run_sh(script: &str, args: &[&str], limit: Duration) -> (Output, Duration) {
     let t0 = Instant::now();
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(script)
-        .arg(BIN)
-        .args(args)
-        .env("KD_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let o = child.wait_with_output().unwrap();
+    let o = kd_disk::cmd::output(
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .arg(BIN)
+            .args(args)
+            .env("KD_LOG", "warn"),
+        limit,
+        None,
+    )
+    .unwrap();
     (o, t0.elapsed())
 }
 
