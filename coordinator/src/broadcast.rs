@@ -245,7 +245,12 @@ pub async fn run(
     let source = Arc::new(Source::new(image, cfg.deployment));
     let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
 
-    let accept_task = spawn_accept(&endpoint, in_tx, source.clone(), events.clone());
+    let route = Route {
+        in_tx,
+        source: source.clone(),
+        events: events.clone(),
+    };
+    let accept_task = spawn_accept(&endpoint, Routes::One(route), events.clone());
 
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
     let mut used_tokens: HashSet<String> = HashSet::new();
@@ -522,23 +527,79 @@ pub async fn run(
     })
 }
 
+/// Where an accepted agent's messages go: one deployment's driver and image.
+#[derive(Clone)]
+pub(crate) struct Route {
+    /// The driver's inbox.
+    pub(crate) in_tx: mpsc::Sender<Inbound>,
+    /// The image that deployment serves.
+    pub(crate) source: Arc<Source>,
+    /// The driver's event channel (refusals after Hello).
+    pub(crate) events: mpsc::UnboundedSender<Event>,
+}
+
+/// How an endpoint routes agents: to its only deployment, or by node name to the deployment
+/// that holds the node (a daemon's one endpoint serves every deployment at once; a node is
+/// in at most one deployment).
+#[derive(Clone)]
+pub(crate) enum Routes {
+    /// Every agent goes to this deployment.
+    One(Route),
+    /// Agents go to the deployment that registered their node.
+    ByNode(RouteTable),
+}
+
+/// Node name → deployment, shared between an endpoint and the deployments that use it.
+#[derive(Clone, Default)]
+pub struct RouteTable(Arc<std::sync::RwLock<HashMap<String, Route>>>);
+
+impl RouteTable {
+    /// Sends `nodes`' agents to `route` (replacing any previous route of theirs).
+    pub(crate) fn register(&self, nodes: &[String], route: &Route) {
+        let mut t = self.0.write().unwrap_or_else(|p| p.into_inner());
+        for n in nodes {
+            t.insert(n.clone(), route.clone());
+        }
+    }
+
+    /// Forgets `nodes` (their deployment is over).
+    pub(crate) fn unregister(&self, nodes: &[String]) {
+        let mut t = self.0.write().unwrap_or_else(|p| p.into_inner());
+        for n in nodes {
+            t.remove(n);
+        }
+    }
+
+    fn get(&self, node: &str) -> Option<Route> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    /// Nodes routed now.
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no node is routed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Accepts connections on `endpoint` until it closes; each one is handled by its own task that
-/// reports to `in_tx`.
+/// reports to its route. `events` receives the refusals made before a route is known.
 pub(crate) fn spawn_accept(
     endpoint: &quinn::Endpoint,
-    in_tx: mpsc::Sender<Inbound>,
-    source: Arc<Source>,
+    routes: Routes,
     events: mpsc::UnboundedSender<Event>,
 ) -> tokio::task::JoinHandle<()> {
     let endpoint = endpoint.clone();
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
-            tokio::spawn(handle_connection(
-                incoming,
-                in_tx.clone(),
-                source.clone(),
-                events.clone(),
-            ));
+            tokio::spawn(handle_connection(incoming, routes.clone(), events.clone()));
         }
     })
 }
@@ -759,8 +820,7 @@ async fn reattach(
 
 pub(crate) async fn handle_connection(
     incoming: quinn::Incoming,
-    in_tx: mpsc::Sender<Inbound>,
-    source: Arc<Source>,
+    routes: Routes,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let remote = incoming.remote_address();
@@ -817,6 +877,28 @@ pub(crate) async fn handle_connection(
         }
     };
     let node = hello.node.clone();
+    let route = match &routes {
+        Routes::One(r) => r.clone(),
+        Routes::ByNode(t) => match t.get(&node) {
+            Some(r) => r,
+            None => {
+                let msg = format!("no deployment is running on {node}");
+                refuse(
+                    &conn,
+                    &mut send,
+                    WireError::new(ErrorCode::UnknownNode, msg),
+                    &events,
+                )
+                .await;
+                return;
+            }
+        },
+    };
+    let Route {
+        in_tx,
+        source,
+        events,
+    } = route;
     let (tx, mut rx) = mpsc::channel::<ToAgent>(64);
     let (reply_tx, reply_rx) = oneshot::channel();
     if in_tx

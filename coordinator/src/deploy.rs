@@ -29,7 +29,8 @@ use crate::env::Environment;
 use crate::image::ImageFile;
 use crate::pki::{CoordIdentity, DeploymentCa};
 use crate::workflow::{
-    Action, CommandId, CommandStatus, Deployment, Event, PxeKind, Settings, Step, Summary,
+    Action, CommandId, CommandStatus, Deployment, Event, NodeReport, PxeKind, Settings, Step,
+    Summary,
 };
 
 /// What to deploy where.
@@ -83,9 +84,93 @@ struct Driver {
     notes: mpsc::UnboundedSender<String>,
     progress: HashMap<String, Progress>,
     summary: Option<Summary>,
+    updates: Option<mpsc::UnboundedSender<Update>>,
 }
 
-/// Runs a whole deployment; `notes` receives one human-readable line per thing that happened.
+/// What a driver reports besides its notes.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// A step started on a node (attempt 0 = the first).
+    Step {
+        /// Node.
+        node: String,
+        /// Step.
+        step: Step,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// A node is done (deployed or failed).
+    Node(NodeReport),
+}
+
+/// How a driver talks to whoever runs it: `notes` receives one human-readable line per thing
+/// that happened, `updates` (if any) the structured events, and a reason sent on `cancel`
+/// stops every node.
+pub struct Hooks {
+    /// Human-readable lines.
+    pub notes: mpsc::UnboundedSender<String>,
+    /// Structured updates.
+    pub updates: Option<mpsc::UnboundedSender<Update>>,
+    /// Set to `Some(reason)` to abort the deployment.
+    pub cancel: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+/// A QUIC endpoint shared by every deployment of a daemon: agents are routed to the
+/// deployment that holds their node.
+#[derive(Clone)]
+pub struct SharedEndpoint {
+    endpoint: quinn::Endpoint,
+    table: broadcast::RouteTable,
+    local: SocketAddr,
+    accept: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl SharedEndpoint {
+    /// Listens on `addr` (port 0: any); refusals made before a node is known go to `refused`.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &CoordIdentity,
+        refused: mpsc::UnboundedSender<broadcast::Event>,
+    ) -> Result<Self> {
+        let server =
+            kd_net::tls::coordinator_server(identity.cert_der.clone(), identity.key_der.clone())?;
+        let endpoint = kd_net::endpoint::bind(addr, Some(server))
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = endpoint.local_addr()?;
+        let table = broadcast::RouteTable::default();
+        let accept = broadcast::spawn_accept(
+            &endpoint,
+            broadcast::Routes::ByNode(table.clone()),
+            refused,
+        );
+        Ok(SharedEndpoint {
+            endpoint,
+            table,
+            local,
+            accept: Arc::new(accept),
+        })
+    }
+
+    /// The address agents reach.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Nodes whose agents are routed now.
+    pub fn routed(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Stops listening.
+    pub async fn close(&self) {
+        self.endpoint.close(kd_net::close::DONE.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        self.accept.abort();
+    }
+}
+
+/// Runs a whole deployment on an endpoint of its own (the standalone `kd-coord deploy
+/// --standalone`); Ctrl-C stops every node.
 pub async fn run(
     image: ImageFile,
     cfg: DeployConfig,
@@ -108,25 +193,106 @@ pub async fn run(
             })?,
     };
     let local = endpoint.local_addr()?;
-    if !local.ip().is_unspecified() {
-        cfg.cluster.coordinator.address = local.ip();
-    }
-    cfg.cluster.coordinator.port = local.port();
+    set_listen_addr(&mut cfg, local);
     let _ = notes.send(format!(
         "listening on {local}, deployment {:016x}",
         cfg.deployment
     ));
     let source = Arc::new(Source::new(image, cfg.deployment));
-    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
-    let (bev_tx, mut bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
-    let accept = broadcast::spawn_accept(&endpoint, in_tx, source.clone(), bev_tx);
+    let (in_tx, in_rx) = mpsc::channel::<Inbound>(1024);
+    let (bev_tx, bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
+    let route = broadcast::Route {
+        in_tx,
+        source: source.clone(),
+        events: bev_tx.clone(),
+    };
+    let accept = broadcast::spawn_accept(&endpoint, broadcast::Routes::One(route), bev_tx);
+    let (cancel_tx, cancel) = tokio::sync::watch::channel(None);
+    let interrupt = {
+        let notes = notes.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = notes.send(
+                    "interrupted: stopping every node (press Ctrl-C again to quit at once)".into(),
+                );
+                let _ = cancel_tx.send(Some("interrupted by the operator".into()));
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        })
+    };
+    let hooks = Hooks {
+        notes,
+        updates: None,
+        cancel,
+    };
+    let summary = drive(cfg, identity, source, in_rx, bev_rx, hooks).await;
+    interrupt.abort();
+    endpoint.close(kd_net::close::DONE.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    accept.abort();
+    summary
+}
+
+/// Runs a whole deployment on a daemon's shared endpoint: its nodes' agents are routed to it
+/// while it runs.
+pub async fn run_shared(
+    image: ImageFile,
+    cfg: DeployConfig,
+    identity: &CoordIdentity,
+    shared: &SharedEndpoint,
+    hooks: Hooks,
+) -> Result<Summary> {
+    let mut cfg = cfg;
+    set_listen_addr(&mut cfg, shared.local);
+    let source = Arc::new(Source::new(image, cfg.deployment));
+    let (in_tx, in_rx) = mpsc::channel::<Inbound>(1024);
+    let (bev_tx, bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
+    let route = broadcast::Route {
+        in_tx,
+        source: source.clone(),
+        events: bev_tx,
+    };
+    let nodes = cfg.nodes.clone();
+    shared.table.register(&nodes, &route);
+    drop(route);
+    let summary = drive(cfg, identity, source, in_rx, bev_rx, hooks).await;
+    shared.table.unregister(&nodes);
+    summary
+}
+
+/// Profiles name the address and port the endpoint really listens on.
+fn set_listen_addr(cfg: &mut DeployConfig, local: SocketAddr) {
+    if !local.ip().is_unspecified() {
+        cfg.cluster.coordinator.address = local.ip();
+    }
+    cfg.cluster.coordinator.port = local.port();
+}
+
+/// The driver loop: executes the workflow's actions and feeds it events until every node is
+/// done.
+async fn drive(
+    cfg: DeployConfig,
+    identity: &CoordIdentity,
+    source: Arc<Source>,
+    mut in_rx: mpsc::Receiver<Inbound>,
+    mut bev_rx: mpsc::UnboundedReceiver<broadcast::Event>,
+    hooks: Hooks,
+) -> Result<Summary> {
+    let Hooks {
+        notes,
+        updates,
+        mut cancel,
+    } = hooks;
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
     let now = Instant::now();
     let mut d = Driver::new(cfg, identity, source, ev_tx, notes, now)?;
+    d.updates = updates;
     let mut queue: VecDeque<Action> = d.wf.start(now).into();
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut interrupted = false;
+    let mut cancelled = false;
     let summary = loop {
         // Execute everything asked, feeding back what executing it tells at once.
         while let Some(a) = queue.pop_front() {
@@ -158,16 +324,20 @@ pub async fn run(
                 queue.extend(d.wf.handle_timeout(Instant::now()));
             }
             _ = tick.tick() => d.progress_line(),
-            r = tokio::signal::ctrl_c(), if !interrupted => {
-                interrupted = true;
-                if r.is_ok() {
-                    d.note("interrupted: stopping every node (press Ctrl-C again to quit at once)".into());
-                    queue.extend(d.wf.handle(Event::Abort { reason: "interrupted by the operator".into() }, Instant::now()));
+            r = cancel.changed(), if !cancelled => {
+                let reason = match r {
+                    Ok(()) => cancel.borrow_and_update().clone(),
+                    // Whoever could cancel is gone: nothing will.
+                    Err(_) => { cancelled = true; None }
+                };
+                if let Some(reason) = reason {
+                    cancelled = true;
+                    queue.extend(d.wf.handle(Event::Abort { reason }, Instant::now()));
                 }
             }
         }
     };
-    // Every node is done: release what is left and close.
+    // Every node is done: release what is left.
     for (_, h) in d.commands.drain() {
         h.abort();
     }
@@ -176,9 +346,6 @@ pub async fn run(
         d.drop_agent(&n, "the deployment is over");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    endpoint.close(kd_net::close::DONE.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
-    accept.abort();
     Ok(summary)
 }
 
@@ -209,6 +376,7 @@ impl Driver {
             notes,
             progress: HashMap::new(),
             summary: None,
+            updates: None,
             cfg,
         })
     }
@@ -346,6 +514,13 @@ impl Driver {
                 step,
                 attempt,
             } => {
+                if let Some(u) = &self.updates {
+                    let _ = u.send(Update::Step {
+                        node: node.clone(),
+                        step,
+                        attempt,
+                    });
+                }
                 if attempt == 0 {
                     self.note(format!("{node}: {step}"));
                 } else {
@@ -354,6 +529,9 @@ impl Driver {
                 Vec::new()
             }
             Action::NodeDone { node, report } => {
+                if let Some(u) = &self.updates {
+                    let _ = u.send(Update::Node(report.clone()));
+                }
                 match &report.result {
                     crate::workflow::NodeResult::Deployed => self.note(format!(
                         "{node}: deployed in {:.1} s",
@@ -1033,6 +1211,23 @@ pub fn image_for(
     }
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    // One packer per image: a second deployment of the same new environment waits for the
+    // first one's pack and uses it.
+    let lock_path = cache_dir.join(format!(".{stem}.{}.lock", &key.to_hex()[..16]));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        notes(format!("waiting for another deployment packing {}", file.display()));
+        lock.lock()
+            .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    }
+    if out.exists() {
+        return Ok(out);
+    }
     notes(format!(
         "packing {} ({:.1} MiB) into {} (once)",
         file.display(),

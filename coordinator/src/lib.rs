@@ -4,6 +4,7 @@
 pub mod broadcast;
 pub mod chunks;
 pub mod config;
+pub mod db;
 pub mod deploy;
 pub mod env;
 pub mod fsutil;

@@ -444,6 +444,26 @@ pub fn fold(names: &[String]) -> String {
 }
 
 /// Maximal runs of ASCII digits that fit in a `u64`, as byte ranges.
+/// Orders names as people read them: digit runs compare as numbers (`node2` < `node10`).
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn key(s: &str) -> Vec<(bool, u128, &str)> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            let digits = rest.starts_with(|c: char| c.is_ascii_digit());
+            let end = rest
+                .find(|c: char| c.is_ascii_digit() != digits)
+                .unwrap_or(rest.len());
+            let (run, tail) = rest.split_at(end);
+            let n = if digits { run.parse().unwrap_or(u128::MAX) } else { 0 };
+            out.push((digits, n, run));
+            rest = tail;
+        }
+        out
+    }
+    key(a).cmp(&key(b)).then_with(|| a.cmp(b))
+}
+
 fn digit_runs(name: &str) -> Vec<(usize, usize)> {
     let b = name.as_bytes();
     let mut out = Vec::new();
@@ -607,6 +627,13 @@ mod tests {
         assert_eq!(v.len(), 8);
         assert_eq!(v[0], "gdx-5.site");
         assert_eq!(v[7], "gdx-12.site");
+    }
+
+    #[test]
+    fn natural_order_reads_numbers_as_numbers() {
+        let mut v = vec!["node10", "node2", "node1", "gpu3", "node02", "n"];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(v, vec!["gpu3", "n", "node1", "node02", "node2", "node10"]);
     }
 
     #[test]

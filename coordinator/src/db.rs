@@ -1,0 +1,879 @@
+//! The daemon's database: one SQLite file (`STATE/kd.db`, WAL), migrations in code.
+//!
+//! What lasts across restarts lives here: clusters (their YAML), nodes (state, what runs on
+//! them, who deployed it, the deployment that holds them), deployments (who, what, where,
+//! each node's result with per-step times), rights and packed images. Taking nodes for a
+//! deployment is one `IMMEDIATE` transaction: two requests for overlapping nodes cannot both
+//! win. Plain functions over a [`rusqlite::Connection`]; the daemon serialises calls.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+
+/// Schema steps, applied in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE clusters (
+         name TEXT PRIMARY KEY,
+         yaml TEXT NOT NULL,
+         added INTEGER NOT NULL
+     );
+     CREATE TABLE nodes (
+         name TEXT PRIMARY KEY,
+         cluster TEXT NOT NULL REFERENCES clusters(name) ON DELETE CASCADE,
+         state TEXT NOT NULL DEFAULT 'unknown',
+         environment TEXT,
+         user TEXT,
+         deployment INTEGER,
+         locked_by INTEGER,
+         updated INTEGER NOT NULL
+     );
+     CREATE INDEX nodes_locked ON nodes(locked_by);
+     CREATE TABLE deployments (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         user TEXT NOT NULL,
+         uid INTEGER NOT NULL,
+         environment TEXT NOT NULL,
+         nodes TEXT NOT NULL,
+         node_count INTEGER NOT NULL,
+         state TEXT NOT NULL,
+         reason TEXT,
+         created INTEGER NOT NULL,
+         finished INTEGER,
+         ok INTEGER NOT NULL DEFAULT 0,
+         ko INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX deployments_user ON deployments(user, id);
+     CREATE INDEX deployments_state ON deployments(state);
+     CREATE TABLE deployment_nodes (
+         deployment INTEGER NOT NULL REFERENCES deployments(id) ON DELETE CASCADE,
+         node TEXT NOT NULL,
+         result TEXT NOT NULL DEFAULT 'running',
+         step TEXT,
+         reason TEXT,
+         total_secs REAL,
+         steps TEXT,
+         PRIMARY KEY (deployment, node)
+     );
+     CREATE TABLE rights (
+         user TEXT NOT NULL,
+         nodes TEXT NOT NULL,
+         partition TEXT NOT NULL,
+         PRIMARY KEY (user, nodes, partition)
+     );
+     CREATE TABLE images (
+         key TEXT PRIMARY KEY,
+         path TEXT NOT NULL,
+         source TEXT NOT NULL,
+         size INTEGER NOT NULL,
+         packed INTEGER NOT NULL
+     );",
+];
+
+/// A node's state.
+pub mod state {
+    /// The last deployment put an environment on it.
+    pub const DEPLOYED: &str = "deployed";
+    /// The last deployment failed on it.
+    pub const DEPLOY_FAILED: &str = "deploy_failed";
+    /// A deployment holds it now.
+    pub const DEPLOYING: &str = "deploying";
+    /// Being rebooted outside a deployment.
+    pub const REBOOTING: &str = "rebooting";
+    /// Powered off by an operator.
+    pub const POWERED_OFF: &str = "powered_off";
+    /// Never deployed by this daemon.
+    pub const UNKNOWN: &str = "unknown";
+}
+
+/// One node as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeRow {
+    /// Name.
+    pub name: String,
+    /// Cluster it belongs to.
+    pub cluster: String,
+    /// One of [`state`].
+    pub state: String,
+    /// Environment deployed (or being deployed), `name:version`.
+    pub environment: Option<String>,
+    /// Who deployed it last.
+    pub user: Option<String>,
+    /// Its last (or current) deployment.
+    pub deployment: Option<i64>,
+    /// Last change, seconds since the epoch.
+    pub updated: i64,
+}
+
+/// One deployment as the API lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeploymentRow {
+    /// Identifier.
+    pub id: i64,
+    /// Who asked.
+    pub user: String,
+    /// Environment, `name:version`.
+    pub environment: String,
+    /// Node set (folded).
+    pub nodes: String,
+    /// How many nodes.
+    pub node_count: i64,
+    /// `running`, `done`, `cancelled` or `failed`.
+    pub state: String,
+    /// Why it ended as it did (cancelled, failed, coordinator restarted).
+    pub reason: Option<String>,
+    /// Start, seconds since the epoch.
+    pub created: i64,
+    /// End, seconds since the epoch.
+    pub finished: Option<i64>,
+    /// Nodes deployed.
+    pub ok: i64,
+    /// Nodes failed.
+    pub ko: i64,
+}
+
+/// One node of one deployment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeploymentNode {
+    /// Node.
+    pub node: String,
+    /// `running`, `ok` or `ko`.
+    pub result: String,
+    /// Step it failed in.
+    pub step: Option<String>,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// From the deployment's start to this node's end.
+    pub total_secs: Option<f64>,
+    /// Per-step records (step, ok, attempts, secs, reboots).
+    pub steps: serde_json::Value,
+}
+
+/// A right: `user` may deploy `nodes` (a node set, or `*`) on `partition` (a number, `deploy`
+/// for the layout's deploy partition, or `*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Right {
+    /// User name.
+    pub user: String,
+    /// Node set or `*`.
+    pub nodes: String,
+    /// Partition or `*`.
+    pub partition: String,
+}
+
+/// A node another deployment holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Busy {
+    /// Node.
+    pub node: String,
+    /// The deployment holding it.
+    pub deployment: i64,
+    /// Its user.
+    pub user: String,
+}
+
+/// What a new deployment records.
+#[derive(Debug, Clone)]
+pub struct NewDeployment<'a> {
+    /// Who asks.
+    pub user: &'a str,
+    /// Their uid.
+    pub uid: u32,
+    /// Environment, `name:version`.
+    pub environment: &'a str,
+    /// Nodes.
+    pub nodes: &'a [String],
+}
+
+/// Counters for `/stats` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Nodes per state.
+    pub nodes_by_state: std::collections::BTreeMap<String, i64>,
+    /// Deployments per state.
+    pub deployments_by_state: std::collections::BTreeMap<String, i64>,
+    /// Node deployments that succeeded, over all deployments.
+    pub node_deployments_ok: i64,
+    /// Node deployments that failed.
+    pub node_deployments_ko: i64,
+    /// Failures per step.
+    pub failures_by_step: std::collections::BTreeMap<String, i64>,
+    /// Mean time of a successful node deployment.
+    pub mean_ok_secs: Option<f64>,
+}
+
+/// The database.
+pub struct Db {
+    conn: Connection,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Db {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the database {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        Self::setup(conn).with_context(|| format!("database {}", path.display()))
+    }
+
+    /// An in-memory database (tests, benches).
+    pub fn open_in_memory() -> Result<Self> {
+        Self::setup(Connection::open_in_memory()?)
+    }
+
+    fn setup(conn: Connection) -> Result<Self> {
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut db = Db { conn };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let have: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if have as usize > MIGRATIONS.len() {
+            bail!(
+                "the database has schema version {have}, newer than this kd-coord knows ({}): \
+                 run a newer kd-coord",
+                MIGRATIONS.len()
+            );
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(have as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(m)
+                .with_context(|| format!("schema migration {}", i + 1))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Schema version.
+    pub fn version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    /// Adds or replaces a cluster and its nodes. A node of another cluster, or a node dropped
+    /// from this one while a deployment holds it, is refused.
+    pub fn put_cluster(&mut self, name: &str, yaml: &str, nodes: &[String]) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut other = tx.prepare("SELECT cluster FROM nodes WHERE name = ?1")?;
+            for n in nodes {
+                let c: Option<String> = other.query_row([n], |r| r.get(0)).optional()?;
+                if let Some(c) = c {
+                    if c != name {
+                        bail!("node {n} already belongs to cluster {c}");
+                    }
+                }
+            }
+            let mut held = tx.prepare(
+                "SELECT name FROM nodes WHERE cluster = ?1 AND locked_by IS NOT NULL",
+            )?;
+            let held: Vec<String> = held
+                .query_map([name], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let dropped: Vec<String> = held.into_iter().filter(|n| !nodes.contains(n)).collect();
+            if !dropped.is_empty() {
+                bail!(
+                    "nodes {} are being deployed: wait for their deployment before removing them",
+                    kd_proto::nodeset::fold(&dropped)
+                );
+            }
+        }
+        tx.execute(
+            "INSERT INTO clusters (name, yaml, added) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET yaml = excluded.yaml",
+            params![name, yaml, now()],
+        )?;
+        {
+            let mut ins = tx.prepare(
+                "INSERT INTO nodes (name, cluster, updated) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO NOTHING",
+            )?;
+            for n in nodes {
+                ins.execute(params![n, name, now()])?;
+            }
+            let keep: std::collections::HashSet<&String> = nodes.iter().collect();
+            let mut all = tx.prepare("SELECT name FROM nodes WHERE cluster = ?1")?;
+            let existing: Vec<String> = all
+                .query_map([name], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut del = tx.prepare("DELETE FROM nodes WHERE name = ?1")?;
+            for n in existing.iter().filter(|n| !keep.contains(n)) {
+                del.execute([n])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every cluster: (name, YAML).
+    pub fn clusters(&self) -> Result<Vec<(String, String)>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT name, yaml FROM clusters ORDER BY name")?;
+        let rows = q
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Every node, by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let mut q = self.conn.prepare(
+            "SELECT name, cluster, state, environment, user, deployment, updated FROM nodes",
+        )?;
+        let mut rows: Vec<NodeRow> = q
+            .query_map([], |r| {
+                Ok(NodeRow {
+                    name: r.get(0)?,
+                    cluster: r.get(1)?,
+                    state: r.get(2)?,
+                    environment: r.get(3)?,
+                    user: r.get(4)?,
+                    deployment: r.get(5)?,
+                    updated: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.sort_by(|a, b| kd_proto::nodeset::natural_cmp(&a.name, &b.name));
+        Ok(rows)
+    }
+
+    /// Sets a node's state outside a deployment (reboot, power).
+    pub fn set_node_state(&mut self, node: &str, state: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE nodes SET state = ?2, updated = ?3 WHERE name = ?1",
+            params![node, state, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Takes `d.nodes` for a new deployment in one transaction: `Err(busy)` names the nodes
+    /// another deployment holds (nothing is taken then); `Ok(id)` the new deployment.
+    pub fn create_deployment(&mut self, d: &NewDeployment<'_>) -> Result<Result<i64, Vec<Busy>>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut busy = Vec::new();
+        {
+            let mut q = tx.prepare(
+                "SELECT n.locked_by, d.user FROM nodes n JOIN deployments d ON d.id = n.locked_by
+                 WHERE n.name = ?1",
+            )?;
+            for n in d.nodes {
+                let held: Option<(i64, String)> = q
+                    .query_row([n], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((deployment, user)) = held {
+                    busy.push(Busy {
+                        node: n.clone(),
+                        deployment,
+                        user,
+                    });
+                }
+            }
+        }
+        if !busy.is_empty() {
+            return Ok(Err(busy));
+        }
+        let t = now();
+        tx.execute(
+            "INSERT INTO deployments (user, uid, environment, nodes, node_count, state, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
+            params![
+                d.user,
+                d.uid,
+                d.environment,
+                kd_proto::nodeset::fold(d.nodes),
+                d.nodes.len() as i64,
+                t
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        {
+            let mut take = tx.prepare(
+                "UPDATE nodes SET locked_by = ?2, deployment = ?2, state = 'deploying',
+                 environment = ?3, user = ?4, updated = ?5 WHERE name = ?1",
+            )?;
+            let mut row = tx.prepare(
+                "INSERT INTO deployment_nodes (deployment, node, steps) VALUES (?1, ?2, '[]')",
+            )?;
+            for n in d.nodes {
+                if take.execute(params![n, id, d.environment, d.user, t])? != 1 {
+                    bail!("unknown node {n}");
+                }
+                row.execute(params![id, n])?;
+            }
+        }
+        tx.commit()?;
+        Ok(Ok(id))
+    }
+
+    /// Records one node's end in deployment `id` and releases the node.
+    pub fn finish_node(
+        &mut self,
+        id: i64,
+        node: &str,
+        failure: Option<(&str, &str)>,
+        total_secs: f64,
+        steps: &serde_json::Value,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let (result, step, reason) = match failure {
+            None => ("ok", None, None),
+            Some((s, r)) => ("ko", Some(s), Some(r)),
+        };
+        tx.execute(
+            "UPDATE deployment_nodes SET result = ?3, step = ?4, reason = ?5, total_secs = ?6,
+             steps = ?7 WHERE deployment = ?1 AND node = ?2",
+            params![id, node, result, step, reason, total_secs, steps.to_string()],
+        )?;
+        let st = if failure.is_none() {
+            state::DEPLOYED
+        } else {
+            state::DEPLOY_FAILED
+        };
+        tx.execute(
+            "UPDATE nodes SET state = ?3, locked_by = NULL, updated = ?4
+             WHERE name = ?1 AND locked_by = ?2",
+            params![node, id, st, now()],
+        )?;
+        let col = if failure.is_none() { "ok" } else { "ko" };
+        tx.execute(
+            &format!("UPDATE deployments SET {col} = {col} + 1 WHERE id = ?1"),
+            [id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Ends deployment `id` (`done`, `cancelled`, `failed`): a node it still holds fails with
+    /// `reason` and is released. Returns those nodes.
+    pub fn finish_deployment(
+        &mut self,
+        id: i64,
+        end: &str,
+        reason: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let tx = self.conn.transaction()?;
+        let left: Vec<String> = {
+            let mut q = tx.prepare(
+                "SELECT node FROM deployment_nodes WHERE deployment = ?1 AND result = 'running'",
+            )?;
+            let rows = q
+                .query_map([id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        let why = reason.unwrap_or("the deployment ended");
+        tx.execute(
+            "UPDATE deployment_nodes SET result = 'ko', reason = ?2
+             WHERE deployment = ?1 AND result = 'running'",
+            params![id, why],
+        )?;
+        tx.execute(
+            "UPDATE nodes SET state = 'deploy_failed', locked_by = NULL, updated = ?2
+             WHERE locked_by = ?1",
+            params![id, now()],
+        )?;
+        tx.execute(
+            "UPDATE deployments SET state = ?2, reason = ?3, finished = ?4, ko = ko + ?5
+             WHERE id = ?1",
+            params![id, end, reason, now(), left.len() as i64],
+        )?;
+        tx.commit()?;
+        Ok(left)
+    }
+
+    /// After a restart: every deployment still `running` failed with `reason`; returns the
+    /// nodes that were held (their profiles must boot the local disk again).
+    pub fn recover(&mut self, reason: &str) -> Result<Vec<(i64, Vec<String>)>> {
+        let running: Vec<i64> = {
+            let mut q = self
+                .conn
+                .prepare("SELECT id FROM deployments WHERE state = 'running' ORDER BY id")?;
+            let rows = q
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        let mut out = Vec::new();
+        for id in running {
+            let left = self.finish_deployment(id, "failed", Some(reason))?;
+            out.push((id, left));
+        }
+        Ok(out)
+    }
+
+    /// Deployments, newest first: of `user` if given, at most `limit`, older than `before`.
+    pub fn deployments(
+        &self,
+        user: Option<&str>,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<DeploymentRow>> {
+        let mut q = self.conn.prepare(
+            "SELECT id, user, environment, nodes, node_count, state, reason, created, finished,
+                    ok, ko
+             FROM deployments
+             WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR id < ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = q
+            .query_map(params![user, before, limit], row_to_deployment)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// One deployment and its nodes.
+    pub fn deployment(&self, id: i64) -> Result<Option<(DeploymentRow, Vec<DeploymentNode>)>> {
+        let d = self
+            .conn
+            .query_row(
+                "SELECT id, user, environment, nodes, node_count, state, reason, created,
+                        finished, ok, ko
+                 FROM deployments WHERE id = ?1",
+                [id],
+                row_to_deployment,
+            )
+            .optional()?;
+        let Some(d) = d else { return Ok(None) };
+        let mut q = self.conn.prepare(
+            "SELECT node, result, step, reason, total_secs, steps FROM deployment_nodes
+             WHERE deployment = ?1",
+        )?;
+        let mut nodes: Vec<DeploymentNode> = q
+            .query_map([id], |r| {
+                let steps: Option<String> = r.get(5)?;
+                Ok(DeploymentNode {
+                    node: r.get(0)?,
+                    result: r.get(1)?,
+                    step: r.get(2)?,
+                    reason: r.get(3)?,
+                    total_secs: r.get(4)?,
+                    steps: steps
+                        .and_then(|s| serde_json::from_str(&s).ok())
+                        .unwrap_or(serde_json::Value::Array(Vec::new())),
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        nodes.sort_by(|a, b| kd_proto::nodeset::natural_cmp(&a.node, &b.node));
+        Ok(Some((d, nodes)))
+    }
+
+    /// Grants a right.
+    pub fn add_right(&mut self, r: &Right) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO rights (user, nodes, partition) VALUES (?1, ?2, ?3)",
+            params![r.user, r.nodes, r.partition],
+        )?;
+        Ok(())
+    }
+
+    /// Revokes rights of `user` (all of them, or those on `nodes`); returns how many.
+    pub fn remove_rights(&mut self, user: &str, nodes: Option<&str>) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM rights WHERE user = ?1 AND (?2 IS NULL OR nodes = ?2)",
+            params![user, nodes],
+        )?)
+    }
+
+    /// Every right (of `user` if given).
+    pub fn rights(&self, user: Option<&str>) -> Result<Vec<Right>> {
+        let mut q = self.conn.prepare(
+            "SELECT user, nodes, partition FROM rights WHERE (?1 IS NULL OR user = ?1)
+             ORDER BY user, nodes, partition",
+        )?;
+        let rows = q
+            .query_map(params![user], |r| {
+                Ok(Right {
+                    user: r.get(0)?,
+                    nodes: r.get(1)?,
+                    partition: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// The nodes of `nodes` that `user` may not deploy on `partition`.
+    pub fn denied(&self, user: &str, nodes: &[String], partition: &str) -> Result<Vec<String>> {
+        let rights = self.rights(Some(user))?;
+        let mut sets: Vec<std::collections::HashSet<String>> = Vec::new();
+        let mut all = false;
+        for r in rights
+            .iter()
+            .filter(|r| r.partition == "*" || r.partition == partition)
+        {
+            if r.nodes == "*" {
+                all = true;
+            } else if let Ok(ns) = kd_proto::nodeset::parse(&r.nodes) {
+                sets.push(ns.into_iter().collect());
+            }
+        }
+        if all {
+            return Ok(Vec::new());
+        }
+        Ok(nodes
+            .iter()
+            .filter(|n| !sets.iter().any(|s| s.contains(*n)))
+            .cloned()
+            .collect())
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut s = Stats::default();
+        let mut q = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM nodes GROUP BY state")?;
+        for r in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (k, v) = r?;
+            s.nodes_by_state.insert(k, v);
+        }
+        let mut q = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM deployments GROUP BY state")?;
+        for r in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (k, v) = r?;
+            s.deployments_by_state.insert(k, v);
+        }
+        let mut q = self.conn.prepare(
+            "SELECT result, step, COUNT(*), AVG(total_secs) FROM deployment_nodes
+             WHERE result != 'running' GROUP BY result, step",
+        )?;
+        for r in q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<f64>>(3)?,
+            ))
+        })? {
+            let (result, step, n, avg) = r?;
+            if result == "ok" {
+                s.node_deployments_ok += n;
+                s.mean_ok_secs = avg;
+            } else {
+                s.node_deployments_ko += n;
+                *s.failures_by_step
+                    .entry(step.unwrap_or_else(|| "none".into()))
+                    .or_default() += n;
+            }
+        }
+        Ok(s)
+    }
+
+    /// Writes many rows at once (benches): `count` finished deployments of one node each.
+    pub fn bulk_history(&mut self, user: &str, nodes: &[String], count: usize) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut d = tx.prepare(
+                "INSERT INTO deployments (user, uid, environment, nodes, node_count, state,
+                 created, finished, ok) VALUES (?1, 1000, 'debian12:1', ?2, 1, 'done', ?3, ?3, 1)",
+            )?;
+            let mut n = tx.prepare(
+                "INSERT INTO deployment_nodes (deployment, node, result, total_secs, steps)
+                 VALUES (?1, ?2, 'ok', 60.0, '[]')",
+            )?;
+            for i in 0..count {
+                let node = &nodes[i % nodes.len().max(1)];
+                d.execute(params![user, node, now()])?;
+                n.execute(params![tx.last_insert_rowid(), node])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
+    Ok(DeploymentRow {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        environment: r.get(2)?,
+        nodes: r.get(3)?,
+        node_count: r.get(4)?,
+        state: r.get(5)?,
+        reason: r.get(6)?,
+        created: r.get(7)?,
+        finished: r.get(8)?,
+        ok: r.get(9)?,
+        ko: r.get(10)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(s: &str) -> Vec<String> {
+        kd_proto::nodeset::parse(s).unwrap()
+    }
+
+    fn db() -> Db {
+        let mut db = Db::open_in_memory().unwrap();
+        db.put_cluster("lab", "yaml", &names("node[1-6]")).unwrap();
+        db
+    }
+
+    fn new<'a>(user: &'a str, nodes: &'a [String]) -> NewDeployment<'a> {
+        NewDeployment {
+            user,
+            uid: 1000,
+            environment: "debian12:1",
+            nodes,
+        }
+    }
+
+    #[test]
+    fn migrations_run_once_and_a_newer_schema_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kd.db");
+        let db = Db::open(&p).unwrap();
+        assert_eq!(db.version().unwrap(), MIGRATIONS.len() as i64);
+        drop(db);
+        let db = Db::open(&p).unwrap();
+        assert_eq!(db.version().unwrap(), MIGRATIONS.len() as i64);
+        db.conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(db);
+        let e = Db::open(&p).err().unwrap();
+        assert!(format!("{e:#}").contains("newer than this kd-coord"), "{e:#}");
+    }
+
+    #[test]
+    fn overlapping_deployments_are_refused_naming_the_busy_nodes() {
+        let mut db = db();
+        let a = names("node[1-3]");
+        let id = db.create_deployment(&new("alice", &a)).unwrap().unwrap();
+        let b = names("node[3-5]");
+        let busy = db.create_deployment(&new("bob", &b)).unwrap().unwrap_err();
+        assert_eq!(
+            busy,
+            vec![Busy {
+                node: "node3".into(),
+                deployment: id,
+                user: "alice".into()
+            }]
+        );
+        // Nothing of the refused one was taken.
+        let nodes = db.nodes().unwrap();
+        assert_eq!(nodes[3].state, state::UNKNOWN);
+        assert_eq!(db.deployments(None, 10, None).unwrap().len(), 1);
+        // Disjoint nodes go.
+        let c = names("node[4-5]");
+        db.create_deployment(&new("bob", &c)).unwrap().unwrap();
+        assert_eq!(nodes[0].state, state::DEPLOYING);
+        assert_eq!(nodes[0].user.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn finishing_records_results_and_releases_nodes() {
+        let mut db = db();
+        let a = names("node[1-3]");
+        let id = db.create_deployment(&new("alice", &a)).unwrap().unwrap();
+        let steps = serde_json::json!([{"step": "broadcast", "ok": true, "secs": 3.5}]);
+        db.finish_node(id, "node1", None, 42.0, &steps).unwrap();
+        db.finish_node(id, "node2", Some(("broadcast", "disk full")), 10.0, &steps)
+            .unwrap();
+        let left = db
+            .finish_deployment(id, "cancelled", Some("cancelled by alice"))
+            .unwrap();
+        assert_eq!(left, vec!["node3".to_string()]);
+        let (d, nodes) = db.deployment(id).unwrap().unwrap();
+        assert_eq!(d.state, "cancelled");
+        assert_eq!((d.ok, d.ko), (1, 2));
+        assert_eq!(nodes[0].result, "ok");
+        assert_eq!(nodes[0].steps, steps);
+        assert_eq!(nodes[1].step.as_deref(), Some("broadcast"));
+        assert_eq!(nodes[1].reason.as_deref(), Some("disk full"));
+        assert_eq!(nodes[2].reason.as_deref(), Some("cancelled by alice"));
+        let n = db.nodes().unwrap();
+        assert_eq!(n[0].state, state::DEPLOYED);
+        assert_eq!(n[1].state, state::DEPLOY_FAILED);
+        assert_eq!(n[2].state, state::DEPLOY_FAILED);
+        // Released: a new deployment takes them.
+        db.create_deployment(&new("bob", &a)).unwrap().unwrap();
+        let s = db.stats().unwrap();
+        assert_eq!(s.node_deployments_ok, 1);
+        assert_eq!(s.failures_by_step.get("broadcast"), Some(&1));
+    }
+
+    #[test]
+    fn recovery_fails_running_deployments_and_frees_their_nodes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kd.db");
+        let mut db = Db::open(&p).unwrap();
+        db.put_cluster("lab", "yaml", &names("node[1-6]")).unwrap();
+        let a = names("node[1-2]");
+        let id = db.create_deployment(&new("alice", &a)).unwrap().unwrap();
+        db.finish_node(id, "node1", None, 1.0, &serde_json::json!([]))
+            .unwrap();
+        drop(db);
+        let mut db = Db::open(&p).unwrap();
+        let rec = db.recover("coordinator restarted").unwrap();
+        assert_eq!(rec, vec![(id, vec!["node2".to_string()])]);
+        let (d, nodes) = db.deployment(id).unwrap().unwrap();
+        assert_eq!(d.state, "failed");
+        assert_eq!(d.reason.as_deref(), Some("coordinator restarted"));
+        assert_eq!(nodes[1].reason.as_deref(), Some("coordinator restarted"));
+        assert!(db.nodes().unwrap().iter().all(|n| n.state != "deploying"));
+        assert!(db.recover("again").unwrap().is_empty());
+    }
+
+    #[test]
+    fn rights_cover_node_sets_and_partitions() {
+        let mut db = db();
+        db.add_right(&Right {
+            user: "alice".into(),
+            nodes: "node[1-3]".into(),
+            partition: "*".into(),
+        })
+        .unwrap();
+        db.add_right(&Right {
+            user: "bob".into(),
+            nodes: "node4".into(),
+            partition: "deploy".into(),
+        })
+        .unwrap();
+        assert!(db.denied("alice", &names("node[1-3]"), "deploy").unwrap().is_empty());
+        assert_eq!(db.denied("alice", &names("node[3-4]"), "3").unwrap(), vec!["node4"]);
+        assert!(db.denied("bob", &names("node4"), "deploy").unwrap().is_empty());
+        assert_eq!(db.denied("bob", &names("node4"), "3").unwrap(), vec!["node4"]);
+        assert_eq!(db.denied("carol", &names("node1"), "deploy").unwrap(), vec!["node1"]);
+        assert_eq!(db.remove_rights("alice", None).unwrap(), 1);
+        assert_eq!(db.denied("alice", &names("node1"), "deploy").unwrap(), vec!["node1"]);
+    }
+
+    #[test]
+    fn a_cluster_cannot_steal_nodes_nor_drop_busy_ones() {
+        let mut db = db();
+        let e = db.put_cluster("other", "y", &names("node[6-7]")).unwrap_err();
+        assert!(format!("{e}").contains("node6 already belongs to cluster lab"));
+        let a = names("node1");
+        db.create_deployment(&new("alice", &a)).unwrap().unwrap();
+        let e = db.put_cluster("lab", "y2", &names("node[2-6]")).unwrap_err();
+        assert!(format!("{e}").contains("being deployed"), "{e}");
+        db.put_cluster("lab", "y3", &names("node[1-4]")).unwrap();
+        assert_eq!(db.nodes().unwrap().len(), 4);
+        assert_eq!(db.clusters().unwrap(), vec![("lab".into(), "y3".into())]);
+    }
+}
