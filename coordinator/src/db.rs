@@ -153,7 +153,7 @@ pub struct DeploymentNode {
 
 /// A right: `user` may deploy `nodes` (a node set, or `*`) on `partition` (a number, `deploy`
 /// for the layout's deploy partition, or `*`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Right {
     /// User name.
     pub user: String,

@@ -1180,6 +1180,90 @@ pub fn local_path(location: &str) -> Result<std::path::PathBuf> {
     Ok(std::path::PathBuf::from(p))
 }
 
+/// Points `node`'s PXE profile at its local disk (no token, no deploy kernel).
+pub fn write_local_profile(cluster: &ClusterConfig, node: &str) -> Result<()> {
+    let nc = cluster
+        .node(node)
+        .with_context(|| format!("{node} is not in cluster {}", cluster.cluster))?;
+    let profile = cluster.render_profile(nc, &ProfileBoot::LocalDisk);
+    write_profile(&profile.path, profile.content.as_bytes())
+        .with_context(|| format!("cannot write the PXE profile {}", profile.path.display()))
+}
+
+/// Resolves an environment's file location (`server://`, `local://` or a path) against
+/// `dir`, the environment file's directory.
+pub fn env_path(location: &str, dir: &Path) -> Result<std::path::PathBuf> {
+    let p = local_path(location)?;
+    Ok(if p.is_relative() { dir.join(p) } else { p })
+}
+
+/// Refuses a file `uid` could not read itself (the daemon reads files on a user's behalf).
+pub fn check_readable_by(path: &Path, uid: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(uid) = uid else { return Ok(()) };
+    if uid == 0 {
+        return Ok(());
+    }
+    let m = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    let mode = m.mode();
+    let ok = mode & 0o004 != 0 || (m.uid() == uid && mode & 0o400 != 0);
+    if !ok {
+        anyhow::bail!(
+            "{}: not readable by uid {uid} (owner {}, mode {:o}): the daemon reads files only \
+             for users who may read them",
+            path.display(),
+            m.uid(),
+            mode & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Checks that `text` holds an SSH public key.
+pub fn check_ssh_key(text: &str) -> Result<()> {
+    let ok = text.lines().any(|l| {
+        let l = l.trim();
+        l.starts_with("ssh-") || l.starts_with("ecdsa-") || l.starts_with("sk-")
+    });
+    if !ok {
+        anyhow::bail!("this does not look like an SSH public key (ssh-ed25519 AAAA...)");
+    }
+    Ok(())
+}
+
+/// Everything a deployment needs besides its nodes: the image (packed once into
+/// `STATE/images` when the environment names a plain archive) and the agents' job. Files are
+/// resolved against `env_dir`; with `reader` set, each must be readable by that uid.
+pub fn prepare(
+    state: &Path,
+    cluster: &ClusterConfig,
+    env: &Environment,
+    env_dir: &Path,
+    ssh_key: Option<String>,
+    partition: Option<u32>,
+    reader: Option<u32>,
+    say: &dyn Fn(String),
+) -> Result<(ImageFile, DeployJob)> {
+    if let Some(k) = &ssh_key {
+        check_ssh_key(k)?;
+    }
+    let mut archives = Vec::new();
+    for p in &env.postinstalls {
+        let path = env_path(&p.archive, env_dir)?;
+        check_readable_by(&path, reader)?;
+        archives.push(
+            std::fs::read(&path)
+                .with_context(|| format!("post-install archive {}", path.display()))?,
+        );
+    }
+    let source = env_path(&env.image.file, env_dir)?;
+    check_readable_by(&source, reader)?;
+    let image_path = image_for(&source, &state.join("images"), say)?;
+    let img = ImageFile::open(&image_path)?;
+    let job = job_for(env, cluster, img.manifest.kind, ssh_key, archives, partition)?;
+    Ok((img, job))
+}
+
 /// The kd image for an environment's image file: the file itself when it is a `.kdi`,
 /// otherwise a `.kdi` packed once into `cache_dir` (named after the file's path, size and
 /// modification time, so a changed file is packed again).

@@ -10,6 +10,7 @@ pub mod env;
 pub mod fsutil;
 pub mod image;
 pub mod pki;
+pub mod service;
 pub mod state;
 pub mod tokens;
 pub mod workflow;

@@ -1,0 +1,948 @@
+//! `kd-coord serve`: the daemon. One process holds the database (`STATE/kd.db`), one QUIC
+//! endpoint per coordinator address (every deployment of a cluster shares it; agents are
+//! routed by node), and serves the HTTP/1.1 JSON API on `STATE/kd.sock`, where the caller is
+//! the Unix user the kernel names (`SO_PEERCRED`): no password, no token.
+//!
+//! Who may do what: root and the daemon's own user administer (clusters, rights, any
+//! deployment); others deploy the nodes their rights name and see, follow and cancel their
+//! own deployments. The API is described in `docs/api.md` and at `GET /api/v1`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast as bcast, mpsc, watch};
+
+use crate::config::ClusterConfig;
+use crate::db::{self, Db, NewDeployment, Right};
+use crate::deploy::{self, DeployConfig, Hooks, SharedEndpoint, Update};
+use crate::env::Environment;
+use crate::pki::CoordIdentity;
+use crate::workflow::NodeResult;
+
+/// The API's socket in the state directory.
+pub const SOCKET: &str = "kd.sock";
+
+/// Lines a running deployment keeps for followers that join late.
+const LOG_LINES: usize = 20_000;
+
+/// The API reference served at `GET /api/v1`.
+pub const API_DOC: &str = include_str!("../../docs/api.md");
+
+/// A deployment request, as the CLI sends it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployRequest {
+    /// The environment description (YAML text).
+    pub environment: String,
+    /// Directory that relative paths of the environment are resolved against (the
+    /// environment file's directory on the caller's side).
+    pub environment_dir: PathBuf,
+    /// Nodes, in node-set syntax.
+    pub nodes: String,
+    /// Public SSH key text for root on the deployed system.
+    #[serde(default)]
+    pub ssh_key: Option<String>,
+    /// Tree: chain, star or a fan-out.
+    #[serde(default = "default_arity")]
+    pub arity: String,
+    /// Deploy on this partition instead of the layout's deploy partition.
+    #[serde(default)]
+    pub partition: Option<u32>,
+}
+
+fn default_arity() -> String {
+    "chain".into()
+}
+
+/// Who is calling, from the socket's peer credentials.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Unix uid.
+    pub uid: u32,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        // An unreadable credential is nobody (uid u32::MAX), who may do nothing.
+        let uid = s.io().peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+        Peer { uid }
+    }
+}
+
+struct Running {
+    user: String,
+    log: Vec<String>,
+    lines: bcast::Sender<String>,
+    cancel: watch::Sender<Option<String>>,
+}
+
+/// The daemon's state, shared by every request and deployment.
+pub struct Daemon {
+    dir: PathBuf,
+    db: Mutex<Db>,
+    identity: CoordIdentity,
+    admin_uid: u32,
+    endpoints: tokio::sync::Mutex<HashMap<SocketAddr, SharedEndpoint>>,
+    running: Mutex<HashMap<i64, Running>>,
+    started: Instant,
+    requests: AtomicU64,
+    refused_tx: mpsc::UnboundedSender<crate::broadcast::Event>,
+}
+
+/// An API error: a status and a message (and details, for a busy node set).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl std::fmt::Display) -> Self {
+        ApiError {
+            status,
+            body: json!({ "error": msg.to_string() }),
+        }
+    }
+    fn bad(msg: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, msg)
+    }
+    fn forbidden(msg: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::FORBIDDEN, msg)
+    }
+    fn not_found(msg: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::NOT_FOUND, msg)
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// The name of `uid` (its number when it has none).
+pub fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid{uid}"))
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Daemon {
+    /// Opens the state directory: database (migrated), identity, and recovery from a previous
+    /// run that stopped mid-deployment (its deployments fail with "coordinator restarted",
+    /// their nodes are released and their PXE profiles boot the local disk).
+    pub fn open(dir: &Path) -> Result<Arc<Self>> {
+        crate::state::create_dir(dir)?;
+        let mut db = Db::open(&dir.join("kd.db"))?;
+        let identity = CoordIdentity::load_or_create(dir)?;
+        let recovered = db.recover("coordinator restarted")?;
+        let clusters = parse_clusters(&db)?;
+        for (id, nodes) in &recovered {
+            tracing::warn!(
+                deployment = id,
+                "deployment {id} was running when the coordinator stopped: nodes {} failed",
+                kd_proto::nodeset::fold(nodes)
+            );
+            for n in nodes {
+                if let Some(c) = clusters.iter().find(|c| c.node(n).is_some()) {
+                    if let Err(e) = deploy::write_local_profile(c, n) {
+                        tracing::warn!("{n}: {e:#}");
+                    }
+                }
+            }
+        }
+        let (refused_tx, mut refused_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(e) = refused_rx.recv().await {
+                if let crate::broadcast::Event::Refused { addr, reason } = e {
+                    tracing::info!("refused an agent from {addr}: {reason}");
+                }
+            }
+        });
+        Ok(Arc::new(Daemon {
+            dir: dir.to_path_buf(),
+            db: Mutex::new(db),
+            identity,
+            admin_uid: nix::unistd::geteuid().as_raw(),
+            endpoints: tokio::sync::Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            requests: AtomicU64::new(0),
+            refused_tx,
+        }))
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_admin(&self, p: &Peer) -> bool {
+        p.uid == 0 || p.uid == self.admin_uid
+    }
+
+    fn admin(&self, p: &Peer) -> ApiResult<()> {
+        if self.is_admin(p) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "{} is not an administrator of this kd daemon (root or uid {} are)",
+                user_name(p.uid),
+                self.admin_uid
+            )))
+        }
+    }
+
+    async fn endpoint(&self, addr: SocketAddr) -> Result<SharedEndpoint> {
+        let mut eps = self.endpoints.lock().await;
+        if let Some(e) = eps.get(&addr) {
+            return Ok(e.clone());
+        }
+        let e = SharedEndpoint::bind(addr, &self.identity, self.refused_tx.clone())?;
+        eps.insert(addr, e.clone());
+        Ok(e)
+    }
+
+    fn push_line(&self, id: i64, line: Value) {
+        let text = line.to_string();
+        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(run) = r.get_mut(&id) {
+            if run.log.len() < LOG_LINES {
+                run.log.push(text.clone());
+            }
+            let _ = run.lines.send(text);
+        }
+    }
+
+    /// Cancels every running deployment and waits (bounded) for them to end.
+    pub async fn shutdown(&self, reason: &str, wait: std::time::Duration) {
+        {
+            let r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            for run in r.values() {
+                let _ = run.cancel.send(Some(reason.to_string()));
+            }
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < wait {
+            if self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let eps: Vec<SharedEndpoint> = self.endpoints.lock().await.values().cloned().collect();
+        for e in eps {
+            e.close().await;
+        }
+    }
+}
+
+fn parse_clusters(db: &Db) -> Result<Vec<ClusterConfig>> {
+    db.clusters()?
+        .into_iter()
+        .map(|(name, yaml)| {
+            ClusterConfig::parse(&yaml).with_context(|| format!("cluster {name} in the database"))
+        })
+        .collect()
+}
+
+/// The API router.
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/", get(doc))
+        .route("/api/v1", get(doc))
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/clusters", get(clusters).post(add_cluster))
+        .route(
+            "/api/v1/deployments",
+            get(list_deployments).post(create_deployment),
+        )
+        .route("/api/v1/deployments/{id}", get(show_deployment))
+        .route("/api/v1/deployments/{id}/events", get(follow_deployment))
+        .route("/api/v1/deployments/{id}/cancel", post(cancel_deployment))
+        .route(
+            "/api/v1/rights",
+            get(list_rights).post(add_right).delete(remove_rights),
+        )
+        .route("/api/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::not_found("no such API path: see GET /api/v1 for the reference")
+        })
+        .layer(axum::middleware::from_fn_with_state(d.clone(), count))
+        .with_state(d)
+}
+
+async fn count(
+    State(d): State<Arc<Daemon>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    d.requests.fetch_add(1, Ordering::Relaxed);
+    next.run(req).await
+}
+
+/// Serves the API on `STATE/kd.sock` until SIGTERM or SIGINT; then cancels running
+/// deployments (each node ends deploy_failed, its profile on the local disk) and exits.
+pub async fn serve(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::state::create_dir(dir)?;
+    // One daemon per state directory.
+    let lock_path = dir.join(".daemon.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another kd-coord serve runs on {} (it holds {})",
+            dir.display(),
+            lock_path.display()
+        );
+    }
+    let d = Daemon::open(dir)?;
+    let sock = dir.join(SOCKET);
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("cannot listen on {}", sock.display()))?;
+    // Every local user may connect (the kernel tells who they are); the directory lets them
+    // reach the socket without listing what else it holds.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
+    eprintln!("kd-coord: serving the API on {}", sock.display());
+    let app = router(d.clone()).into_make_service_with_connect_info::<Peer>();
+    let stop = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            stop.await;
+            eprintln!("kd-coord: stopping: cancelling running deployments");
+        })
+        .await
+        .context("API server")?;
+    d.shutdown(
+        "the coordinator is stopping",
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    let _ = std::fs::remove_file(&sock);
+    drop(lock);
+    Ok(())
+}
+
+async fn doc() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/markdown; charset=utf-8")], API_DOC)
+}
+
+async fn nodes(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
+    let rows = d.db().nodes()?;
+    Ok(Json(json!({ "nodes": rows })))
+}
+
+async fn clusters(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
+    let cs = parse_clusters(&d.db())?;
+    let out: Vec<Value> = cs
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.cluster,
+                "nodes": kd_proto::nodeset::fold(&c.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>()),
+                "node_count": c.nodes.len(),
+                "coordinator": c.coordinator.socket_addr().to_string(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "clusters": out })))
+}
+
+#[derive(Deserialize)]
+struct ClusterBody {
+    yaml: String,
+}
+
+async fn add_cluster(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(b): Json<ClusterBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    d.admin(&p)?;
+    let c = ClusterConfig::parse(&b.yaml)
+        .map_err(|e| ApiError::bad(format!("bad cluster configuration: {e}")))?;
+    let names: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+    d.db()
+        .put_cluster(&c.cluster, &b.yaml, &names)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("{e:#}")))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": c.cluster, "nodes": kd_proto::nodeset::fold(&names), "node_count": names.len() })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    user: Option<String>,
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+async fn list_deployments(
+    State(d): State<Arc<Daemon>>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let rows = d.db().deployments(q.user.as_deref(), limit, q.before)?;
+    Ok(Json(json!({ "deployments": rows })))
+}
+
+async fn show_deployment(
+    State(d): State<Arc<Daemon>>,
+    UrlPath(id): UrlPath<i64>,
+) -> ApiResult<Json<Value>> {
+    let (row, nodes) = d
+        .db()
+        .deployment(id)?
+        .ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))?;
+    let mut v = serde_json::to_value(&row).map_err(anyhow::Error::from)?;
+    v["node_results"] = serde_json::to_value(&nodes).map_err(anyhow::Error::from)?;
+    Ok(Json(v))
+}
+
+async fn follow_deployment(
+    State(d): State<Arc<Daemon>>,
+    UrlPath(id): UrlPath<i64>,
+) -> ApiResult<Response> {
+    let (log, rx) = {
+        let r = d.running.lock().unwrap_or_else(|p| p.into_inner());
+        match r.get(&id) {
+            Some(run) => (run.log.clone(), Some(run.lines.subscribe())),
+            None => (Vec::new(), None),
+        }
+    };
+    let end_line = |d: &Daemon| -> ApiResult<String> {
+        let (row, nodes) = d
+            .db()
+            .deployment(id)?
+            .ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))?;
+        Ok(end_json(&row, &nodes).to_string())
+    };
+    let Some(rx) = rx else {
+        // Over: its end only.
+        let line = end_line(&d)?;
+        return Ok(ndjson(futures_util::stream::iter(vec![line])));
+    };
+    let replay = futures_util::stream::iter(log);
+    let live = futures_util::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        loop {
+            match rx.recv().await {
+                Ok(l) => return Some((l, Some(rx))),
+                Err(bcast::error::RecvError::Lagged(n)) => {
+                    return Some((
+                        json!({ "note": format!("({n} lines dropped: this follower was slow)") })
+                            .to_string(),
+                        Some(rx),
+                    ))
+                }
+                Err(bcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    Ok(ndjson(replay.chain(live)))
+}
+
+fn ndjson(s: impl futures_util::Stream<Item = String> + Send + 'static) -> Response {
+    use futures_util::StreamExt;
+    let body = axum::body::Body::from_stream(
+        s.map(|mut l| {
+            l.push('\n');
+            Ok::<_, std::convert::Infallible>(l)
+        }),
+    );
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response()
+}
+
+fn end_json(row: &db::DeploymentRow, nodes: &[db::DeploymentNode]) -> Value {
+    let ok: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n.result == "ok")
+        .map(|n| n.node.as_str())
+        .collect();
+    let ko: Vec<Value> = nodes
+        .iter()
+        .filter(|n| n.result != "ok")
+        .map(|n| json!({ "node": n.node, "step": n.step, "reason": n.reason }))
+        .collect();
+    json!({ "end": row.state, "id": row.id, "reason": row.reason, "ok": ok, "ko": ko, "node_results": nodes })
+}
+
+async fn cancel_deployment(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    UrlPath(id): UrlPath<i64>,
+) -> ApiResult<Json<Value>> {
+    let who = user_name(p.uid);
+    let r = d.running.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(run) = r.get(&id) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("deployment {id} is not running"),
+        ));
+    };
+    if run.user != who && !d.is_admin(&p) {
+        return Err(ApiError::forbidden(format!(
+            "deployment {id} is {}'s: {who} may not cancel it",
+            run.user
+        )));
+    }
+    let _ = run.cancel.send(Some(format!("cancelled by {who}")));
+    Ok(Json(json!({ "id": id, "cancelling": true })))
+}
+
+async fn list_rights(
+    State(d): State<Arc<Daemon>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let rows = d.db().rights(q.get("user").map(String::as_str))?;
+    Ok(Json(json!({ "rights": rows })))
+}
+
+async fn add_right(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(r): Json<Right>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    d.admin(&p)?;
+    if r.nodes != "*" {
+        kd_proto::nodeset::parse(&r.nodes)
+            .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", r.nodes)))?;
+    }
+    if r.partition != "*" && r.partition != "deploy" && r.partition.parse::<u32>().is_err() {
+        return Err(ApiError::bad(format!(
+            "bad partition {:?}: a number, deploy or *",
+            r.partition
+        )));
+    }
+    if r.user.is_empty() {
+        return Err(ApiError::bad("a right needs a user"));
+    }
+    d.db().add_right(&r)?;
+    Ok((StatusCode::CREATED, Json(json!({ "right": r }))))
+}
+
+async fn remove_rights(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    d.admin(&p)?;
+    let user = q
+        .get("user")
+        .ok_or_else(|| ApiError::bad("name the user: ?user=NAME"))?;
+    let n = d
+        .db()
+        .remove_rights(user, q.get("nodes").map(String::as_str))?;
+    Ok(Json(json!({ "removed": n })))
+}
+
+async fn stats(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
+    let s = d.db().stats()?;
+    let mut v = serde_json::to_value(&s).map_err(anyhow::Error::from)?;
+    v["deployments_running"] = json!(d.running.lock().unwrap_or_else(|p| p.into_inner()).len());
+    v["uptime_secs"] = json!(d.started.elapsed().as_secs());
+    Ok(Json(v))
+}
+
+async fn metrics(State(d): State<Arc<Daemon>>) -> ApiResult<Response> {
+    use std::fmt::Write;
+    let s = d.db().stats()?;
+    let running = d.running.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let routed: usize = d.endpoints.lock().await.values().map(|e| e.routed()).sum();
+    let mut t = String::new();
+    let _ = writeln!(t, "# HELP kd_nodes Nodes by state.\n# TYPE kd_nodes gauge");
+    for st in [
+        db::state::DEPLOYED,
+        db::state::DEPLOY_FAILED,
+        db::state::DEPLOYING,
+        db::state::REBOOTING,
+        db::state::POWERED_OFF,
+        db::state::UNKNOWN,
+    ] {
+        let n = s.nodes_by_state.get(st).copied().unwrap_or(0);
+        let _ = writeln!(t, "kd_nodes{{state=\"{st}\"}} {n}");
+    }
+    let _ = writeln!(
+        t,
+        "# HELP kd_deployments Deployments by state.\n# TYPE kd_deployments gauge"
+    );
+    for (st, n) in &s.deployments_by_state {
+        let _ = writeln!(t, "kd_deployments{{state=\"{st}\"}} {n}");
+    }
+    let _ = writeln!(t, "# HELP kd_deployments_running Deployments running in this process.\n# TYPE kd_deployments_running gauge\nkd_deployments_running {running}");
+    let _ = writeln!(t, "# HELP kd_node_deployments_total Node deployments by result.\n# TYPE kd_node_deployments_total counter");
+    let _ = writeln!(
+        t,
+        "kd_node_deployments_total{{result=\"ok\"}} {}\nkd_node_deployments_total{{result=\"ko\"}} {}",
+        s.node_deployments_ok, s.node_deployments_ko
+    );
+    let _ = writeln!(t, "# HELP kd_node_failures_total Node failures by step.\n# TYPE kd_node_failures_total counter");
+    for (step, n) in &s.failures_by_step {
+        let _ = writeln!(t, "kd_node_failures_total{{step=\"{step}\"}} {n}");
+    }
+    let _ = writeln!(t, "# HELP kd_agents_routed Nodes whose agents the QUIC endpoints route now.\n# TYPE kd_agents_routed gauge\nkd_agents_routed {routed}");
+    let _ = writeln!(
+        t,
+        "# HELP kd_api_requests_total API requests served.\n# TYPE kd_api_requests_total counter\nkd_api_requests_total {}",
+        d.requests.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        t,
+        "# HELP kd_uptime_seconds Seconds since the daemon started.\n# TYPE kd_uptime_seconds gauge\nkd_uptime_seconds {}",
+        d.started.elapsed().as_secs()
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        t,
+    )
+        .into_response())
+}
+
+async fn create_deployment(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(req): Json<DeployRequest>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let user = user_name(p.uid);
+    let nodes = kd_proto::nodeset::parse(&req.nodes)
+        .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", req.nodes)))?;
+    if nodes.is_empty() {
+        return Err(ApiError::bad("no nodes to deploy"));
+    }
+    let arity: kd_proto::tree::Arity = req
+        .arity
+        .parse()
+        .map_err(|e| ApiError::bad(format!("bad arity {:?}: {e}", req.arity)))?;
+    // Which cluster: all nodes in one.
+    let clusters = parse_clusters(&d.db())?;
+    if clusters.is_empty() {
+        return Err(ApiError::bad(
+            "no cluster is configured: an administrator adds one with kd-coord cluster add FILE.yaml",
+        ));
+    }
+    let Some(cluster) = clusters.iter().find(|c| c.node(&nodes[0]).is_some()).cloned() else {
+        return Err(unknown_nodes(&nodes, &clusters));
+    };
+    let outside: Vec<String> = nodes
+        .iter()
+        .filter(|n| cluster.node(n).is_none())
+        .cloned()
+        .collect();
+    if !outside.is_empty() {
+        if outside.iter().all(|n| clusters.iter().any(|c| c.node(n).is_some())) {
+            return Err(ApiError::bad(format!(
+                "nodes {} are not in cluster {} with {}: deploy each cluster on its own",
+                kd_proto::nodeset::fold(&outside),
+                cluster.cluster,
+                nodes[0]
+            )));
+        }
+        return Err(unknown_nodes(&nodes, &clusters));
+    }
+    let partition = req
+        .partition
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "deploy".into());
+    if !d.is_admin(&p) {
+        let denied = d.db().denied(&user, &nodes, &partition)?;
+        if !denied.is_empty() {
+            return Err(ApiError::forbidden(format!(
+                "{user} may not deploy {} (partition {partition}): an administrator grants it with kd-coord rights add {user} {} {partition}",
+                kd_proto::nodeset::fold(&denied),
+                kd_proto::nodeset::fold(&denied)
+            )));
+        }
+    }
+    let env = Environment::parse(&req.environment)
+        .map_err(|e| ApiError::bad(format!("bad environment: {e}")))?;
+    let env_name = format!("{}:{}", env.name, env.version);
+    // A cheap early look (the transaction below decides): do not pack for busy nodes.
+    busy_check(&d, &nodes)?;
+    let prepared = {
+        let d = d.clone();
+        let cluster = cluster.clone();
+        let env = env.clone();
+        let uid = p.uid;
+        let req = req.clone();
+        tokio::task::spawn_blocking(move || {
+            deploy::prepare(
+                &d.dir,
+                &cluster,
+                &env,
+                &req.environment_dir,
+                req.ssh_key.clone(),
+                req.partition,
+                Some(uid),
+                &|l| tracing::info!("{l}"),
+            )
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("preparation task: {e}"))?
+    };
+    let (img, job) = prepared.map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    let id = {
+        let mut db = d.db();
+        match db.create_deployment(&NewDeployment {
+            user: &user,
+            uid: p.uid,
+            environment: &env_name,
+            nodes: &nodes,
+        })? {
+            Ok(id) => id,
+            Err(busy) => return Err(busy_error(busy)),
+        }
+    };
+    let endpoint = match d.endpoint(cluster.coordinator.socket_addr()).await {
+        Ok(e) => e,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            let _ = d.db().finish_deployment(id, "failed", Some(&reason));
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason));
+        }
+    };
+    let wire_id = getrandom::u64().map_err(|e| anyhow::anyhow!("no random id: {e}"))?;
+    let cfg = DeployConfig {
+        cluster,
+        nodes: nodes.clone(),
+        job,
+        arity,
+        deployment: wire_id,
+        listen: None,
+    };
+    let (lines, _) = bcast::channel(4096);
+    let (cancel_tx, cancel_rx) = watch::channel(None);
+    d.running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            id,
+            Running {
+                user: user.clone(),
+                log: Vec::new(),
+                lines,
+                cancel: cancel_tx,
+            },
+        );
+    let t0 = Instant::now();
+    d.push_line(
+        id,
+        json!({ "time": 0.0, "note": format!("deployment {id}: {env_name} on {} node(s) {} for {user}, tree {arity}", nodes.len(), kd_proto::nodeset::fold(&nodes)) }),
+    );
+    tokio::spawn(run_deployment(d.clone(), id, img, cfg, endpoint, cancel_rx, t0));
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "user": user, "environment": env_name, "nodes": kd_proto::nodeset::fold(&nodes), "node_count": nodes.len() })),
+    ))
+}
+
+fn unknown_nodes(nodes: &[String], clusters: &[ClusterConfig]) -> ApiError {
+    let unknown: Vec<String> = nodes
+        .iter()
+        .filter(|n| !clusters.iter().any(|c| c.node(n).is_some()))
+        .cloned()
+        .collect();
+    let known: Vec<String> = clusters
+        .iter()
+        .flat_map(|c| c.nodes.iter().map(|n| n.name.clone()))
+        .collect();
+    ApiError::bad(format!(
+        "unknown node(s) {} (known: {})",
+        kd_proto::nodeset::fold(&unknown),
+        kd_proto::nodeset::fold(&known)
+    ))
+}
+
+fn busy_check(d: &Daemon, nodes: &[String]) -> ApiResult<()> {
+    let rows = d.db().nodes()?;
+    let held: HashMap<&str, &db::NodeRow> = rows
+        .iter()
+        .filter(|r| r.state == db::state::DEPLOYING)
+        .map(|r| (r.name.as_str(), r))
+        .collect();
+    let busy: Vec<db::Busy> = nodes
+        .iter()
+        .filter_map(|n| {
+            held.get(n.as_str()).map(|r| db::Busy {
+                node: n.clone(),
+                deployment: r.deployment.unwrap_or(0),
+                user: r.user.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    if busy.is_empty() {
+        Ok(())
+    } else {
+        Err(busy_error(busy))
+    }
+}
+
+fn busy_error(busy: Vec<db::Busy>) -> ApiError {
+    let mut by: Vec<(i64, String, Vec<String>)> = Vec::new();
+    for b in &busy {
+        match by.iter_mut().find(|(id, _, _)| *id == b.deployment) {
+            Some(e) => e.2.push(b.node.clone()),
+            None => by.push((b.deployment, b.user.clone(), vec![b.node.clone()])),
+        }
+    }
+    let text: Vec<String> = by
+        .iter()
+        .map(|(id, user, ns)| {
+            format!(
+                "{} (deployment {id} by {user})",
+                kd_proto::nodeset::fold(ns)
+            )
+        })
+        .collect();
+    ApiError {
+        status: StatusCode::CONFLICT,
+        body: json!({
+            "error": format!("nodes busy: {}", text.join(", ")),
+            "busy": busy,
+        }),
+    }
+}
+
+async fn run_deployment(
+    d: Arc<Daemon>,
+    id: i64,
+    img: crate::image::ImageFile,
+    cfg: DeployConfig,
+    endpoint: SharedEndpoint,
+    cancel: watch::Receiver<Option<String>>,
+    t0: Instant,
+) {
+    let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<String>();
+    let (upd_tx, mut upd_rx) = mpsc::unbounded_channel::<Update>();
+    let mut cancel_seen = cancel.clone();
+    let hooks = Hooks {
+        notes: notes_tx,
+        updates: Some(upd_tx),
+        cancel,
+    };
+    let relay = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            let mut notes_open = true;
+            let mut upd_open = true;
+            while notes_open || upd_open {
+                tokio::select! {
+                    n = notes_rx.recv(), if notes_open => match n {
+                        Some(n) => d.push_line(id, json!({ "time": t0.elapsed().as_secs_f64(), "note": n })),
+                        None => notes_open = false,
+                    },
+                    u = upd_rx.recv(), if upd_open => match u {
+                        Some(Update::Node(r)) => {
+                            let steps = serde_json::to_value(steps_json(&r)).unwrap_or(Value::Null);
+                            let (failure, line) = match &r.result {
+                                NodeResult::Deployed => (None, json!({ "time": t0.elapsed().as_secs_f64(), "node": r.node, "result": "ok", "secs": r.total.as_secs_f64() })),
+                                NodeResult::Failed { step, reason } => (Some((step.as_str(), reason.as_str())), json!({ "time": t0.elapsed().as_secs_f64(), "node": r.node, "result": "ko", "step": step.as_str(), "reason": reason, "secs": r.total.as_secs_f64() })),
+                            };
+                            if let Err(e) = d.db().finish_node(id, &r.node, failure, r.total.as_secs_f64(), &steps) {
+                                tracing::error!("deployment {id}: cannot record {}: {e:#}", r.node);
+                            }
+                            d.push_line(id, line);
+                        }
+                        Some(Update::Step { node, step, attempt }) => d.push_line(id, json!({ "time": t0.elapsed().as_secs_f64(), "node": node, "step": step.as_str(), "attempt": attempt })),
+                        None => upd_open = false,
+                    },
+                }
+            }
+        })
+    };
+    let result = deploy::run_shared(img, cfg, &d.identity, &endpoint, hooks).await;
+    let _ = relay.await;
+    let cancelled = cancel_seen.borrow_and_update().clone();
+    let (end, reason) = match (&result, cancelled) {
+        (Err(e), _) => ("failed", Some(format!("{e:#}"))),
+        (Ok(_), Some(why)) => ("cancelled", Some(why)),
+        (Ok(_), None) => ("done", None),
+    };
+    let left = d.db().finish_deployment(id, end, reason.as_deref());
+    if let Err(e) = &left {
+        tracing::error!("deployment {id}: cannot record its end: {e:#}");
+    }
+    let line = match d.db().deployment(id) {
+        Ok(Some((row, nodes))) => end_json(&row, &nodes),
+        _ => json!({ "end": end, "id": id, "reason": reason }),
+    };
+    d.push_line(id, line);
+    d.running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+}
+
+fn steps_json(r: &crate::workflow::NodeReport) -> Vec<Value> {
+    r.steps
+        .iter()
+        .map(|s| {
+            json!({
+                "step": s.step.as_str(),
+                "ok": s.ok,
+                "attempts": s.attempts,
+                "secs": s.duration.as_secs_f64(),
+                "reboots": s.reboots.iter().map(|l| l.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
+/// Seconds since the epoch, for clients formatting times.
+pub fn epoch_now() -> f64 {
+    now_secs()
+}
