@@ -283,9 +283,8 @@ impl Db {
                     }
                 }
             }
-            let mut held = tx.prepare(
-                "SELECT name FROM nodes WHERE cluster = ?1 AND locked_by IS NOT NULL",
-            )?;
+            let mut held =
+                tx.prepare("SELECT name FROM nodes WHERE cluster = ?1 AND locked_by IS NOT NULL")?;
             let held: Vec<String> = held
                 .query_map([name], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
@@ -444,7 +443,15 @@ impl Db {
         tx.execute(
             "UPDATE deployment_nodes SET result = ?3, step = ?4, reason = ?5, total_secs = ?6,
              steps = ?7 WHERE deployment = ?1 AND node = ?2",
-            params![id, node, result, step, reason, total_secs, steps.to_string()],
+            params![
+                id,
+                node,
+                result,
+                step,
+                reason,
+                total_secs,
+                steps.to_string()
+            ],
         )?;
         let st = if failure.is_none() {
             state::DEPLOYED
@@ -756,7 +763,10 @@ mod tests {
         db.conn.pragma_update(None, "user_version", 99).unwrap();
         drop(db);
         let e = Db::open(&p).err().unwrap();
-        assert!(format!("{e:#}").contains("newer than this kd-coord"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("newer than this kd-coord"),
+            "{e:#}"
+        );
     }
 
     #[test]
@@ -854,23 +864,45 @@ mod tests {
             partition: "deploy".into(),
         })
         .unwrap();
-        assert!(db.denied("alice", &names("node[1-3]"), "deploy").unwrap().is_empty());
-        assert_eq!(db.denied("alice", &names("node[3-4]"), "3").unwrap(), vec!["node4"]);
-        assert!(db.denied("bob", &names("node4"), "deploy").unwrap().is_empty());
-        assert_eq!(db.denied("bob", &names("node4"), "3").unwrap(), vec!["node4"]);
-        assert_eq!(db.denied("carol", &names("node1"), "deploy").unwrap(), vec!["node1"]);
+        assert!(db
+            .denied("alice", &names("node[1-3]"), "deploy")
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            db.denied("alice", &names("node[3-4]"), "3").unwrap(),
+            vec!["node4"]
+        );
+        assert!(db
+            .denied("bob", &names("node4"), "deploy")
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            db.denied("bob", &names("node4"), "3").unwrap(),
+            vec!["node4"]
+        );
+        assert_eq!(
+            db.denied("carol", &names("node1"), "deploy").unwrap(),
+            vec!["node1"]
+        );
         assert_eq!(db.remove_rights("alice", None).unwrap(), 1);
-        assert_eq!(db.denied("alice", &names("node1"), "deploy").unwrap(), vec!["node1"]);
+        assert_eq!(
+            db.denied("alice", &names("node1"), "deploy").unwrap(),
+            vec!["node1"]
+        );
     }
 
     #[test]
     fn a_cluster_cannot_steal_nodes_nor_drop_busy_ones() {
         let mut db = db();
-        let e = db.put_cluster("other", "y", &names("node[6-7]")).unwrap_err();
+        let e = db
+            .put_cluster("other", "y", &names("node[6-7]"))
+            .unwrap_err();
         assert!(format!("{e}").contains("node6 already belongs to cluster lab"));
         let a = names("node1");
         db.create_deployment(&new("alice", &a)).unwrap().unwrap();
-        let e = db.put_cluster("lab", "y2", &names("node[2-6]")).unwrap_err();
+        let e = db
+            .put_cluster("lab", "y2", &names("node[2-6]"))
+            .unwrap_err();
         assert!(format!("{e}").contains("being deployed"), "{e}");
         db.put_cluster("lab", "y3", &names("node[1-4]")).unwrap();
         assert_eq!(db.nodes().unwrap().len(), 4);

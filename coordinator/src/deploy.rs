@@ -138,11 +138,8 @@ impl SharedEndpoint {
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = endpoint.local_addr()?;
         let table = broadcast::RouteTable::default();
-        let accept = broadcast::spawn_accept(
-            &endpoint,
-            broadcast::Routes::ByNode(table.clone()),
-            refused,
-        );
+        let accept =
+            broadcast::spawn_accept(&endpoint, broadcast::Routes::ByNode(table.clone()), refused);
         Ok(SharedEndpoint {
             endpoint,
             table,
@@ -1231,20 +1228,37 @@ pub fn check_ssh_key(text: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a deployment request names for [`prepare`].
+pub struct JobInputs<'a> {
+    /// The environment.
+    pub env: &'a Environment,
+    /// Directory its relative paths are resolved against.
+    pub env_dir: &'a Path,
+    /// Public SSH key text.
+    pub ssh_key: Option<String>,
+    /// Partition instead of the layout's deploy partition.
+    pub partition: Option<u32>,
+    /// Files must be readable by this uid (the daemon reads them for a user).
+    pub reader: Option<u32>,
+}
+
 /// Everything a deployment needs besides its nodes: the image (packed once into
-/// `STATE/images` when the environment names a plain archive) and the agents' job. Files are
-/// resolved against `env_dir`; with `reader` set, each must be readable by that uid.
+/// `STATE/images` when the environment names a plain archive) and the agents' job.
 pub fn prepare(
     state: &Path,
     cluster: &ClusterConfig,
-    env: &Environment,
-    env_dir: &Path,
-    ssh_key: Option<String>,
-    partition: Option<u32>,
-    reader: Option<u32>,
+    inputs: &JobInputs<'_>,
     say: &dyn Fn(String),
 ) -> Result<(ImageFile, DeployJob)> {
-    if let Some(k) = &ssh_key {
+    let JobInputs {
+        env,
+        env_dir,
+        ssh_key,
+        partition,
+        reader,
+    } = inputs;
+    let (env, reader) = (*env, *reader);
+    if let Some(k) = ssh_key {
         check_ssh_key(k)?;
     }
     let mut archives = Vec::new();
@@ -1260,7 +1274,14 @@ pub fn prepare(
     check_readable_by(&source, reader)?;
     let image_path = image_for(&source, &state.join("images"), say)?;
     let img = ImageFile::open(&image_path)?;
-    let job = job_for(env, cluster, img.manifest.kind, ssh_key, archives, partition)?;
+    let job = job_for(
+        env,
+        cluster,
+        img.manifest.kind,
+        ssh_key.clone(),
+        archives,
+        *partition,
+    )?;
     Ok((img, job))
 }
 
@@ -1295,19 +1316,17 @@ pub fn image_for(
     }
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("cannot create {}", cache_dir.display()))?;
-    // One packer per image: a second deployment of the same new environment waits for the
-    // first one's pack and uses it.
-    let lock_path = cache_dir.join(format!(".{stem}.{}.lock", &key.to_hex()[..16]));
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    // One packer at a time (the directory is the lock): a second deployment of the same new
+    // environment waits for the first one's pack and uses it.
+    let lock = std::fs::File::open(cache_dir)
+        .with_context(|| format!("cannot open {}", cache_dir.display()))?;
     if lock.try_lock().is_err() {
-        notes(format!("waiting for another deployment packing {}", file.display()));
+        notes(format!(
+            "waiting for another deployment packing into {}",
+            cache_dir.display()
+        ));
         lock.lock()
-            .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+            .with_context(|| format!("cannot lock {}", cache_dir.display()))?;
     }
     if out.exists() {
         return Ok(out);

@@ -3,6 +3,7 @@
 
 pub mod broadcast;
 pub mod chunks;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod deploy;

@@ -13,6 +13,8 @@ use kd_coord::pki::CoordIdentity;
 use kd_proto::manifest::ImageKind;
 use kd_proto::tree::Arity;
 
+mod remote;
+
 #[derive(Parser)]
 #[command(name = "kd-coord", version, about = "kd coordinator: reimage clusters")]
 struct Cli {
@@ -32,8 +34,32 @@ enum Cmd {
     Pin,
     /// Send an image to agents that connect (no PXE, no disks: see `deploy` for the whole flow).
     Broadcast(BroadcastArgs),
-    /// Deploy an environment on nodes: PXE, reboot, prepare, broadcast, finish, boot, check.
+    /// Deploy an environment on nodes: PXE, reboot, prepare, broadcast, finish, boot, check
+    /// (through the daemon; --standalone runs it in this process).
     Deploy(DeployCli),
+    /// Run the daemon: database, API on STATE/kd.sock, every deployment.
+    Serve,
+    /// List the nodes and their state.
+    Nodes {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, show, follow and cancel deployments.
+    #[command(subcommand)]
+    Deployments(remote::DeploymentsCmd),
+    /// Add and list clusters (administrators).
+    #[command(subcommand)]
+    Cluster(remote::ClusterCmd),
+    /// Grant, list and remove deployment rights.
+    #[command(subcommand)]
+    Rights(remote::RightsCmd),
+    /// Deployment statistics.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -74,6 +100,10 @@ struct DeployCli {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Run the deployment in this process instead of the daemon (no database: the cluster
+    /// file and node lock files are used directly).
+    #[arg(long)]
+    standalone: bool,
 }
 
 #[derive(Subcommand)]
@@ -240,7 +270,49 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Broadcast(a) => broadcast_cmd(&cli.state, a),
-        Cmd::Deploy(a) => deploy_cmd(&cli.state, a),
+        Cmd::Deploy(a) if a.standalone => deploy_cmd(&cli.state, a),
+        Cmd::Deploy(a) => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            let opts = remote::DeployOpts {
+                env: a.env,
+                nodes: a.nodes,
+                ssh_key: a.ssh_key,
+                arity: a.arity.to_string(),
+                partition: a.partition,
+                ok_file: a.ok_file,
+                ko_file: a.ko_file,
+                json: a.json,
+            };
+            remote::run_client(async { remote::deploy(&c, &cli.state, opts).await })
+        }
+        Cmd::Serve => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(kd_coord::service::serve(&cli.state))?;
+            Ok(0)
+        }
+        Cmd::Nodes { json } => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            remote::run_client(async { remote::nodes(&c, json).await })
+        }
+        Cmd::Stats { json } => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            remote::run_client(async { remote::stats(&c, json).await })
+        }
+        Cmd::Deployments(cmd) => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            remote::run_client(async { remote::deployments(&c, cmd).await })
+        }
+        Cmd::Cluster(cmd) => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            remote::run_client(async { remote::cluster(&c, cmd).await })
+        }
+        Cmd::Rights(cmd) => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            remote::run_client(async { remote::rights(&c, cmd).await })
+        }
     }
 }
 
@@ -459,41 +531,28 @@ fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
         Some(k) => {
             let text =
                 std::fs::read_to_string(k).with_context(|| format!("read {}", k.display()))?;
-            let ok = text.lines().any(|l| {
-                let l = l.trim();
-                l.starts_with("ssh-") || l.starts_with("ecdsa-") || l.starts_with("sk-")
-            });
-            if !ok {
-                bail!(
-                    "{} does not look like an SSH public key (ssh-ed25519 AAAA...)",
-                    k.display()
-                );
-            }
+            deploy::check_ssh_key(&text).with_context(|| k.display().to_string())?;
             Some(text)
         }
     };
-    let mut archives = Vec::new();
-    for p in &env.postinstalls {
-        let path = deploy::local_path(&p.archive)?;
-        archives.push(
-            std::fs::read(&path)
-                .with_context(|| format!("post-install archive {}", path.display()))?,
-        );
-    }
-    let image_path = deploy::image_for(
-        &deploy::local_path(&env.image.file)?,
-        &state.join("images"),
+    // Relative paths in the environment are relative to its file's directory.
+    let env_dir = std::fs::canonicalize(&env_path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let (img, job) = deploy::prepare(
+        state,
+        &cluster,
+        &deploy::JobInputs {
+            env: &env,
+            env_dir: &env_dir,
+            ssh_key,
+            partition: a.partition,
+            reader: None,
+        },
         &|l| say(l),
     )?;
-    let img = ImageFile::open(&image_path)?;
-    let job = deploy::job_for(
-        &env,
-        &cluster,
-        img.manifest.kind,
-        ssh_key,
-        archives,
-        a.partition,
-    )?;
+    let image_path = img.path.clone();
     let identity = CoordIdentity::load_or_create(state)?;
     let deployment =
         getrandom::u64().map_err(|e| anyhow::anyhow!("no random deployment id: {e}"))?;

@@ -72,8 +72,10 @@ pub struct Peer {
     pub uid: u32,
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>>
-    for Peer
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
 {
     fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
         // An unreadable credential is nobody (uid u32::MAX), who may do nothing.
@@ -373,7 +375,10 @@ pub async fn serve(dir: &Path) -> Result<()> {
 }
 
 async fn doc() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/markdown; charset=utf-8")], API_DOC)
+    (
+        [(header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
+        API_DOC,
+    )
 }
 
 async fn nodes(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
@@ -416,7 +421,9 @@ async fn add_cluster(
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("{e:#}")))?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "name": c.cluster, "nodes": kd_proto::nodeset::fold(&names), "node_count": names.len() })),
+        Json(
+            json!({ "name": c.cluster, "nodes": kd_proto::nodeset::fold(&names), "node_count": names.len() }),
+        ),
     ))
 }
 
@@ -475,18 +482,14 @@ async fn follow_deployment(
     let replay = futures_util::stream::iter(log);
     let live = futures_util::stream::unfold(Some(rx), |rx| async move {
         let mut rx = rx?;
-        loop {
-            match rx.recv().await {
-                Ok(l) => return Some((l, Some(rx))),
-                Err(bcast::error::RecvError::Lagged(n)) => {
-                    return Some((
-                        json!({ "note": format!("({n} lines dropped: this follower was slow)") })
-                            .to_string(),
-                        Some(rx),
-                    ))
-                }
-                Err(bcast::error::RecvError::Closed) => return None,
-            }
+        match rx.recv().await {
+            Ok(l) => Some((l, Some(rx))),
+            Err(bcast::error::RecvError::Lagged(n)) => Some((
+                json!({ "note": format!("({n} lines dropped: this follower was slow)") })
+                    .to_string(),
+                Some(rx),
+            )),
+            Err(bcast::error::RecvError::Closed) => None,
         }
     });
     use futures_util::StreamExt;
@@ -495,17 +498,11 @@ async fn follow_deployment(
 
 fn ndjson(s: impl futures_util::Stream<Item = String> + Send + 'static) -> Response {
     use futures_util::StreamExt;
-    let body = axum::body::Body::from_stream(
-        s.map(|mut l| {
-            l.push('\n');
-            Ok::<_, std::convert::Infallible>(l)
-        }),
-    );
-    (
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        body,
-    )
-        .into_response()
+    let body = axum::body::Body::from_stream(s.map(|mut l| {
+        l.push('\n');
+        Ok::<_, std::convert::Infallible>(l)
+    }));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
 fn end_json(row: &db::DeploymentRow, nodes: &[db::DeploymentNode]) -> Value {
@@ -646,11 +643,7 @@ async fn metrics(State(d): State<Arc<Daemon>>) -> ApiResult<Response> {
         "# HELP kd_uptime_seconds Seconds since the daemon started.\n# TYPE kd_uptime_seconds gauge\nkd_uptime_seconds {}",
         d.started.elapsed().as_secs()
     );
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        t,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], t).into_response())
 }
 
 async fn create_deployment(
@@ -675,7 +668,11 @@ async fn create_deployment(
             "no cluster is configured: an administrator adds one with kd-coord cluster add FILE.yaml",
         ));
     }
-    let Some(cluster) = clusters.iter().find(|c| c.node(&nodes[0]).is_some()).cloned() else {
+    let Some(cluster) = clusters
+        .iter()
+        .find(|c| c.node(&nodes[0]).is_some())
+        .cloned()
+    else {
         return Err(unknown_nodes(&nodes, &clusters));
     };
     let outside: Vec<String> = nodes
@@ -684,7 +681,10 @@ async fn create_deployment(
         .cloned()
         .collect();
     if !outside.is_empty() {
-        if outside.iter().all(|n| clusters.iter().any(|c| c.node(n).is_some())) {
+        if outside
+            .iter()
+            .all(|n| clusters.iter().any(|c| c.node(n).is_some()))
+        {
             return Err(ApiError::bad(format!(
                 "nodes {} are not in cluster {} with {}: deploy each cluster on its own",
                 kd_proto::nodeset::fold(&outside),
@@ -723,11 +723,13 @@ async fn create_deployment(
             deploy::prepare(
                 &d.dir,
                 &cluster,
-                &env,
-                &req.environment_dir,
-                req.ssh_key.clone(),
-                req.partition,
-                Some(uid),
+                &deploy::JobInputs {
+                    env: &env,
+                    env_dir: &req.environment_dir,
+                    ssh_key: req.ssh_key.clone(),
+                    partition: req.partition,
+                    reader: Some(uid),
+                },
                 &|l| tracing::info!("{l}"),
             )
         })
@@ -766,27 +768,34 @@ async fn create_deployment(
     };
     let (lines, _) = bcast::channel(4096);
     let (cancel_tx, cancel_rx) = watch::channel(None);
-    d.running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            id,
-            Running {
-                user: user.clone(),
-                log: Vec::new(),
-                lines,
-                cancel: cancel_tx,
-            },
-        );
+    d.running.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        id,
+        Running {
+            user: user.clone(),
+            log: Vec::new(),
+            lines,
+            cancel: cancel_tx,
+        },
+    );
     let t0 = Instant::now();
     d.push_line(
         id,
         json!({ "time": 0.0, "note": format!("deployment {id}: {env_name} on {} node(s) {} for {user}, tree {arity}", nodes.len(), kd_proto::nodeset::fold(&nodes)) }),
     );
-    tokio::spawn(run_deployment(d.clone(), id, img, cfg, endpoint, cancel_rx, t0));
+    tokio::spawn(run_deployment(
+        d.clone(),
+        id,
+        img,
+        cfg,
+        endpoint,
+        cancel_rx,
+        t0,
+    ));
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": id, "user": user, "environment": env_name, "nodes": kd_proto::nodeset::fold(&nodes), "node_count": nodes.len() })),
+        Json(
+            json!({ "id": id, "user": user, "environment": env_name, "nodes": kd_proto::nodeset::fold(&nodes), "node_count": nodes.len() }),
+        ),
     ))
 }
 

@@ -455,7 +455,11 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
                 .find(|c: char| c.is_ascii_digit() != digits)
                 .unwrap_or(rest.len());
             let (run, tail) = rest.split_at(end);
-            let n = if digits { run.parse().unwrap_or(u128::MAX) } else { 0 };
+            let n = if digits {
+                run.parse().unwrap_or(u128::MAX)
+            } else {
+                0
+            };
             out.push((digits, n, run));
             rest = tail;
         }

@@ -3,6 +3,9 @@
 //! that reads the node's iPXE profile: the deploy profile runs the real `kd-agent` on the node's
 //! loop-device disk; the local-boot profile checks the disk (GRUB, marker, key) and only then
 //! opens the node's check port on its own loopback address (127.0.0.X1..X3).
+//!
+//! The `daemon_*` tests run the same nodes through `kd-coord serve` (a daemon on the lab's
+//! state directory) and its CLI clients, as several Unix users.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -341,6 +344,7 @@ impl Lab {
             .arg("--state")
             .arg(&self.state)
             .arg("deploy")
+            .arg("--standalone")
             .arg("-e")
             .arg(env)
             .args(["-m", nodeset])
@@ -1008,4 +1012,379 @@ fn ev_has(lab: &Lab, what: &str) -> bool {
     fakebmc::events(&lab.bmc, "node1")
         .iter()
         .any(|e| e.contains(what))
+}
+
+/// A `kd-coord serve` on the lab's state directory (SIGKILLed when dropped).
+struct Daemon {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Lab {
+    /// Lets other users read the lab's files (the environment, image, key) and write their
+    /// result files in `users/`.
+    fn open_to_users(&self, uids: &[u32]) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for uid in uids {
+            let d = self.path(&format!("users/{uid}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::set_permissions(self.path("users"), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            nix::unistd::chown(&d, Some(nix::unistd::Uid::from_raw(*uid)), None).unwrap();
+        }
+    }
+
+    /// Starts `kd-coord serve` and waits for its socket to answer.
+    fn serve(&self) -> Daemon {
+        let log = self.path("daemon.log");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(bin("kd-coord"))
+            .arg("--state")
+            .arg(&self.state)
+            .arg("serve")
+            .env("KD_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, log };
+        let sock = self.state.join("kd.sock");
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the daemon did not listen on {}:\n{}",
+                sock.display(),
+                std::fs::read_to_string(&d.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    /// Runs a `kd-coord` client command as `uid` (None: root), bounded.
+    fn kd(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        let mut c = self.kd_cmd(uid, args);
+        let mut child = c.spawn().unwrap();
+        wait_child(&mut child, DEPLOY_LIMIT).unwrap_or_else(|e| panic!("{e:#}\n{}", self.dump()))
+    }
+
+    fn kd_cmd(&self, uid: Option<u32>, args: &[&str]) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new(bin("kd-coord"));
+        c.arg("--state").arg(&self.state).args(args);
+        if let Some(u) = uid {
+            c.uid(u).gid(u);
+        }
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    }
+
+    /// `kd-coord ARGS --json`, parsed.
+    fn kd_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let o = self.kd(None, &a);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    /// Starts `kd-coord deploy` through the daemon as `uid`, results in users/UID/.
+    fn start_client_deploy(&self, uid: u32, nodeset: &str) -> Pending {
+        let ok = self.path(&format!("users/{uid}/ok.txt"));
+        let ko = self.path(&format!("users/{uid}/ko.txt"));
+        let env = self.env.display().to_string();
+        let key = self.key.display().to_string();
+        let (oks, kos) = (ok.display().to_string(), ko.display().to_string());
+        let child = self
+            .kd_cmd(
+                Some(uid),
+                &[
+                    "deploy", "-e", &env, "-m", nodeset, "-k", &key, "-o", &oks, "-n", &kos,
+                ],
+            )
+            .spawn()
+            .unwrap();
+        Pending {
+            child,
+            t0: Instant::now(),
+            nodeset: nodeset.to_string(),
+            ok,
+            ko,
+        }
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn node<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {nodes}"))
+}
+
+#[test]
+fn daemon_two_users_deploy_at_once_and_overlaps_and_strangers_are_refused() {
+    if skip() {
+        return;
+    }
+    let (alice, bob, carol) = (64001u32, 64002u32, 64003u32);
+    let lab = Lab::new(9, 4);
+    lab.open_to_users(&[alice, bob, carol]);
+    let daemon = lab.serve();
+    let cluster = lab.cluster.display().to_string();
+
+    // An empty daemon: no nodes yet; deploying says so.
+    let o = lab.kd(None, &["nodes"]);
+    assert!(text(&o).contains("no nodes configured"), "{}", text(&o));
+    let o = lab.kd(None, &["cluster", "add", &cluster]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Only administrators change clusters and rights.
+    let o = lab.kd(Some(alice), &["cluster", "add", &cluster]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("not an administrator"), "{}", text(&o));
+    for (uid, set) in [(alice, "node[1-2]"), (bob, "node[3-4]")] {
+        let user = format!("uid{uid}");
+        let o = lab.kd(None, &["rights", "add", &user, set]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+
+    // Alice and Bob deploy the same new environment on disjoint nodes at once.
+    let pa = lab.start_client_deploy(alice, "node[1-2]");
+    let pb = lab.start_client_deploy(bob, "node[3-4]");
+    // Wait until both hold their nodes, then overlap them and try without rights.
+    let t0 = Instant::now();
+    loop {
+        let v = lab.kd_json(&["nodes"]);
+        let deploying = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["state"] == "deploying")
+            .count();
+        if deploying == 4 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "both deployments did not start: {v}\n{}",
+            std::fs::read_to_string(&daemon.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let env = lab.env.display().to_string();
+    let o = lab.kd(None, &["deploy", "-e", &env, "-m", "node[2-3]"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("nodes busy: node2 (deployment") && e.contains("by uid64001)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("node3 (deployment") && e.contains("by uid64002)"),
+        "{e}"
+    );
+    let o = lab.kd(Some(carol), &["deploy", "-e", &env, "-m", "node1"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("uid64003 may not deploy node1"),
+        "{}",
+        text(&o)
+    );
+    // Alice may not cancel Bob's deployment.
+    let list = lab.kd_json(&["deployments", "list"]);
+    let bob_id = list["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["user"] == "uid64002")
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let o = lab.kd(Some(alice), &["deployments", "cancel", &bob_id.to_string()]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+
+    let ra = lab.finish_deploy(pa);
+    let rb = lab.finish_deploy(pb);
+    assert_eq!(ra.code(), Some(0), "alice:\n{}", lab.report(&ra));
+    assert_eq!(rb.code(), Some(0), "bob:\n{}", lab.report(&rb));
+    assert_eq!(
+        ra.ok.as_deref(),
+        Some(&["node1".to_string(), "node2".to_string()][..])
+    );
+    assert_eq!(
+        rb.ok.as_deref(),
+        Some(&["node3".to_string(), "node4".to_string()][..])
+    );
+    assert!(
+        ra.last_line().contains("2/2 nodes deployed"),
+        "{}",
+        lab.report(&ra)
+    );
+    for i in 0..4 {
+        lab.disk_ok(i).unwrap();
+        assert!(lab.answers(i));
+    }
+    // The environment was packed once for both.
+    let packed: Vec<_> = std::fs::read_dir(lab.state.join("images"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "kdi"))
+        .collect();
+    assert_eq!(packed.len(), 1, "{packed:?}");
+    let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    assert_eq!(log.matches("(once)").count(), 1, "{log}");
+
+    // The API, field by field.
+    let nodes = lab.kd_json(&["nodes"]);
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 4);
+    let n1 = node(&nodes, "node1");
+    assert_eq!(n1["cluster"], "fake");
+    assert_eq!(n1["state"], "deployed");
+    assert_eq!(n1["environment"], "kdtest:1");
+    assert_eq!(n1["user"], "uid64001");
+    assert!(n1["updated"].as_i64().unwrap() > 1_700_000_000);
+    assert_eq!(node(&nodes, "node4")["user"], "uid64002");
+    assert_eq!(node(&nodes, "node4")["deployment"], bob_id);
+    let d = lab.kd_json(&["deployments", "show", &bob_id.to_string()]);
+    assert_eq!(d["id"], bob_id);
+    assert_eq!(d["user"], "uid64002");
+    assert_eq!(d["environment"], "kdtest:1");
+    assert_eq!(d["nodes"], "node[3-4]");
+    assert_eq!(d["node_count"], 2);
+    assert_eq!(d["state"], "done");
+    assert_eq!(d["reason"], serde_json::Value::Null);
+    assert_eq!((d["ok"].as_i64(), d["ko"].as_i64()), (Some(2), Some(0)));
+    assert!(d["finished"].as_i64().unwrap() >= d["created"].as_i64().unwrap());
+    let r3 = &d["node_results"][0];
+    assert_eq!(r3["node"], "node3");
+    assert_eq!(r3["result"], "ok");
+    assert_eq!(r3["step"], serde_json::Value::Null);
+    assert!(r3["total_secs"].as_f64().unwrap() > 0.0);
+    let steps: Vec<&str> = r3["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "SetDeploymentEnv",
+            "Prepare",
+            "Broadcast",
+            "Finish",
+            "BootNewEnv"
+        ]
+    );
+    assert!(r3["steps"][2]["secs"].as_f64().unwrap() > 0.0);
+    assert_eq!(r3["steps"][0]["attempts"], 1);
+    let stats = lab.kd_json(&["stats"]);
+    assert_eq!(stats["node_deployments_ok"], 4);
+    assert_eq!(stats["node_deployments_ko"], 0);
+    assert_eq!(stats["nodes_by_state"]["deployed"], 4);
+    assert_eq!(stats["deployments_by_state"]["done"], 2);
+    let list = lab.kd_json(&["deployments", "list", "--user", "uid64001"]);
+    assert_eq!(list["deployments"].as_array().unwrap().len(), 1);
+    let rights = lab.kd_json(&["rights", "list"]);
+    assert_eq!(rights["rights"][0]["user"], "uid64001");
+    assert_eq!(rights["rights"][0]["nodes"], "node[1-2]");
+    assert_eq!(rights["rights"][0]["partition"], "*");
+}
+
+#[test]
+fn daemon_killed_mid_broadcast_fails_its_nodes_on_restart_and_locks_nothing() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new(10, 2);
+    let mut daemon = lab.serve();
+    let cluster = lab.cluster.display().to_string();
+    let o = lab.kd(None, &["cluster", "add", &cluster]);
+    assert!(o.status.success(), "{}", text(&o));
+    let env = lab.env.display().to_string();
+    let key = lab.key.display().to_string();
+    let client_log = lab.path("client.log");
+    let mut client = lab
+        .kd_cmd(None, &["deploy", "-e", &env, "-m", "node[1-2]", "-k", &key])
+        .stderr(std::fs::File::create(&client_log).unwrap())
+        .spawn()
+        .unwrap();
+    // Wait for the broadcast round (the client prints the daemon's events), then kill -9
+    // the daemon.
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&client_log)
+        .unwrap_or_default()
+        .contains(": Broadcast")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "no broadcast:\n{}\n{}",
+            std::fs::read_to_string(&client_log).unwrap_or_default(),
+            lab.dump()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = daemon.child.kill();
+    // The client says the daemon went away.
+    let out = wait_child(&mut client, Duration::from_secs(20)).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let said = std::fs::read_to_string(&client_log).unwrap_or_default();
+    assert!(said.contains("event stream"), "{said}");
+    let _ = daemon.child.wait();
+    drop(daemon);
+    let daemon = lab.serve();
+    let d = lab.kd_json(&["deployments", "show", "1"]);
+    assert_eq!(d["state"], "failed", "{d}");
+    assert_eq!(d["reason"], "coordinator restarted");
+    let nodes = lab.kd_json(&["nodes"]);
+    for n in ["node1", "node2"] {
+        assert_eq!(node(&nodes, n)["state"], "deploy_failed", "{nodes}");
+    }
+    for r in d["node_results"].as_array().unwrap() {
+        assert_eq!(r["result"], "ko", "{d}");
+        assert_eq!(r["reason"], "coordinator restarted", "{d}");
+    }
+    // No profile boots the deploy kernel any more.
+    for i in 0..2 {
+        let p = lab.profile(i);
+        assert!(!p.is_empty() && !p.contains("kd.token"), "{p}");
+    }
+    // Nothing stays locked: the same nodes deploy at once.
+    let o = lab.kd(None, &["deploy", "-e", &env, "-m", "node[1-2]", "-k", &key]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}\n{}",
+        text(&o),
+        std::fs::read_to_string(&daemon.log).unwrap_or_default(),
+        lab.dump()
+    );
 }

@@ -144,8 +144,14 @@ fn real_main(cli: Cli) -> Result<i32> {
 
 /// (Re)starts a node's machine process, detached in its own process group.
 fn start_machine(dir: &Path, name: &str) -> Result<()> {
-    fakebmc::kill_machine(dir, name);
     let nd = fakebmc::node_dir(dir, name);
+    if fakebmc::kill_machine(dir, name) {
+        // A reset loses what the killed agent had mounted and attached (partitions of the
+        // node's disk), as a real machine's reset does.
+        if let Some(n) = BmcConfig::load(dir)?.nodes.iter().find(|n| n.name == name) {
+            fakebmc::release_under(&nd.join("work"), std::slice::from_ref(&n.disk));
+        }
+    }
     let _ = std::fs::write(nd.join("state"), "booting\n");
     let log = OpenOptions::new()
         .create(true)

@@ -1,0 +1,621 @@
+//! The CLI subcommands that are clients of the daemon (`kd-coord serve`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use hyper::Method;
+use kd_coord::client::{Client, ClientError};
+use kd_coord::service::DeployRequest;
+use serde_json::{json, Value};
+
+#[derive(Subcommand)]
+pub(crate) enum DeploymentsCmd {
+    /// List deployments, newest first.
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one deployment and its nodes' results.
+    Show {
+        /// Deployment id.
+        id: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a deployment's progress until it ends.
+    Follow {
+        /// Deployment id.
+        id: i64,
+    },
+    /// Cancel a running deployment (its nodes fail, their profiles boot the local disk).
+    Cancel {
+        /// Deployment id.
+        id: i64,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ClusterCmd {
+    /// Add (or replace) a cluster from its configuration file.
+    Add {
+        /// cluster.yaml.
+        file: PathBuf,
+    },
+    /// List the clusters.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum RightsCmd {
+    /// Let USER deploy NODES (node set or '*') on PARTITION (number, 'deploy' or '*').
+    Add {
+        /// User name.
+        user: String,
+        /// Node set, or '*' for every node.
+        nodes: String,
+        /// Partition number, 'deploy' (the layout's deploy partition) or '*'.
+        #[arg(default_value = "*")]
+        partition: String,
+    },
+    /// List rights.
+    List {
+        /// Only this user's.
+        user: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove USER's rights (all, or those on NODES).
+    Rm {
+        /// User name.
+        user: String,
+        /// Only the right on this node set.
+        nodes: Option<String>,
+    },
+}
+
+/// What `deploy` sends to the daemon.
+pub(crate) struct DeployOpts {
+    pub(crate) env: String,
+    pub(crate) nodes: String,
+    pub(crate) ssh_key: Option<PathBuf>,
+    pub(crate) arity: String,
+    pub(crate) partition: Option<u32>,
+    pub(crate) ok_file: Option<PathBuf>,
+    pub(crate) ko_file: Option<PathBuf>,
+    pub(crate) json: bool,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Left-aligned columns, two spaces apart.
+pub(crate) fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Percent-encodes a query value.
+fn enc(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~*".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn when(v: &Value) -> String {
+    let Some(t) = v.as_i64() else {
+        return "-".into();
+    };
+    let ago = kd_coord::service::epoch_now() as i64 - t;
+    match ago {
+        i64::MIN..=59 => format!("{}s ago", ago.max(0)),
+        60..=3599 => format!("{}m ago", ago / 60),
+        3600..=86399 => format!("{}h ago", ago / 3600),
+        _ => format!("{}d ago", ago / 86400),
+    }
+}
+
+/// Prints an API error the way the CLI prints errors, with exit code 2.
+fn exit_code_of(e: &anyhow::Error) -> i32 {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Api { status: 409, .. }) => 3,
+        Some(ClientError::Api { status: 403, .. }) => 4,
+        _ => 2,
+    }
+}
+
+/// Runs a client command; errors are printed here so that their exit code can say what kind
+/// they are (2 error, 3 busy nodes, 4 not allowed).
+pub(crate) fn run_client<F>(f: F) -> Result<i32>
+where
+    F: std::future::Future<Output = Result<i32>>,
+{
+    match runtime()?.block_on(f) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            eprintln!("kd-coord: error: {e:#}");
+            Ok(exit_code_of(&e))
+        }
+    }
+}
+
+pub(crate) async fn nodes(c: &Client, json_out: bool) -> Result<i32> {
+    let v = c.call(Method::GET, "/api/v1/nodes", None).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let list = v["nodes"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no nodes configured: an administrator adds a cluster with kd-coord cluster add FILE.yaml");
+        return Ok(0);
+    }
+    let mut rows = vec![[
+        "node",
+        "state",
+        "environment",
+        "user",
+        "deployment",
+        "updated",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for n in &list {
+        rows.push(vec![
+            s(&n["name"]),
+            s(&n["state"]),
+            s(&n["environment"]),
+            s(&n["user"]),
+            s(&n["deployment"]),
+            when(&n["updated"]),
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(0)
+}
+
+pub(crate) async fn stats(c: &Client, json_out: bool) -> Result<i32> {
+    let v = c.call(Method::GET, "/api/v1/stats", None).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let mut rows = Vec::new();
+    let map = |k: &str| -> String {
+        v[k].as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "none".into())
+    };
+    rows.push(vec!["nodes".into(), map("nodes_by_state")]);
+    rows.push(vec!["deployments".into(), map("deployments_by_state")]);
+    rows.push(vec![
+        "node deployments".into(),
+        format!(
+            "{} ok, {} ko",
+            s(&v["node_deployments_ok"]),
+            s(&v["node_deployments_ko"])
+        ),
+    ]);
+    rows.push(vec!["failures by step".into(), map("failures_by_step")]);
+    rows.push(vec![
+        "mean deployed node".into(),
+        v["mean_ok_secs"]
+            .as_f64()
+            .map(|x| format!("{x:.1} s"))
+            .unwrap_or_else(|| "-".into()),
+    ]);
+    rows.push(vec!["running now".into(), s(&v["deployments_running"])]);
+    print!("{}", table(&rows));
+    Ok(0)
+}
+
+pub(crate) async fn deployments(c: &Client, cmd: DeploymentsCmd) -> Result<i32> {
+    match cmd {
+        DeploymentsCmd::List { user, limit, json } => {
+            let mut path = format!("/api/v1/deployments?limit={limit}");
+            if let Some(u) = user {
+                path.push_str(&format!("&user={}", enc(&u)));
+            }
+            let v = c.call(Method::GET, &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "id",
+                "user",
+                "environment",
+                "nodes",
+                "state",
+                "ok",
+                "ko",
+                "started",
+                "reason",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for d in v["deployments"].as_array().cloned().unwrap_or_default() {
+                rows.push(vec![
+                    s(&d["id"]),
+                    s(&d["user"]),
+                    s(&d["environment"]),
+                    s(&d["nodes"]),
+                    s(&d["state"]),
+                    s(&d["ok"]),
+                    s(&d["ko"]),
+                    when(&d["created"]),
+                    d["reason"].as_str().unwrap_or("").to_string(),
+                ]);
+            }
+            print!("{}", table(&rows));
+            Ok(0)
+        }
+        DeploymentsCmd::Show { id, json } => {
+            let v = c
+                .call(Method::GET, &format!("/api/v1/deployments/{id}"), None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            println!(
+                "deployment {}: {} on {} by {}, {} ({} ok, {} ko){}",
+                s(&v["id"]),
+                s(&v["environment"]),
+                s(&v["nodes"]),
+                s(&v["user"]),
+                s(&v["state"]),
+                s(&v["ok"]),
+                s(&v["ko"]),
+                v["reason"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
+            print!("{}", results_table(&v["node_results"]));
+            Ok(0)
+        }
+        DeploymentsCmd::Follow { id } => {
+            let end = follow(c, id, None).await?;
+            print!("{}", results_table(&end["node_results"]));
+            Ok(exit_for(&end))
+        }
+        DeploymentsCmd::Cancel { id } => {
+            c.call(
+                Method::POST,
+                &format!("/api/v1/deployments/{id}/cancel"),
+                None,
+            )
+            .await?;
+            eprintln!("kd-coord: deployment {id}: cancelling (kd-coord deployments follow {id} shows its end)");
+            Ok(0)
+        }
+    }
+}
+
+fn results_table(nodes: &Value) -> String {
+    let steps = kd_coord::workflow::Step::ALL.map(|s| s.as_str());
+    let mut h = vec!["node".to_string(), "result".to_string()];
+    h.extend(steps.iter().map(|s| s.to_string()));
+    h.extend(["retries", "total", "reason"].map(String::from));
+    let mut rows = vec![h];
+    for n in nodes.as_array().cloned().unwrap_or_default() {
+        let mut row = vec![s(&n["node"]), s(&n["result"])];
+        let recs = n["steps"].as_array().cloned().unwrap_or_default();
+        for st in steps {
+            row.push(
+                recs.iter()
+                    .find(|r| r["step"] == st)
+                    .and_then(|r| r["secs"].as_f64())
+                    .map(|x| format!("{x:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+        let retries: u64 = recs
+            .iter()
+            .map(|r| r["attempts"].as_u64().unwrap_or(1).saturating_sub(1))
+            .sum();
+        row.push(retries.to_string());
+        row.push(
+            n["total_secs"]
+                .as_f64()
+                .map(|x| format!("{x:.1}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+        row.push(match (n["step"].as_str(), n["reason"].as_str()) {
+            (Some(st), Some(r)) => format!("{st}: {r}"),
+            (None, Some(r)) => r.to_string(),
+            _ => String::new(),
+        });
+        rows.push(row);
+    }
+    table(&rows)
+}
+
+fn exit_for(end: &Value) -> i32 {
+    let all_ok = end["end"] == "done" && end["ko"].as_array().is_none_or(|k| k.is_empty());
+    if all_ok {
+        0
+    } else {
+        1
+    }
+}
+
+/// Follows deployment `id`, printing its lines; Ctrl-C cancels it (and keeps following until
+/// it ends). Returns the end line.
+async fn follow(c: &Client, id: i64, t0: Option<Instant>) -> Result<Value> {
+    let t0 = t0.unwrap_or_else(Instant::now);
+    let mut end = Value::Null;
+    let path = format!("/api/v1/deployments/{id}/events");
+    {
+        let printing = c.follow(&path, |v| {
+            if let Some(n) = v["note"].as_str() {
+                let t = v["time"].as_f64().unwrap_or(t0.elapsed().as_secs_f64());
+                eprintln!("kd-coord: [{t:6.1} s] {n}");
+            } else if v.get("end").is_some() {
+                end = v;
+            }
+        });
+        tokio::pin!(printing);
+        let mut cancelled = false;
+        loop {
+            tokio::select! {
+                r = &mut printing => { r?; break; }
+                r = tokio::signal::ctrl_c(), if !cancelled => {
+                    cancelled = true;
+                    if r.is_ok() {
+                        eprintln!("kd-coord: interrupted: cancelling deployment {id} (every node stops)");
+                        if let Err(e) = c.call(Method::POST, &format!("/api/v1/deployments/{id}/cancel"), None).await {
+                            eprintln!("kd-coord: cannot cancel: {e:#}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if end.is_null() {
+        bail!("the daemon's event stream of deployment {id} ended without its end: kd-coord deployments show {id}");
+    }
+    Ok(end)
+}
+
+pub(crate) async fn deploy(c: &Client, state: &Path, o: DeployOpts) -> Result<i32> {
+    let t0 = Instant::now();
+    let env_path = {
+        let p = PathBuf::from(&o.env);
+        if p.exists() {
+            p
+        } else {
+            let named = state.join("envs").join(format!("{}.yaml", o.env));
+            if !named.exists() {
+                bail!(
+                    "no environment {:?}: neither a file nor {}",
+                    o.env,
+                    named.display()
+                );
+            }
+            named
+        }
+    };
+    let environment = std::fs::read_to_string(&env_path)
+        .with_context(|| format!("read {}", env_path.display()))?;
+    let environment_dir = std::fs::canonicalize(&env_path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let ssh_key = match &o.ssh_key {
+        None => None,
+        Some(k) => {
+            let text =
+                std::fs::read_to_string(k).with_context(|| format!("read {}", k.display()))?;
+            kd_coord::deploy::check_ssh_key(&text).with_context(|| k.display().to_string())?;
+            Some(text)
+        }
+    };
+    let req = DeployRequest {
+        environment,
+        environment_dir,
+        nodes: o.nodes.clone(),
+        ssh_key,
+        arity: o.arity.clone(),
+        partition: o.partition,
+    };
+    let created = c
+        .call(
+            Method::POST,
+            "/api/v1/deployments",
+            Some(&serde_json::to_value(&req)?),
+        )
+        .await?;
+    let id = created["id"]
+        .as_i64()
+        .context("the daemon answered without a deployment id")?;
+    eprintln!(
+        "kd-coord: deployment {id}: {} on {} ({} node(s)); Ctrl-C cancels it",
+        s(&created["environment"]),
+        s(&created["nodes"]),
+        s(&created["node_count"])
+    );
+    let end = follow(c, id, Some(t0)).await?;
+    let names = |f: &dyn Fn(&Value) -> Option<String>| -> Vec<String> {
+        end["node_results"]
+            .as_array()
+            .map(|a| a.iter().filter_map(f).collect())
+            .unwrap_or_default()
+    };
+    let ok = names(&|n| (n["result"] == "ok").then(|| s(&n["node"])));
+    let ko = names(&|n| (n["result"] != "ok").then(|| s(&n["node"])));
+    let write_list = |path: &Option<PathBuf>, list: &[String]| -> Result<()> {
+        if let Some(p) = path {
+            let mut text = list.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            std::fs::write(p, text).with_context(|| format!("write {}", p.display()))?;
+        }
+        Ok(())
+    };
+    write_list(&o.ok_file, &ok)?;
+    write_list(&o.ko_file, &ko)?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&end)?);
+    } else {
+        print!("{}", results_table(&end["node_results"]));
+        let total = ok.len() + ko.len();
+        match end["reason"].as_str() {
+            Some(r) => println!(
+                "{}/{total} nodes deployed (deployment {id} {}: {r})",
+                ok.len(),
+                s(&end["end"])
+            ),
+            None => println!("{}/{total} nodes deployed (deployment {id})", ok.len()),
+        }
+    }
+    Ok(exit_for(&end))
+}
+
+pub(crate) async fn cluster(c: &Client, cmd: ClusterCmd) -> Result<i32> {
+    match cmd {
+        ClusterCmd::Add { file } => {
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let v = c
+                .call(
+                    Method::POST,
+                    "/api/v1/clusters",
+                    Some(&json!({ "yaml": yaml })),
+                )
+                .await?;
+            println!(
+                "cluster {}: {} node(s) {}",
+                s(&v["name"]),
+                s(&v["node_count"]),
+                s(&v["nodes"])
+            );
+            Ok(0)
+        }
+        ClusterCmd::List { json } => {
+            let v = c.call(Method::GET, "/api/v1/clusters", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let mut rows = vec![["cluster", "nodes", "count", "coordinator"]
+                .map(String::from)
+                .to_vec()];
+            for x in v["clusters"].as_array().cloned().unwrap_or_default() {
+                rows.push(vec![
+                    s(&x["name"]),
+                    s(&x["nodes"]),
+                    s(&x["node_count"]),
+                    s(&x["coordinator"]),
+                ]);
+            }
+            print!("{}", table(&rows));
+            Ok(0)
+        }
+    }
+}
+
+pub(crate) async fn rights(c: &Client, cmd: RightsCmd) -> Result<i32> {
+    match cmd {
+        RightsCmd::Add {
+            user,
+            nodes,
+            partition,
+        } => {
+            c.call(
+                Method::POST,
+                "/api/v1/rights",
+                Some(&json!({ "user": user, "nodes": nodes, "partition": partition })),
+            )
+            .await?;
+            println!("{user} may deploy {nodes} (partition {partition})");
+            Ok(0)
+        }
+        RightsCmd::List { user, json } => {
+            let path = match user {
+                Some(u) => format!("/api/v1/rights?user={}", enc(&u)),
+                None => "/api/v1/rights".into(),
+            };
+            let v = c.call(Method::GET, &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let mut rows = vec![["user", "nodes", "partition"].map(String::from).to_vec()];
+            for r in v["rights"].as_array().cloned().unwrap_or_default() {
+                rows.push(vec![s(&r["user"]), s(&r["nodes"]), s(&r["partition"])]);
+            }
+            print!("{}", table(&rows));
+            Ok(0)
+        }
+        RightsCmd::Rm { user, nodes } => {
+            let mut path = format!("/api/v1/rights?user={}", enc(&user));
+            if let Some(n) = nodes {
+                path.push_str(&format!("&nodes={}", enc(&n)));
+            }
+            let v = c.call(Method::DELETE, &path, None).await?;
+            println!("{} right(s) removed", s(&v["removed"]));
+            Ok(0)
+        }
+    }
+}
