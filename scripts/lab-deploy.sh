@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kd's whole job on a virtual cluster: QEMU nodes (powered off at first) PXE-boot kd's deploy
-# initrd, `kd-coord deploy` writes the test environment (Debian 12 + sshd) to their disks with an
+# initrd, `kd-coord deploy` (a client of `kd-coord serve`, the daemon, which runs in the lab's
+# network namespace) writes the test environment (Debian 12 + sshd) to their disks with an
 # SSH key, they boot it, and every node must answer `ssh -i KEY root@NODE true`. The lab is torn
 # down on every exit.
 #
@@ -62,10 +63,18 @@ ID=$(echo "$NET" | cut -d. -f2)
 STATE=/var/lib/kd-lab/$ID
 WORK=$(mktemp -d /tmp/kd-lab-deploy.XXXXXX)
 COORD_PID=
+DAEMON_PID=
 FAILED=
 cleanup() {
 	set +e
 	[ -n "$COORD_PID" ] && kill "$COORD_PID" 2>/dev/null && wait "$COORD_PID" 2>/dev/null
+	# SIGTERM: the daemon cancels what still runs, then exits (bounded: it gives up after 60 s).
+	[ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null && timeout 90 tail --pid="$DAEMON_PID" -f /dev/null
+	[ -n "$DAEMON_PID" ] && kill -KILL "$DAEMON_PID" 2>/dev/null
+	if [ -n "$FAILED" ] && [ -f "$WORK/daemon.log" ]; then
+		echo "--- kd-coord serve (last lines)"
+		tail -n 40 "$WORK/daemon.log"
+	fi
 	if [ -n "$FAILED" ] && [ -d "$STATE" ]; then
 		for i in $(seq 1 "$NODES"); do
 			echo "--- node$i console (last lines)"
@@ -99,7 +108,22 @@ say "bringing up a lab of $NODES ${FIRMWARE:+$FIRMWARE }nodes on $SUBNET (powere
 ALL="node[1-$NODES]"
 ip_of() { echo "$NET.$((10 + ${1#node}))"; }
 
-# deploy PHASE: runs kd-coord deploy in the lab (bounded by LIMIT), progress on stderr; sets RC.
+# --- the daemon -------------------------------------------------------------------------------
+# kd-coord serve runs in the lab's network namespace (its QUIC endpoint listens on the lab's
+# bridge, its power commands reach the lab's BMCs); its API is the Unix socket $WORK/coord/kd.sock,
+# which the CLI below reaches from outside the namespace.
+say "kd-coord serve (state $WORK/coord), cluster add $STATE/cluster.yaml"
+"$BIN/kd-lab" exec --state "$STATE" -- "$BIN/kd-coord" --state "$WORK/coord" serve 2>"$WORK/daemon.log" &
+DAEMON_PID=$!
+for _ in $(seq 1 100); do
+	[ -S "$WORK/coord/kd.sock" ] && "$BIN/kd-coord" --state "$WORK/coord" nodes >/dev/null 2>&1 && break
+	kill -0 "$DAEMON_PID" 2>/dev/null || fail "kd-coord serve exited: $(tail -n 5 "$WORK/daemon.log")"
+	sleep 0.1
+done
+"$BIN/kd-coord" --state "$WORK/coord" cluster add "$STATE/cluster.yaml" | sed 's/^/  /'
+
+# deploy PHASE: runs kd-coord deploy through the daemon (bounded by LIMIT), progress on stderr;
+# sets RC.
 # With FAIL_ONE set for this phase, powers FAIL_NODE off FAIL_AFTER s after the broadcast starts.
 deploy() {
 	local phase=$1 kill_node=${2:-}
@@ -110,8 +134,8 @@ deploy() {
 	start=$(now)
 	set +e
 	timeout --signal=TERM --kill-after=30 "$LIMIT" \
-		"$BIN/kd-lab" exec --state "$STATE" -- "$BIN/kd-coord" --state "$WORK/coord" deploy \
-		-e "$ENV_YAML" -m "$ALL" -c "$STATE/cluster.yaml" -k "$WORK/key.pub" --arity "$ARITY" \
+		"$BIN/kd-coord" --state "$WORK/coord" deploy \
+		-e "$ENV_YAML" -m "$ALL" -k "$WORK/key.pub" --arity "$ARITY" \
 		-o "$WORK/$phase.ok" -n "$WORK/$phase.ko" \
 		>"$out" 2> >(tee -a "$err" >&2) &
 	COORD_PID=$!

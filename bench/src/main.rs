@@ -1,6 +1,7 @@
 //! kd-bench: measurements that print tables (never timed tests).
 use clap::{Parser, Subcommand};
 
+mod api;
 mod arity;
 mod disk;
 mod plot;
@@ -20,6 +21,8 @@ enum Cmd {
     /// Broadcast time against tree arity: kd-coord and kd-agent in network namespaces on a
     /// bridge, every link shaped by tc (needs root).
     Arity(Box<arity::ArityArgs>),
+    /// Latency and memory of the kd daemon's HTTP API with a large cluster and history.
+    Api(api::ApiArgs),
     /// One hop of the plain TCP chain `arity --tcp-chain` runs as a reference.
     #[command(hide = true)]
     TcpRelay(tcp::RelayArgs),
@@ -29,6 +32,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Disk(a) => disk::run(a),
         Cmd::Arity(a) => arity::run(*a),
+        Cmd::Api(a) => api::run(a),
         Cmd::TcpRelay(a) => tcp::run(a),
     }
 }

@@ -50,6 +50,8 @@ pub struct DeployConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// A connected agent. Control messages go through `tx` with `try_send`: the driver never
+/// waits on one agent (a full queue means the agent stopped reading its control stream).
 struct Agent {
     conn: quinn::Connection,
     tx: mpsc::Sender<ToAgent>,
@@ -465,7 +467,7 @@ impl Driver {
             Action::SendPrepare { node } => {
                 let job = Box::new(self.cfg.job.clone());
                 match self.agents.get(&node) {
-                    Some(a) if a.tx.send(ToAgent::Prepare(job)).await.is_ok() => Vec::new(),
+                    Some(a) if a.tx.try_send(ToAgent::Prepare(job)).is_ok() => Vec::new(),
                     _ => vec![Event::StepDone {
                         node,
                         step: Step::Prepare,
@@ -718,7 +720,7 @@ impl Driver {
         let mut pending = HashSet::new();
         for (name, plan) in planned.plans {
             let sent = match self.agents.get(&name) {
-                Some(a) => a.tx.send(ToAgent::Plan(Box::new(plan))).await.is_ok(),
+                Some(a) => a.tx.try_send(ToAgent::Plan(Box::new(plan))).is_ok(),
                 None => false,
             };
             if sent {
@@ -783,7 +785,9 @@ impl Driver {
         );
         for (to, msg) in msgs {
             if let Some(a) = self.agents.get(&to) {
-                let _ = a.tx.send(msg).await;
+                // Never wait on one agent: a full queue means it stopped reading, and it
+                // will be judged by its silence.
+                let _ = a.tx.try_send(msg);
             }
         }
         self.note(format!(
