@@ -228,7 +228,8 @@ async fn run_async(a: ApiArgs) -> Result<()> {
 
     // 2. The daemon.
     let log = tmp.path().join("daemon.log");
-    let logf = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let logf =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let t = Instant::now();
     let child = Command::new(&bin)
         .arg("--state")

@@ -1388,3 +1388,184 @@ fn daemon_killed_mid_broadcast_fails_its_nodes_on_restart_and_locks_nothing() {
         lab.dump()
     );
 }
+
+/// One raw HTTP/1.1 GET on the daemon's socket: (status line, content type, body).
+fn http_get(lab: &Lab, path: &str) -> (String, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(lab.state.join("kd.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kd\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.lines().next().unwrap_or("").to_string();
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    (status, ctype, body.to_string())
+}
+
+#[test]
+fn daemon_cancel_follow_metrics_and_errors() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new(11, 2);
+    let daemon = lab.serve();
+    // The reference page, and an unknown path.
+    let (st, ct, body) = http_get(&lab, "/api/v1");
+    assert!(st.contains("200"), "{st}");
+    assert!(ct.starts_with("text/markdown"), "{ct}");
+    assert!(body.contains("# kd API, version 1"), "{body}");
+    let (st, _, body) = http_get(&lab, "/api/v2/nodes");
+    assert!(
+        st.contains("404") && body.contains("GET /api/v1"),
+        "{st} {body}"
+    );
+    // Deploying before any cluster exists says what to do.
+    let env = lab.env.display().to_string();
+    let o = lab.kd(None, &["deploy", "-e", &env, "-m", "node1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("kd-coord cluster add"), "{}", text(&o));
+    let cluster = lab.cluster.display().to_string();
+    assert!(lab.kd(None, &["cluster", "add", &cluster]).status.success());
+    let o = lab.kd(None, &["deploy", "-e", &env, "-m", "node[2-3]"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("unknown node(s) node3 (known: node[1-2])"),
+        "{}",
+        text(&o)
+    );
+    // A bad environment is refused with its reason, nothing taken.
+    let bad = lab.path("bad-env.yaml");
+    write(&bad, "name: x\nversion: 1\n");
+    let o = lab.kd(
+        None,
+        &["deploy", "-e", &bad.display().to_string(), "-m", "node1"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("bad environment"), "{}", text(&o));
+
+    // Cancel a running deployment: its nodes fail with the reason, boot their disks again.
+    let key = lab.key.display().to_string();
+    let client_log = lab.path("client.log");
+    let mut client = lab
+        .kd_cmd(None, &["deploy", "-e", &env, "-m", "node[1-2]", "-k", &key])
+        .stderr(std::fs::File::create(&client_log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&client_log)
+        .unwrap_or_default()
+        .contains(": Prepare")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no Prepare:\n{}",
+            lab.dump()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A follower that joins late gets what happened so far, then the rest, as ndjson.
+    let follower = {
+        let sock = lab.state.join("kd.sock");
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            write!(
+                s,
+                "GET /api/v1/deployments/1/events HTTP/1.1\r\nHost: kd\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let o = lab.kd(None, &["deployments", "cancel", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = wait_child(&mut client, Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("0/2 nodes deployed (deployment 1 cancelled: cancelled by root)"),
+        "{stdout}"
+    );
+    let d = lab.kd_json(&["deployments", "show", "1"]);
+    assert_eq!(d["state"], "cancelled");
+    assert_eq!(d["reason"], "cancelled by root");
+    for r in d["node_results"].as_array().unwrap() {
+        assert_eq!(r["result"], "ko");
+        assert!(
+            r["reason"].as_str().unwrap().contains("cancelled by root"),
+            "{d}"
+        );
+    }
+    for i in 0..2 {
+        let p = lab.profile(i);
+        assert!(!p.contains("kd.token"), "{p}");
+    }
+    let stream = follower.join().unwrap();
+    assert!(
+        stream
+            .to_ascii_lowercase()
+            .contains("content-type: application/x-ndjson"),
+        "{stream}"
+    );
+    // Chunked transfer: the JSON lines are the ones that parse.
+    let lines: Vec<serde_json::Value> = stream
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .filter(|v: &serde_json::Value| v.is_object())
+        .collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l["note"].as_str().is_some_and(
+                |n| n.starts_with("deployment 1: kdtest:1 on 2 node(s) node[1-2] for root")
+            )),
+        "{stream}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["step"] == "Prepare" && l["node"] == "node1"),
+        "{stream}"
+    );
+    let end = lines.last().unwrap();
+    assert_eq!(end["end"], "cancelled", "{stream}");
+    assert_eq!(end["ko"].as_array().unwrap().len(), 2);
+    // Metrics.
+    let (st, ct, m) = http_get(&lab, "/metrics");
+    assert!(
+        st.contains("200") && ct.starts_with("text/plain"),
+        "{st} {ct}"
+    );
+    for want in [
+        "kd_nodes{state=\"deploy_failed\"} 2",
+        "kd_deployments{state=\"cancelled\"} 1",
+        "kd_deployments_running 0",
+        "kd_node_deployments_total{result=\"ko\"} 2",
+        "kd_agents_routed 0",
+        "# TYPE kd_api_requests_total counter",
+    ] {
+        assert!(m.contains(want), "{want} not in\n{m}");
+    }
+    drop(daemon);
+}
