@@ -10,6 +10,11 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
+/// How long an API call may take.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long creating a deployment may take (its image may be packed first).
+pub const CREATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A client of one daemon.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -97,8 +102,29 @@ impl Client {
             .with_context(|| format!("request {path} to the daemon"))
     }
 
-    /// One request; a JSON answer on success, [`ClientError::Api`] otherwise.
+    /// One request; a JSON answer on success, [`ClientError::Api`] otherwise. Bounded by
+    /// [`CALL_TIMEOUT`] ([`CREATE_TIMEOUT`] for a new deployment, which may pack its image).
     pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let limit = if method == Method::POST && path == "/api/v1/deployments" {
+            CREATE_TIMEOUT
+        } else {
+            CALL_TIMEOUT
+        };
+        match tokio::time::timeout(limit, self.call_unbounded(method, path, body)).await {
+            Ok(r) => r,
+            Err(_) => bail!(
+                "the daemon did not answer {path} within {} s: is it stuck? (kd-coord serve's log)",
+                limit.as_secs()
+            ),
+        }
+    }
+
+    async fn call_unbounded(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
         let bytes = resp
@@ -121,7 +147,9 @@ impl Client {
 
     /// A text answer (the API reference, metrics).
     pub async fn text(&self, path: &str) -> Result<String> {
-        let resp = self.send(Method::GET, path, None).await?;
+        let resp = tokio::time::timeout(CALL_TIMEOUT, self.send(Method::GET, path, None))
+            .await
+            .map_err(|_| anyhow::anyhow!("the daemon did not answer {path} in time"))??;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         let text = String::from_utf8_lossy(&bytes).into_owned();

@@ -537,15 +537,26 @@ impl Db {
         limit: u32,
         before: Option<i64>,
     ) -> Result<Vec<DeploymentRow>> {
-        let mut q = self.conn.prepare(
+        // Plain conditions (no `?1 IS NULL OR ...`): SQLite then uses the (user, id) index.
+        let mut sql = String::from(
             "SELECT id, user, environment, nodes, node_count, state, reason, created, finished,
                     ok, ko
-             FROM deployments
-             WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR id < ?2)
-             ORDER BY id DESC LIMIT ?3",
-        )?;
+             FROM deployments WHERE 1",
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(u) = user {
+            args.push(u.to_string().into());
+            sql += &format!(" AND user = ?{}", args.len());
+        }
+        if let Some(b) = before {
+            args.push(b.into());
+            sql += &format!(" AND id < ?{}", args.len());
+        }
+        args.push(i64::from(limit).into());
+        sql += &format!(" ORDER BY id DESC LIMIT ?{}", args.len());
+        let mut q = self.conn.prepare(&sql)?;
         let rows = q
-            .query_map(params![user, before, limit], row_to_deployment)?
+            .query_map(rusqlite::params_from_iter(args), row_to_deployment)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
