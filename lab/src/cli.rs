@@ -228,8 +228,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             outln!(
-                "run the coordinator in the lab: kd-lab exec --state {} -- kd-coord ...",
-                st.state_dir.display()
+                "run the coordinator in the lab: kd-lab exec --state {} -- kd-coord --state DIR serve; then kd-coord --state DIR cluster add {}",
+                st.state_dir.display(),
+                st.state_dir.join("cluster.yaml").display()
             );
             Ok(ExitCode::SUCCESS)
         }
