@@ -70,6 +70,18 @@ const MIGRATIONS: &[&str] = &[
          size INTEGER NOT NULL,
          packed INTEGER NOT NULL
      );",
+    // 2: the environment registry.
+    "CREATE TABLE environments (
+         name TEXT NOT NULL,
+         version INTEGER NOT NULL,
+         user TEXT NOT NULL,
+         visibility TEXT NOT NULL,
+         description TEXT NOT NULL,
+         yaml TEXT NOT NULL,
+         dir TEXT NOT NULL,
+         added INTEGER NOT NULL,
+         PRIMARY KEY (name, version, user)
+     );",
 ];
 
 /// A node's state.
@@ -161,6 +173,34 @@ pub struct Right {
     pub nodes: String,
     /// Partition or `*`.
     pub partition: String,
+}
+
+/// A registered environment (one version of one user's environment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EnvRow {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// Owner.
+    pub user: String,
+    /// `private`, `shared` or `public`.
+    pub visibility: String,
+    /// Description.
+    pub description: String,
+    /// The description file's text.
+    pub yaml: String,
+    /// Directory its relative paths are resolved against.
+    pub dir: String,
+    /// When it was added.
+    pub added: i64,
+}
+
+impl EnvRow {
+    /// Whether `viewer` may see and deploy it.
+    pub fn visible_to(&self, viewer: &str, admin: bool) -> bool {
+        admin || self.user == viewer || self.visibility != "private"
+    }
 }
 
 /// A node another deployment holds.
@@ -657,6 +697,93 @@ impl Db {
             .collect())
     }
 
+    /// Registers an environment version; `Ok(false)` if that name, version and owner exist
+    /// (a version is immutable).
+    pub fn add_environment(&mut self, e: &EnvRow) -> Result<bool> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO environments
+             (name, version, user, visibility, description, yaml, dir, added)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                e.name,
+                e.version,
+                e.user,
+                e.visibility,
+                e.description,
+                e.yaml,
+                e.dir,
+                now()
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Environments `viewer` may see (of `owner` if given; shared ones only when their owner
+    /// is named or with `all`), by name, owner and version.
+    pub fn environments(
+        &self,
+        viewer: &str,
+        admin: bool,
+        owner: Option<&str>,
+        all: bool,
+    ) -> Result<Vec<EnvRow>> {
+        let mut q = self.conn.prepare(
+            "SELECT name, version, user, visibility, description, yaml, dir, added
+             FROM environments ORDER BY name, user, version",
+        )?;
+        let rows: Vec<EnvRow> = q
+            .query_map([], row_to_env)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .filter(|e| e.visible_to(viewer, admin))
+            .filter(|e| owner.is_none_or(|o| e.user == o))
+            .filter(|e| all || owner.is_some() || e.visibility != "shared" || e.user == viewer)
+            .collect())
+    }
+
+    /// The environment `viewer` means by `name` (and `version`, `owner`): among those visible,
+    /// the viewer's own first, then public ones, then shared ones; the last version.
+    pub fn find_environment(
+        &self,
+        viewer: &str,
+        admin: bool,
+        name: &str,
+        version: Option<u32>,
+        owner: Option<&str>,
+    ) -> Result<Option<EnvRow>> {
+        let mut cands: Vec<EnvRow> = self
+            .environments(viewer, admin, owner, true)?
+            .into_iter()
+            .filter(|e| e.name == name && version.is_none_or(|v| e.version == v))
+            .collect();
+        let rank = |e: &EnvRow| -> u8 {
+            if e.user == viewer {
+                0
+            } else if e.visibility == "public" {
+                1
+            } else {
+                2
+            }
+        };
+        cands.sort_by(|a, b| rank(a).cmp(&rank(b)).then(b.version.cmp(&a.version)));
+        Ok(cands.into_iter().next())
+    }
+
+    /// Removes `owner`'s environment `name` (one version, or all); returns how many.
+    pub fn remove_environment(
+        &mut self,
+        name: &str,
+        version: Option<u32>,
+        owner: &str,
+    ) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM environments WHERE name = ?1 AND user = ?2
+             AND (?3 IS NULL OR version = ?3)",
+            params![name, owner, version],
+        )?)
+    }
+
     /// Counters.
     pub fn stats(&self) -> Result<Stats> {
         let mut s = Stats::default();
@@ -721,6 +848,19 @@ impl Db {
         tx.commit()?;
         Ok(())
     }
+}
+
+fn row_to_env(r: &rusqlite::Row<'_>) -> rusqlite::Result<EnvRow> {
+    Ok(EnvRow {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        user: r.get(2)?,
+        visibility: r.get(3)?,
+        description: r.get(4)?,
+        yaml: r.get(5)?,
+        dir: r.get(6)?,
+        added: r.get(7)?,
+    })
 }
 
 fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
@@ -899,6 +1039,83 @@ mod tests {
         assert_eq!(
             db.denied("alice", &names("node1"), "deploy").unwrap(),
             vec!["node1"]
+        );
+    }
+
+    #[test]
+    fn environments_are_seen_by_visibility_and_found_by_name() {
+        let mut db = db();
+        let env = |name: &str, version: u32, user: &str, vis: &str| EnvRow {
+            name: name.into(),
+            version,
+            user: user.into(),
+            visibility: vis.into(),
+            description: String::new(),
+            yaml: format!("{name} {version} {user}"),
+            dir: "/".into(),
+            added: 0,
+        };
+        assert!(db
+            .add_environment(&env("deb", 1, "alice", "private"))
+            .unwrap());
+        assert!(db
+            .add_environment(&env("deb", 2, "alice", "private"))
+            .unwrap());
+        assert!(db
+            .add_environment(&env("deb", 1, "root", "public"))
+            .unwrap());
+        assert!(db
+            .add_environment(&env("tools", 1, "bob", "shared"))
+            .unwrap());
+        // A version is immutable.
+        assert!(!db
+            .add_environment(&env("deb", 2, "alice", "public"))
+            .unwrap());
+        let names = |v: Vec<EnvRow>| -> Vec<String> {
+            v.iter()
+                .map(|e| format!("{}@{}/{}", e.name, e.version, e.user))
+                .collect()
+        };
+        assert_eq!(
+            names(db.environments("alice", false, None, false).unwrap()),
+            ["deb@1/alice", "deb@2/alice", "deb@1/root"]
+        );
+        // Bob sees the public one and his own shared one, not Alice's private ones.
+        assert_eq!(
+            names(db.environments("bob", false, None, false).unwrap()),
+            ["deb@1/root", "tools@1/bob"]
+        );
+        // Shared ones show when their owner is named.
+        assert_eq!(
+            names(db.environments("carol", false, Some("bob"), false).unwrap()),
+            ["tools@1/bob"]
+        );
+        let f = |db: &Db, viewer: &str, name: &str, v: Option<u32>, o: Option<&str>| {
+            db.find_environment(viewer, false, name, v, o)
+                .unwrap()
+                .map(|e| format!("{}@{}/{}", e.name, e.version, e.user))
+        };
+        assert_eq!(
+            f(&db, "alice", "deb", None, None).as_deref(),
+            Some("deb@2/alice")
+        );
+        assert_eq!(
+            f(&db, "alice", "deb", Some(1), None).as_deref(),
+            Some("deb@1/alice")
+        );
+        assert_eq!(
+            f(&db, "bob", "deb", None, None).as_deref(),
+            Some("deb@1/root")
+        );
+        assert_eq!(f(&db, "bob", "deb", None, Some("alice")), None);
+        assert_eq!(
+            f(&db, "carol", "tools", None, None).as_deref(),
+            Some("tools@1/bob")
+        );
+        assert_eq!(db.remove_environment("deb", Some(2), "alice").unwrap(), 1);
+        assert_eq!(
+            f(&db, "alice", "deb", None, None).as_deref(),
+            Some("deb@1/alice")
         );
     }
 

@@ -48,6 +48,9 @@ enum Cmd {
     /// List, show, follow and cancel deployments.
     #[command(subcommand)]
     Deployments(remote::DeploymentsCmd),
+    /// Register, list, show and remove environments.
+    #[command(subcommand)]
+    Env(remote::EnvCmd),
     /// Add and list clusters (administrators).
     #[command(subcommand)]
     Cluster(remote::ClusterCmd),
@@ -64,9 +67,13 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct DeployCli {
-    /// Environment: a description file (YAML), or a name looked up as STATE/envs/NAME.yaml.
+    /// Environment: a description file (YAML), or a registered NAME[@VERSION] (kd-coord env
+    /// list; with --standalone: STATE/envs/NAME.yaml).
     #[arg(short = 'e', long = "env")]
     env: String,
+    /// Owner of the registered environment (default: yours, then public, then shared ones).
+    #[arg(short = 'u', long = "env-user")]
+    env_user: Option<String>,
     /// Nodes, in node-set syntax (node[1-8,10]).
     #[arg(short = 'm', long = "machines")]
     nodes: String,
@@ -275,6 +282,7 @@ fn run(cli: Cli) -> Result<i32> {
             let c = kd_coord::client::Client::new(&cli.state);
             let opts = remote::DeployOpts {
                 env: a.env,
+                env_user: a.env_user,
                 nodes: a.nodes,
                 ssh_key: a.ssh_key,
                 arity: a.arity.to_string(),
@@ -283,7 +291,7 @@ fn run(cli: Cli) -> Result<i32> {
                 ko_file: a.ko_file,
                 json: a.json,
             };
-            remote::run_client(async { remote::deploy(&c, &cli.state, opts).await })
+            remote::run_client(async { remote::deploy(&c, opts).await })
         }
         Cmd::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -304,6 +312,10 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Deployments(cmd) => {
             let c = kd_coord::client::Client::new(&cli.state);
             remote::run_client(async { remote::deployments(&c, cmd).await })
+        }
+        Cmd::Env(cmd) => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            remote::run_client(async { remote::env(&c, cmd).await })
         }
         Cmd::Cluster(cmd) => {
             let c = kd_coord::client::Client::new(&cli.state);

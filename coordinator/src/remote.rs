@@ -60,6 +60,146 @@ pub(crate) enum ClusterCmd {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum EnvCmd {
+    /// Register an environment from its description file (its image is packed once now).
+    Add {
+        /// The description (YAML: name, version, visibility, image, boot, ...).
+        file: PathBuf,
+    },
+    /// List the environments you may use (yours, public ones; shared ones with --user or --all).
+    List {
+        /// Only this owner's.
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        /// Shared ones of every owner too.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an environment's description.
+    Show {
+        /// NAME or NAME@VERSION.
+        name: String,
+        /// Its owner.
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an environment (one version with NAME@VERSION, or all).
+    Rm {
+        /// NAME or NAME@VERSION.
+        name: String,
+        /// Its owner (administrators).
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+    },
+}
+
+fn env_query(name: &str, user: Option<&str>) -> Result<String> {
+    let (n, v) = match name.split_once('@') {
+        Some((n, v)) => (
+            n,
+            Some(
+                v.parse::<u32>()
+                    .with_context(|| format!("bad version in {name:?}: NAME@VERSION"))?,
+            ),
+        ),
+        None => (name, None),
+    };
+    let mut q = format!("/api/v1/environments/{}?", enc(n));
+    if let Some(v) = v {
+        q.push_str(&format!("version={v}&"));
+    }
+    if let Some(u) = user {
+        q.push_str(&format!("user={}", enc(u)));
+    }
+    Ok(q)
+}
+
+pub(crate) async fn env(c: &Client, cmd: EnvCmd) -> Result<i32> {
+    match cmd {
+        EnvCmd::Add { file } => {
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let dir = std::fs::canonicalize(&file)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("/"));
+            let v = c
+                .call(
+                    Method::POST,
+                    "/api/v1/environments",
+                    Some(&json!({ "yaml": yaml, "dir": dir })),
+                )
+                .await?;
+            println!(
+                "{}@{} added for {} ({}), image {}",
+                s(&v["name"]),
+                s(&v["version"]),
+                s(&v["user"]),
+                s(&v["visibility"]),
+                s(&v["image"])
+            );
+            Ok(0)
+        }
+        EnvCmd::List { user, all, json } => {
+            let mut path = format!("/api/v1/environments?all={all}");
+            if let Some(u) = user {
+                path.push_str(&format!("&user={}", enc(&u)));
+            }
+            let v = c.call(Method::GET, &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let mut rows = vec![["name", "version", "user", "visibility", "description"]
+                .map(String::from)
+                .to_vec()];
+            for e in v["environments"].as_array().cloned().unwrap_or_default() {
+                rows.push(vec![
+                    s(&e["name"]),
+                    s(&e["version"]),
+                    s(&e["user"]),
+                    s(&e["visibility"]),
+                    e["description"].as_str().unwrap_or("").to_string(),
+                ]);
+            }
+            print!("{}", table(&rows));
+            Ok(0)
+        }
+        EnvCmd::Show { name, user, json } => {
+            let v = c
+                .call(Method::GET, &env_query(&name, user.as_deref())?, None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "# {}@{} of {} ({})",
+                    s(&v["name"]),
+                    s(&v["version"]),
+                    s(&v["user"]),
+                    s(&v["visibility"])
+                );
+                print!("{}", v["yaml"].as_str().unwrap_or(""));
+            }
+            Ok(0)
+        }
+        EnvCmd::Rm { name, user } => {
+            let v = c
+                .call(Method::DELETE, &env_query(&name, user.as_deref())?, None)
+                .await?;
+            println!("{} version(s) removed", s(&v["removed"]));
+            Ok(0)
+        }
+    }
+}
+
+#[derive(Subcommand)]
 pub(crate) enum RightsCmd {
     /// Let USER deploy NODES (node set or '*') on PARTITION (number, 'deploy' or '*').
     Add {
@@ -91,6 +231,7 @@ pub(crate) enum RightsCmd {
 /// What `deploy` sends to the daemon.
 pub(crate) struct DeployOpts {
     pub(crate) env: String,
+    pub(crate) env_user: Option<String>,
     pub(crate) nodes: String,
     pub(crate) ssh_key: Option<PathBuf>,
     pub(crate) arity: String,
@@ -437,30 +578,23 @@ async fn follow(c: &Client, id: i64, t0: Option<Instant>) -> Result<Value> {
     Ok(end)
 }
 
-pub(crate) async fn deploy(c: &Client, state: &Path, o: DeployOpts) -> Result<i32> {
+pub(crate) async fn deploy(c: &Client, o: DeployOpts) -> Result<i32> {
     let t0 = Instant::now();
-    let env_path = {
-        let p = PathBuf::from(&o.env);
-        if p.exists() {
-            p
-        } else {
-            let named = state.join("envs").join(format!("{}.yaml", o.env));
-            if !named.exists() {
-                bail!(
-                    "no environment {:?}: neither a file nor {}",
-                    o.env,
-                    named.display()
-                );
-            }
-            named
-        }
+    // A file is sent as text; anything else names a registered environment (NAME[@VERSION]).
+    let env_file = PathBuf::from(&o.env);
+    let (environment, environment_dir, environment_name) = if env_file.is_file() {
+        let text = std::fs::read_to_string(&env_file)
+            .with_context(|| format!("read {}", env_file.display()))?;
+        let dir = std::fs::canonicalize(&env_file)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("/"));
+        (text, dir, None)
+    } else if o.env.contains('/') || o.env.ends_with(".yaml") {
+        bail!("no environment file {}", o.env);
+    } else {
+        (String::new(), PathBuf::new(), Some(o.env.clone()))
     };
-    let environment = std::fs::read_to_string(&env_path)
-        .with_context(|| format!("read {}", env_path.display()))?;
-    let environment_dir = std::fs::canonicalize(&env_path)
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| PathBuf::from("/"));
     let ssh_key = match &o.ssh_key {
         None => None,
         Some(k) => {
@@ -473,6 +607,8 @@ pub(crate) async fn deploy(c: &Client, state: &Path, o: DeployOpts) -> Result<i3
     let req = DeployRequest {
         environment,
         environment_dir,
+        environment_name,
+        environment_user: o.env_user.clone(),
         nodes: o.nodes.clone(),
         ssh_key,
         arity: o.arity.clone(),

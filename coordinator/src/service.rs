@@ -43,11 +43,19 @@ pub const API_DOC: &str = include_str!("../../docs/api.md");
 /// A deployment request, as the CLI sends it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeployRequest {
-    /// The environment description (YAML text).
+    /// The environment description (YAML text); or empty with `environment_name`.
+    #[serde(default)]
     pub environment: String,
     /// Directory that relative paths of the environment are resolved against (the
     /// environment file's directory on the caller's side).
+    #[serde(default)]
     pub environment_dir: PathBuf,
+    /// A registered environment instead: `NAME` or `NAME@VERSION`.
+    #[serde(default)]
+    pub environment_name: Option<String>,
+    /// Its owner (default: the caller's own, then public, then shared ones).
+    #[serde(default)]
+    pub environment_user: Option<String>,
     /// Nodes, in node-set syntax.
     pub nodes: String,
     /// Public SSH key text for root on the deployed system.
@@ -298,6 +306,14 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route(
             "/api/v1/rights",
             get(list_rights).post(add_right).delete(remove_rights),
+        )
+        .route(
+            "/api/v1/environments",
+            get(list_environments).post(add_environment),
+        )
+        .route(
+            "/api/v1/environments/{name}",
+            get(show_environment).delete(remove_environment),
         )
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -708,6 +724,33 @@ async fn create_deployment(
             )));
         }
     }
+    let mut req = req;
+    // A registered environment's files were checked for its owner when it was added.
+    let mut reader = Some(p.uid);
+    if let Some(spec) = &req.environment_name {
+        let (name, version) = parse_env_spec(spec)?;
+        let row = d
+            .db()
+            .find_environment(
+                &user,
+                d.is_admin(&p),
+                &name,
+                version,
+                req.environment_user.as_deref(),
+            )?
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no environment {spec} that {user} may use{}: kd-coord env list shows them",
+                    req.environment_user
+                        .as_deref()
+                        .map(|o| format!(" owned by {o}"))
+                        .unwrap_or_default()
+                ))
+            })?;
+        req.environment = row.yaml;
+        req.environment_dir = PathBuf::from(row.dir);
+        reader = None;
+    }
     let env = Environment::parse(&req.environment)
         .map_err(|e| ApiError::bad(format!("bad environment: {e}")))?;
     let env_name = format!("{}:{}", env.name, env.version);
@@ -717,7 +760,6 @@ async fn create_deployment(
         let d = d.clone();
         let cluster = cluster.clone();
         let env = env.clone();
-        let uid = p.uid;
         let req = req.clone();
         tokio::task::spawn_blocking(move || {
             deploy::prepare(
@@ -728,7 +770,7 @@ async fn create_deployment(
                     env_dir: &req.environment_dir,
                     ssh_key: req.ssh_key.clone(),
                     partition: req.partition,
-                    reader: Some(uid),
+                    reader,
                 },
                 &|l| tracing::info!("{l}"),
             )
@@ -797,6 +839,154 @@ async fn create_deployment(
             json!({ "id": id, "user": user, "environment": env_name, "nodes": kd_proto::nodeset::fold(&nodes), "node_count": nodes.len() }),
         ),
     ))
+}
+
+/// `NAME` or `NAME@VERSION`.
+fn parse_env_spec(spec: &str) -> ApiResult<(String, Option<u32>)> {
+    match spec.split_once('@') {
+        None => Ok((spec.to_string(), None)),
+        Some((n, v)) => {
+            let v = v.parse::<u32>().map_err(|_| {
+                ApiError::bad(format!("bad environment {spec:?}: NAME or NAME@VERSION"))
+            })?;
+            Ok((n.to_string(), Some(v)))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EnvQuery {
+    user: Option<String>,
+    version: Option<u32>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_environments(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Query(q): Query<EnvQuery>,
+) -> ApiResult<Json<Value>> {
+    let me = user_name(p.uid);
+    let rows = d
+        .db()
+        .environments(&me, d.is_admin(&p), q.user.as_deref(), q.all)?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|e| {
+            json!({ "name": e.name, "version": e.version, "user": e.user,
+                    "visibility": e.visibility, "description": e.description, "added": e.added })
+        })
+        .collect();
+    Ok(Json(json!({ "environments": out })))
+}
+
+async fn show_environment(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<EnvQuery>,
+) -> ApiResult<Json<Value>> {
+    let me = user_name(p.uid);
+    let e = d
+        .db()
+        .find_environment(&me, d.is_admin(&p), &name, q.version, q.user.as_deref())?
+        .ok_or_else(|| ApiError::not_found(format!("no environment {name} that {me} may see")))?;
+    Ok(Json(serde_json::to_value(&e).map_err(anyhow::Error::from)?))
+}
+
+#[derive(Deserialize)]
+struct EnvBody {
+    yaml: String,
+    dir: PathBuf,
+}
+
+async fn add_environment(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(b): Json<EnvBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let me = user_name(p.uid);
+    let env =
+        Environment::parse(&b.yaml).map_err(|e| ApiError::bad(format!("bad environment: {e}")))?;
+    let visibility = match env.visibility {
+        crate::env::Visibility::Private => "private",
+        crate::env::Visibility::Shared => "shared",
+        crate::env::Visibility::Public => "public",
+    };
+    if visibility == "public" && !d.is_admin(&p) {
+        return Err(ApiError::forbidden(format!(
+            "only an administrator adds public environments: {me} may add it as private or shared"
+        )));
+    }
+    // Its files, read as the caller may; the image packed once now.
+    let packed = {
+        let d = d.clone();
+        let env = env.clone();
+        let dir = b.dir.clone();
+        let uid = p.uid;
+        tokio::task::spawn_blocking(move || -> Result<PathBuf> {
+            for pi in &env.postinstalls {
+                let path = deploy::env_path(&pi.archive, &dir)?;
+                deploy::check_readable_by(&path, Some(uid))?;
+            }
+            let source = deploy::env_path(&env.image.file, &dir)?;
+            deploy::check_readable_by(&source, Some(uid))?;
+            deploy::image_for(&source, &d.dir.join("images"), &|l| tracing::info!("{l}"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("preparation task: {e}"))?
+        .map_err(|e| ApiError::bad(format!("{e:#}")))?
+    };
+    let row = db::EnvRow {
+        name: env.name.clone(),
+        version: env.version,
+        user: me.clone(),
+        visibility: visibility.into(),
+        description: env.description.clone(),
+        yaml: b.yaml,
+        dir: b.dir.display().to_string(),
+        added: 0,
+    };
+    if !d.db().add_environment(&row)? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{me} already has {}@{}: a version is immutable; add it with a new version",
+                env.name, env.version
+            ),
+        ));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({ "name": env.name, "version": env.version, "user": me,
+                     "visibility": visibility, "image": packed.display().to_string() }),
+        ),
+    ))
+}
+
+async fn remove_environment(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<EnvQuery>,
+) -> ApiResult<Json<Value>> {
+    let me = user_name(p.uid);
+    let owner = q.user.clone().unwrap_or_else(|| me.clone());
+    if owner != me && !d.is_admin(&p) {
+        return Err(ApiError::forbidden(format!(
+            "{name} is {owner}'s: {me} may not remove it"
+        )));
+    }
+    let n = d.db().remove_environment(&name, q.version, &owner)?;
+    if n == 0 {
+        return Err(ApiError::not_found(format!(
+            "{owner} has no environment {name}{}",
+            q.version.map(|v| format!("@{v}")).unwrap_or_default()
+        )));
+    }
+    Ok(Json(json!({ "removed": n })))
 }
 
 fn unknown_nodes(nodes: &[String], clusters: &[ClusterConfig]) -> ApiError {

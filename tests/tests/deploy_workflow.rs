@@ -1569,3 +1569,85 @@ fn daemon_cancel_follow_metrics_and_errors() {
     }
     drop(daemon);
 }
+
+#[test]
+fn daemon_environments_by_visibility_and_deploy_by_name() {
+    if skip() {
+        return;
+    }
+    let (alice, bob) = (64011u32, 64012u32);
+    let lab = Lab::new(12, 1);
+    lab.open_to_users(&[alice, bob]);
+    let _daemon = lab.serve();
+    let cluster = lab.cluster.display().to_string();
+    assert!(lab.kd(None, &["cluster", "add", &cluster]).status.success());
+    for u in ["uid64011", "uid64012"] {
+        assert!(lab.kd(None, &["rights", "add", u, "node1"]).status.success());
+    }
+    // Alice registers the lab's environment as her own (private by default).
+    let env = lab.env.display().to_string();
+    let o = lab.kd(Some(alice), &["env", "add", &env]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("kdtest@1 added for uid64011 (private)"),
+        "{}",
+        text(&o)
+    );
+    // A version is immutable.
+    let o = lab.kd(Some(alice), &["env", "add", &env]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("immutable"), "{}", text(&o));
+    // Public ones are for administrators.
+    let public = lab.path("public.yaml");
+    let y = std::fs::read_to_string(&lab.env).unwrap();
+    write(&public, &format!("{y}visibility: public\n"));
+    let o = lab.kd(Some(bob), &["env", "add", &public.display().to_string()]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let v = lab.kd(Some(bob), &["env", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(list["environments"].as_array().unwrap().len(), 0, "{list}");
+    let o = lab.kd(Some(bob), &["env", "show", "kdtest"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("no environment kdtest that uid64012 may see"),
+        "{}",
+        text(&o)
+    );
+    let o = lab.kd(Some(bob), &["env", "rm", "kdtest", "-u", "uid64011"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let v = lab.kd(Some(alice), &["env", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    let e = &list["environments"][0];
+    assert_eq!(
+        (&e["name"], &e["version"], &e["user"], &e["visibility"]),
+        (
+            &serde_json::json!("kdtest"),
+            &serde_json::json!(1),
+            &serde_json::json!("uid64011"),
+            &serde_json::json!("private")
+        )
+    );
+    assert_eq!(e["description"], "loopback deploy test");
+    // Alice deploys it by name; Bob cannot name it.
+    let key = lab.key.display().to_string();
+    let o = lab.kd(Some(bob), &["deploy", "-e", "kdtest", "-m", "node1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("no environment kdtest that uid64012 may use"),
+        "{}",
+        text(&o)
+    );
+    let o = lab.kd(
+        Some(alice),
+        &["deploy", "-e", "kdtest@1", "-m", "node1", "-k", &key],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), lab.dump());
+    lab.disk_ok(0).unwrap();
+    let nodes = lab.kd_json(&["nodes"]);
+    assert_eq!(node(&nodes, "node1")["environment"], "kdtest:1");
+    assert_eq!(node(&nodes, "node1")["user"], "uid64011");
+    let o = lab.kd(Some(alice), &["env", "rm", "kdtest@1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = lab.kd(Some(alice), &["env", "show", "kdtest"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
