@@ -201,29 +201,34 @@ pub(crate) async fn env(c: &Client, cmd: EnvCmd) -> Result<i32> {
 
 #[derive(Subcommand)]
 pub(crate) enum RightsCmd {
-    /// Let USER deploy NODES (node set or '*') on PARTITION (number, 'deploy' or '*').
+    /// Let USER deploy NODESET (or '*') on a partition (number, 'deploy' or '*').
     Add {
         /// User name.
+        #[arg(short = 'u', long)]
         user: String,
         /// Node set, or '*' for every node.
+        #[arg(short = 'm', long = "machines")]
         nodes: String,
         /// Partition number, 'deploy' (the layout's deploy partition) or '*'.
-        #[arg(default_value = "*")]
+        #[arg(short = 'p', long, default_value = "*")]
         partition: String,
     },
     /// List rights.
     List {
         /// Only this user's.
+        #[arg(short = 'u', long)]
         user: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Remove USER's rights (all, or those on NODES).
+    /// Remove USER's rights (all, or the one on NODESET).
     Rm {
         /// User name.
+        #[arg(short = 'u', long)]
         user: String,
-        /// Only the right on this node set.
+        /// Only the right on this node set (as it was added).
+        #[arg(short = 'm', long = "machines")]
         nodes: Option<String>,
     },
 }

@@ -373,18 +373,32 @@ pub async fn serve(dir: &Path) -> Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            stop.await;
+    let (quit_tx, quit_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = quit_rx.await;
+    });
+    let server = std::future::IntoFuture::into_future(server);
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.context("API server")?,
+        _ = stop => {
+            // Deployments first (their followers' streams end with them), then the server,
+            // which waits for open connections: bounded.
             eprintln!("kd-coord: stopping: cancelling running deployments");
-        })
-        .await
-        .context("API server")?;
-    d.shutdown(
-        "the coordinator is stopping",
-        std::time::Duration::from_secs(60),
-    )
-    .await;
+            d.shutdown(
+                "the coordinator is stopping",
+                std::time::Duration::from_secs(60),
+            )
+            .await;
+            let _ = quit_tx.send(());
+            if tokio::time::timeout(std::time::Duration::from_secs(10), &mut server)
+                .await
+                .is_err()
+            {
+                eprintln!("kd-coord: some API connections stayed open: closing them");
+            }
+        }
+    }
     let _ = std::fs::remove_file(&sock);
     drop(lock);
     Ok(())
@@ -718,7 +732,7 @@ async fn create_deployment(
         let denied = d.db().denied(&user, &nodes, &partition)?;
         if !denied.is_empty() {
             return Err(ApiError::forbidden(format!(
-                "{user} may not deploy {} (partition {partition}): an administrator grants it with kd-coord rights add {user} {} {partition}",
+                "{user} may not deploy {} (partition {partition}): an administrator grants it with kd-coord rights add -u {user} -m '{}' -p {partition}",
                 kd_proto::nodeset::fold(&denied),
                 kd_proto::nodeset::fold(&denied)
             )));

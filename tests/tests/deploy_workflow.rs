@@ -1172,7 +1172,7 @@ fn daemon_two_users_deploy_at_once_and_overlaps_and_strangers_are_refused() {
     assert!(text(&o).contains("not an administrator"), "{}", text(&o));
     for (uid, set) in [(alice, "node[1-2]"), (bob, "node[3-4]")] {
         let user = format!("uid{uid}");
-        let o = lab.kd(None, &["rights", "add", &user, set]);
+        let o = lab.kd(None, &["rights", "add", "-u", &user, "-m", set]);
         assert!(o.status.success(), "{}", text(&o));
     }
 
@@ -1582,7 +1582,10 @@ fn daemon_environments_by_visibility_and_deploy_by_name() {
     let cluster = lab.cluster.display().to_string();
     assert!(lab.kd(None, &["cluster", "add", &cluster]).status.success());
     for u in ["uid64011", "uid64012"] {
-        assert!(lab.kd(None, &["rights", "add", u, "node1"]).status.success());
+        assert!(lab
+            .kd(None, &["rights", "add", "-u", u, "-m", "node1"])
+            .status
+            .success());
     }
     // Alice registers the lab's environment as her own (private by default).
     let env = lab.env.display().to_string();
@@ -1650,4 +1653,69 @@ fn daemon_environments_by_visibility_and_deploy_by_name() {
     assert!(o.status.success(), "{}", text(&o));
     let o = lab.kd(Some(alice), &["env", "show", "kdtest"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+#[test]
+fn daemon_sigterm_cancels_running_deployments_then_exits() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new(13, 1);
+    let mut daemon = lab.serve();
+    let cluster = lab.cluster.display().to_string();
+    assert!(lab.kd(None, &["cluster", "add", &cluster]).status.success());
+    let env = lab.env.display().to_string();
+    let client_log = lab.path("client.log");
+    let mut client = lab
+        .kd_cmd(None, &["deploy", "-e", &env, "-m", "node1"])
+        .stderr(std::fs::File::create(&client_log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&client_log)
+        .unwrap_or_default()
+        .contains(": Prepare")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no Prepare:\n{}",
+            lab.dump()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = daemon.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(70),
+            "the daemon did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let out = wait_child(&mut client, Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cancelled: the coordinator is stopping"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!lab.state.join("kd.sock").exists());
+    // Started again, it finds the deployment cancelled (not to recover) and the node free.
+    let _daemon = lab.serve();
+    let d = lab.kd_json(&["deployments", "show", "1"]);
+    assert_eq!(d["state"], "cancelled");
+    assert_eq!(d["reason"], "the coordinator is stopping");
+    let nodes = lab.kd_json(&["nodes"]);
+    assert_eq!(node(&nodes, "node1")["state"], "deploy_failed");
+    assert!(!lab.profile(0).contains("kd.token"));
 }
