@@ -41,6 +41,12 @@ enum Cmd {
     Serve,
     /// List the nodes and their state.
     Nodes {
+        /// Only these nodes (node set).
+        #[arg(short = 'm', long = "machines")]
+        nodes: Option<String>,
+        /// Only nodes in this state (deployed, deploy_failed, deploying, ...).
+        #[arg(long)]
+        status: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -301,9 +307,15 @@ fn run(cli: Cli) -> Result<i32> {
             rt.block_on(kd_coord::service::serve(&cli.state))?;
             Ok(0)
         }
-        Cmd::Nodes { json } => {
+        Cmd::Nodes {
+            nodes,
+            status,
+            json,
+        } => {
             let c = kd_coord::client::Client::new(&cli.state);
-            remote::run_client(async { remote::nodes(&c, json).await })
+            remote::run_client(async {
+                remote::nodes(&c, nodes.as_deref(), status.as_deref(), json).await
+            })
         }
         Cmd::Stats { json } => {
             let c = kd_coord::client::Client::new(&cli.state);
@@ -661,4 +673,14 @@ fn lock_nodes(state: &Path, nodes: &[String]) -> Result<Vec<std::fs::File>> {
         );
     }
     Ok(held)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // Catches clashing argument names (a subcommand's --state against the global one)
+        // before a user meets the panic.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -337,15 +337,31 @@ where
     }
 }
 
-pub(crate) async fn nodes(c: &Client, json_out: bool) -> Result<i32> {
-    let v = c.call(Method::GET, "/api/v1/nodes", None).await?;
+pub(crate) async fn nodes(
+    c: &Client,
+    set: Option<&str>,
+    state: Option<&str>,
+    json_out: bool,
+) -> Result<i32> {
+    let mut path = String::from("/api/v1/nodes?");
+    if let Some(m) = set {
+        path.push_str(&format!("nodes={}&", enc(m)));
+    }
+    if let Some(st) = state {
+        path.push_str(&format!("state={}", enc(st)));
+    }
+    let v = c.call(Method::GET, &path, None).await?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     let list = v["nodes"].as_array().cloned().unwrap_or_default();
     if list.is_empty() {
-        println!("no nodes configured: an administrator adds a cluster with kd-coord cluster add FILE.yaml");
+        if set.is_none() && state.is_none() {
+            println!("no nodes configured: an administrator adds a cluster with kd-coord cluster add FILE.yaml");
+        } else {
+            println!("no such nodes");
+        }
         return Ok(0);
     }
     let mut rows = vec![[

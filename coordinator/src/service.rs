@@ -411,8 +411,34 @@ async fn doc() -> impl IntoResponse {
     )
 }
 
-async fn nodes(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
-    let rows = d.db().nodes()?;
+#[derive(Deserialize)]
+struct NodesQuery {
+    /// Only these (a node set).
+    nodes: Option<String>,
+    /// Only nodes in this state.
+    state: Option<String>,
+}
+
+async fn nodes(
+    State(d): State<Arc<Daemon>>,
+    Query(q): Query<NodesQuery>,
+) -> ApiResult<Json<Value>> {
+    let want: Option<std::collections::HashSet<String>> = match &q.nodes {
+        None => None,
+        Some(set) => Some(
+            kd_proto::nodeset::parse(set)
+                .map_err(|e| ApiError::bad(format!("bad node set {set:?}: {e}")))?
+                .into_iter()
+                .collect(),
+        ),
+    };
+    let rows: Vec<db::NodeRow> = d
+        .db()
+        .nodes()?
+        .into_iter()
+        .filter(|r| want.as_ref().is_none_or(|w| w.contains(&r.name)))
+        .filter(|r| q.state.as_ref().is_none_or(|s| &r.state == s))
+        .collect();
     Ok(Json(json!({ "nodes": rows })))
 }
 

@@ -1272,6 +1272,14 @@ fn daemon_two_users_deploy_at_once_and_overlaps_and_strangers_are_refused() {
     assert_eq!(n1["user"], "uid64001");
     assert!(n1["updated"].as_i64().unwrap() > 1_700_000_000);
     assert_eq!(node(&nodes, "node4")["user"], "uid64002");
+    let some = lab.kd_json(&["nodes", "-m", "node[2-3]", "--status", "deployed"]);
+    let names: Vec<&str> = some["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["node2", "node3"]);
     assert_eq!(node(&nodes, "node4")["deployment"], bob_id);
     let d = lab.kd_json(&["deployments", "show", &bob_id.to_string()]);
     assert_eq!(d["id"], bob_id);
