@@ -42,12 +42,12 @@ const SOCKET_WAIT: Duration = Duration::from_secs(30);
 
 /// The daemon child: stopped by its PID (SIGTERM, then SIGKILL after 5 s) when dropped, also on
 /// errors.
-struct Daemon {
-    child: Child,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
 }
 
 impl Daemon {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -107,13 +107,18 @@ fn cluster_yaml(n: usize, pxe: &Path, port: u16) -> String {
 }
 
 /// VmRSS of a process in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// A `KEY:  N kB` field of `/proc/PID/status` in KiB (`VmRSS`, `RssAnon`, ...).
+pub(crate) fn status_kib(pid: u32, key: &str) -> Result<u64> {
     let p = format!("/proc/{pid}/status");
     let s = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
     let line = s
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .with_context(|| format!("no VmRSS in {p}"))?;
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
+        .with_context(|| format!("no {key} in {p}"))?;
     line.split_whitespace()
         .nth(1)
         .and_then(|v| v.parse().ok())
@@ -124,7 +129,7 @@ fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
-fn kd_coord_bin() -> Result<PathBuf> {
+pub(crate) fn kd_coord_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
     let dir = exe
         .parent()
@@ -139,8 +144,43 @@ fn kd_coord_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Starts `kd-coord --state STATE serve` (output to `log`) and waits until its socket accepts
+/// connections (at most [`SOCKET_WAIT`]); the child is stopped when the guard is dropped.
+pub(crate) async fn start_daemon(bin: &Path, state: &Path, log: &Path) -> Result<Daemon> {
+    let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let t = Instant::now();
+    let child = Command::new(bin)
+        .arg("--state")
+        .arg(state)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().context("log file")?)
+        .stderr(logf)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut daemon = Daemon { child };
+    let sock = state.join(kd_coord::service::SOCKET);
+    loop {
+        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+            return Ok(daemon);
+        }
+        if let Some(st) = daemon.child.try_wait().context("waiting for kd-coord")? {
+            bail!("kd-coord serve exited ({st}):\n{}", log_tail(log));
+        }
+        if t.elapsed() > SOCKET_WAIT {
+            bail!(
+                "{} accepts no connection after {} s:\n{}",
+                sock.display(),
+                SOCKET_WAIT.as_secs(),
+                log_tail(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The last lines of the daemon's log, for error messages.
-fn log_tail(log: &Path) -> String {
+pub(crate) fn log_tail(log: &Path) -> String {
     let mut s = String::new();
     if let Ok(mut f) = std::fs::File::open(log) {
         let _ = f.read_to_string(&mut s);
@@ -228,37 +268,8 @@ async fn run_async(a: ApiArgs) -> Result<()> {
 
     // 2. The daemon.
     let log = tmp.path().join("daemon.log");
-    let logf =
-        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let t = Instant::now();
-    let child = Command::new(&bin)
-        .arg("--state")
-        .arg(&state)
-        .arg("serve")
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().context("log file")?)
-        .stderr(logf)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut daemon = Daemon { child };
-    let sock = state.join(kd_coord::service::SOCKET);
-    loop {
-        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
-            break;
-        }
-        if let Some(st) = daemon.child.try_wait().context("waiting for kd-coord")? {
-            bail!("kd-coord serve exited ({st}):\n{}", log_tail(&log));
-        }
-        if t.elapsed() > SOCKET_WAIT {
-            bail!(
-                "{} accepts no connection after {} s:\n{}",
-                sock.display(),
-                SOCKET_WAIT.as_secs(),
-                log_tail(&log)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let daemon = start_daemon(&bin, &state, &log).await?;
     let start_secs = t.elapsed().as_secs_f64();
     let pid = daemon.pid();
     let rss_start = rss_kib(pid)?;

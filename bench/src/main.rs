@@ -1,6 +1,7 @@
 //! kd-bench: measurements that print tables (never timed tests).
 use clap::{Parser, Subcommand};
 
+mod agents;
 mod api;
 mod arity;
 mod disk;
@@ -23,6 +24,8 @@ enum Cmd {
     Arity(Box<arity::ArityArgs>),
     /// Latency and memory of the kd daemon's HTTP API with a large cluster and history.
     Api(api::ApiArgs),
+    /// Memory of the kd daemon with N simulated agents connected to one deployment (loopback).
+    Agents(agents::AgentsArgs),
     /// One hop of the plain TCP chain `arity --tcp-chain` runs as a reference.
     #[command(hide = true)]
     TcpRelay(tcp::RelayArgs),
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Disk(a) => disk::run(a),
         Cmd::Arity(a) => arity::run(*a),
         Cmd::Api(a) => api::run(a),
+        Cmd::Agents(a) => agents::run(a),
         Cmd::TcpRelay(a) => tcp::run(a),
     }
 }
