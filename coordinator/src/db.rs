@@ -2,7 +2,8 @@
 //!
 //! What lasts across restarts lives here: clusters (their YAML), nodes (state, what runs on
 //! them, who deployed it, the deployment that holds them), deployments (who, what, where,
-//! each node's result with per-step times), rights and packed images. Taking nodes for a
+//! each node's result with per-step times), environments and rights. Packed images are files
+//! named by their content hash in `STATE/images` (`deploy::image_for`). Taking nodes for a
 //! deployment is one `IMMEDIATE` transaction: two requests for overlapping nodes cannot both
 //! win. Plain functions over a [`rusqlite::Connection`]; the daemon serialises calls.
 
@@ -62,13 +63,6 @@ const MIGRATIONS: &[&str] = &[
          nodes TEXT NOT NULL,
          partition TEXT NOT NULL,
          PRIMARY KEY (user, nodes, partition)
-     );
-     CREATE TABLE images (
-         key TEXT PRIMARY KEY,
-         path TEXT NOT NULL,
-         source TEXT NOT NULL,
-         size INTEGER NOT NULL,
-         packed INTEGER NOT NULL
      );",
     // 2: the environment registry.
     "CREATE TABLE environments (

@@ -1290,8 +1290,10 @@ pub fn prepare(
 }
 
 /// The kd image for an environment's image file: the file itself when it is a `.kdi`,
-/// otherwise a `.kdi` packed once into `cache_dir` (named after the file's path, size and
-/// modification time, so a changed file is packed again).
+/// otherwise `cache_dir/HASH.kdi`, packed once. Content-addressed: HASH is the blake3 of the
+/// file's bytes, so two paths to the same bytes share one pack and a changed file is packed
+/// again. The hash of a file is remembered in `image-sources/` beside `cache_dir`, by path,
+/// size and modification time: an unchanged file is not read again.
 pub fn image_for(
     file: &Path,
     cache_dir: &Path,
@@ -1309,12 +1311,41 @@ pub fn image_for(
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let key = blake3::hash(format!("{}\0{}\0{mtime}", abs.display(), meta.len()).as_bytes());
-    let stem = abs
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let out = cache_dir.join(format!("{stem}.{}.kdi", &key.to_hex()[..16]));
+    let fingerprint =
+        blake3::hash(format!("{}\0{}\0{mtime}", abs.display(), meta.len()).as_bytes());
+    let sources = cache_dir
+        .parent()
+        .unwrap_or(cache_dir)
+        .join("image-sources");
+    let remembered = sources.join(fingerprint.to_hex().as_str());
+    let known = std::fs::read_to_string(&remembered)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    let hash = match known {
+        Some(h) => h,
+        None => {
+            let t = Instant::now();
+            let mut hasher = blake3::Hasher::new();
+            let f = std::fs::File::open(&abs)
+                .with_context(|| format!("the environment's image {}", abs.display()))?;
+            hasher
+                .update_reader(f)
+                .with_context(|| format!("reading {}", abs.display()))?;
+            let h = hasher.finalize().to_hex().to_string();
+            notes(format!(
+                "{}: content hash {} ({:.1} MiB in {:.1} s)",
+                file.display(),
+                &h[..16],
+                meta.len() as f64 / 1048576.0,
+                t.elapsed().as_secs_f64()
+            ));
+            crate::fsutil::write_atomic(&remembered, format!("{h}\n").as_bytes(), 0o644)
+                .with_context(|| format!("cannot write {}", remembered.display()))?;
+            h
+        }
+    };
+    let out = cache_dir.join(format!("{}.kdi", &hash[..32]));
     if out.exists() {
         return Ok(out);
     }

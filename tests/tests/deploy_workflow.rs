@@ -1106,11 +1106,11 @@ impl Lab {
         serde_json::from_slice(&o.stdout).unwrap()
     }
 
-    /// Starts `kd-coord deploy` through the daemon as `uid`, results in users/UID/.
-    fn start_client_deploy(&self, uid: u32, nodeset: &str) -> Pending {
+    /// Starts `kd-coord deploy -e ENV` through the daemon as `uid`, results in users/UID/.
+    fn start_client_deploy(&self, uid: u32, nodeset: &str, env: &Path) -> Pending {
         let ok = self.path(&format!("users/{uid}/ok.txt"));
         let ko = self.path(&format!("users/{uid}/ko.txt"));
-        let env = self.env.display().to_string();
+        let env = env.display().to_string();
         let key = self.key.display().to_string();
         let (oks, kos) = (ok.display().to_string(), ko.display().to_string());
         let child = self
@@ -1176,9 +1176,21 @@ fn daemon_two_users_deploy_at_once_and_overlaps_and_strangers_are_refused() {
         assert!(o.status.success(), "{}", text(&o));
     }
 
-    // Alice and Bob deploy the same new environment on disjoint nodes at once.
-    let pa = lab.start_client_deploy(alice, "node[1-2]");
-    let pb = lab.start_client_deploy(bob, "node[3-4]");
+    // Alice and Bob deploy the same new environment on disjoint nodes at once; Bob's names a
+    // copy of the image at another path (the store is content-addressed).
+    let copy = lab.path("image-copy.tar");
+    std::fs::copy(lab.path("image.tar"), &copy).unwrap();
+    let bob_env = lab.path("env-copy.yaml");
+    let y = std::fs::read_to_string(&lab.env).unwrap();
+    write(
+        &bob_env,
+        &y.replace(
+            &lab.path("image.tar").display().to_string(),
+            &copy.display().to_string(),
+        ),
+    );
+    let pa = lab.start_client_deploy(alice, "node[1-2]", &lab.env);
+    let pb = lab.start_client_deploy(bob, "node[3-4]", &bob_env);
     // Wait until both hold their nodes, then overlap them and try without rights.
     let t0 = Instant::now();
     loop {
@@ -1252,7 +1264,7 @@ fn daemon_two_users_deploy_at_once_and_overlaps_and_strangers_are_refused() {
         lab.disk_ok(i).unwrap();
         assert!(lab.answers(i));
     }
-    // The environment was packed once for both.
+    // The environment was packed once for both (two paths, the same bytes).
     let packed: Vec<_> = std::fs::read_dir(lab.state.join("images"))
         .unwrap()
         .filter_map(|e| e.ok())
