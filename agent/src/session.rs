@@ -13,8 +13,8 @@ use kd_proto::manifest::{verify_chunk, Manifest};
 use kd_proto::msg::Digest;
 use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
-    DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, PeerIdentity, Plan, Progress,
-    Report, StepReport, ToAgent, ToCoord, Upstream,
+    DataFrame, DataRequest, DeployImage, DeployJob, ErrorCode, Hello, Job, PeerIdentity, Plan,
+    Progress, Report, StepReport, ToAgent, ToCoord, Upstream, Welcome,
 };
 use kd_proto::piece::{check_piece_hashes, piece_count, piece_ok, piece_range};
 use tokio::sync::mpsc;
@@ -45,11 +45,6 @@ struct Ctx {
 pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     let endpoint = kd_net::endpoint::bind(cfg.listen, None).context("cannot open a UDP socket")?;
     let data_port = endpoint.local_addr()?.port();
-    let coord = connect_coordinator(&endpoint, &cfg).await?;
-    let (mut send, mut recv) = coord
-        .open_bi()
-        .await
-        .context("cannot open the control stream")?;
     let hello = Hello {
         version: kd_proto::PROTOCOL_VERSION,
         node: cfg.node.clone(),
@@ -57,17 +52,12 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         data_port,
         inventory: crate::inventory::collect(),
     };
-    wire::send(&mut send, &ToCoord::Hello(hello)).await?;
-    let welcome =
-        match wire::recv::<ToAgent>(&mut recv, Duration::from_secs(30), "the Welcome").await {
-            Ok(ToAgent::Welcome(w)) => w,
-            Ok(ToAgent::Error(e)) => bail!("the coordinator refused this agent: {e}"),
-            Ok(other) => bail!("unexpected first message from the coordinator: {other:?}"),
-            Err(e) => match coord.close_reason() {
-                Some(r) => bail!("the coordinator closed the connection: {r}"),
-                None => bail!("no Welcome from the coordinator: {e}"),
-            },
-        };
+    let Joined {
+        coord,
+        mut send,
+        mut recv,
+        welcome,
+    } = join(&endpoint, &cfg, &hello).await?;
     tracing::info!(
         deployment = welcome.deployment,
         "welcomed by the coordinator"
@@ -404,40 +394,168 @@ async fn finish_disk(
     r.map_err(|e| format!("finishing the disk failed: {e}"))
 }
 
-async fn connect_coordinator(
-    endpoint: &quinn::Endpoint,
-    cfg: &AgentConfig,
-) -> Result<quinn::Connection> {
+/// The control connection to the coordinator once it has welcomed this agent.
+struct Joined {
+    coord: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    welcome: Welcome,
+}
+
+/// Why one attempt to join the coordinator failed.
+enum JoinFailure {
+    /// Trying again cannot help (a wrong pinned certificate, a definitive refusal).
+    Fatal(anyhow::Error),
+    /// The connection was refused, cut or silent before the Welcome: worth another attempt.
+    Retry(String),
+}
+
+/// How long an agent waits for the Welcome once its Hello is sent.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shortest pause between two attempts to join the coordinator.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+/// Longest pause between two attempts.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Connects to the coordinator and says Hello until it answers Welcome, for at most
+/// `cfg.connect_timeout`. A connection refused, cut or silent before the Welcome (a coordinator
+/// not up yet, or busy with a storm of agents and timing out handshakes) is tried again after a
+/// short random pause; a definitive refusal ([`definitive`]) or a coordinator that is not the
+/// pinned one ends it at once.
+async fn join(endpoint: &quinn::Endpoint, cfg: &AgentConfig, hello: &Hello) -> Result<Joined> {
     let client = kd_net::tls::agent_to_coordinator(cfg.pin)?;
-    let deadline = Instant::now() + cfg.connect_timeout;
+    let start = tokio::time::Instant::now();
+    let deadline = start
+        .checked_add(cfg.connect_timeout)
+        .unwrap_or_else(|| start + Duration::from_secs(86_400));
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let err = match endpoint.connect_with(client.clone(), cfg.coord, "kd-coord") {
-            Err(e) => return Err(anyhow!("cannot connect to {}: {e}", cfg.coord)),
-            Ok(c) => match c.await {
-                Ok(conn) => return Ok(conn),
-                Err(e) => e,
-            },
+        let why = match join_once(endpoint, &client, cfg, hello, deadline).await {
+            Ok(j) => return Ok(j),
+            Err(JoinFailure::Fatal(e)) => return Err(e),
+            Err(JoinFailure::Retry(why)) => why,
         };
-        // A certificate that does not match the pin will not get better by retrying.
-        if let quinn::ConnectionError::TransportError(t) = &err {
-            if t.to_string().contains("pinned") || t.to_string().contains("certificate") {
-                bail!(
-                    "the coordinator at {} is not the one pinned: {t}",
-                    cfg.coord
-                );
-            }
-        }
-        if Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
             bail!(
-                "no coordinator at {} after {attempt} attempts: {err}",
-                cfg.coord
+                "could not join the coordinator at {} in {:?} ({attempt} attempts): {why}",
+                cfg.coord,
+                cfg.connect_timeout
             );
         }
-        tracing::warn!(attempt, "coordinator not reachable yet ({err}); retrying");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let pause = retry_pause(attempt, random_fraction()).min(left);
+        tracing::warn!(
+            attempt,
+            pause_ms = pause.as_millis() as u64,
+            "{why}; retrying"
+        );
+        tokio::time::sleep(pause).await;
     }
+}
+
+/// One attempt: connect (until `deadline`), send the Hello, wait for the Welcome.
+async fn join_once(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    cfg: &AgentConfig,
+    hello: &Hello,
+    deadline: tokio::time::Instant,
+) -> Result<Joined, JoinFailure> {
+    let connecting = endpoint
+        .connect_with(client.clone(), cfg.coord, "kd-coord")
+        .map_err(|e| JoinFailure::Fatal(anyhow!("cannot connect to {}: {e}", cfg.coord)))?;
+    let coord = match tokio::time::timeout_at(deadline, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            // A certificate that does not match the pin will not get better by retrying.
+            if let quinn::ConnectionError::TransportError(t) = &e {
+                let t = t.to_string();
+                if t.contains("pinned") || t.contains("certificate") {
+                    return Err(JoinFailure::Fatal(anyhow!(
+                        "the coordinator at {} is not the one pinned: {t}",
+                        cfg.coord
+                    )));
+                }
+            }
+            return Err(JoinFailure::Retry(format!(
+                "cannot connect to the coordinator at {}: {e}",
+                cfg.coord
+            )));
+        }
+        Err(_) => {
+            return Err(JoinFailure::Retry(format!(
+                "no answer from the coordinator at {}",
+                cfg.coord
+            )))
+        }
+    };
+    // Past the handshake: a failure from here on is the connection cut before the Welcome.
+    let cut = |what: String| {
+        let why = match coord.close_reason() {
+            Some(r) => format!("the coordinator closed the connection before the Welcome: {r}"),
+            None => what,
+        };
+        coord.close(kd_net::close::DONE.into(), b"trying again");
+        JoinFailure::Retry(why)
+    };
+    let (mut send, mut recv) = match coord.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return Err(cut(format!("cannot open the control stream: {e}"))),
+    };
+    if let Err(e) = wire::send(&mut send, &ToCoord::Hello(hello.clone())).await {
+        return Err(cut(format!("cannot send the Hello: {e}")));
+    }
+    match wire::recv::<ToAgent>(&mut recv, WELCOME_TIMEOUT, "the Welcome").await {
+        Ok(ToAgent::Welcome(welcome)) => Ok(Joined {
+            coord,
+            send,
+            recv,
+            welcome,
+        }),
+        Ok(ToAgent::Error(e)) if definitive(e.code) => Err(JoinFailure::Fatal(anyhow!(
+            "the coordinator refused this agent: {e}"
+        ))),
+        Ok(ToAgent::Error(e)) => Err(cut(format!("the coordinator refused this attempt: {e}"))),
+        Ok(other) => Err(JoinFailure::Fatal(anyhow!(
+            "unexpected first message from the coordinator: {other:?}"
+        ))),
+        Err(e) => Err(cut(format!("no Welcome from the coordinator: {e}"))),
+    }
+}
+
+/// Whether a coordinator's refusal of a Hello holds for any later attempt (the token, the node
+/// or the protocol is wrong) rather than for this connection (a Hello cut or late under load).
+fn definitive(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::BadToken
+            | ErrorCode::UnknownNode
+            | ErrorCode::VersionMismatch
+            | ErrorCode::Forbidden
+    )
+}
+
+/// The pause before attempt `attempt + 1`: between [`RETRY_MIN`] and a ceiling that doubles
+/// from twice it up to [`RETRY_MAX`], placed by `r` (in [0, 1)) so that agents cut at the same
+/// moment do not come back at the same moment.
+fn retry_pause(attempt: u32, r: f64) -> Duration {
+    let ceiling = RETRY_MIN
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(RETRY_MAX);
+    RETRY_MIN + (ceiling - RETRY_MIN).mul_f64(r.clamp(0.0, 1.0))
+}
+
+/// A number in [0, 1) that differs between processes and calls (std's hasher keys are random
+/// per process), for jitter.
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// How long a node waits for its children to attach before it asks for the image itself.
@@ -1080,5 +1198,44 @@ fn cpu_seconds() -> f64 {
             t(u.user_time()) + t(u.system_time())
         }
         Err(_) => 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_pauses_stay_between_200_ms_and_2_s_and_grow() {
+        for attempt in 1..40 {
+            for r in [0.0, 0.3, 0.999, 1.0, -1.0, 7.0] {
+                let p = retry_pause(attempt, r);
+                assert!(p >= RETRY_MIN && p <= RETRY_MAX, "{attempt} {r}: {p:?}");
+            }
+        }
+        assert_eq!(retry_pause(1, 0.0), RETRY_MIN);
+        assert_eq!(retry_pause(1, 1.0), Duration::from_millis(400));
+        assert_eq!(retry_pause(2, 1.0), Duration::from_millis(800));
+        assert_eq!(retry_pause(5, 1.0), RETRY_MAX);
+        assert_eq!(retry_pause(u32::MAX, 1.0), RETRY_MAX);
+        // Jitter: two calls differ.
+        let (a, b) = (random_fraction(), random_fraction());
+        assert!((0.0..1.0).contains(&a) && (0.0..1.0).contains(&b));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn only_refusals_of_the_node_itself_are_definitive() {
+        for c in [
+            ErrorCode::BadToken,
+            ErrorCode::UnknownNode,
+            ErrorCode::VersionMismatch,
+            ErrorCode::Forbidden,
+        ] {
+            assert!(definitive(c), "{c:?}");
+        }
+        // "bad Hello: timed out", "no control stream": this connection, not this node.
+        assert!(!definitive(ErrorCode::Unexpected));
+        assert!(!definitive(ErrorCode::Internal));
     }
 }

@@ -591,17 +591,79 @@ impl RouteTable {
 
 /// Accepts connections on `endpoint` until it closes; each one is handled by its own task that
 /// reports to its route. `events` receives the refusals made before a route is known.
+///
+/// Connections are admitted [`handshake_slots`] at a time (in the order they arrived): a storm
+/// of agents (a whole cluster rebooted at once) is served at the rate the machine can handshake,
+/// and the others wait their turn unaccepted, which costs quinn their first packets only. The
+/// handshake and Hello timeouts count from admission, so no agent is refused for waiting.
 pub(crate) fn spawn_accept(
     endpoint: &quinn::Endpoint,
     routes: Routes,
     events: mpsc::UnboundedSender<Event>,
 ) -> tokio::task::JoinHandle<()> {
     let endpoint = endpoint.clone();
+    let admission = Arc::new(tokio::sync::Semaphore::new(handshake_slots()));
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
-            tokio::spawn(handle_connection(incoming, routes.clone(), events.clone()));
+            let arrived = tokio::time::Instant::now();
+            let admission = admission.clone();
+            let (routes, events) = (routes.clone(), events.clone());
+            tokio::spawn(async move {
+                if let Some(permit) = admit(&admission, &incoming, arrived).await {
+                    handle_connection(incoming, Some(permit), routes, events).await;
+                } else {
+                    // The endpoint closed, or the peer stopped waiting: no answer is owed.
+                    incoming.ignore();
+                }
+            });
         }
+        // The endpoint is closed: connections still waiting are not admitted any more.
+        admission.close();
     })
+}
+
+/// Connections in their handshake (QUIC and TLS, the control stream, the Hello) at once.
+/// A coordinator's share of a handshake is a signature and a key exchange (well under a
+/// millisecond); what takes time under a storm is each agent's own turn on a busy host, so
+/// enough are in flight to keep the machine busy, and few enough that each one, once admitted,
+/// finishes well within its timeouts.
+pub(crate) fn handshake_slots() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (32 * cores).clamp(64, 512)
+}
+
+/// Longest a connection waits for admission. A client that has heard nothing for its idle
+/// timeout (kd's: [`kd_net::endpoint::IDLE_TIMEOUT`], from its first packet, which came before
+/// it arrived here) has given up and connects again: its old attempt is then ignored.
+const ADMISSION_WAIT: Duration = kd_net::endpoint::IDLE_TIMEOUT;
+
+/// Time limit of the QUIC handshake, counted from admission.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time limit of the control stream and then of the Hello on it, each counted from the end of
+/// the previous step.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits for a handshake slot for `incoming` (which arrived at `arrived`): `None` when the
+/// endpoint closed or the peer has stopped waiting ([`ADMISSION_WAIT`]).
+async fn admit(
+    admission: &Arc<tokio::sync::Semaphore>,
+    incoming: &quinn::Incoming,
+    arrived: tokio::time::Instant,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let deadline = arrived + ADMISSION_WAIT;
+    let permit = tokio::time::timeout_at(deadline, admission.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()?;
+    let waited = arrived.elapsed();
+    if waited >= Duration::from_secs(1) {
+        tracing::debug!(
+            peer = %incoming.remote_address(),
+            waited_ms = waited.as_millis() as u64,
+            "connection admitted after waiting its turn"
+        );
+    }
+    Some(permit)
 }
 
 /// One round's tree: each node's parent (`None`: the coordinator), its peer address and
@@ -818,13 +880,16 @@ async fn reattach(
     });
 }
 
+/// Handshakes with one admitted connection (`admitted`: its handshake slot, given back once the
+/// Hello is in), checks its Hello and routes it; then carries its control stream until it ends.
 pub(crate) async fn handle_connection(
     incoming: quinn::Incoming,
+    admitted: Option<tokio::sync::OwnedSemaphorePermit>,
     routes: Routes,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let remote = incoming.remote_address();
-    let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             let _ = events.send(Event::Refused {
@@ -841,19 +906,21 @@ pub(crate) async fn handle_connection(
             return;
         }
     };
-    let (mut send, mut recv) =
-        match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                let _ = events.send(Event::Refused {
-                    addr: remote,
-                    reason: "no control stream".into(),
-                });
-                conn.close(kd_net::close::REFUSED.into(), b"no control stream");
-                return;
-            }
-        };
-    let hello = match wire::recv::<ToCoord>(&mut recv, Duration::from_secs(10), "Hello").await {
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            let _ = events.send(Event::Refused {
+                addr: remote,
+                reason: "no control stream".into(),
+            });
+            conn.close(kd_net::close::REFUSED.into(), b"no control stream");
+            return;
+        }
+    };
+    let hello = wire::recv::<ToCoord>(&mut recv, HELLO_TIMEOUT, "Hello").await;
+    // The handshake is over (a refusal below is quick): the next connection may start its own.
+    drop(admitted);
+    let hello = match hello {
         Ok(ToCoord::Hello(h)) => h,
         Ok(_) => {
             refuse(
