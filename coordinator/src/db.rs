@@ -76,6 +76,13 @@ const MIGRATIONS: &[&str] = &[
          added INTEGER NOT NULL,
          PRIMARY KEY (name, version, user)
      );",
+    // 3: a finished deployment's event lines (what `/events` replays).
+    "CREATE TABLE deployment_log (
+         deployment INTEGER NOT NULL REFERENCES deployments(id) ON DELETE CASCADE,
+         seq INTEGER NOT NULL,
+         line TEXT NOT NULL,
+         PRIMARY KEY (deployment, seq)
+     );",
 ];
 
 /// A node's state.
@@ -631,6 +638,32 @@ impl Db {
         Ok(Some((d, nodes)))
     }
 
+    /// Keeps a deployment's event lines (JSON text, in order).
+    pub fn save_log(&mut self, id: i64, lines: &[String]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare(
+                "INSERT OR REPLACE INTO deployment_log (deployment, seq, line) VALUES (?1, ?2, ?3)",
+            )?;
+            for (i, l) in lines.iter().enumerate() {
+                ins.execute(params![id, i as i64, l])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A deployment's saved event lines.
+    pub fn log(&self, id: i64) -> Result<Vec<String>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT line FROM deployment_log WHERE deployment = ?1 ORDER BY seq")?;
+        let rows = q
+            .query_map([id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     /// Grants a right.
     pub fn add_right(&mut self, r: &Right) -> Result<()> {
         self.conn.execute(
@@ -984,6 +1017,9 @@ mod tests {
             .unwrap();
         drop(db);
         let mut db = Db::open(&p).unwrap();
+        db.save_log(id, &["a".to_string(), "b".to_string()])
+            .unwrap();
+        assert_eq!(db.log(id).unwrap(), ["a", "b"]);
         let rec = db.recover("coordinator restarted").unwrap();
         assert_eq!(rec, vec![(id, vec!["node2".to_string()])]);
         let (d, nodes) = db.deployment(id).unwrap().unwrap();

@@ -531,9 +531,13 @@ async fn follow_deployment(
         Ok(end_json(&row, &nodes).to_string())
     };
     let Some(rx) = rx else {
-        // Over: its end only.
-        let line = end_line(&d)?;
-        return Ok(ndjson(futures_util::stream::iter(vec![line])));
+        // Over: its saved lines (the end is the last one), or its end only (a deployment the
+        // coordinator did not see end: killed).
+        let mut lines = d.db().log(id)?;
+        if lines.is_empty() {
+            lines.push(end_line(&d)?);
+        }
+        return Ok(ndjson(futures_util::stream::iter(lines)));
     };
     let replay = futures_util::stream::iter(log);
     let live = futures_util::stream::unfold(Some(rx), |rx| async move {
@@ -1160,6 +1164,17 @@ async fn run_deployment(
         _ => json!({ "end": end, "id": id, "reason": reason }),
     };
     d.push_line(id, line);
+    // Saved before it leaves the running set: a follower always finds the lines somewhere.
+    let log = d
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id)
+        .map(|r| r.log.clone())
+        .unwrap_or_default();
+    if let Err(e) = d.db().save_log(id, &log) {
+        tracing::error!("deployment {id}: cannot save its log: {e:#}");
+    }
     d.running
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -1571,6 +1571,14 @@ fn daemon_cancel_follow_metrics_and_errors() {
     let end = lines.last().unwrap();
     assert_eq!(end["end"], "cancelled", "{stream}");
     assert_eq!(end["ko"].as_array().unwrap().len(), 2);
+    // Over, its lines are kept: `follow` replays them.
+    let (_, _, again) = http_get(&lab, "/api/v1/deployments/1/events");
+    let replayed: Vec<serde_json::Value> = again
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .filter(|v: &serde_json::Value| v.is_object())
+        .collect();
+    assert_eq!(replayed, lines, "{again}");
     // Metrics.
     let (st, ct, m) = http_get(&lab, "/metrics");
     assert!(
