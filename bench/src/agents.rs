@@ -8,7 +8,8 @@
 //! agent does and waits for the Welcome; each agent keeps its connection, answers `Prepare`
 //! with a successful `StepEnd{Prepare}` (no disk is touched) and ignores everything else.
 //! VmRSS of the daemon (and of the bench) is read before the deployment, with every agent
-//! welcomed, after every Prepare was answered, after the cancel and after the agents are gone.
+//! welcomed, after every Prepare was answered, after the cancel and after the agents are gone;
+//! `--rounds R` repeats the deployment R times (does the memory of one come back for the next?).
 //! No root, no disks, no PXE boot; only loopback traffic.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,6 +48,10 @@ pub(crate) struct AgentsArgs {
     /// Seconds to wait for the daemon to send Prepare to every welcomed agent.
     #[arg(long, default_value_t = 120)]
     prepare_secs: u64,
+    /// Deployments of every node one after the other (each cancelled once all its agents are
+    /// in): whether the memory of one comes back for the next.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 /// How long one agent's handshake + Hello + Welcome may take.
@@ -73,6 +78,8 @@ struct Stats {
     other_msgs: std::sync::Mutex<BTreeMap<&'static str, usize>>,
     failed: AtomicUsize,
     retries: AtomicUsize,
+    /// Why the first few attempts were tried again.
+    retry_reasons: std::sync::Mutex<Vec<String>>,
 }
 
 impl Stats {
@@ -219,8 +226,13 @@ async fn agent(
             Err(e) if attempt >= JOIN_ATTEMPTS => {
                 return Err(e.context(format!("{}: {attempt} attempts", p.node)))
             }
-            Err(_) => {
+            Err(e) => {
                 stats.retries.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut r) = stats.retry_reasons.lock() {
+                    if r.len() < MAX_PRINTED_ERRORS {
+                        r.push(format!("{}: attempt {attempt}: {e:#}", p.node));
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -271,6 +283,7 @@ fn kind(m: &ToAgent) -> &'static str {
 }
 
 struct Row {
+    round: usize,
     phase: &'static str,
     agents: usize,
     daemon_kib: u64,
@@ -306,8 +319,8 @@ async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 pub(crate) fn run(a: AgentsArgs) -> Result<()> {
-    if a.nodes == 0 || a.concurrency == 0 || a.endpoints == 0 {
-        bail!("--nodes, --concurrency and --endpoints must be at least 1");
+    if a.nodes == 0 || a.concurrency == 0 || a.endpoints == 0 || a.rounds == 0 {
+        bail!("--nodes, --concurrency, --endpoints and --rounds must be at least 1");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -397,22 +410,12 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut daemon = start_daemon(&bin, &state, &log).await?;
     let pid = daemon.pid();
-    let me = std::process::id();
     let mut rows = Vec::new();
-    let stats = Arc::new(Stats::default());
-    let mut row = |phase: &'static str, since: Instant| -> Result<()> {
-        rows.push(Row {
-            phase,
-            agents: stats.connected(),
-            daemon_kib: rss_kib(pid)?,
-            daemon_anon_kib: status_kib(pid, "RssAnon")?,
-            threads: threads(pid),
-            bench_kib: rss_kib(me)?,
-            secs: since.elapsed().as_secs_f64(),
-        });
-        Ok(())
+    let mut rec = Recorder {
+        pid,
+        rows: &mut rows,
     };
-    row("daemon started", t0)?;
+    rec.row(0, "daemon started", 0, t0)?;
     let client = Client::new(&state);
     client
         .call(
@@ -422,41 +425,179 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
         )
         .await
         .context("adding the cluster")?;
-    row("cluster added", t0)?;
+    rec.row(0, "cluster added", 0, t0)?;
 
-    // The deployment.
-    let td = Instant::now();
-    let nodes = format!("node[1-{}]", a.nodes);
-    let created = client
-        .call(
-            Method::POST,
-            "/api/v1/deployments",
-            Some(&json!({
-                "environment": env_yaml,
-                "environment_dir": env_dir.display().to_string(),
-                "nodes": nodes,
-                "arity": "chain",
-            })),
-        )
-        .await
-        .with_context(|| format!("creating the deployment:\n{}", log_tail(&log)))?;
-    let id = created["id"]
-        .as_i64()
-        .with_context(|| format!("no id in {created}"))?;
-    row("deployment created, 0 agents", td)?;
-
-    // The agents.
     let mut eps = Vec::with_capacity(a.endpoints);
     for _ in 0..a.endpoints {
         let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
         eps.push(kd_net::endpoint::bind(addr, None).context("binding a client UDP socket")?);
     }
+    let ctx = RoundCtx {
+        a: &a,
+        client: &client,
+        env_yaml: &env_yaml,
+        env_dir: &env_dir,
+        log: &log,
+        profiles: &profiles,
+        eps: &eps,
+    };
+    let mut last_tokens: Vec<Option<String>> = vec![None; a.nodes];
+    let mut summaries = Vec::new();
+    for round in 1..=a.rounds {
+        let r = one_round(&ctx, round, &mut rec, &mut daemon, &mut last_tokens).await;
+        match r {
+            Ok(s) => summaries.push(s),
+            Err(e) => {
+                for ep in &eps {
+                    ep.close(kd_net::close::DONE.into(), b"bench over");
+                }
+                return Err(e);
+            }
+        }
+    }
+    for ep in &eps {
+        ep.close(kd_net::close::DONE.into(), b"bench over");
+    }
+    drop(daemon);
+
+    // The table.
+    println!(
+        "kd-bench agents: {} nodes, {} deployment(s) of them in turn, {} handshakes at a time \
+         over {} client sockets; daemon PID {pid}",
+        a.nodes, a.rounds, a.concurrency, a.endpoints
+    );
+    for s in &summaries {
+        println!("{}", s.line);
+        for e in &s.errors {
+            println!("  error: {e}");
+        }
+    }
+    println!(
+        "| round | phase | agents connected | daemon VmRSS MiB | daemon RssAnon MiB | daemon threads | bench VmRSS MiB | time s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
+            r.round,
+            r.phase,
+            r.agents,
+            r.daemon_kib as f64 / 1024.0,
+            r.daemon_anon_kib as f64 / 1024.0,
+            r.threads,
+            r.bench_kib as f64 / 1024.0,
+            r.secs
+        );
+    }
+    for round in 1..=a.rounds {
+        let find = |p: &str| {
+            rows.iter()
+                .find(|r| r.round == round && r.phase.starts_with(p))
+                .map(|r| r.daemon_kib)
+        };
+        let welcomed = summaries.get(round - 1).map_or(0, |s| s.welcomed);
+        if let (Some(b), Some(w)) = (
+            find("deployment created"),
+            find("all agents").or(find("agents welcomed")),
+        ) {
+            if welcomed > 0 {
+                println!(
+                    "round {round}: daemon {:.1} KiB per welcomed agent \
+                     ((VmRSS with agents − before) / {welcomed})",
+                    (w as f64 - b as f64) / welcomed as f64
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends rows of measurements.
+struct Recorder<'a> {
+    pid: u32,
+    rows: &'a mut Vec<Row>,
+}
+
+impl Recorder<'_> {
+    fn row(
+        &mut self,
+        round: usize,
+        phase: &'static str,
+        agents: usize,
+        since: Instant,
+    ) -> Result<()> {
+        let me = std::process::id();
+        self.rows.push(Row {
+            round,
+            phase,
+            agents,
+            daemon_kib: rss_kib(self.pid)?,
+            daemon_anon_kib: status_kib(self.pid, "RssAnon")?,
+            threads: threads(self.pid),
+            bench_kib: rss_kib(me)?,
+            secs: since.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+}
+
+/// What every round shares.
+struct RoundCtx<'a> {
+    a: &'a AgentsArgs,
+    client: &'a Client,
+    env_yaml: &'a str,
+    env_dir: &'a Path,
+    log: &'a Path,
+    profiles: &'a [PathBuf],
+    eps: &'a [quinn::Endpoint],
+}
+
+struct RoundSummary {
+    welcomed: usize,
+    line: String,
+    errors: Vec<String>,
+}
+
+/// One deployment of every node: create it, play the agents until all are welcomed and have
+/// answered Prepare, cancel it, wait for its end and for the agents' connections to end.
+async fn one_round(
+    ctx: &RoundCtx<'_>,
+    round: usize,
+    rec: &mut Recorder<'_>,
+    daemon: &mut crate::api::Daemon,
+    last_tokens: &mut [Option<String>],
+) -> Result<RoundSummary> {
+    let a = ctx.a;
+    let stats = Arc::new(Stats::default());
+    let td = Instant::now();
+    let nodes = format!("node[1-{}]", a.nodes);
+    let created = ctx
+        .client
+        .call(
+            Method::POST,
+            "/api/v1/deployments",
+            Some(&json!({
+                "environment": ctx.env_yaml,
+                "environment_dir": ctx.env_dir.display().to_string(),
+                "nodes": nodes,
+                "arity": "chain",
+            })),
+        )
+        .await
+        .with_context(|| format!("creating the deployment:\n{}", log_tail(ctx.log)))?;
+    let id = created["id"]
+        .as_i64()
+        .with_context(|| format!("no id in {created}"))?;
+    rec.row(round, "deployment created, 0 agents", 0, td)?;
+
+    // The agents.
     let sem = Arc::new(Semaphore::new(a.concurrency));
     let welcome_deadline = td + Duration::from_secs(a.welcome_secs);
-    // Agents stop reading at the latest here (they are aborted earlier when the bench ends).
+    // Agents stop reading at the latest here (they are aborted earlier when the round ends).
     let agent_deadline = tokio::time::Instant::from_std(
         welcome_deadline + Duration::from_secs(a.prepare_secs) + END_WAIT + GONE_WAIT,
     );
+    // Dropped (every agent task aborted) on every way out of this function.
     let mut tasks = JoinSet::new();
     let mut pending: Vec<usize> = (0..a.nodes).collect();
     let mut errors: Vec<String> = Vec::new();
@@ -468,16 +609,18 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
     };
     let mut spawned = 0usize;
     let all_welcomed = loop {
-        // Spawn an agent for every profile that appeared since the last scan.
+        // Spawn an agent for every new deploy profile since the last scan (a token of an
+        // earlier round is an old profile).
         let mut still = Vec::with_capacity(pending.len());
         for i in pending {
-            match read_profile(&profiles[i]) {
-                Ok(Some(p)) => {
-                    let ep = eps[spawned % eps.len()].clone();
+            match read_profile(&ctx.profiles[i]) {
+                Ok(Some(p)) if last_tokens[i].as_deref() != Some(p.token.as_str()) => {
+                    last_tokens[i] = Some(p.token.clone());
+                    let ep = ctx.eps[spawned % ctx.eps.len()].clone();
                     spawned += 1;
                     tasks.spawn(agent(ep, p, sem.clone(), stats.clone(), agent_deadline));
                 }
-                Ok(None) => still.push(i),
+                Ok(_) => still.push(i),
                 Err(e) => {
                     note_error(&stats, e);
                 }
@@ -502,24 +645,26 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
             break false;
         }
         if let Some(st) = daemon.child.try_wait().context("waiting for kd-coord")? {
-            bail!("kd-coord serve exited ({st}):\n{}", log_tail(&log));
+            bail!("kd-coord serve exited ({st}):\n{}", log_tail(ctx.log));
         }
         tokio::time::sleep(POLL).await;
     };
     let welcomed = stats.welcomed.load(Ordering::Relaxed);
     let welcome_secs = td.elapsed().as_secs_f64();
-    row(
+    rec.row(
+        round,
         if all_welcomed {
             "all agents welcomed"
         } else {
             "agents welcomed (not all)"
         },
+        stats.connected(),
         td,
     )?;
     if !all_welcomed {
         eprintln!(
-            "kd-bench agents: only {welcomed} of {} agents welcomed after {welcome_secs:.1} s \
-             ({} profiles never seen, {} failed)",
+            "kd-bench agents: round {round}: only {welcomed} of {} agents welcomed after \
+             {welcome_secs:.1} s ({} profiles never seen, {} failed)",
             a.nodes,
             pending.len(),
             stats.failed.load(Ordering::Relaxed)
@@ -529,20 +674,22 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
         stats.prepared.load(Ordering::Relaxed) >= welcomed
     })
     .await;
-    row(
+    rec.row(
+        round,
         if prepared_all {
             "all Prepare answered"
         } else {
             "Prepare answered (not all)"
         },
+        stats.connected(),
         td,
     )?;
     // A second look a little later: what the daemon keeps once the burst is over.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    row("5 s later", td)?;
+    rec.row(round, "5 s later", stats.connected(), td)?;
 
     // Cancel, wait for the end, then for the agents' connections to close.
-    client
+    ctx.client
         .call(
             Method::POST,
             &format!("/api/v1/deployments/{id}/cancel"),
@@ -553,7 +700,8 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
     let tc = Instant::now();
     let mut final_state = String::from("running");
     while tc.elapsed() < END_WAIT {
-        let d = client
+        let d = ctx
+            .client
             .call(Method::GET, &format!("/api/v1/deployments/{id}"), None)
             .await
             .context("reading the deployment")?;
@@ -564,15 +712,17 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
         tokio::time::sleep(POLL).await;
     }
     let end_secs = tc.elapsed().as_secs_f64();
-    row("deployment ended", td)?;
+    rec.row(round, "deployment ended", stats.connected(), td)?;
     let gone = wait_until(GONE_WAIT, || stats.connected() == 0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    row(
+    rec.row(
+        round,
         if gone {
             "agents gone (+2 s)"
         } else {
             "agents not all gone"
         },
+        stats.connected(),
         td,
     )?;
     tasks.abort_all();
@@ -581,20 +731,12 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
             note_error(&stats, e);
         }
     }
-    for ep in &eps {
-        ep.close(kd_net::close::DONE.into(), b"bench over");
+    if let Ok(r) = stats.retry_reasons.lock() {
+        errors.extend(r.iter().map(|w| format!("retried: {w}")));
     }
-    drop(daemon);
-
-    // The table.
-    println!(
-        "kd-bench agents: {} nodes, one deployment, {} handshakes at a time over {} client \
-         sockets; daemon PID {pid}",
-        a.nodes, a.concurrency, a.endpoints
-    );
-    println!(
-        "welcomed {welcomed}/{} in {welcome_secs:.1} s after the deployment's creation; \
-         Prepare answered {}; other messages {}; join retries {}; failed {}; \
+    let line = format!(
+        "round {round}: deployment {id}: welcomed {welcomed}/{} in {welcome_secs:.1} s after its \
+         creation; Prepare answered {}; other messages {}; join retries {}; failed {}; \
          cancel → {final_state} in {end_secs:.1} s",
         a.nodes,
         stats.prepared.load(Ordering::Relaxed),
@@ -606,40 +748,9 @@ async fn run_async(a: AgentsArgs) -> Result<()> {
         stats.retries.load(Ordering::Relaxed),
         stats.failed.load(Ordering::Relaxed)
     );
-    for e in &errors {
-        println!("error: {e}");
-    }
-    println!(
-        "| phase | agents connected | daemon VmRSS MiB | daemon RssAnon MiB | daemon threads | bench VmRSS MiB | time s |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
-            r.phase,
-            r.agents,
-            r.daemon_kib as f64 / 1024.0,
-            r.daemon_anon_kib as f64 / 1024.0,
-            r.threads,
-            r.bench_kib as f64 / 1024.0,
-            r.secs
-        );
-    }
-    let before = rows
-        .iter()
-        .find(|r| r.phase.starts_with("deployment created"))
-        .map(|r| r.daemon_kib);
-    let with = rows
-        .iter()
-        .find(|r| r.phase.starts_with("all agents") || r.phase.starts_with("agents welcomed"))
-        .map(|r| r.daemon_kib);
-    if let (Some(b), Some(w)) = (before, with) {
-        if welcomed > 0 {
-            println!(
-                "daemon: {:.1} KiB per welcomed agent ((VmRSS with agents − before) / {welcomed})",
-                (w as f64 - b as f64) / welcomed as f64
-            );
-        }
-    }
-    Ok(())
+    Ok(RoundSummary {
+        welcomed,
+        line,
+        errors,
+    })
 }
