@@ -260,8 +260,13 @@ fn now() -> i64 {
 impl Db {
     /// Opens (creating and migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the database {}", path.display()))?;
+        // Only the daemon reads it (users go through the API); SQLite gives the WAL and
+        // shared-memory files the database's mode.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         Self::setup(conn).with_context(|| format!("database {}", path.display()))
     }
@@ -935,6 +940,9 @@ mod tests {
         let p = d.path().join("kd.db");
         let db = Db::open(&p).unwrap();
         assert_eq!(db.version().unwrap(), MIGRATIONS.len() as i64);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         drop(db);
         let db = Db::open(&p).unwrap();
         assert_eq!(db.version().unwrap(), MIGRATIONS.len() as i64);

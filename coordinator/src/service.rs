@@ -173,6 +173,11 @@ impl Daemon {
     /// their nodes are released and their PXE profiles boot the local disk).
     pub fn open(dir: &Path) -> Result<Arc<Self>> {
         crate::state::create_dir(dir)?;
+        // Packed images are served over QUIC, never read by users from the disk: private
+        // (an image of a private environment must not be readable by others).
+        for sub in ["images", "image-sources"] {
+            crate::state::create_dir(&dir.join(sub))?;
+        }
         let mut db = Db::open(&dir.join("kd.db"))?;
         let identity = CoordIdentity::load_or_create(dir)?;
         let recovered = db.recover("coordinator restarted")?;

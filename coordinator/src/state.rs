@@ -39,7 +39,8 @@ pub fn create_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("state directory {}", dir.display()))?
         .permissions()
         .mode();
-    if mode & 0o077 != 0 {
+    // Search (x) for others is what the daemon's socket needs; read (list) is what to avoid.
+    if mode & 0o044 != 0 {
         tracing::warn!(
             "state directory {} has mode {:o}: others may list it (kd-coord's secrets in it are \
              0600; `chmod 700` it to hide the rest)",
