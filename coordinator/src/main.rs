@@ -81,8 +81,17 @@ struct DeployCli {
     #[arg(short = 'u', long = "env-user")]
     env_user: Option<String>,
     /// Nodes, in node-set syntax (node[1-8,10]).
-    #[arg(short = 'm', long = "machines")]
-    nodes: String,
+    #[arg(
+        short = 'm',
+        long = "machines",
+        required_unless_present = "node_file",
+        conflicts_with = "node_file"
+    )]
+    nodes: Option<String>,
+    /// Nodes from a file, one per line (or node sets; `-` for stdin): an OAR/Slurm node file,
+    /// duplicates and all.
+    #[arg(short = 'f', long = "file")]
+    node_file: Option<PathBuf>,
     /// Cluster configuration.
     #[arg(
         short = 'c',
@@ -289,7 +298,7 @@ fn run(cli: Cli) -> Result<i32> {
             let opts = remote::DeployOpts {
                 env: a.env,
                 env_user: a.env_user,
-                nodes: a.nodes,
+                nodes: target_nodes(a.nodes.as_deref(), a.node_file.as_deref())?,
                 ssh_key: a.ssh_key,
                 arity: a.arity.to_string(),
                 partition: a.partition,
@@ -498,6 +507,29 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
     Ok(if outcome.all_ok() { 0 } else { 1 })
 }
 
+/// The node set `-m SET` or `-f FILE` names, folded (`-` reads stdin).
+fn target_nodes(set: Option<&str>, file: Option<&Path>) -> Result<String> {
+    if let Some(s) = set {
+        return Ok(s.to_string());
+    }
+    let Some(f) = file else {
+        bail!("name the nodes: -m NODESET or -f FILE");
+    };
+    let text = if f == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the node list from stdin")?
+    } else {
+        std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?
+    };
+    let nodes = kd_proto::nodeset::from_lines(&text).map_err(|(line, e)| {
+        if line == 0 {
+            anyhow::anyhow!("{}: no node in it", f.display())
+        } else {
+            anyhow::anyhow!("{}:{line}: {e}", f.display())
+        }
+    })?;
+    Ok(kd_proto::nodeset::fold(&nodes))
+}
+
 fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
     use kd_coord::config::ClusterConfig;
     use kd_coord::deploy::{self, DeployConfig};
@@ -505,8 +537,9 @@ fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
     let t0 = Instant::now();
     let say =
         move |line: String| eprintln!("kd-coord: [{:6.1} s] {line}", t0.elapsed().as_secs_f64());
-    let nodes = kd_proto::nodeset::parse(&a.nodes)
-        .map_err(|e| anyhow::anyhow!("bad node set {:?}: {e}", a.nodes))?;
+    let set = target_nodes(a.nodes.as_deref(), a.node_file.as_deref())?;
+    let nodes =
+        kd_proto::nodeset::parse(&set).map_err(|e| anyhow::anyhow!("bad node set {set:?}: {e}"))?;
     let cluster = ClusterConfig::load(&a.cluster)
         .with_context(|| format!("cluster configuration {}", a.cluster.display()))?;
     let unknown: Vec<&str> = nodes

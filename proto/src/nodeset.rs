@@ -444,6 +444,29 @@ pub fn fold(names: &[String]) -> String {
 }
 
 /// Maximal runs of ASCII digits that fit in a `u64`, as byte ranges.
+/// The nodes of a node file (an OAR/Slurm node file: one name per line, repeated once per
+/// core): each non-empty line not starting with `#` is a node set; the union, first
+/// appearance first, without duplicates. An error names its line (from 1).
+pub fn from_lines(text: &str) -> Result<Vec<String>, (usize, NodeSetError)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        for n in parse(l).map_err(|e| (i + 1, e))? {
+            if seen.insert(n.clone()) {
+                out.push(n);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err((0, err(0, NodeSetErrorKind::Empty)));
+    }
+    Ok(out)
+}
+
 /// Orders names as people read them: digit runs compare as numbers (`node2` < `node10`).
 pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     fn key(s: &str) -> Vec<(bool, u128, &str)> {
@@ -631,6 +654,19 @@ mod tests {
         assert_eq!(v.len(), 8);
         assert_eq!(v[0], "gdx-5.site");
         assert_eq!(v[7], "gdx-12.site");
+    }
+
+    #[test]
+    fn node_files_are_unions_without_duplicates() {
+        let f = "node3\nnode3\n# a comment\n\n  node1  \nnode[1-2]\nnode3\n";
+        assert_eq!(from_lines(f).unwrap(), names(&["node3", "node1", "node2"]));
+        let (line, e) = from_lines("node1\nnode[2-\n").unwrap_err();
+        assert_eq!(line, 2);
+        assert_eq!(e.kind, NodeSetErrorKind::UnclosedBracket);
+        assert_eq!(
+            from_lines("\n# none\n").unwrap_err().1.kind,
+            NodeSetErrorKind::Empty
+        );
     }
 
     #[test]

@@ -1668,9 +1668,13 @@ fn daemon_environments_by_visibility_and_deploy_by_name() {
         "{}",
         text(&o)
     );
+    // Her nodes from an OAR-style node file (one line per core).
+    let nodefile = lab.path("nodefile");
+    write(&nodefile, "node1\nnode1\nnode1\n");
+    let nf = nodefile.display().to_string();
     let o = lab.kd(
         Some(alice),
-        &["deploy", "-e", "kdtest@1", "-m", "node1", "-k", &key],
+        &["deploy", "-e", "kdtest@1", "-f", &nf, "-k", &key],
     );
     assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), lab.dump());
     lab.disk_ok(0).unwrap();
