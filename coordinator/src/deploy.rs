@@ -197,15 +197,9 @@ pub async fn run(
         "listening on {local}, deployment {:016x}",
         cfg.deployment
     ));
-    let source = Arc::new(Source::new(image, cfg.deployment));
-    let (in_tx, in_rx) = mpsc::channel::<Inbound>(1024);
-    let (bev_tx, bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
-    let route = broadcast::Route {
-        in_tx,
-        source: source.clone(),
-        events: bev_tx.clone(),
-    };
-    let accept = broadcast::spawn_accept(&endpoint, broadcast::Routes::One(route), bev_tx);
+    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment);
+    let refused = route.events.clone();
+    let accept = broadcast::spawn_accept(&endpoint, broadcast::Routes::One(route), refused);
     let (cancel_tx, cancel) = tokio::sync::watch::channel(None);
     let interrupt = {
         let notes = notes.clone();
@@ -245,7 +239,27 @@ pub async fn run_shared(
 ) -> Result<Summary> {
     let mut cfg = cfg;
     set_listen_addr(&mut cfg, shared.local);
-    let source = Arc::new(Source::new(image, cfg.deployment));
+    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment);
+    let nodes = cfg.nodes.clone();
+    shared.table.register(&nodes, &route);
+    drop(route);
+    let summary = drive(cfg, identity, source, in_rx, bev_rx, hooks).await;
+    shared.table.unregister(&nodes);
+    summary
+}
+
+/// A deployment's image source and the route its agents' messages take to its driver (the
+/// receiving ends).
+fn wire(
+    image: ImageFile,
+    deployment: u64,
+) -> (
+    Arc<Source>,
+    broadcast::Route,
+    mpsc::Receiver<Inbound>,
+    mpsc::UnboundedReceiver<broadcast::Event>,
+) {
+    let source = Arc::new(Source::new(image, deployment));
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(1024);
     let (bev_tx, bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
     let route = broadcast::Route {
@@ -253,12 +267,7 @@ pub async fn run_shared(
         source: source.clone(),
         events: bev_tx,
     };
-    let nodes = cfg.nodes.clone();
-    shared.table.register(&nodes, &route);
-    drop(route);
-    let summary = drive(cfg, identity, source, in_rx, bev_rx, hooks).await;
-    shared.table.unregister(&nodes);
-    summary
+    (source, route, in_rx, bev_rx)
 }
 
 /// Profiles name the address and port the endpoint really listens on.

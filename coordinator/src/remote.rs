@@ -159,15 +159,10 @@ pub(crate) async fn env(c: &Client, cmd: EnvCmd) -> Result<i32> {
             let mut rows = vec![["name", "version", "user", "visibility", "description"]
                 .map(String::from)
                 .to_vec()];
-            for e in v["environments"].as_array().cloned().unwrap_or_default() {
-                rows.push(vec![
-                    s(&e["name"]),
-                    s(&e["version"]),
-                    s(&e["user"]),
-                    s(&e["visibility"]),
-                    e["description"].as_str().unwrap_or("").to_string(),
-                ]);
-            }
+            rows.extend(json_rows(
+                &v["environments"],
+                &["name", "version", "user", "visibility", "description"],
+            ));
             print!("{}", table(&rows));
             Ok(0)
         }
@@ -311,6 +306,17 @@ fn when(v: &Value) -> String {
         3600..=86399 => format!("{}h ago", ago / 3600),
         _ => format!("{}d ago", ago / 86400),
     }
+}
+
+/// A table's rows from a JSON array: one cell per field, rendered by [`s`].
+fn json_rows(list: &Value, fields: &[&str]) -> Vec<Vec<String>> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| fields.iter().map(|f| s(&x[*f])).collect())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Prints an API error the way the CLI prints errors, with exit code 2.
@@ -718,14 +724,10 @@ pub(crate) async fn cluster(c: &Client, cmd: ClusterCmd) -> Result<i32> {
             let mut rows = vec![["cluster", "nodes", "count", "coordinator"]
                 .map(String::from)
                 .to_vec()];
-            for x in v["clusters"].as_array().cloned().unwrap_or_default() {
-                rows.push(vec![
-                    s(&x["name"]),
-                    s(&x["nodes"]),
-                    s(&x["node_count"]),
-                    s(&x["coordinator"]),
-                ]);
-            }
+            rows.extend(json_rows(
+                &v["clusters"],
+                &["name", "nodes", "node_count", "coordinator"],
+            ));
             print!("{}", table(&rows));
             Ok(0)
         }
@@ -759,9 +761,7 @@ pub(crate) async fn rights(c: &Client, cmd: RightsCmd) -> Result<i32> {
                 return Ok(0);
             }
             let mut rows = vec![["user", "nodes", "partition"].map(String::from).to_vec()];
-            for r in v["rights"].as_array().cloned().unwrap_or_default() {
-                rows.push(vec![s(&r["user"]), s(&r["nodes"]), s(&r["partition"])]);
-            }
+            rows.extend(json_rows(&v["rights"], &["user", "nodes", "partition"]));
             print!("{}", table(&rows));
             Ok(0)
         }

@@ -1093,6 +1093,24 @@ impl Lab {
         c
     }
 
+    /// Waits (polling every 5 ms, at most `limit`) until the client's stderr log at `log`
+    /// holds `needle` (an event line such as ": Prepare").
+    fn wait_for_event(&self, log: &Path, needle: &str, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "no {needle:?} within {limit:?}:\n{text}\n{}",
+                self.dump()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// `kd-coord ARGS --json`, parsed.
     fn kd_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
@@ -1359,19 +1377,7 @@ fn daemon_killed_mid_broadcast_fails_its_nodes_on_restart_and_locks_nothing() {
         .unwrap();
     // Wait for the broadcast round (the client prints the daemon's events), then kill -9
     // the daemon.
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&client_log)
-        .unwrap_or_default()
-        .contains(": Broadcast")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(90),
-            "no broadcast:\n{}\n{}",
-            std::fs::read_to_string(&client_log).unwrap_or_default(),
-            lab.dump()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    lab.wait_for_event(&client_log, ": Broadcast", Duration::from_secs(90));
     let _ = daemon.child.kill();
     // The client says the daemon went away.
     let out = wait_child(&mut client, Duration::from_secs(20)).unwrap();
@@ -1483,18 +1489,7 @@ fn daemon_cancel_follow_metrics_and_errors() {
         .stderr(std::fs::File::create(&client_log).unwrap())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&client_log)
-        .unwrap_or_default()
-        .contains(": Prepare")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no Prepare:\n{}",
-            lab.dump()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    lab.wait_for_event(&client_log, ": Prepare", Duration::from_secs(60));
     // A follower that joins late gets what happened so far, then the rest, as ndjson.
     let follower = {
         let sock = lab.state.join("kd.sock");
@@ -1703,18 +1698,7 @@ fn daemon_sigterm_cancels_running_deployments_then_exits() {
         .stderr(std::fs::File::create(&client_log).unwrap())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&client_log)
-        .unwrap_or_default()
-        .contains(": Prepare")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no Prepare:\n{}",
-            lab.dump()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    lab.wait_for_event(&client_log, ": Prepare", Duration::from_secs(60));
     let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let t0 = Instant::now();
