@@ -318,9 +318,11 @@ pub async fn run(
         .cloned()
         .collect();
     let ca = DeploymentCa::new(cfg.deployment)?;
+    let tree = kd_proto::tree::plan(live.len(), cfg.arity);
+    let parents: Vec<Option<usize>> = (0..live.len()).map(|i| tree.parent(i)).collect();
     let round = plan_round(
         &live,
-        cfg.arity,
+        &parents,
         &ca,
         |n| {
             nodes
@@ -677,18 +679,36 @@ pub(crate) struct PlannedRound {
     pub(crate) plans: Vec<(String, Plan)>,
 }
 
-/// Plans a tree of `arity` over `live` (in that order), issues each node its certificate from
-/// `ca`, and writes every node's plan. `data_addr` gives the address a node serves children on.
+/// Issues each node of `live` its certificate from `ca` and writes every node's plan for the
+/// tree `parents` (`parents[i]`: the index in `live` of node i's parent, `None`: the
+/// coordinator). `data_addr` gives the address a node serves children on.
 pub(crate) fn plan_round(
     live: &[String],
-    arity: Arity,
+    parents: &[Option<usize>],
     ca: &DeploymentCa,
     data_addr: impl Fn(&str) -> Option<SocketAddr>,
     deployment: u64,
     manifest: &kd_proto::manifest::Manifest,
     job: &Job,
 ) -> Result<PlannedRound> {
-    let tree = kd_proto::tree::plan(live.len(), arity);
+    anyhow::ensure!(
+        parents.len() == live.len()
+            && parents
+                .iter()
+                .enumerate()
+                .all(|(i, p)| p.is_none_or(|p| p < live.len() && p != i)),
+        "a tree of {} parents for {} nodes",
+        parents.len(),
+        live.len()
+    );
+    let parent_of = |i: usize| parents.get(i).copied().flatten();
+    let mut kids: Vec<Vec<usize>> = vec![Vec::new(); live.len()];
+    for (c, p) in parents.iter().enumerate() {
+        if let Some(p) = p {
+            kids[*p].push(c);
+        }
+    }
+    let children_of = |i: usize| kids[i].clone();
     let mut info = HashMap::new();
     let mut identities = HashMap::new();
     for name in live {
@@ -712,15 +732,14 @@ pub(crate) fn plan_round(
     let mut parent = HashMap::new();
     let mut plans = Vec::new();
     for (i, name) in live.iter().enumerate() {
-        parent.insert(name.clone(), tree.parent(i).map(|j| live[j].clone()));
-        let upstream = match tree.parent(i) {
+        parent.insert(name.clone(), parent_of(i).map(|j| live[j].clone()));
+        let upstream = match parent_of(i) {
             None => Upstream::Coordinator,
             Some(j) => Upstream::Peer(info_of(&live[j])?),
         };
-        let children = tree
-            .children(i)
-            .iter()
-            .map(|&c| info_of(&live[c]))
+        let children = children_of(i)
+            .into_iter()
+            .map(|c| info_of(&live[c]))
             .collect::<Result<Vec<_>>>()?;
         let plan = Plan {
             deployment,

@@ -5,12 +5,12 @@
 //! it writes PXE profiles (a fresh one-time token per deploy profile), runs the cluster's
 //! reboot commands (killed after `command_timeout`), keeps one QUIC endpoint open for the
 //! whole deployment (agents may say Hello at any time, with the token of their current
-//! profile), sends `Prepare`, plans and runs each broadcast round (the same data service and
-//! re-attachment as `kd-coord broadcast`), waits for each agent's finish step, reboots agents
-//! into the deployed system, and probes the deployed system's TCP port.
-//!
-//! Agents keep relaying to their children after their own report: a node's `RebootAgent` is
-//! held until every node of its broadcast round has reported or dropped out.
+//! profile), sends `Prepare`, sends each node of a broadcast round the plan of the tree the
+//! workflow chose (certificates from the deployment's CA, peer addresses from the agents'
+//! connections), passes `Reparent` on to the agents (`Adopt` to the new parent), reboots
+//! agents into the deployed system, and probes the deployed system's TCP port. It holds no
+//! policy: which tree, who re-attaches where, when a relay may reboot, what is retried, all
+//! come from the workflow.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kd_proto::msg::{AgentStep, DeployJob, Job, PeerInfo, Progress, ToAgent, ToCoord};
+use kd_proto::msg::{AgentStep, DeployJob, Job, PeerInfo, Progress, ToAgent, ToCoord, Upstream};
 use kd_proto::tree::Arity;
 use tokio::sync::mpsc;
 
@@ -58,13 +58,11 @@ struct Agent {
     data_port: u16,
 }
 
-/// One broadcast round: its tree and who has not reported yet.
+/// One broadcast round as sent: each member's peer address and certificate fingerprint
+/// (what `Adopt` and `Reparent` carry).
 struct Round {
     number: u32,
-    nodes: Vec<String>,
-    parent: HashMap<String, Option<String>>,
     info: HashMap<String, PeerInfo>,
-    pending: HashSet<String>,
     started: Instant,
 }
 
@@ -78,9 +76,6 @@ struct Driver {
     used: HashSet<String>,
     agents: HashMap<String, Agent>,
     round: Option<Round>,
-    queued_reboots: Vec<String>,
-    finish_results: HashMap<String, Result<(), String>>,
-    awaiting_finish: HashSet<String>,
     commands: HashMap<CommandId, tokio::task::AbortHandle>,
     ev_tx: mpsc::UnboundedSender<Event>,
     notes: mpsc::UnboundedSender<String>,
@@ -366,7 +361,7 @@ impl Driver {
         notes: mpsc::UnboundedSender<String>,
         now: Instant,
     ) -> Result<Self> {
-        let settings = Settings::from_config(&cfg.cluster);
+        let settings = Settings::from_config(&cfg.cluster, cfg.arity);
         Ok(Driver {
             wf: Deployment::new(cfg.nodes.clone(), settings, now),
             pin_hex: kd_proto::manifest::hex(&identity.pin()),
@@ -376,9 +371,6 @@ impl Driver {
             used: HashSet::new(),
             agents: HashMap::new(),
             round: None,
-            queued_reboots: Vec::new(),
-            finish_results: HashMap::new(),
-            awaiting_finish: HashSet::new(),
             commands: HashMap::new(),
             ev_tx,
             notes,
@@ -402,12 +394,12 @@ impl Driver {
             .map(|(s, n)| format!("{s} {n}"))
             .collect();
         if let Some(r) = &self.round {
-            if !r.pending.is_empty() {
+            let receiving = self.wf.receiving();
+            if !receiving.is_empty() {
                 let total = self.source.chunks.image().manifest.chunk_count();
-                let min = r
-                    .pending
+                let min = receiving
                     .iter()
-                    .map(|n| self.progress.get(n).map(|p| p.chunks).unwrap_or(0))
+                    .map(|n| self.progress.get(*n).map(|p| p.chunks).unwrap_or(0))
                     .min()
                     .unwrap_or(0);
                 parts.push(format!(
@@ -442,24 +434,6 @@ impl Driver {
                         status: CommandStatus::Failed("no agent connection to reboot".into()),
                     }];
                 }
-                let needed = self
-                    .round
-                    .as_ref()
-                    .is_some_and(|r| relays_for_pending(r, &node));
-                if needed {
-                    // A node still receiving reads from it (directly or further down): the
-                    // reboot goes out when no one does. The request itself is answered now, so
-                    // the wait counts in the boot timeout, not as a failed soft reboot.
-                    self.note(format!(
-                        "{node}: reboot held while nodes below it still receive"
-                    ));
-                    self.queued_reboots.push(node.clone());
-                    return vec![Event::CommandDone {
-                        node,
-                        id,
-                        status: CommandStatus::Exited(0),
-                    }];
-                }
                 vec![Event::CommandDone {
                     status: self.send_reboot(&node),
                     node,
@@ -484,18 +458,19 @@ impl Driver {
                     }],
                 }
             }
-            Action::StartBroadcast { round, nodes } => self.start_round(round, nodes).await,
-            Action::SendFinish { node } => match self.finish_results.remove(&node) {
-                Some(result) => vec![Event::StepDone {
-                    node,
-                    step: Step::Finish,
-                    result,
-                }],
-                None => {
-                    self.awaiting_finish.insert(node);
-                    Vec::new()
-                }
-            },
+            Action::StartBroadcast {
+                round,
+                nodes,
+                parents,
+            } => self.start_round(round, nodes, parents),
+            Action::Reparent {
+                round,
+                node,
+                parent,
+            } => {
+                self.reparent(round, &node, parent.as_deref());
+                Vec::new()
+            }
             Action::ProbePort { node } => {
                 self.probe(node);
                 Vec::new()
@@ -507,11 +482,8 @@ impl Driver {
                         self.tokens.remove(&node);
                         self.drop_agent(&node, &reason);
                     }
-                    Step::Prepare | Step::Finish => self.drop_agent(&node, &reason),
-                    Step::Broadcast => {
-                        self.drop_agent(&node, &reason);
-                        self.leave_round(&node).await;
-                        return Vec::new();
+                    Step::Prepare | Step::Broadcast | Step::Finish => {
+                        self.drop_agent(&node, &reason)
                     }
                     Step::BootNewEnv => {}
                 }
@@ -555,7 +527,6 @@ impl Driver {
                         if let Err(e) = self.write_pxe(&node, PxeKind::LocalDisk) {
                             self.note(format!("{node}: {e}"));
                         }
-                        self.leave_round(&node).await;
                         return Vec::new();
                     }
                 }
@@ -682,23 +653,16 @@ impl Driver {
         }
     }
 
-    async fn start_round(&mut self, number: u32, nodes: Vec<String>) -> Vec<Event> {
-        let mut events = Vec::new();
-        let mut live = Vec::new();
-        for n in nodes {
-            if self.agents.contains_key(&n) {
-                live.push(n);
-            } else {
-                events.push(Event::NodeLost {
-                    node: n,
-                    reason: "no agent connection when the broadcast started".into(),
-                });
-            }
-        }
+    fn start_round(
+        &mut self,
+        number: u32,
+        nodes: Vec<String>,
+        parents: Vec<Option<usize>>,
+    ) -> Vec<Event> {
         let agents = &self.agents;
         let planned = broadcast::plan_round(
-            &live,
-            self.cfg.arity,
+            &nodes,
+            &parents,
             &self.ca,
             |n| {
                 agents
@@ -712,86 +676,58 @@ impl Driver {
         let planned = match planned {
             Ok(p) => p,
             Err(e) => {
-                events.extend(live.into_iter().map(|node| Event::NodeLost {
-                    node,
-                    reason: format!("cannot plan the broadcast: {e:#}"),
-                }));
-                return events;
+                return nodes
+                    .into_iter()
+                    .map(|node| Event::NodeFailed {
+                        node,
+                        reason: format!("cannot plan the broadcast: {e:#}"),
+                    })
+                    .collect();
             }
         };
         self.note(format!(
             "broadcast round {number} started: {} ({}, {:.1} MiB in {} chunks)",
-            live.join(" "),
+            nodes.join(" "),
             self.cfg.arity,
             self.source.chunks.image().manifest.compressed_size() as f64 / 1048576.0,
             self.source.chunks.image().manifest.chunk_count()
         ));
-        let mut pending = HashSet::new();
+        let mut events = Vec::new();
         for (name, plan) in planned.plans {
             let sent = match self.agents.get(&name) {
                 Some(a) => a.tx.try_send(ToAgent::Plan(Box::new(plan))).is_ok(),
                 None => false,
             };
-            if sent {
-                pending.insert(name);
-            } else {
+            if !sent {
                 events.push(Event::NodeLost {
                     node: name,
-                    reason: "control stream closed before the plan was sent".into(),
+                    reason: "no agent connection to send the plan to".into(),
                 });
             }
         }
-        let (parent, info) = (planned.parent, planned.info);
         self.round = Some(Round {
             number,
-            nodes: live,
-            parent,
-            info,
-            pending,
+            info: planned.info,
             started: Instant::now(),
         });
         events
     }
 
-    /// `node` leaves the current round (failed or cancelled): its children get new parents;
-    /// returns the events of reboots that were waiting for the round's end.
-    async fn leave_round(&mut self, node: &str) {
-        let Some(r) = self.round.as_mut() else {
+    /// Tells `node` to read from `parent` (the coordinator if `None` or unknown) and `parent`
+    /// to accept it.
+    fn reparent(&mut self, round: u32, node: &str, parent: Option<&str>) {
+        let Some(r) = self.round.as_ref().filter(|r| r.number == round) else {
             return;
         };
-        if !r.nodes.iter().any(|n| n == node) {
-            return;
-        }
-        r.pending.remove(node);
-        // Children still receiving need a new parent; those done need nothing.
-        let orphans: Vec<String> = r
-            .parent
-            .iter()
-            .filter(|(c, p)| p.as_deref() == Some(node) && r.pending.contains(*c))
-            .map(|(c, _)| c.clone())
-            .collect();
-        for o in orphans {
-            self.reattach(&o, Some(node)).await;
-        }
-        self.round_maybe_over();
-    }
-
-    async fn reattach(&mut self, node: &str, lost: Option<&str>) {
-        let Some(r) = self.round.as_mut() else {
-            return;
+        let mut msgs = Vec::new();
+        let upstream = match (parent.and_then(|p| r.info.get(p)), r.info.get(node)) {
+            (Some(pi), Some(ci)) => {
+                msgs.push((pi.node.clone(), ToAgent::Adopt(ci.clone())));
+                Upstream::Peer(pi.clone())
+            }
+            _ => Upstream::Coordinator,
         };
-        if !self.agents.contains_key(node) {
-            return;
-        }
-        let agents = &self.agents;
-        let info = &r.info;
-        let (np, msgs) = broadcast::reattach_messages(
-            node,
-            lost,
-            &mut r.parent,
-            |n| agents.contains_key(n),
-            |n| info.get(n).cloned(),
-        );
+        msgs.push((node.to_string(), ToAgent::Reparent(upstream)));
         for (to, msg) in msgs {
             if let Some(a) = self.agents.get(&to) {
                 // Never wait on one agent: a full queue means it stopped reading, and it
@@ -801,25 +737,8 @@ impl Driver {
         }
         self.note(format!(
             "{node} now reads from {}",
-            np.as_deref().unwrap_or("the coordinator")
+            parent.unwrap_or("the coordinator")
         ));
-    }
-
-    /// Held reboots of nodes no receiving node depends on any more go out (a held node whose
-    /// agent is gone by then is left to the boot timeout and the reboot commands).
-    fn round_maybe_over(&mut self) {
-        let queued = std::mem::take(&mut self.queued_reboots);
-        for node in queued {
-            let needed = self
-                .round
-                .as_ref()
-                .is_some_and(|r| relays_for_pending(r, &node));
-            if needed {
-                self.queued_reboots.push(node);
-            } else if let CommandStatus::Failed(e) = self.send_reboot(&node) {
-                self.note(format!("{node}: held reboot not sent: {e}"));
-            }
-        }
     }
 
     async fn inbound(&mut self, ib: Inbound) -> Vec<Event> {
@@ -878,7 +797,6 @@ impl Driver {
                     return Vec::new();
                 }
                 self.agents.remove(&node);
-                self.leave_round(&node).await;
                 vec![Event::NodeLost {
                     node,
                     reason: format!("agent connection lost: {reason}"),
@@ -894,47 +812,17 @@ impl Driver {
                     None => Ok(()),
                     Some(e) => Err(e),
                 };
-                match end.step {
-                    AgentStep::Prepare => vec![Event::StepDone {
-                        node,
-                        step: Step::Prepare,
-                        result,
-                    }],
-                    // The agent finishes a disk once (its mounts are gone after): a failure
-                    // ends the node instead of waiting for a retry that cannot come.
-                    AgentStep::Finish if result.is_err() => {
-                        self.awaiting_finish.remove(&node);
-                        self.finish_results.remove(&node);
-                        vec![Event::NodeLost {
-                            node,
-                            reason: format!(
-                                "finishing the disk failed: {}",
-                                result.err().unwrap_or_default()
-                            ),
-                        }]
-                    }
-                    AgentStep::Finish => {
-                        if self.awaiting_finish.remove(&node) {
-                            vec![Event::StepDone {
-                                node,
-                                step: Step::Finish,
-                                result,
-                            }]
-                        } else {
-                            self.finish_results.insert(node, result);
-                            Vec::new()
-                        }
-                    }
-                }
+                let step = match end.step {
+                    AgentStep::Prepare => Step::Prepare,
+                    AgentStep::Finish => Step::Finish,
+                };
+                let result = match (step, result) {
+                    (Step::Finish, Err(e)) => Err(format!("finishing the disk failed: {e}")),
+                    (_, r) => r,
+                };
+                vec![Event::StepDone { node, step, result }]
             }
             ToCoord::Report(r) => {
-                let in_round = self
-                    .round
-                    .as_mut()
-                    .is_some_and(|round| round.pending.remove(&node));
-                if !in_round {
-                    return Vec::new();
-                }
                 self.progress.insert(node.clone(), r.progress.clone());
                 let expected = self.source.chunks.image().manifest.image_hash();
                 let error = match (&r.error, r.image_hash) {
@@ -942,55 +830,42 @@ impl Driver {
                     (None, Some(h)) if h == expected => None,
                     (None, _) => Some("the agent reported a different image hash".into()),
                 };
-                let ev = match error {
+                let result = match error {
                     None => {
                         self.note(format!(
                             "{node}: image verified and written ({} chunks, {} refused as corrupt, {} fetched again)",
                             r.progress.chunks, r.progress.corrupt_chunks, r.refetched_chunks
                         ));
-                        vec![Event::StepDone {
-                            node,
-                            step: Step::Broadcast,
-                            result: Ok(()),
-                        }]
+                        Ok(())
                     }
-                    // The agent cannot take a second plan: the node ends here.
-                    Some(e) => vec![Event::NodeLost {
-                        node,
-                        reason: format!("broadcast failed: {e}"),
-                    }],
+                    Some(e) => Err(format!("broadcast failed: {e}")),
                 };
-                self.round_maybe_over();
-                ev
+                vec![Event::StepDone {
+                    node,
+                    step: Step::Broadcast,
+                    result,
+                }]
             }
             ToCoord::ParentLost {
                 parent: lost,
                 next_chunk,
                 reason,
             } => {
-                let current = self
-                    .round
-                    .as_ref()
-                    .and_then(|r| r.parent.get(&node).cloned())
-                    .flatten();
                 tracing::info!(%node, ?lost, next_chunk, %reason, "parent lost");
                 // The coordinator cannot serve a chunk: no node can complete the image.
                 if let Some(e) = self.source.chunks.failure() {
-                    return vec![Event::NodeLost {
+                    return vec![Event::NodeFailed {
                         node,
                         reason: format!(
                             "broadcast failed: the coordinator cannot serve the image: {e}"
                         ),
                     }];
                 }
-                if lost.is_none() || lost == current {
-                    self.note(format!(
-                        "{node}: lost its upstream {} at chunk {next_chunk}: {reason}",
-                        lost.as_deref().unwrap_or("(the coordinator)")
-                    ));
-                    self.reattach(&node, lost.as_deref()).await;
-                }
-                Vec::new()
+                self.note(format!(
+                    "{node}: lost its upstream {} at chunk {next_chunk}: {reason}",
+                    lost.as_deref().unwrap_or("(the coordinator)")
+                ));
+                vec![Event::ParentLost { node, parent: lost }]
             }
             ToCoord::ChildLost { child, reason } => {
                 tracing::info!(%node, %child, %reason, "child lost");
@@ -1013,25 +888,6 @@ impl Driver {
             ToCoord::Hello(_) => Vec::new(),
         }
     }
-}
-
-/// True when `node` is an ancestor of a node of the round that is still receiving.
-fn relays_for_pending(r: &Round, node: &str) -> bool {
-    r.pending.iter().any(|p| {
-        let mut cur = r.parent.get(p).cloned().flatten();
-        let mut hops = 0;
-        while let Some(c) = cur {
-            if c == node {
-                return true;
-            }
-            hops += 1;
-            if hops > r.parent.len() {
-                return false;
-            }
-            cur = r.parent.get(&c).cloned().flatten();
-        }
-        false
-    })
 }
 
 fn describe_inventory(inv: &kd_proto::msg::Inventory) -> String {

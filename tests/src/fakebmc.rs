@@ -15,7 +15,8 @@
 //! command and boot), and per node `nodes/NAME/` with `pid` (`PID STARTTIME`: only that exact
 //! process is ever killed), `machine.log`, `agent.log`, `cmdline`, `work/`, and the test's
 //! switches `dead` (the node never answers: commands exit 0 and do nothing), `fault` (one
-//! `kd-agent --fault` value per line) and `broken-boot` (the deployed system never boots).
+//! `kd-agent --fault` value per line; `fault-once`: the same for the next agent only) and
+//! `broken-boot` (the deployed system never boots).
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

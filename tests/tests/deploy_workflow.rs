@@ -692,6 +692,89 @@ fn an_agent_dying_mid_broadcast_fails_only_its_node() {
 }
 
 #[test]
+fn an_agent_dying_mid_broadcast_is_retried_from_a_fresh_boot_and_deploys() {
+    if skip() {
+        return;
+    }
+    let _g = heavy();
+    let lab = Lab::new(7, 3);
+    // broadcast.retries is honoured: the workflow starts node2 over (a new deploy profile and
+    // token, a reboot, a new agent, Prepare) and puts it in a second round.
+    lab.set_workflow("broadcast", "{ timeout: 60, retries: 1 }");
+    write(
+        &fakebmc::node_dir(&lab.bmc, "node2").join("fault-once"),
+        "die-after:2\n",
+    );
+    let r = lab.deploy("node[1-3]", &lab.env, &["--arity", "chain", "--json"]);
+    eprintln!(
+        "deploy of 3 nodes, one agent killed then retried: {:.1} s",
+        r.secs
+    );
+    let rep = lab.report(&r);
+    assert_eq!(r.code(), Some(0), "{rep}");
+    let json: serde_json::Value =
+        serde_json::from_str(&r.stdout()).unwrap_or_else(|e| panic!("{e}\n{rep}"));
+    assert_eq!(
+        json["ok"],
+        serde_json::json!(["node1", "node2", "node3"]),
+        "{rep}"
+    );
+    assert_eq!(json["rounds"], 2, "{rep}");
+    let n2 = json["nodes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node"] == "node2"))
+        .unwrap_or_else(|| panic!("no node2 in the JSON\n{rep}"));
+    let steps: Vec<(String, u64, bool)> = n2["steps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        s["step"].as_str().unwrap_or("").to_string(),
+                        s["attempts"].as_u64().unwrap_or(0),
+                        s["ok"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        steps,
+        vec![
+            ("SetDeploymentEnv".to_string(), 2, true),
+            ("Prepare".to_string(), 2, true),
+            ("Broadcast".to_string(), 2, true),
+            ("Finish".to_string(), 1, true),
+            ("BootNewEnv".to_string(), 1, true),
+        ],
+        "{rep}"
+    );
+    let ev = fakebmc::events(&lab.bmc, "node2");
+    assert!(
+        ev.iter().any(|e| e.starts_with("agent failed")),
+        "node2's first agent did not die: {ev:?}\n{rep}"
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.as_str() == "boot: deploy agent")
+            .count(),
+        2,
+        "node2 booted the deploy agent twice: {ev:?}\n{rep}"
+    );
+    // node3 read from node2 in the chain: it was moved to node1 and completed in round 1.
+    let n3 = json["nodes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node"] == "node3"))
+        .unwrap_or_else(|| panic!("no node3 in the JSON\n{rep}"));
+    assert_eq!(n3["steps"][2]["attempts"], 1, "{rep}");
+    for i in 0..3 {
+        lab.disk_ok(i)
+            .unwrap_or_else(|e| panic!("node{}: {e}\n{rep}", i + 1));
+        assert!(lab.answers(i), "node{} does not answer\n{rep}", i + 1);
+    }
+}
+
+#[test]
 fn bad_inputs_are_refused_before_anything_is_written() {
     if skip() {
         return;

@@ -8,8 +8,8 @@
 //! |---|---|---|
 //! | [`Step::SetDeploymentEnv`] | `WritePxe{Deploy}`, then `RunCommand{Reboot, level}` (escalating soft → hard → very_hard, at most `reboot_window` commands in flight) | `AgentHello` |
 //! | [`Step::Prepare`] | `SendPrepare` | `StepDone{Prepare}` |
-//! | [`Step::Broadcast`] | `StartBroadcast{round, nodes}` (a barrier, see below) | `StepDone{Broadcast}` |
-//! | [`Step::Finish`] | `SendFinish` | `StepDone{Finish}` |
+//! | [`Step::Broadcast`] | `StartBroadcast{round, nodes, parents}` (a barrier and a tree, see below), `Reparent` | `StepDone{Broadcast}` |
+//! | [`Step::Finish`] | nothing: the agent finishes its disk by itself after its report | `StepDone{Finish}` |
 //! | [`Step::BootNewEnv`] | `WritePxe{LocalDisk}`, `RebootAgent` (soft), then `RunCommand{Reboot}` (hard, very_hard); `ProbePort` every `probe_interval` | `PortOpen` |
 //!
 //! Nodes move independently: a node that passes a step goes on at once, a node that fails
@@ -23,14 +23,28 @@
 //!   successful reboot command to the Hello / the open port), or when the agent reports an
 //!   error. The step is then retried up to `retries` times; a retry of a reboot step starts one
 //!   level above the highest level used so far (so a dead node goes soft → hard → very_hard);
-//! * an agent lost during Prepare, Broadcast or Finish ends the node at once (no agent to retry
-//!   with);
+//! * a retry of Prepare with the node's agent still connected sends `SendPrepare` again; a
+//!   retry of Prepare without an agent, and every retry of Broadcast or Finish (an agent takes
+//!   one plan and finishes a disk once), starts the node over from SetDeploymentEnv (a fresh
+//!   deploy profile and token, a reboot, a new agent, Prepare) and puts it in the next round;
+//!   the attempt counts against the retries of the step that failed. A node that fails for good
+//!   on the way back names both (`... (retrying Broadcast after: ...)`);
+//! * an agent lost during Prepare, Broadcast or Finish fails that step's attempt (and is
+//!   retried as above); `NodeFailed` (a cause no retry can mend) ends the node at once;
 //! * the deployment always ends by [`Deployment::time_bound`] after its start.
 //!
 //! **Broadcast barrier.** The broadcast runs in rounds. A round starts when no round runs and
 //! some nodes are ready, and either no node is still before the broadcast (rebooting or
 //! preparing) or `broadcast_wait` has passed since the first ready node became ready. Nodes that
 //! become ready during a round (late nodes, retries) go into the next round.
+//!
+//! **The tree is the machine's.** A round's tree is planned here (`kd_proto::tree`, with
+//! `Settings::arity`) and given with `StartBroadcast`; the machine keeps each node's current
+//! parent. A node that stops serving (failed, cancelled, lost, rebooted) leaves the tree: each
+//! of its children still receiving gets `Reparent` to the nearest ancestor still serving (else
+//! the coordinator), and so does a node whose agent says it lost its parent (`ParentLost`).
+//! A node keeps relaying after its own report: its soft reboot in BootNewEnv is **held** (no
+//! timer runs) until no node still receiving reads from it, directly or further down.
 //!
 //! # Driving it
 //! ```text
@@ -54,10 +68,15 @@
 //!   (no answer needed; a late `CommandDone` is ignored).
 //! * `RebootAgent{node, id}`: tell the node's agent to reboot; answer `CommandDone` with
 //!   `Exited(0)` once sent, `Failed(..)` if the agent is not connected.
-//! * `SendPrepare{node}` / `SendFinish{node}`: send the agent its disk preparation / finish
-//!   work; answer `StepDone{node, step, result}` when it reports.
-//! * `StartBroadcast{round, nodes}`: plan a tree over `nodes` and broadcast; answer one
-//!   `StepDone{Broadcast}` or `NodeLost` per node.
+//! * `SendPrepare{node}`: send the agent its disk preparation; answer
+//!   `StepDone{node, Prepare, result}` when it reports.
+//! * `StartBroadcast{round, nodes, parents}`: broadcast to `nodes` over this tree
+//!   (`parents[i]`: the index in `nodes` of node i's parent, `None`: the coordinator); answer
+//!   one `StepDone{Broadcast}`, `NodeLost` or `NodeFailed` per node. The agent then finishes its
+//!   disk by itself: answer its `StepDone{Finish}` (it may come at any time after the
+//!   broadcast's; the machine keeps it until the node enters Finish).
+//! * `Reparent{round, node, parent}`: tell `node` to read from `parent` (`None`: the
+//!   coordinator) from the first chunk it lacks, and `parent` to accept it.
 //! * `CancelStep{node, step, reason}`: the machine stopped waiting (timeout); drop the node's
 //!   current work (in a broadcast: take it out of the tree and re-parent its children).
 //! * `ProbePort{node}`: try one TCP connection to the node's check port with a timeout shorter
@@ -66,12 +85,15 @@
 //!   On `NodeDone` with a failure, close the node's agent connection if any, revoke its token
 //!   and write its local-disk profile.
 //! * The agent's `Hello` (token already checked by the driver) is `AgentHello{node}`; a lost
-//!   control connection is `NodeLost{node, reason}` (ignored while the node is rebooting).
+//!   control connection is `NodeLost{node, reason}` (ignored while the node is rebooting); an
+//!   agent that lost its upstream is `ParentLost{node, parent}`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
+
+use kd_proto::tree::Arity;
 
 use crate::config::{ClusterConfig, Level, Operation, StepPolicy, WorkflowConfig};
 
@@ -203,6 +225,21 @@ pub enum Event {
         /// What the driver saw.
         reason: String,
     },
+    /// The node's agent says it lost its upstream during the broadcast.
+    ParentLost {
+        /// Node.
+        node: String,
+        /// The parent it lost (`None`: the coordinator).
+        parent: Option<String>,
+    },
+    /// The node fails now, with no retry (a cause no retry can mend, such as an image the
+    /// coordinator cannot serve).
+    NodeFailed {
+        /// Node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
     /// A `ProbePort` connected.
     PortOpen {
         /// Node.
@@ -261,17 +298,24 @@ pub enum Action {
         /// Node.
         node: String,
     },
-    /// Broadcast the image to these nodes; answer `StepDone{Broadcast}` or `NodeLost` per node.
+    /// Broadcast the image to these nodes over this tree; answer `StepDone{Broadcast}`,
+    /// `NodeLost` or `NodeFailed` per node, then each agent's `StepDone{Finish}`.
     StartBroadcast {
         /// Round number (1, 2, …).
         round: u32,
         /// The nodes, in configuration order.
         nodes: Vec<String>,
+        /// Each node's parent, as an index in `nodes` (`None`: the coordinator).
+        parents: Vec<Option<usize>>,
     },
-    /// Send the agent its finishing work; answer `StepDone{Finish}`.
-    SendFinish {
-        /// Node.
+    /// A node of the round reads from a new parent from now on (no answer).
+    Reparent {
+        /// Round number.
+        round: u32,
+        /// The node that moves.
         node: String,
+        /// Its new parent (`None`: the coordinator).
+        parent: Option<String>,
     },
     /// Try one TCP connection to the node's check port; answer `PortOpen` or `PortClosed`.
     ProbePort {
@@ -391,14 +435,17 @@ pub struct Settings {
     pub policy: WorkflowConfig,
     /// Reboot levels that have a command template, in escalation order.
     pub reboot_levels: Vec<Level>,
+    /// Shape of each broadcast round's tree.
+    pub arity: Arity,
 }
 
 impl Settings {
-    /// From a validated cluster configuration.
-    pub fn from_config(cfg: &ClusterConfig) -> Self {
+    /// From a validated cluster configuration, with broadcast trees of `arity`.
+    pub fn from_config(cfg: &ClusterConfig, arity: Arity) -> Self {
         Settings {
             policy: cfg.workflow.clone(),
             reboot_levels: cfg.commands.reboot.levels(),
+            arity,
         }
     }
 
@@ -442,6 +489,9 @@ enum Phase {
     QueuedReboot { level: Level, token: u64 },
     /// Reboot command running.
     Rebooting { level: Level, id: CommandId },
+    /// BootNewEnv's soft reboot through the agent, held while nodes still receiving read from
+    /// this node (no timer: the round's own timeouts bound it).
+    HeldReboot,
     /// Reboot done; waiting for the Hello (SetDeploymentEnv) or the port (BootNewEnv).
     WaitingBoot,
     /// Agent working on Prepare, Broadcast or Finish.
@@ -469,6 +519,26 @@ struct Node {
     barrier_wait: Duration,
     records: Vec<StepRecord>,
     report: Option<NodeReport>,
+    /// The node's agent is connected (as far as the machine knows).
+    agent: bool,
+    /// Failed attempts per step (in [`Step::ALL`] order), against the step's retries.
+    failures: [u32; 5],
+    /// Attempts started per step, over every time the node entered it.
+    starts: [u32; 5],
+    /// The node went back to SetDeploymentEnv to retry this step, after this failure.
+    redo: Option<(Step, String)>,
+    /// The agent's Finish result, when it came before the node entered Finish.
+    early_finish: Option<Result<(), String>>,
+}
+
+fn step_index(step: Step) -> usize {
+    match step {
+        Step::SetDeploymentEnv => 0,
+        Step::Prepare => 1,
+        Step::Broadcast => 2,
+        Step::Finish => 3,
+        Step::BootNewEnv => 4,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -486,10 +556,16 @@ struct Command {
     windowed: bool,
 }
 
+/// The running broadcast round: its tree as it is now.
 #[derive(Debug)]
 struct Round {
     id: u32,
-    remaining: usize,
+    /// Each member's current parent (`None`: the coordinator).
+    parent: HashMap<usize, Option<usize>>,
+    /// Members that have not received the whole image yet (and have not left).
+    receiving: HashSet<usize>,
+    /// Members still serving their children (not failed, lost or rebooted).
+    serving: HashSet<usize>,
 }
 
 /// One deployment's state machine. See the module documentation.
@@ -544,6 +620,11 @@ impl Deployment {
                 barrier_wait: Duration::ZERO,
                 records: Vec::new(),
                 report: None,
+                agent: false,
+                failures: [0; 5],
+                starts: [0; 5],
+                redo: None,
+                early_finish: None,
             });
         }
         let n = list.len();
@@ -619,37 +700,73 @@ impl Deployment {
             Event::AgentHello { node } => {
                 if let Some(i) = self.lookup(&node) {
                     if self.nodes[i].step == Step::SetDeploymentEnv {
+                        self.nodes[i].agent = true;
                         self.step_ok(i, &mut out);
                     }
                 }
             }
             Event::StepDone { node, step, result } => {
                 if let Some(i) = self.lookup(&node) {
-                    let n = &self.nodes[i];
-                    if n.step == step && n.phase == Phase::Running {
-                        if step == Step::Broadcast {
-                            self.leave_round();
-                        }
-                        match result {
-                            Ok(()) => self.step_ok(i, &mut out),
-                            Err(e) => self.fail_attempt(i, e, false, &mut out),
-                        }
+                    let n = &mut self.nodes[i];
+                    if step == Step::Finish
+                        && n.step == Step::Broadcast
+                        && n.phase == Phase::Running
+                    {
+                        // The agent finishes right after its report: keep the result until
+                        // the node enters Finish.
+                        n.early_finish = Some(result);
+                    } else if n.step == step && n.phase == Phase::Running {
+                        self.step_result(i, result, &mut out);
                     }
                 }
             }
             Event::NodeLost { node, reason } => {
                 if let Some(i) = self.lookup(&node) {
                     let (step, phase) = (self.nodes[i].step, self.nodes[i].phase);
-                    if matches!(step, Step::Prepare | Step::Broadcast | Step::Finish) {
-                        if step == Step::Broadcast && phase == Phase::Running {
-                            self.leave_round();
+                    match (step, phase) {
+                        (Step::Prepare | Step::Broadcast | Step::Finish, _) => {
+                            self.agent_gone(i, &mut out);
+                            self.fail_attempt(
+                                i,
+                                format!("agent lost during {step}: {reason}"),
+                                false,
+                                &mut out,
+                            );
                         }
-                        self.node_failed(
-                            i,
-                            format!("agent lost during {step}: {reason}"),
-                            &mut out,
-                        );
+                        (Step::BootNewEnv, Phase::HeldReboot) => {
+                            // No agent to reboot through any more: the reboot commands do it.
+                            self.agent_gone(i, &mut out);
+                            self.escalate(
+                                i,
+                                Level::Soft,
+                                format!("agent lost before its reboot: {reason}"),
+                                &mut out,
+                            );
+                        }
+                        _ => self.agent_gone(i, &mut out),
                     }
+                }
+            }
+            Event::ParentLost { node, parent } => {
+                if let Some(i) = self.lookup(&node) {
+                    let lost = parent.as_deref().and_then(|p| self.index.get(p).copied());
+                    let current = self.round.as_ref().and_then(|r| {
+                        r.receiving
+                            .contains(&i)
+                            .then(|| r.parent.get(&i).copied().flatten())
+                    });
+                    // Only about the parent it has now: a late word about an older one is
+                    // already mended.
+                    if let Some(current) = current {
+                        if parent.is_none() || (lost.is_some() && lost == current) {
+                            self.reattach(i, lost, &mut out);
+                        }
+                    }
+                }
+            }
+            Event::NodeFailed { node, reason } => {
+                if let Some(i) = self.lookup(&node) {
+                    self.node_failed(i, reason, &mut out);
                 }
             }
             Event::PortOpen { node } => {
@@ -662,6 +779,8 @@ impl Deployment {
             }
             Event::PortClosed { .. } => {}
             Event::Abort { reason } => {
+                // Everyone stops: no tree to mend.
+                self.round = None;
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].phase == Phase::Done {
                         continue;
@@ -757,7 +876,15 @@ impl Deployment {
         // bound, not a panic.
         let p = &settings.policy;
         let c = Settings::secs(p.command_timeout);
-        let attempts = |s: StepPolicy| s.retries.saturating_add(1);
+        // A retry of Prepare, Broadcast or Finish may start the node over from its deploy
+        // boot: each is one more pass through the steps before BootNewEnv. A step's failed
+        // attempts are counted over every pass, so each step runs at most its attempts plus
+        // one per extra pass.
+        let passes = 1u32
+            .saturating_add(p.prepare.retries)
+            .saturating_add(p.broadcast.retries)
+            .saturating_add(p.finish.retries);
+        let attempts = |s: StepPolicy| s.retries.saturating_add(passes);
         let set_levels = settings.levels(Step::SetDeploymentEnv).len() as u32;
         let boot_levels = settings.levels(Step::BootNewEnv).len() as u32;
         let set = c
@@ -769,14 +896,17 @@ impl Deployment {
             .saturating_add(p.broadcast.timeout().saturating_mul(2))
             .saturating_mul(attempts(p.broadcast));
         let finish = p.finish.timeout().saturating_mul(attempts(p.finish));
+        let once = |s: StepPolicy| s.retries.saturating_add(1);
         let boot = c
             .saturating_mul(1 + boot_levels)
             .saturating_add(p.boot_new_env.timeout())
-            .saturating_mul(attempts(p.boot_new_env));
+            .saturating_mul(once(p.boot_new_env))
+            // A soft reboot held while the last round runs.
+            .saturating_add(p.broadcast.timeout());
         let commands = (nodes as u64).saturating_mul(u64::from(
             set_levels
                 .saturating_mul(attempts(p.set_deployment_env))
-                .saturating_add(boot_levels.saturating_mul(attempts(p.boot_new_env))),
+                .saturating_add(boot_levels.saturating_mul(once(p.boot_new_env))),
         ));
         let windows = commands.div_ceil(p.reboot_window.max(1) as u64);
         let queue = c.saturating_mul(u32::try_from(windows).unwrap_or(u32::MAX));
@@ -934,9 +1064,6 @@ impl Deployment {
             _ => return,
         };
         let cancel = n.phase == Phase::Running;
-        if cancel && step == Step::Broadcast {
-            self.leave_round();
-        }
         self.fail_attempt(i, reason, cancel, out);
     }
 
@@ -944,7 +1071,10 @@ impl Deployment {
         let now = self.now;
         let n = &mut self.nodes[i];
         n.step = step;
-        n.attempt = 0;
+        n.attempt = n.failures[step_index(step)];
+        if n.redo.as_ref().is_some_and(|(s, _)| *s == step) {
+            n.redo = None;
+        }
         n.step_started = now;
         n.level_max = None;
         n.reboots.clear();
@@ -956,6 +1086,7 @@ impl Deployment {
         n.deadline = None;
         n.next_probe = None;
         let step = n.step;
+        n.starts[step_index(step)] += 1;
         let node = n.name.clone();
         out.push(Action::StepStarted {
             node: node.clone(),
@@ -967,6 +1098,8 @@ impl Deployment {
             Step::SetDeploymentEnv | Step::BootNewEnv => {
                 self.nodes[i].phase = Phase::WritingPxe;
                 let profile = if step == Step::SetDeploymentEnv {
+                    // A new deploy profile means a new boot: the agent it had (if any) goes.
+                    self.agent_gone(i, out);
                     PxeKind::Deploy
                 } else {
                     PxeKind::LocalDisk
@@ -980,9 +1113,12 @@ impl Deployment {
                 self.set_deadline(i, timeout);
             }
             Step::Finish => {
+                // The agent finishes by itself after its report; its result may be in already.
                 self.nodes[i].phase = Phase::Running;
-                out.push(Action::SendFinish { node });
                 self.set_deadline(i, timeout);
+                if let Some(result) = self.nodes[i].early_finish.take() {
+                    self.step_result(i, result, out);
+                }
             }
             Step::Broadcast => {
                 let n = &mut self.nodes[i];
@@ -1017,12 +1153,23 @@ impl Deployment {
         n.deadline = None;
         n.level_max = Some(n.level_max.map_or(level, |m| m.max(level)));
         n.reboots.push(level);
-        if n.step == Step::BootNewEnv && level == Level::Soft {
-            let node = n.name.clone();
-            let id = self.new_command(i, false);
-            self.nodes[i].phase = Phase::Rebooting { level, id };
-            out.push(Action::RebootAgent { node, id });
+        let step = n.step;
+        if step == Step::BootNewEnv && level == Level::Soft {
+            let held = self
+                .round
+                .as_ref()
+                .is_some_and(|r| r.serving.contains(&i) && relays_for_receiving(r, i));
+            if held {
+                // Nodes still receiving read from it: it reboots when none does.
+                self.nodes[i].phase = Phase::HeldReboot;
+            } else {
+                self.reboot_through_agent(i, out);
+            }
         } else {
+            if step == Step::BootNewEnv {
+                // A hard reboot ends whatever the node still served.
+                self.agent_gone(i, out);
+            }
             self.gen += 1;
             let token = self.gen;
             self.nodes[i].phase = Phase::QueuedReboot { level, token };
@@ -1096,33 +1243,87 @@ impl Deployment {
     }
 
     fn fail_attempt(&mut self, i: usize, reason: String, cancel: bool, out: &mut Vec<Action>) {
-        let n = &mut self.nodes[i];
-        let step = n.step;
+        let step = self.nodes[i].step;
         if cancel {
             out.push(Action::CancelStep {
-                node: n.name.clone(),
+                node: self.nodes[i].name.clone(),
                 step,
                 reason: reason.clone(),
             });
+            if matches!(
+                step,
+                Step::SetDeploymentEnv | Step::Prepare | Step::Broadcast | Step::Finish
+            ) {
+                // The driver drops the agent's work, and the agent with it.
+                self.agent_gone(i, out);
+            }
         }
-        if n.attempt < self.settings.policy(step).retries {
-            n.attempt += 1;
-            self.begin_attempt(i, out);
-        } else {
+        let retries = self.settings.policy(step).retries;
+        let n = &mut self.nodes[i];
+        let f = &mut n.failures[step_index(step)];
+        *f = f.saturating_add(1);
+        if *f > retries {
             self.node_failed(i, reason, out);
+            return;
+        }
+        // An agent takes one plan and finishes a disk once; without an agent, nothing is
+        // prepared: those retries start the node over from a fresh deploy boot.
+        let over = match step {
+            Step::Broadcast | Step::Finish => true,
+            Step::Prepare => !n.agent,
+            Step::SetDeploymentEnv | Step::BootNewEnv => false,
+        };
+        if over {
+            self.record(i, false);
+            self.nodes[i].redo = Some((step, reason));
+            if matches!(step, Step::Broadcast | Step::Finish) {
+                self.pre_broadcast += 1;
+            }
+            self.nodes[i].early_finish = None;
+            self.begin_step(i, Step::SetDeploymentEnv, out);
+        } else {
+            let n = &mut self.nodes[i];
+            n.attempt = n.failures[step_index(step)];
+            self.begin_attempt(i, out);
         }
     }
 
+    /// Records the end of the node's current step (merged with an earlier record of the same
+    /// step when the node went through it before).
     fn record(&mut self, i: usize, ok: bool) {
         let now = self.now;
         let n = &mut self.nodes[i];
-        n.records.push(StepRecord {
-            step: n.step,
-            attempts: n.attempt.saturating_add(1),
-            duration: now.saturating_duration_since(n.step_started),
-            ok,
-            reboots: std::mem::take(&mut n.reboots),
-        });
+        let duration = now.saturating_duration_since(n.step_started);
+        let reboots = std::mem::take(&mut n.reboots);
+        let attempts = n.starts[step_index(n.step)].max(1);
+        match n.records.iter_mut().find(|r| r.step == n.step) {
+            Some(r) => {
+                r.attempts = attempts;
+                r.duration = r.duration.saturating_add(duration);
+                r.ok = ok;
+                r.reboots.extend(reboots);
+            }
+            None => n.records.push(StepRecord {
+                step: n.step,
+                attempts,
+                duration,
+                ok,
+                reboots,
+            }),
+        }
+    }
+
+    /// The agent reported the end of the node's current (running) step.
+    fn step_result(&mut self, i: usize, result: Result<(), String>, out: &mut Vec<Action>) {
+        match result {
+            Ok(()) => {
+                if self.nodes[i].step == Step::Broadcast {
+                    self.round_received(i, out);
+                }
+                self.step_ok(i, out);
+            }
+            Err(e) => self.fail_attempt(i, e, false, out),
+        }
     }
 
     fn step_ok(&mut self, i: usize, out: &mut Vec<Action>) {
@@ -1143,6 +1344,12 @@ impl Deployment {
         if matches!(step, Step::SetDeploymentEnv | Step::Prepare) {
             self.pre_broadcast -= 1;
         }
+        let reason = match self.nodes[i].redo.take() {
+            Some((s, cause)) => format!("{reason} (retrying {s} after: {cause})"),
+            None => reason,
+        };
+        // Its agent is dropped (and stops serving).
+        self.agent_gone(i, out);
         self.finish_node(i, NodeResult::Failed { step, reason }, out);
     }
 
@@ -1167,12 +1374,110 @@ impl Deployment {
         });
     }
 
-    fn leave_round(&mut self) {
+    /// The node's agent is gone, or about to be (dropped, rebooted): it serves no one now.
+    fn agent_gone(&mut self, i: usize, out: &mut Vec<Action>) {
+        self.nodes[i].agent = false;
+        self.round_gone(i, out);
+    }
+
+    /// Soft reboot of a BootNewEnv node through its agent.
+    fn reboot_through_agent(&mut self, i: usize, out: &mut Vec<Action>) {
+        let id = self.new_command(i, false);
+        self.nodes[i].phase = Phase::Rebooting {
+            level: Level::Soft,
+            id,
+        };
+        out.push(Action::RebootAgent {
+            node: self.nodes[i].name.clone(),
+            id,
+        });
+        self.agent_gone(i, out);
+    }
+
+    /// A member of the round has the whole image (it still serves its children).
+    fn round_received(&mut self, i: usize, out: &mut Vec<Action>) {
         if let Some(r) = &mut self.round {
-            r.remaining = r.remaining.saturating_sub(1);
-            if r.remaining == 0 {
-                self.round = None;
+            r.receiving.remove(&i);
+        }
+        self.round_changed(out);
+    }
+
+    /// A member of the round stops serving: each of its children still receiving reads from
+    /// the nearest ancestor still serving.
+    fn round_gone(&mut self, i: usize, out: &mut Vec<Action>) {
+        let Some(r) = &mut self.round else {
+            return;
+        };
+        if !r.serving.remove(&i) {
+            return;
+        }
+        r.receiving.remove(&i);
+        let mut orphans: Vec<usize> = r
+            .receiving
+            .iter()
+            .copied()
+            .filter(|c| r.parent.get(c) == Some(&Some(i)))
+            .collect();
+        orphans.sort_unstable();
+        for o in orphans {
+            self.reattach(o, Some(i), out);
+        }
+        self.round_changed(out);
+    }
+
+    /// `node` lost its parent `lost` (`None`: the coordinator): it reads from the nearest
+    /// ancestor of `lost` still serving, else from the coordinator.
+    fn reattach(&mut self, node: usize, lost: Option<usize>, out: &mut Vec<Action>) {
+        let Some(r) = &mut self.round else {
+            return;
+        };
+        let mut cur = lost.and_then(|l| r.parent.get(&l).copied().flatten());
+        let mut hops = 0;
+        let np = loop {
+            match cur {
+                None => break None,
+                Some(c) if r.serving.contains(&c) && Some(c) != lost && c != node => break Some(c),
+                Some(c) => {
+                    hops += 1;
+                    if hops > r.parent.len() {
+                        break None;
+                    }
+                    cur = r.parent.get(&c).copied().flatten();
+                }
             }
+        };
+        r.parent.insert(node, np);
+        out.push(Action::Reparent {
+            round: r.id,
+            node: self.nodes[node].name.clone(),
+            parent: np.map(|p| self.nodes[p].name.clone()),
+        });
+    }
+
+    /// After the round changed: held reboots no receiving node needs go out; the round ends
+    /// when no member receives any more.
+    fn round_changed(&mut self, out: &mut Vec<Action>) {
+        let Some(r) = &self.round else {
+            return;
+        };
+        let mut held: Vec<usize> = r
+            .serving
+            .iter()
+            .copied()
+            .filter(|&m| self.nodes[m].phase == Phase::HeldReboot)
+            .collect();
+        held.sort_unstable();
+        for h in held {
+            let free = self
+                .round
+                .as_ref()
+                .is_none_or(|r| !relays_for_receiving(r, h));
+            if free && self.nodes[h].phase == Phase::HeldReboot {
+                self.reboot_through_agent(h, out);
+            }
+        }
+        if self.round.as_ref().is_some_and(|r| r.receiving.is_empty()) {
+            self.round = None;
         }
     }
 
@@ -1217,6 +1522,8 @@ impl Deployment {
         members.dedup();
         self.barrier_deadline = None;
         self.rounds += 1;
+        let tree = kd_proto::tree::plan(members.len(), self.settings.arity);
+        let parents: Vec<Option<usize>> = (0..members.len()).map(|k| tree.parent(k)).collect();
         let timeout = self.settings.policy.broadcast.timeout();
         for &i in &members {
             let now = self.now;
@@ -1229,7 +1536,13 @@ impl Deployment {
         }
         self.round = Some(Round {
             id: self.rounds,
-            remaining: members.len(),
+            parent: members
+                .iter()
+                .zip(&parents)
+                .map(|(&m, p)| (m, p.map(|k| members[k])))
+                .collect(),
+            receiving: members.iter().copied().collect(),
+            serving: members.iter().copied().collect(),
         });
         out.push(Action::StartBroadcast {
             round: self.rounds,
@@ -1237,6 +1550,7 @@ impl Deployment {
                 .iter()
                 .map(|&i| self.nodes[i].name.clone())
                 .collect(),
+            parents,
         });
     }
 
@@ -1266,6 +1580,54 @@ impl Deployment {
     pub fn current_round(&self) -> Option<u32> {
         self.round.as_ref().map(|r| r.id)
     }
+
+    /// The nodes of the current round still receiving the image, in configuration order.
+    pub fn receiving(&self) -> Vec<&str> {
+        let mut v: Vec<usize> = self
+            .round
+            .as_ref()
+            .map(|r| r.receiving.iter().copied().collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v.into_iter().map(|i| self.nodes[i].name.as_str()).collect()
+    }
+
+    /// Each member's current parent in the running round (`None`: the coordinator), in
+    /// configuration order.
+    pub fn round_parents(&self) -> Vec<(&str, Option<&str>)> {
+        let Some(r) = &self.round else {
+            return Vec::new();
+        };
+        let mut v: Vec<(usize, Option<usize>)> = r.parent.iter().map(|(&k, &p)| (k, p)).collect();
+        v.sort_unstable();
+        v.into_iter()
+            .map(|(k, p)| {
+                (
+                    self.nodes[k].name.as_str(),
+                    p.map(|p| self.nodes[p].name.as_str()),
+                )
+            })
+            .collect()
+    }
+}
+
+/// True when a member of the round still receiving reads from `i`, directly or further down.
+fn relays_for_receiving(r: &Round, i: usize) -> bool {
+    r.receiving.iter().any(|&x| {
+        let mut cur = r.parent.get(&x).copied().flatten();
+        let mut hops = 0;
+        while let Some(c) = cur {
+            if c == i {
+                return true;
+            }
+            hops += 1;
+            if hops > r.parent.len() {
+                return false;
+            }
+            cur = r.parent.get(&c).copied().flatten();
+        }
+        false
+    })
 }
 
 /// `t + d`, or an instant about a century later when that does not fit (`Instant + Duration`

@@ -209,7 +209,13 @@ fn machine(dir: &Path, cfg: &BmcConfig, node: &BmcNode) -> Result<()> {
                     .create(true)
                     .append(true)
                     .open(nd.join("agent.log"))?;
-                let faults = std::fs::read_to_string(nd.join("fault")).unwrap_or_default();
+                let mut faults = std::fs::read_to_string(nd.join("fault")).unwrap_or_default();
+                // `fault-once`: for this boot's agent only.
+                if let Ok(once) = std::fs::read_to_string(nd.join("fault-once")) {
+                    std::fs::remove_file(nd.join("fault-once"))?;
+                    faults.push('\n');
+                    faults.push_str(&once);
+                }
                 let mut cmd = Command::new(&cfg.agent);
                 cmd.arg("--cmdline")
                     .arg(nd.join("cmdline"))
