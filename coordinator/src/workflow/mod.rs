@@ -1419,32 +1419,86 @@ impl Deployment {
             .filter(|c| r.parent.get(c) == Some(&Some(i)))
             .collect();
         orphans.sort_unstable();
+        // The first orphan takes the gone node's place; the others read from it while it has
+        // room (a chain stays a chain, a k-ary tree keeps its fan-out).
+        let mut heir = None;
         for o in orphans {
-            self.reattach(o, Some(i), out);
+            self.reattach_preferring(o, Some(i), heir, out);
+            heir = heir.or(Some(o));
         }
         self.round_changed(out);
     }
 
-    /// `node` lost its parent `lost` (`None`: the coordinator): it reads from the nearest
-    /// ancestor of `lost` still serving, else from the coordinator.
+    /// `node` lost its parent `lost` (`None`: the coordinator).
     fn reattach(&mut self, node: usize, lost: Option<usize>, out: &mut Vec<Action>) {
-        let Some(r) = &mut self.round else {
+        self.reattach_preferring(node, lost, None, out);
+    }
+
+    /// `node` lost its parent `lost`: it reads from `prefer` if that has room, else from the
+    /// nearest ancestor of `lost` still serving that has room, else from the first node with
+    /// room under that ancestor (nearest first), else from the coordinator. Room: fewer
+    /// children than the round's fan-out + 1, so that no parent is ever much busier than the
+    /// plan made it. Never from `node` itself or below it.
+    fn reattach_preferring(
+        &mut self,
+        node: usize,
+        lost: Option<usize>,
+        prefer: Option<usize>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(r) = &self.round else {
             return;
         };
+        let cap = self
+            .settings
+            .arity
+            .fan_out(r.parent.len())
+            .saturating_add(1);
+        let usable = |c: usize| {
+            r.serving.contains(&c) && Some(c) != lost && c != node && !is_below(r, c, node)
+        };
+        let room = |c: usize| children_of(r, c).len() < cap;
+        // The ancestors of `lost` still serving, nearest first.
+        let mut ancestors = Vec::new();
         let mut cur = lost.and_then(|l| r.parent.get(&l).copied().flatten());
         let mut hops = 0;
-        let np = loop {
-            match cur {
-                None => break None,
-                Some(c) if r.serving.contains(&c) && Some(c) != lost && c != node => break Some(c),
-                Some(c) => {
-                    hops += 1;
-                    if hops > r.parent.len() {
-                        break None;
-                    }
-                    cur = r.parent.get(&c).copied().flatten();
-                }
+        while let Some(c) = cur {
+            hops += 1;
+            if hops > r.parent.len() {
+                break;
             }
+            if usable(c) {
+                ancestors.push(c);
+            }
+            cur = r.parent.get(&c).copied().flatten();
+        }
+        let np = prefer
+            .filter(|&p| usable(p) && room(p))
+            .or_else(|| ancestors.iter().copied().find(|&a| room(a)))
+            .or_else(|| {
+                // `lost` was a root (or every node above it is gone): take its place.
+                if ancestors.is_empty() {
+                    return None;
+                }
+                // Breadth first under the nearest ancestor.
+                let mut queue: VecDeque<usize> = children_of(r, ancestors[0]).into();
+                let mut seen = 0;
+                while let Some(c) = queue.pop_front() {
+                    seen += 1;
+                    if seen > r.parent.len() {
+                        break;
+                    }
+                    if usable(c) && room(c) {
+                        return Some(c);
+                    }
+                    if c != node {
+                        queue.extend(children_of(r, c));
+                    }
+                }
+                None
+            });
+        let Some(r) = &mut self.round else {
+            return;
         };
         r.parent.insert(node, np);
         out.push(Action::Reparent {
@@ -1592,13 +1646,18 @@ impl Deployment {
         v.into_iter().map(|i| self.nodes[i].name.as_str()).collect()
     }
 
-    /// Each member's current parent in the running round (`None`: the coordinator), in
-    /// configuration order.
+    /// Each member still serving and its current parent in the running round (`None`: the
+    /// coordinator), in configuration order.
     pub fn round_parents(&self) -> Vec<(&str, Option<&str>)> {
         let Some(r) = &self.round else {
             return Vec::new();
         };
-        let mut v: Vec<(usize, Option<usize>)> = r.parent.iter().map(|(&k, &p)| (k, p)).collect();
+        let mut v: Vec<(usize, Option<usize>)> = r
+            .parent
+            .iter()
+            .filter(|(k, _)| r.serving.contains(k))
+            .map(|(&k, &p)| (k, p))
+            .collect();
         v.sort_unstable();
         v.into_iter()
             .map(|(k, p)| {
@@ -1609,6 +1668,35 @@ impl Deployment {
             })
             .collect()
     }
+}
+
+/// The members whose parent is `i`, still serving, in order.
+fn children_of(r: &Round, i: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = r
+        .parent
+        .iter()
+        .filter(|(k, p)| **p == Some(i) && r.serving.contains(k))
+        .map(|(&k, _)| k)
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// True when `c` is `node` or reads from it, directly or further down.
+fn is_below(r: &Round, c: usize, node: usize) -> bool {
+    let mut cur = Some(c);
+    let mut hops = 0;
+    while let Some(x) = cur {
+        if x == node {
+            return true;
+        }
+        hops += 1;
+        if hops > r.parent.len() + 1 {
+            return false;
+        }
+        cur = r.parent.get(&x).copied().flatten();
+    }
+    false
 }
 
 /// True when a member of the round still receiving reads from `i`, directly or further down.

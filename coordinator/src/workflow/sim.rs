@@ -848,6 +848,144 @@ fn a_lost_relay_s_children_read_from_its_parent_and_relays_reboot_last() {
     assert_eq!(b("node1"), secs(111 - 46 + 45));
 }
 
+/// A deployment of `n` nodes driven by hand up to its first broadcast round.
+fn in_round(n: usize, arity: Arity) -> (Deployment, Instant) {
+    let mut settings = settings(WorkflowConfig::default());
+    settings.arity = arity;
+    let t0 = Instant::now();
+    let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+    let mut d = Deployment::new(names.clone(), settings, t0);
+    d.start(t0);
+    for n in &names {
+        d.handle(
+            Event::PxeWritten {
+                node: n.clone(),
+                result: Ok(()),
+            },
+            t0,
+        );
+    }
+    for id in 1..=n as u64 {
+        d.handle(
+            Event::CommandDone {
+                node: String::new(),
+                id: CommandId(id),
+                status: CommandStatus::Exited(0),
+            },
+            t0,
+        );
+    }
+    for n in &names {
+        d.handle(Event::AgentHello { node: n.clone() }, t0);
+    }
+    for n in &names {
+        d.handle(
+            Event::StepDone {
+                node: n.clone(),
+                step: Step::Prepare,
+                result: Ok(()),
+            },
+            t0,
+        );
+    }
+    assert_eq!(d.current_round(), Some(1));
+    (d, t0)
+}
+
+fn most_children(d: &Deployment) -> usize {
+    let parents = d.round_parents();
+    let mut count: HashMap<Option<&str>, usize> = HashMap::new();
+    for (_, p) in &parents {
+        if p.is_some() {
+            *count.entry(*p).or_default() += 1;
+        }
+    }
+    count.values().copied().max().unwrap_or(0)
+}
+
+#[test]
+fn a_dead_relay_s_first_child_takes_its_place_and_the_tree_keeps_its_shape() {
+    // Chain n1 -> n2 -> ... -> n6: n3 dies; n4 reads from n2, the chain stays a chain.
+    let (mut d, t0) = in_round(6, Arity::Chain);
+    let a = d.handle(
+        Event::NodeLost {
+            node: "n3".into(),
+            reason: "gone".into(),
+        },
+        t0,
+    );
+    assert!(
+        a.contains(&Action::Reparent {
+            round: 1,
+            node: "n4".into(),
+            parent: Some("n2".into())
+        }),
+        "{a:?}"
+    );
+    assert_eq!(most_children(&d), 1);
+    // Binary tree of 15: n1, n2 are roots; n3 (a relay with two children, each with two)
+    // dies: its first child takes its place, the second reads from the first; no parent
+    // gets more than arity + 1 = 3 children, whatever else dies.
+    let (mut d, t0) = in_round(15, Arity::Kary(2));
+    let before = d.round_parents();
+    let kids = |who: &str| -> Vec<String> {
+        before
+            .iter()
+            .filter(|(_, p)| *p == Some(who))
+            .map(|(n, _)| n.to_string())
+            .collect()
+    };
+    let parent_of_n3 = before
+        .iter()
+        .find(|(n, _)| *n == "n3")
+        .and_then(|(_, p)| *p)
+        .map(str::to_string);
+    let k = kids("n3");
+    assert_eq!(k.len(), 2, "{before:?}");
+    d.handle(
+        Event::NodeLost {
+            node: "n3".into(),
+            reason: "gone".into(),
+        },
+        t0,
+    );
+    let after = d.round_parents();
+    let parent = |who: &str| {
+        after
+            .iter()
+            .find(|(n, _)| *n == who)
+            .and_then(|(_, p)| *p)
+            .map(str::to_string)
+    };
+    assert_eq!(parent(&k[0]), parent_of_n3, "{after:?}");
+    assert_eq!(parent(&k[1]), Some(k[0].clone()), "{after:?}");
+    assert!(most_children(&d) <= 3, "{after:?}");
+    for dead in ["n1", "n5", "n2", "n8"] {
+        d.handle(
+            Event::NodeLost {
+                node: dead.into(),
+                reason: "gone".into(),
+            },
+            t0,
+        );
+        assert!(
+            most_children(&d) <= 3,
+            "after {dead}: {:?}",
+            d.round_parents()
+        );
+    }
+    // Every node still receiving reads from a node still serving, and no cycle.
+    let now = d.round_parents();
+    for (n, p) in &now {
+        if let Some(p) = p {
+            assert!(
+                now.iter().any(|(m, _)| m == p),
+                "{n} reads from {p}, gone: {now:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn parent_lost_moves_the_node_to_its_grandparent_and_a_stale_one_is_ignored() {
     let mut settings = settings(WorkflowConfig::default());
