@@ -1,14 +1,13 @@
-//! The coordinator's side of a broadcast: accept agents, check them, plan the tree, serve the
-//! roots (and repairs) from the image file, re-attach orphans when a node dies, and collect the
-//! reports.
-//!
-//! I/O lives here (quinn, tokio); the decisions that need no I/O (who becomes whose parent) are
-//! plain functions at the bottom, unit-tested.
+//! The coordinator's side of a broadcast's data and connections: accept agents (admission,
+//! handshake, Hello, routing to their deployment's driver), serve the roots and repairs from
+//! the image file, and write each round's plans. Who is in the tree, who re-attaches where and
+//! when a node is done are the workflow's (`crate::workflow`), executed by `crate::deploy`'s
+//! driver; `run` (`kd-coord broadcast`) is that driver with the broadcast-only profile.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kd_net::wire;
@@ -160,40 +159,6 @@ pub(crate) enum Inbound {
     },
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Status {
-    Connected,
-    Planned,
-    Done(Report),
-    Failed(String),
-}
-
-struct Node {
-    conn: quinn::Connection,
-    tx: mpsc::Sender<ToAgent>,
-    info: Option<PeerInfo>,
-    data_port: u16,
-    status: Status,
-    progress: Progress,
-    finished_at: Option<Instant>,
-}
-
-impl Node {
-    /// Ends a node still running with `reason` (and tells `events`); false if it had ended.
-    fn fail(&mut self, name: &str, reason: String, events: &mpsc::UnboundedSender<Event>) -> bool {
-        if self.status != Status::Planned {
-            return false;
-        }
-        self.status = Status::Failed(reason.clone());
-        self.finished_at = Some(Instant::now());
-        let _ = events.send(Event::Done {
-            node: name.to_string(),
-            error: Some(reason),
-        });
-        true
-    }
-}
-
 /// Shared, read-only state of the data service.
 pub(crate) struct Source {
     /// The image served, each chunk read and checked once for all streams.
@@ -215,318 +180,16 @@ impl Source {
     }
 }
 
-/// Runs a whole broadcast. `events` receives live progress (dropped events are fine).
+/// Runs a whole broadcast (`kd-coord broadcast`) with the one driver of every deployment and
+/// the workflow's broadcast-only profile (`deploy::broadcast`). `events` receives live progress
+/// (dropped events are fine).
 pub async fn run(
     image: ImageFile,
     cfg: BroadcastConfig,
     identity: &CoordIdentity,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<Outcome> {
-    // Only the set's nodes may be welcomed: a token of another node would take a place.
-    let mut outside: Vec<String> = cfg
-        .tokens
-        .keys()
-        .filter(|n| !cfg.nodes.contains(n))
-        .cloned()
-        .collect();
-    if !outside.is_empty() {
-        outside.sort();
-        anyhow::bail!(
-            "tokens given for nodes outside the set: {}",
-            kd_proto::nodeset::fold(&outside)
-        );
-    }
-    let server =
-        kd_net::tls::coordinator_server(identity.cert_der.clone(), identity.key_der.clone())?;
-    let endpoint = kd_net::endpoint::bind(cfg.listen, Some(server))
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let local = endpoint.local_addr()?;
-    let _ = events.send(Event::Listening(local));
-    let source = Arc::new(Source::new(image, cfg.deployment));
-    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
-
-    let route = Route {
-        in_tx,
-        source: source.clone(),
-        events: events.clone(),
-    };
-    let accept_task = spawn_accept(&endpoint, Routes::One(route), events.clone());
-
-    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
-    let mut used_tokens: HashSet<String> = HashSet::new();
-
-    // Phase 1: gather Hellos.
-    let hello_deadline = deadline_after(cfg.hello_timeout);
-    while nodes.len() < cfg.nodes.len() {
-        let ev = tokio::select! {
-            ev = in_rx.recv() => ev,
-            _ = tokio::time::sleep_until(hello_deadline) => break,
-        };
-        let Some(ev) = ev else { break };
-        match ev {
-            Inbound::Hello {
-                hello,
-                conn,
-                tx,
-                reply,
-            } => {
-                let verdict = check_hello(&hello, &cfg.tokens, &used_tokens, false);
-                match verdict {
-                    Ok(()) => {
-                        used_tokens.insert(hello.node.clone());
-                        let _ = reply.send(Ok(()));
-                        let _ = events.send(Event::Connected {
-                            node: hello.node.clone(),
-                            addr: conn.remote_address(),
-                        });
-                        nodes.insert(
-                            hello.node.clone(),
-                            Node {
-                                conn,
-                                tx,
-                                info: None,
-                                data_port: hello.data_port,
-                                status: Status::Connected,
-                                progress: Progress::default(),
-                                finished_at: None,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        let _ = events.send(Event::Refused {
-                            addr: conn.remote_address(),
-                            reason: e.to_string(),
-                        });
-                        let _ = reply.send(Err(e));
-                    }
-                }
-            }
-            Inbound::Lost { node, reason, .. } => {
-                if let Some(n) = nodes.get_mut(&node) {
-                    n.status = Status::Failed(format!("connection lost before the plan: {reason}"));
-                }
-            }
-            Inbound::Msg { .. } => {}
-        }
-    }
-
-    // Phase 2: plan over the nodes that answered, in the configured order.
-    let live: Vec<String> = cfg
-        .nodes
-        .iter()
-        .filter(|n| matches!(nodes.get(*n).map(|x| &x.status), Some(Status::Connected)))
-        .cloned()
-        .collect();
-    let ca = DeploymentCa::new(cfg.deployment)?;
-    let tree = kd_proto::tree::plan(live.len(), cfg.arity);
-    let parents: Vec<Option<usize>> = (0..live.len()).map(|i| tree.parent(i)).collect();
-    let round = plan_round(
-        &live,
-        &parents,
-        &ca,
-        |n| {
-            nodes
-                .get(n)
-                .map(|x| SocketAddr::new(x.conn.remote_address().ip(), x.data_port))
-        },
-        cfg.deployment,
-        &source.chunks.image().manifest,
-        &cfg.job,
-    )?;
-    for (name, info) in &round.info {
-        if let Some(n) = nodes.get_mut(name) {
-            n.info = Some(info.clone());
-        }
-    }
-    let mut parent = round.parent;
-    let edges = live
-        .iter()
-        .map(|n| (n.clone(), parent.get(n).cloned().flatten()))
-        .collect();
-    let _ = events.send(Event::Planned { edges });
-    let started = Instant::now();
-    for (name, plan) in round.plans {
-        let n = nodes.get_mut(&name).context("node")?;
-        n.status = Status::Planned;
-        if n.tx.send(ToAgent::Plan(Box::new(plan))).await.is_err() {
-            n.status = Status::Failed("control stream closed before the plan was sent".into());
-        }
-    }
-
-    // Phase 3: run until every planned node is done or failed.
-    let image_hash = source.chunks.image().manifest.image_hash();
-    let run_deadline = deadline_after(cfg.run_timeout);
-    loop {
-        let pending = nodes
-            .values()
-            .filter(|n| n.status == Status::Planned)
-            .count();
-        if pending == 0 {
-            break;
-        }
-        let ev = tokio::select! {
-            ev = in_rx.recv() => ev,
-            _ = tokio::time::sleep_until(run_deadline) => None,
-        };
-        let Some(ev) = ev else {
-            for n in nodes.values_mut().filter(|n| n.status == Status::Planned) {
-                n.status = Status::Failed(format!("no report within {:?}", cfg.run_timeout));
-                let _ = n.tx.try_send(ToAgent::Abort {
-                    reason: "broadcast timed out".into(),
-                });
-            }
-            break;
-        };
-        match ev {
-            Inbound::Hello { hello, reply, .. } => {
-                let e = check_hello(&hello, &cfg.tokens, &used_tokens, true)
-                    .err()
-                    .unwrap_or_else(|| {
-                        WireError::new(ErrorCode::Unexpected, "the broadcast has already started")
-                    });
-                let _ = reply.send(Err(e));
-            }
-            Inbound::Msg { node, msg } => match msg {
-                ToCoord::Progress(p) => {
-                    if let Some(n) = nodes.get_mut(&node) {
-                        n.progress = p.clone();
-                    }
-                    let _ = events.send(Event::Progress { node, progress: p });
-                }
-                ToCoord::Report(r) => {
-                    let Some(n) = nodes.get_mut(&node) else {
-                        continue;
-                    };
-                    if n.status != Status::Planned {
-                        continue;
-                    }
-                    n.finished_at = Some(Instant::now());
-                    n.progress = r.progress.clone();
-                    let error = match (&r.error, r.image_hash) {
-                        (Some(e), _) => Some(e.clone()),
-                        (None, Some(h)) if h == image_hash => None,
-                        (None, _) => Some("the agent reported a different image hash".into()),
-                    };
-                    n.status = match &error {
-                        None => Status::Done(r),
-                        Some(e) => Status::Failed(e.clone()),
-                    };
-                    let _ = events.send(Event::Done { node, error });
-                }
-                ToCoord::ParentLost {
-                    parent: lost,
-                    next_chunk,
-                    reason,
-                } => {
-                    tracing::info!(%node, ?lost, next_chunk, %reason, "parent lost");
-                    // The coordinator cannot serve a chunk: no node can complete the image.
-                    if let Some(e) = source.chunks.failure() {
-                        let Some(n) = nodes.get_mut(&node) else {
-                            continue;
-                        };
-                        let e = format!("the coordinator cannot serve the image: {e}");
-                        if n.fail(&node, e.clone(), &events) {
-                            let _ = n.tx.try_send(ToAgent::Abort { reason: e });
-                        }
-                        continue;
-                    }
-                    let current = parent.get(&node).cloned().flatten();
-                    // Already moved away from that parent (its death was noticed here first):
-                    // the Reparent sent then answers this request too.
-                    if lost.is_some() && lost != current {
-                        continue;
-                    }
-                    reattach(&node, lost.as_deref(), &mut parent, &mut nodes, &events).await;
-                }
-                ToCoord::ChildLost { child, reason } => {
-                    tracing::info!(%node, %child, %reason, "child lost");
-                }
-                ToCoord::Step(s) => {
-                    let _ = events.send(Event::Step { node, step: s });
-                }
-                ToCoord::Hello(_) | ToCoord::StepEnd(_) => {}
-            },
-            Inbound::Lost { node, reason, .. } => {
-                let Some(n) = nodes.get_mut(&node) else {
-                    continue;
-                };
-                n.fail(&node, format!("connection lost: {reason}"), &events);
-                // Re-attach its children (their own ParentLost may come later; it is then a no-op).
-                let orphans: Vec<String> = parent
-                    .iter()
-                    .filter(|(_, p)| p.as_deref() == Some(node.as_str()))
-                    .map(|(c, _)| c.clone())
-                    .collect();
-                for o in orphans {
-                    let alive = nodes
-                        .get(&o)
-                        .map(|x| x.status == Status::Planned)
-                        .unwrap_or(false);
-                    if alive {
-                        reattach(&o, Some(&node), &mut parent, &mut nodes, &events).await;
-                    }
-                }
-            }
-        }
-    }
-    let transfer_seconds = started.elapsed().as_secs_f64();
-
-    // Release everyone: agents keep serving their children until told to finish.
-    for n in nodes.values() {
-        let _ = n.tx.try_send(ToAgent::Finish);
-    }
-    // Give the Finish messages a moment to leave, then close.
-    let close_deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    for n in nodes.values() {
-        let _ = tokio::time::timeout_at(close_deadline, n.conn.closed()).await;
-    }
-    endpoint.close(kd_net::close::DONE.into(), b"done");
-    accept_task.abort();
-
-    let mut out = Vec::new();
-    for name in &cfg.nodes {
-        let o = match nodes.get(name) {
-            None => NodeOutcome {
-                node: name.clone(),
-                ok: false,
-                reason: Some(format!(
-                    "never connected (no Hello within {:?})",
-                    cfg.hello_timeout
-                )),
-                seconds: None,
-                report: None,
-                cpu_seconds: None,
-                corrupt_chunks: 0,
-                refetched_chunks: 0,
-            },
-            Some(n) => {
-                let (ok, reason, report) = match &n.status {
-                    Status::Done(r) => (true, None, Some(r.clone())),
-                    Status::Failed(e) => (false, Some(e.clone()), None),
-                    Status::Connected | Status::Planned => (false, Some("unfinished".into()), None),
-                };
-                NodeOutcome {
-                    node: name.clone(),
-                    ok,
-                    reason,
-                    seconds: n
-                        .finished_at
-                        .map(|t| t.duration_since(started).as_secs_f64()),
-                    cpu_seconds: report.as_ref().map(|r| r.cpu_seconds),
-                    corrupt_chunks: n.progress.corrupt_chunks,
-                    refetched_chunks: report.as_ref().map(|r| r.refetched_chunks).unwrap_or(0),
-                    report,
-                }
-            }
-        };
-        out.push(o);
-    }
-    Ok(Outcome {
-        nodes: out,
-        transfer_seconds,
-        compressed_bytes: source.chunks.image().manifest.compressed_size(),
-        image_hash: kd_proto::manifest::hex(&image_hash),
-    })
+    crate::deploy::broadcast(image, cfg, identity, events).await
 }
 
 /// Where an accepted agent's messages go: one deployment's driver and image.
@@ -758,15 +421,6 @@ pub(crate) fn plan_round(
     })
 }
 
-/// Now + `d`, or far in the future when that does not fit in an `Instant` (`Instant + Duration`
-/// panics on overflow; the CLI bounds timeouts, a library caller may not).
-pub(crate) fn deadline_after(d: Duration) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
-        .unwrap_or(now)
-}
-
 /// Checks an agent's Hello against the expected tokens (`used`: nodes whose token was spent;
 /// `started`: no new agent is wanted any more).
 pub(crate) fn check_hello(
@@ -814,89 +468,6 @@ pub(crate) fn check_hello(
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The new parent of a node whose parent `lost` is gone: the nearest ancestor of `lost` that is
-/// still alive, else the coordinator (`None`).
-pub fn new_parent(
-    lost: Option<&str>,
-    parent: &HashMap<String, Option<String>>,
-    alive: impl Fn(&str) -> bool,
-) -> Option<String> {
-    let mut cur = lost.and_then(|l| parent.get(l).cloned().flatten());
-    let mut hops = 0;
-    while let Some(c) = cur {
-        if alive(&c) {
-            return Some(c);
-        }
-        hops += 1;
-        if hops > parent.len() {
-            return None;
-        }
-        cur = parent.get(&c).cloned().flatten();
-    }
-    None
-}
-
-/// Moves `node` away from its lost parent `lost` (`None`: it lost the coordinator): updates
-/// `parent` and returns the messages to send, as (recipient, message): `Adopt` to the new parent
-/// (if an agent) and `Reparent` to the node. `info` gives a node's peer address and fingerprint.
-pub(crate) fn reattach_messages(
-    node: &str,
-    lost: Option<&str>,
-    parent: &mut HashMap<String, Option<String>>,
-    alive: impl Fn(&str) -> bool,
-    info: impl Fn(&str) -> Option<PeerInfo>,
-) -> (Option<String>, Vec<(String, ToAgent)>) {
-    let np = new_parent(lost, parent, |n| alive(n) && Some(n) != lost);
-    let mut out = Vec::new();
-    let upstream = match (&np, info(node)) {
-        (Some(p), Some(child_info)) => match info(p) {
-            Some(pi) => {
-                out.push((p.clone(), ToAgent::Adopt(child_info)));
-                Upstream::Peer(pi)
-            }
-            None => Upstream::Coordinator,
-        },
-        _ => Upstream::Coordinator,
-    };
-    let np = match &upstream {
-        Upstream::Coordinator => None,
-        Upstream::Peer(p) => Some(p.node.clone()),
-    };
-    parent.insert(node.to_string(), np.clone());
-    out.push((node.to_string(), ToAgent::Reparent(upstream)));
-    (np, out)
-}
-
-async fn reattach(
-    node: &str,
-    lost: Option<&str>,
-    parent: &mut HashMap<String, Option<String>>,
-    nodes: &mut BTreeMap<String, Node>,
-    events: &mpsc::UnboundedSender<Event>,
-) {
-    let (np, msgs) = reattach_messages(
-        node,
-        lost,
-        parent,
-        |n| {
-            nodes
-                .get(n)
-                .map(|x| matches!(x.status, Status::Planned | Status::Done(_)))
-                .unwrap_or(false)
-        },
-        |n| nodes.get(n).and_then(|x| x.info.clone()),
-    );
-    for (to, msg) in msgs {
-        if let Some(n) = nodes.get(&to) {
-            let _ = n.tx.send(msg).await;
-        }
-    }
-    let _ = events.send(Event::Reparented {
-        node: node.to_string(),
-        parent: np,
-    });
 }
 
 /// Handshakes with one admitted connection (`admitted`: its handshake slot, given back once the
@@ -1216,37 +787,6 @@ async fn send_frame(send: &mut quinn::SendStream, f: &DataFrame) -> Result<(), w
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn chain(n: usize) -> HashMap<String, Option<String>> {
-        (0..n)
-            .map(|i| {
-                (
-                    format!("n{i}"),
-                    if i == 0 {
-                        None
-                    } else {
-                        Some(format!("n{}", i - 1))
-                    },
-                )
-            })
-            .collect()
-    }
-
-    #[test]
-    fn orphan_goes_to_nearest_live_ancestor() {
-        let p = chain(5);
-        // n2 died: n3 goes to n1.
-        assert_eq!(new_parent(Some("n2"), &p, |n| n != "n2"), Some("n1".into()));
-        // n1 and n2 dead: n3 goes to n0.
-        assert_eq!(
-            new_parent(Some("n2"), &p, |n| n != "n2" && n != "n1"),
-            Some("n0".into())
-        );
-        // Root died: its child goes to the coordinator.
-        assert_eq!(new_parent(Some("n0"), &p, |n| n != "n0"), None);
-        // The coordinator itself was lost: stays with the coordinator.
-        assert_eq!(new_parent(None, &p, |_| true), None);
-    }
 
     #[test]
     fn hello_checks() {

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kd_proto::msg::{AgentStep, DeployJob, Job, PeerInfo, Progress, ToAgent, ToCoord, Upstream};
+use kd_proto::msg::{
+    AgentStep, DeployJob, Job, PeerInfo, Progress, Report, ToAgent, ToCoord, Upstream,
+};
 use kd_proto::tree::Arity;
 use tokio::sync::mpsc;
 
@@ -66,8 +68,51 @@ struct Round {
     started: Instant,
 }
 
+/// What one driver runs: the workflow's settings and what executing its actions needs.
+struct Setup {
+    settings: Settings,
+    nodes: Vec<String>,
+    deployment: u64,
+    arity: Arity,
+    /// The job every plan carries (`Job::Deploy` for a deployment: also what `Prepare` sends).
+    job: Job,
+    /// PXE profiles, reboot commands, probes; `None` for the broadcast alone.
+    cluster: Option<ClusterConfig>,
+    /// The broadcast alone: the tokens of agents started by other means (never replaced or
+    /// revoked); `None`: a fresh token with each deploy profile.
+    tokens: Option<HashMap<String, String>>,
+    /// Live events for `kd-coord broadcast`'s progress lines.
+    events: Option<mpsc::UnboundedSender<broadcast::Event>>,
+}
+
+impl Setup {
+    fn deploy(cfg: DeployConfig) -> Self {
+        Setup {
+            settings: Settings::from_config(&cfg.cluster, cfg.arity),
+            nodes: cfg.nodes,
+            deployment: cfg.deployment,
+            arity: cfg.arity,
+            job: Job::Deploy(Box::new(cfg.job)),
+            cluster: Some(cfg.cluster),
+            tokens: None,
+            events: None,
+        }
+    }
+}
+
+/// What a driver leaves when every node is done.
+struct Driven {
+    summary: Summary,
+    /// Each node's last report and when it came.
+    reports: HashMap<String, (Report, Instant)>,
+    /// When the first round started.
+    first_round: Option<Instant>,
+    /// Progress counters last heard of each node.
+    progress: HashMap<String, Progress>,
+}
+
 struct Driver {
-    cfg: DeployConfig,
+    setup: Setup,
     wf: Deployment,
     pin_hex: String,
     ca: DeploymentCa,
@@ -82,6 +127,8 @@ struct Driver {
     progress: HashMap<String, Progress>,
     summary: Option<Summary>,
     updates: Option<mpsc::UnboundedSender<Update>>,
+    reports: HashMap<String, (Report, Instant)>,
+    first_round: Option<Instant>,
 }
 
 /// What a driver reports besides its notes.
@@ -215,7 +262,9 @@ pub async fn run(
         updates: None,
         cancel,
     };
-    let summary = drive(cfg, identity, source, in_rx, bev_rx, hooks).await;
+    let summary = drive(Setup::deploy(cfg), identity, source, in_rx, bev_rx, hooks)
+        .await
+        .map(|d| d.summary);
     interrupt.abort();
     endpoint.close(kd_net::close::DONE.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
@@ -238,9 +287,115 @@ pub async fn run_shared(
     let nodes = cfg.nodes.clone();
     shared.table.register(&nodes, &route);
     drop(route);
-    let summary = drive(cfg, identity, source, in_rx, bev_rx, hooks).await;
+    let summary = drive(Setup::deploy(cfg), identity, source, in_rx, bev_rx, hooks)
+        .await
+        .map(|d| d.summary);
     shared.table.unregister(&nodes);
     summary
+}
+
+/// `kd-coord broadcast`: the image to agents started by other means, with the one driver
+/// and the workflow's broadcast-only profile (no PXE, no reboot, no Prepare/Finish steps: the
+/// plan's job holds the disk work, if any). `events` receives live progress.
+pub async fn broadcast(
+    image: ImageFile,
+    cfg: broadcast::BroadcastConfig,
+    identity: &CoordIdentity,
+    events: mpsc::UnboundedSender<broadcast::Event>,
+) -> Result<broadcast::Outcome> {
+    // Only the set's nodes may be welcomed: a token of another node would take a place.
+    let mut outside: Vec<String> = cfg
+        .tokens
+        .keys()
+        .filter(|n| !cfg.nodes.contains(n))
+        .cloned()
+        .collect();
+    if !outside.is_empty() {
+        outside.sort();
+        anyhow::bail!(
+            "tokens given for nodes outside the set: {}",
+            kd_proto::nodeset::fold(&outside)
+        );
+    }
+    let server =
+        kd_net::tls::coordinator_server(identity.cert_der.clone(), identity.key_der.clone())?;
+    let endpoint = kd_net::endpoint::bind(cfg.listen, Some(server))
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let local = endpoint.local_addr()?;
+    let _ = events.send(broadcast::Event::Listening(local));
+    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment);
+    let refused = route.events.clone();
+    let accept = broadcast::spawn_accept(&endpoint, broadcast::Routes::One(route), refused);
+    // The driver's notes go to the log; the events carry the progress.
+    let (notes, mut notes_rx) = mpsc::unbounded_channel::<String>();
+    let log = tokio::spawn(async move {
+        while let Some(line) = notes_rx.recv().await {
+            tracing::info!("{line}");
+        }
+    });
+    let (_cancel_tx, cancel) = tokio::sync::watch::channel(None);
+    let setup = Setup {
+        settings: Settings::broadcast_only(cfg.arity, cfg.hello_timeout, cfg.run_timeout),
+        nodes: cfg.nodes.clone(),
+        deployment: cfg.deployment,
+        arity: cfg.arity,
+        job: cfg.job.clone(),
+        cluster: None,
+        tokens: Some(cfg.tokens.clone()),
+        events: Some(events),
+    };
+    let hooks = Hooks {
+        notes,
+        updates: None,
+        cancel,
+    };
+    let driven = drive(setup, identity, source.clone(), in_rx, bev_rx, hooks).await;
+    endpoint.close(kd_net::close::DONE.into(), b"done");
+    accept.abort();
+    log.abort();
+    let driven = driven?;
+    Ok(outcome(&cfg.nodes, &driven, &source))
+}
+
+/// `kd-coord broadcast`'s result from what the driver left.
+fn outcome(nodes: &[String], d: &Driven, source: &Source) -> broadcast::Outcome {
+    let started = d.first_round;
+    let since = |t: Instant| started.map(|s| t.saturating_duration_since(s).as_secs_f64());
+    let mut out = Vec::new();
+    let mut last: Option<f64> = None;
+    for name in nodes {
+        let result = d.summary.reports.iter().find(|r| &r.node == name);
+        let (ok, reason) = match result.map(|r| &r.result) {
+            Some(crate::workflow::NodeResult::Deployed) => (true, None),
+            Some(crate::workflow::NodeResult::Failed { reason, .. }) => {
+                (false, Some(reason.clone()))
+            }
+            None => (false, Some("unfinished".to_string())),
+        };
+        let report = d.reports.get(name);
+        let seconds = report.and_then(|(_, t)| since(*t));
+        if let Some(s) = seconds {
+            last = Some(last.map_or(s, |l: f64| l.max(s)));
+        }
+        let kept = report.filter(|_| ok).map(|(r, _)| r.clone());
+        out.push(broadcast::NodeOutcome {
+            node: name.clone(),
+            ok,
+            reason,
+            seconds,
+            cpu_seconds: kept.as_ref().map(|r| r.cpu_seconds),
+            corrupt_chunks: d.progress.get(name).map(|p| p.corrupt_chunks).unwrap_or(0),
+            refetched_chunks: kept.as_ref().map(|r| r.refetched_chunks).unwrap_or(0),
+            report: kept,
+        });
+    }
+    let manifest = &source.chunks.image().manifest;
+    broadcast::Outcome {
+        nodes: out,
+        transfer_seconds: last.unwrap_or(0.0),
+        compressed_bytes: manifest.compressed_size(),
+        image_hash: kd_proto::manifest::hex(&manifest.image_hash()),
+    }
 }
 
 /// A deployment's image source and the route its agents' messages take to its driver (the
@@ -276,13 +431,13 @@ fn set_listen_addr(cfg: &mut DeployConfig, local: SocketAddr) {
 /// The driver loop: executes the workflow's actions and feeds it events until every node is
 /// done.
 async fn drive(
-    cfg: DeployConfig,
+    setup: Setup,
     identity: &CoordIdentity,
     source: Arc<Source>,
     mut in_rx: mpsc::Receiver<Inbound>,
     mut bev_rx: mpsc::UnboundedReceiver<broadcast::Event>,
     hooks: Hooks,
-) -> Result<Summary> {
+) -> Result<Driven> {
     let Hooks {
         notes,
         updates,
@@ -290,7 +445,7 @@ async fn drive(
     } = hooks;
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
     let now = Instant::now();
-    let mut d = Driver::new(cfg, identity, source, ev_tx, notes, now)?;
+    let mut d = Driver::new(setup, identity, source, ev_tx, notes, now)?;
     d.updates = updates;
     let mut queue: VecDeque<Action> = d.wf.start(now).into();
     let mut tick = tokio::time::interval(Duration::from_secs(15));
@@ -319,9 +474,10 @@ async fn drive(
             }
             Some(e) = ev_rx.recv() => queue.extend(d.wf.handle(e, Instant::now())),
             Some(be) = bev_rx.recv() => {
-                if let broadcast::Event::Refused { addr, reason } = be {
+                if let broadcast::Event::Refused { addr, reason } = &be {
                     d.note(format!("refused a connection from {addr}: {reason}"));
                 }
+                d.event(be);
             }
             _ = tokio::time::sleep_until(wake) => {
                 queue.extend(d.wf.handle_timeout(Instant::now()));
@@ -344,30 +500,45 @@ async fn drive(
     for (_, h) in d.commands.drain() {
         h.abort();
     }
-    let names: Vec<String> = d.agents.keys().cloned().collect();
-    for n in names {
-        d.drop_agent(&n, "the deployment is over");
+    if d.setup.tokens.is_some() {
+        // The broadcast alone: agents keep serving their children until told to finish.
+        for a in d.agents.values() {
+            let _ = a.tx.try_send(ToAgent::Finish);
+        }
+        let close_deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        for a in d.agents.values() {
+            let _ = tokio::time::timeout_at(close_deadline, a.conn.closed()).await;
+        }
+    } else {
+        let names: Vec<String> = d.agents.keys().cloned().collect();
+        for n in names {
+            d.drop_agent(&n, "the deployment is over");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    Ok(summary)
+    Ok(Driven {
+        summary,
+        reports: std::mem::take(&mut d.reports),
+        first_round: d.first_round,
+        progress: std::mem::take(&mut d.progress),
+    })
 }
 
 impl Driver {
     fn new(
-        cfg: DeployConfig,
+        setup: Setup,
         identity: &CoordIdentity,
         source: Arc<Source>,
         ev_tx: mpsc::UnboundedSender<Event>,
         notes: mpsc::UnboundedSender<String>,
         now: Instant,
     ) -> Result<Self> {
-        let settings = Settings::from_config(&cfg.cluster, cfg.arity);
         Ok(Driver {
-            wf: Deployment::new(cfg.nodes.clone(), settings, now),
+            wf: Deployment::new(setup.nodes.clone(), setup.settings.clone(), now),
             pin_hex: kd_proto::manifest::hex(&identity.pin()),
-            ca: DeploymentCa::new(cfg.deployment)?,
+            ca: DeploymentCa::new(setup.deployment)?,
             source,
-            tokens: HashMap::new(),
+            tokens: setup.tokens.clone().unwrap_or_default(),
             used: HashSet::new(),
             agents: HashMap::new(),
             round: None,
@@ -377,12 +548,27 @@ impl Driver {
             progress: HashMap::new(),
             summary: None,
             updates: None,
-            cfg,
+            reports: HashMap::new(),
+            first_round: None,
+            setup,
         })
     }
 
     fn note(&self, line: String) {
         let _ = self.notes.send(line);
+    }
+
+    /// A live event for `kd-coord broadcast`'s progress lines (if it listens).
+    fn event(&self, e: broadcast::Event) {
+        if let Some(tx) = &self.setup.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    fn cluster(&self) -> Result<&ClusterConfig, String> {
+        self.setup.cluster.as_ref().ok_or_else(|| {
+            "no cluster configuration: the broadcast alone has no PXE, reboot or probe".to_string()
+        })
     }
 
     fn progress_line(&self) {
@@ -448,7 +634,14 @@ impl Driver {
                 Vec::new()
             }
             Action::SendPrepare { node } => {
-                let job = Box::new(self.cfg.job.clone());
+                let Job::Deploy(job) = &self.setup.job else {
+                    return vec![Event::StepDone {
+                        node,
+                        step: Step::Prepare,
+                        result: Err("no disk job to prepare".into()),
+                    }];
+                };
+                let job = job.clone();
                 match self.agents.get(&node) {
                     Some(a) if a.tx.try_send(ToAgent::Prepare(job)).is_ok() => Vec::new(),
                     _ => vec![Event::StepDone {
@@ -512,6 +705,13 @@ impl Driver {
                 if let Some(u) = &self.updates {
                     let _ = u.send(Update::Node(report.clone()));
                 }
+                self.event(broadcast::Event::Done {
+                    node: node.clone(),
+                    error: match &report.result {
+                        crate::workflow::NodeResult::Deployed => None,
+                        crate::workflow::NodeResult::Failed { reason, .. } => Some(reason.clone()),
+                    },
+                });
                 match &report.result {
                     crate::workflow::NodeResult::Deployed => self.note(format!(
                         "{node}: deployed in {:.1} s",
@@ -541,29 +741,31 @@ impl Driver {
 
     fn write_pxe(&mut self, node: &str, kind: PxeKind) -> Result<(), String> {
         let nc = self
-            .cfg
-            .cluster
+            .cluster()?
             .node(node)
             .cloned()
             .ok_or_else(|| format!("{node} is not in the cluster configuration"))?;
-        let profile = match kind {
+        let token = match kind {
             PxeKind::Deploy => {
                 let token = crate::tokens::random_token().map_err(|e| format!("{e:#}"))?;
                 // A new profile means a new boot: the previous agent (if any) is gone.
                 self.drop_agent(node, "the node is rebooted into the deploy environment");
                 self.used.remove(node);
                 self.tokens.insert(node.to_string(), token.clone());
-                let args = DeployArgs::new(&self.pin_hex, &token).map_err(|e| e.to_string())?;
-                self.cfg
-                    .cluster
-                    .render_profile(&nc, &ProfileBoot::Deploy(&args))
+                Some(token)
             }
             PxeKind::LocalDisk => {
                 self.tokens.remove(node);
-                self.cfg
-                    .cluster
-                    .render_profile(&nc, &ProfileBoot::LocalDisk)
+                None
             }
+        };
+        let cluster = self.cluster()?;
+        let profile = match &token {
+            Some(token) => {
+                let args = DeployArgs::new(&self.pin_hex, token).map_err(|e| e.to_string())?;
+                cluster.render_profile(&nc, &ProfileBoot::Deploy(&args))
+            }
+            None => cluster.render_profile(&nc, &ProfileBoot::LocalDisk),
         };
         write_profile(&profile.path, profile.content.as_bytes()).map_err(|e| {
             format!(
@@ -581,10 +783,9 @@ impl Driver {
         level: Level,
     ) -> Vec<Event> {
         let cmd = self
-            .cfg
-            .cluster
-            .node(&node)
-            .and_then(|nc| self.cfg.cluster.command(op, level, nc));
+            .cluster()
+            .ok()
+            .and_then(|c| c.node(&node).and_then(|nc| c.command(op, level, nc)));
         let Some(cmd) = cmd else {
             return vec![Event::CommandDone {
                 node,
@@ -594,7 +795,7 @@ impl Driver {
         };
         self.note(format!("{node}: {level} reboot: {cmd}"));
         let tx = self.ev_tx.clone();
-        let limit = Duration::from_secs(self.cfg.cluster.workflow.command_timeout.max(1));
+        let limit = Duration::from_secs(self.setup.settings.policy.command_timeout.max(1));
         let h = tokio::spawn(async move {
             let status = run_shell(&cmd, limit).await;
             let _ = tx.send(Event::CommandDone { node, id, status });
@@ -614,15 +815,13 @@ impl Driver {
     }
 
     fn probe(&self, node: String) {
-        let Some(addr) = self
-            .cfg
-            .cluster
-            .node(&node)
-            .map(|n| SocketAddr::new(n.address, self.cfg.cluster.check_port))
-        else {
+        let Some(addr) = self.cluster().ok().and_then(|c| {
+            c.node(&node)
+                .map(|n| SocketAddr::new(n.address, c.check_port))
+        }) else {
             return;
         };
-        let limit = Duration::from_secs(self.cfg.cluster.workflow.probe_interval.clamp(1, 3));
+        let limit = Duration::from_secs(self.setup.settings.policy.probe_interval.clamp(1, 3));
         let tx = self.ev_tx.clone();
         tokio::spawn(async move {
             let open = matches!(
@@ -669,9 +868,9 @@ impl Driver {
                     .get(n)
                     .map(|a| SocketAddr::new(a.conn.remote_address().ip(), a.data_port))
             },
-            self.cfg.deployment,
+            self.setup.deployment,
             &self.source.chunks.image().manifest,
-            &Job::Deploy(Box::new(self.cfg.job.clone())),
+            &self.setup.job,
         );
         let planned = match planned {
             Ok(p) => p,
@@ -688,10 +887,17 @@ impl Driver {
         self.note(format!(
             "broadcast round {number} started: {} ({}, {:.1} MiB in {} chunks)",
             nodes.join(" "),
-            self.cfg.arity,
+            self.setup.arity,
             self.source.chunks.image().manifest.compressed_size() as f64 / 1048576.0,
             self.source.chunks.image().manifest.chunk_count()
         ));
+        self.first_round.get_or_insert_with(Instant::now);
+        self.event(broadcast::Event::Planned {
+            edges: nodes
+                .iter()
+                .map(|n| (n.clone(), planned.parent.get(n).cloned().flatten()))
+                .collect(),
+        });
         let mut events = Vec::new();
         for (name, plan) in planned.plans {
             let sent = match self.agents.get(&name) {
@@ -739,6 +945,10 @@ impl Driver {
             "{node} now reads from {}",
             parent.unwrap_or("the coordinator")
         ));
+        self.event(broadcast::Event::Reparented {
+            node: node.to_string(),
+            parent: parent.map(str::to_string),
+        });
     }
 
     async fn inbound(&mut self, ib: Inbound) -> Vec<Event> {
@@ -748,42 +958,21 @@ impl Driver {
                 conn,
                 tx,
                 reply,
-            } => match broadcast::check_hello(&hello, &self.tokens, &self.used, false) {
-                Ok(()) => {
-                    let node = hello.node.clone();
-                    self.used.insert(node.clone());
-                    let _ = reply.send(Ok(()));
-                    self.note(format!(
-                        "{node}: agent connected from {} ({})",
-                        conn.remote_address(),
-                        describe_inventory(&hello.inventory)
-                    ));
-                    self.agents.insert(
-                        node.clone(),
-                        Agent {
-                            conn,
-                            tx,
-                            data_port: hello.data_port,
-                        },
-                    );
-                    vec![Event::AgentHello { node }]
-                }
-                Err(e) => {
-                    self.note(format!(
-                        "refused agent {:?} from {}: {e}",
-                        hello.node,
-                        conn.remote_address()
-                    ));
-                    let _ = reply.send(Err(e));
-                    Vec::new()
-                }
-            },
+            } => {
+                // An agent is welcome only while its node waits for one.
+                let waiting = matches!(
+                    self.wf.node_step(&hello.node),
+                    Some((Step::SetDeploymentEnv, false))
+                );
+                self.hello(hello, conn, tx, reply, waiting)
+            }
             Inbound::Msg { node, msg } => {
                 if !self.agents.contains_key(&node) {
                     return Vec::new();
                 }
                 self.agent_message(node, msg).await
             }
+
             Inbound::Lost {
                 node,
                 conn_id,
@@ -801,6 +990,55 @@ impl Driver {
                     node,
                     reason: format!("agent connection lost: {reason}"),
                 }]
+            }
+        }
+    }
+
+    /// An agent's Hello: welcomed (its token checked, once) while its node waits for one.
+    fn hello(
+        &mut self,
+        hello: kd_proto::msg::Hello,
+        conn: quinn::Connection,
+        tx: mpsc::Sender<ToAgent>,
+        reply: tokio::sync::oneshot::Sender<Result<(), kd_proto::msg::WireError>>,
+        waiting: bool,
+    ) -> Vec<Event> {
+        match broadcast::check_hello(&hello, &self.tokens, &self.used, !waiting) {
+            Ok(()) => {
+                let node = hello.node.clone();
+                self.used.insert(node.clone());
+                let _ = reply.send(Ok(()));
+                self.note(format!(
+                    "{node}: agent connected from {} ({})",
+                    conn.remote_address(),
+                    describe_inventory(&hello.inventory)
+                ));
+                self.event(broadcast::Event::Connected {
+                    node: node.clone(),
+                    addr: conn.remote_address(),
+                });
+                self.agents.insert(
+                    node.clone(),
+                    Agent {
+                        conn,
+                        tx,
+                        data_port: hello.data_port,
+                    },
+                );
+                vec![Event::AgentHello { node }]
+            }
+            Err(e) => {
+                self.note(format!(
+                    "refused agent {:?} from {}: {e}",
+                    hello.node,
+                    conn.remote_address()
+                ));
+                self.event(broadcast::Event::Refused {
+                    addr: conn.remote_address(),
+                    reason: e.to_string(),
+                });
+                let _ = reply.send(Err(e));
+                Vec::new()
             }
         }
     }
@@ -824,6 +1062,8 @@ impl Driver {
             }
             ToCoord::Report(r) => {
                 self.progress.insert(node.clone(), r.progress.clone());
+                self.reports
+                    .insert(node.clone(), (r.clone(), Instant::now()));
                 let expected = self.source.chunks.image().manifest.image_hash();
                 let error = match (&r.error, r.image_hash) {
                     (Some(e), _) => Some(e.clone()),
@@ -872,7 +1112,8 @@ impl Driver {
                 Vec::new()
             }
             ToCoord::Progress(p) => {
-                self.progress.insert(node, p);
+                self.progress.insert(node.clone(), p.clone());
+                self.event(broadcast::Event::Progress { node, progress: p });
                 Vec::new()
             }
             ToCoord::Step(s) => {
@@ -883,6 +1124,7 @@ impl Driver {
                         s.step, s.millis
                     )),
                 }
+                self.event(broadcast::Event::Step { node, step: s });
                 Vec::new()
             }
             ToCoord::Hello(_) => Vec::new(),
@@ -1542,7 +1784,15 @@ filesystem: xfs
         let (notes, _notes_rx) = mpsc::unbounded_channel();
         let source = Arc::new(Source::new(ImageFile::open(&kdi).unwrap(), 1));
         let id = CoordIdentity::generate().unwrap();
-        let mut drv = Driver::new(cfg, &id, source, ev_tx, notes, Instant::now()).unwrap();
+        let mut drv = Driver::new(
+            Setup::deploy(cfg),
+            &id,
+            source,
+            ev_tx,
+            notes,
+            Instant::now(),
+        )
+        .unwrap();
         let ev = drv
             .execute(Action::WritePxe {
                 node: "n1".into(),

@@ -437,6 +437,11 @@ pub struct Settings {
     pub reboot_levels: Vec<Level>,
     /// Shape of each broadcast round's tree.
     pub arity: Arity,
+    /// The broadcast alone (`kd-coord broadcast`): agents started by other means say Hello
+    /// (SetDeploymentEnv is only that wait: no PXE profile, no reboot), then Broadcast ends
+    /// each node (no Prepare, Finish or BootNewEnv; the plan's job holds the whole disk work,
+    /// if any). No retries: an agent takes one plan and nothing here can start another.
+    pub broadcast_only: bool,
 }
 
 impl Settings {
@@ -446,6 +451,31 @@ impl Settings {
             policy: cfg.workflow.clone(),
             reboot_levels: cfg.commands.reboot.levels(),
             arity,
+            broadcast_only: false,
+        }
+    }
+
+    /// The broadcast alone (see [`Settings::broadcast_only`]): every agent's Hello within
+    /// `hello` (the round starts when all are in, or then), the transfer within `run`.
+    pub fn broadcast_only(arity: Arity, hello: Duration, run: Duration) -> Self {
+        let secs = |d: Duration| d.as_secs().max(1);
+        let policy = WorkflowConfig {
+            broadcast_wait: secs(hello),
+            set_deployment_env: StepPolicy {
+                timeout: secs(hello),
+                retries: 0,
+            },
+            broadcast: StepPolicy {
+                timeout: secs(run),
+                retries: 0,
+            },
+            ..WorkflowConfig::default()
+        };
+        Settings {
+            policy,
+            reboot_levels: Vec::new(),
+            arity,
+            broadcast_only: true,
         }
     }
 
@@ -925,6 +955,15 @@ impl Deployment {
 
     // ---------------------------------------------------------------- internals
 
+    /// The step after `step` in this deployment's profile.
+    fn next_step(&self, step: Step) -> Option<Step> {
+        match (self.settings.broadcast_only, step) {
+            (true, Step::SetDeploymentEnv) => Some(Step::Broadcast),
+            (true, _) => None,
+            (false, s) => s.next(),
+        }
+    }
+
     fn lookup(&self, node: &str) -> Option<usize> {
         let i = *self.index.get(node)?;
         (self.nodes[i].phase != Phase::Done).then_some(i)
@@ -1054,6 +1093,9 @@ impl Deployment {
         let last = n.reboots.last().copied().unwrap_or(Level::Soft);
         let reason = match (n.phase, step) {
             (Phase::WritingPxe, _) => "the PXE profile was not written in time".to_string(),
+            (Phase::WaitingBoot, Step::SetDeploymentEnv) if self.settings.broadcast_only => {
+                format!("never connected (no Hello within {secs} s)")
+            }
             (Phase::WaitingBoot, Step::SetDeploymentEnv) => {
                 format!("no agent Hello within {secs} s after a {last} reboot")
             }
@@ -1095,6 +1137,11 @@ impl Deployment {
         });
         let timeout = self.settings.policy(step).timeout();
         match step {
+            Step::SetDeploymentEnv if self.settings.broadcast_only => {
+                // Agents are started by other means: wait for the Hello.
+                self.nodes[i].phase = Phase::WaitingBoot;
+                self.set_deadline(i, timeout);
+            }
             Step::SetDeploymentEnv | Step::BootNewEnv => {
                 self.nodes[i].phase = Phase::WritingPxe;
                 let profile = if step == Step::SetDeploymentEnv {
@@ -1268,6 +1315,10 @@ impl Deployment {
         }
         // An agent takes one plan and finishes a disk once; without an agent, nothing is
         // prepared: those retries start the node over from a fresh deploy boot.
+        if self.settings.broadcast_only {
+            self.node_failed(i, reason, out);
+            return;
+        }
         let over = match step {
             Step::Broadcast | Step::Finish => true,
             Step::Prepare => !n.agent,
@@ -1329,10 +1380,11 @@ impl Deployment {
     fn step_ok(&mut self, i: usize, out: &mut Vec<Action>) {
         self.record(i, true);
         let step = self.nodes[i].step;
-        if step == Step::Prepare {
+        let next = self.next_step(step);
+        if next == Some(Step::Broadcast) {
             self.pre_broadcast -= 1;
         }
-        match step.next() {
+        match next {
             Some(next) => self.begin_step(i, next, out),
             None => self.finish_node(i, NodeResult::Deployed, out),
         }

@@ -124,6 +124,7 @@ fn settings(policy: WorkflowConfig) -> Settings {
         policy,
         reboot_levels: Level::ALL.to_vec(),
         arity: Arity::Kary(2),
+        broadcast_only: false,
     }
 }
 
@@ -846,6 +847,90 @@ fn a_lost_relay_s_children_read_from_its_parent_and_relays_reboot_last() {
     // The held time is not counted as a slow reboot.
     let b = |n: &str| out.report(n).step_duration(Step::BootNewEnv).unwrap();
     assert_eq!(b("node1"), secs(111 - 46 + 45));
+}
+
+#[test]
+fn the_broadcast_alone_waits_for_hellos_then_ends_each_node_with_its_report() {
+    // kd-coord broadcast: no PXE, no reboot, no Prepare/Finish/BootNewEnv, no retries.
+    let settings = Settings::broadcast_only(Arity::Chain, secs(10), secs(60));
+    let t0 = Instant::now();
+    let names: Vec<String> = (1..=3).map(|i| format!("n{i}")).collect();
+    let mut d = Deployment::new(names, settings, t0);
+    let a = d.start(t0);
+    assert!(
+        a.iter().all(|a| matches!(
+            a,
+            Action::StepStarted {
+                step: Step::SetDeploymentEnv,
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+    assert_eq!(d.poll_timeout(), Some(t0 + secs(10)));
+    assert!(d
+        .handle(Event::AgentHello { node: "n1".into() }, t0 + secs(1))
+        .iter()
+        .all(|a| !matches!(a, Action::StartBroadcast { .. })));
+    d.handle(Event::AgentHello { node: "n2".into() }, t0 + secs(2));
+    // n3 never says Hello: at 10 s it fails, and the round starts over n1 and n2.
+    let a = d.handle_timeout(t0 + secs(10));
+    assert!(a.iter().any(|a| matches!(a, Action::NodeDone { node, report } if node == "n3"
+        && report.result == NodeResult::Failed { step: Step::SetDeploymentEnv, reason: "never connected (no Hello within 10 s)".into() })), "{a:?}");
+    assert!(
+        a.contains(&Action::StartBroadcast {
+            round: 1,
+            nodes: vec!["n1".into(), "n2".into()],
+            parents: vec![None, Some(0)]
+        }),
+        "{a:?}"
+    );
+    // A late Hello is not for a node that waits any more.
+    assert_eq!(d.node_step("n3"), Some((Step::SetDeploymentEnv, true)));
+    // n2's agent reports an error: no retry, it ends at once; n1's report ends n1 and all.
+    let a = d.handle(
+        Event::StepDone {
+            node: "n2".into(),
+            step: Step::Broadcast,
+            result: Err("broadcast failed: disk full".into()),
+        },
+        t0 + secs(20),
+    );
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::NodeDone { node, .. } if node == "n2")),
+        "{a:?}"
+    );
+    assert!(
+        !a.iter()
+            .any(|a| matches!(a, Action::WritePxe { .. } | Action::RunCommand { .. })),
+        "{a:?}"
+    );
+    let a = d.handle(
+        Event::StepDone {
+            node: "n1".into(),
+            step: Step::Broadcast,
+            result: Ok(()),
+        },
+        t0 + secs(30),
+    );
+    let summary = a
+        .iter()
+        .find_map(|a| match a {
+            Action::Finished { summary } => Some(summary.clone()),
+            _ => None,
+        })
+        .expect("finished");
+    assert_eq!(summary.ok, vec!["n1"]);
+    assert_eq!(summary.ko.len(), 2);
+    assert_eq!(
+        summary.reports[0]
+            .steps
+            .iter()
+            .map(|s| s.step)
+            .collect::<Vec<_>>(),
+        vec![Step::SetDeploymentEnv, Step::Broadcast]
+    );
 }
 
 /// A deployment of `n` nodes driven by hand up to its first broadcast round.
