@@ -1205,7 +1205,7 @@ impl Deployment {
             let held = self
                 .round
                 .as_ref()
-                .is_some_and(|r| r.serving.contains(&i) && relays_for_receiving(r, i));
+                .is_some_and(|r| r.serving.contains(&i) && relays(r).contains(&i));
             if held {
                 // Nodes still receiving read from it: it reboots when none does.
                 self.nodes[i].phase = Phase::HeldReboot;
@@ -1573,13 +1573,13 @@ impl Deployment {
             .filter(|&m| self.nodes[m].phase == Phase::HeldReboot)
             .collect();
         held.sort_unstable();
-        for h in held {
-            let free = self
-                .round
-                .as_ref()
-                .is_none_or(|r| !relays_for_receiving(r, h));
-            if free && self.nodes[h].phase == Phase::HeldReboot {
-                self.reboot_through_agent(h, out);
+        if !held.is_empty() {
+            let needed = relays(r);
+            for h in held {
+                // (Releasing one changes no other's need: it relays for no one receiving.)
+                if !needed.contains(&h) && self.nodes[h].phase == Phase::HeldReboot {
+                    self.reboot_through_agent(h, out);
+                }
             }
         }
         if self.round.as_ref().is_some_and(|r| r.receiving.is_empty()) {
@@ -1751,23 +1751,25 @@ fn is_below(r: &Round, c: usize, node: usize) -> bool {
     false
 }
 
-/// True when a member of the round still receiving reads from `i`, directly or further down.
-fn relays_for_receiving(r: &Round, i: usize) -> bool {
-    r.receiving.iter().any(|&x| {
+/// The members some node still receiving reads from, directly or further down: each walk up
+/// from a receiving node stops at a node already counted, so this is linear in the round.
+fn relays(r: &Round) -> HashSet<usize> {
+    let mut needed = HashSet::new();
+    for &x in &r.receiving {
         let mut cur = r.parent.get(&x).copied().flatten();
         let mut hops = 0;
         while let Some(c) = cur {
-            if c == i {
-                return true;
+            if !needed.insert(c) {
+                break;
             }
             hops += 1;
             if hops > r.parent.len() {
-                return false;
+                break;
             }
             cur = r.parent.get(&c).copied().flatten();
         }
-        false
-    })
+    }
+    needed
 }
 
 /// `t + d`, or an instant about a century later when that does not fit (`Instant + Duration`
