@@ -326,11 +326,12 @@ pub async fn broadcast(
     let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment);
     let refused = route.events.clone();
     let accept = broadcast::spawn_accept(&endpoint, broadcast::Routes::One(route), refused);
-    // The driver's notes go to the log; the events carry the progress.
+    // The events carry the progress (main.rs prints them); the driver's notes say the same in
+    // other words, for the debug log.
     let (notes, mut notes_rx) = mpsc::unbounded_channel::<String>();
     let log = tokio::spawn(async move {
         while let Some(line) = notes_rx.recv().await {
-            tracing::info!("{line}");
+            tracing::debug!("{line}");
         }
     });
     let (_cancel_tx, cancel) = tokio::sync::watch::channel(None);

@@ -437,11 +437,34 @@ pub struct Settings {
     pub reboot_levels: Vec<Level>,
     /// Shape of each broadcast round's tree.
     pub arity: Arity,
+    /// What this run does with its nodes.
+    pub profile: Profile,
+}
+
+/// What a run of the machine does with its nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// A deployment: the five steps.
+    Deploy,
     /// The broadcast alone (`kd-coord broadcast`): agents started by other means say Hello
     /// (SetDeploymentEnv is only that wait: no PXE profile, no reboot), then Broadcast ends
     /// each node (no Prepare, Finish or BootNewEnv; the plan's job holds the whole disk work,
     /// if any). No retries: an agent takes one plan and nothing here can start another.
-    pub broadcast_only: bool,
+    BroadcastOnly,
+    /// A remote operation (`kd-coord reboot`, `power on|off`): BootNewEnv's machinery alone,
+    /// with `op`'s command templates from level `from` up (escalation, window, command
+    /// timeout, `boot_new_env`'s timeout and retries), never through an agent.
+    Operate {
+        /// The command templates run.
+        op: Operation,
+        /// Write the local-disk PXE profile first (`reboot -r recorded_env`).
+        local_profile: bool,
+        /// Then probe the check port until it answers (a reboot); otherwise the node is done
+        /// when a command succeeds (power on/off).
+        check: bool,
+        /// The lowest level tried.
+        from: Level,
+    },
 }
 
 impl Settings {
@@ -451,11 +474,64 @@ impl Settings {
             policy: cfg.workflow.clone(),
             reboot_levels: cfg.commands.reboot.levels(),
             arity,
-            broadcast_only: false,
+            profile: Profile::Deploy,
         }
     }
 
-    /// The broadcast alone (see [`Settings::broadcast_only`]): every agent's Hello within
+    /// A remote operation on a cluster's nodes (see [`Profile::Operate`]); the levels are
+    /// `op`'s templates from `from` up.
+    pub fn operate(
+        cfg: &ClusterConfig,
+        op: Operation,
+        local_profile: bool,
+        check: bool,
+        from: Level,
+    ) -> Self {
+        Settings {
+            policy: cfg.workflow.clone(),
+            reboot_levels: cfg
+                .commands
+                .of(op)
+                .levels()
+                .into_iter()
+                .filter(|l| *l >= from)
+                .collect(),
+            arity: Arity::Chain,
+            profile: Profile::Operate {
+                op,
+                local_profile,
+                check,
+                from,
+            },
+        }
+    }
+
+    /// The commands' name in messages.
+    fn op_name(&self) -> &'static str {
+        match self.operating().map(|(op, _, _)| op) {
+            Some(Operation::PowerOn) => "power on",
+            Some(Operation::PowerOff) => "power off",
+            Some(Operation::Reboot) | None => "reboot",
+        }
+    }
+
+    fn broadcast_only_profile(&self) -> bool {
+        self.profile == Profile::BroadcastOnly
+    }
+
+    fn operating(&self) -> Option<(Operation, bool, bool)> {
+        match self.profile {
+            Profile::Operate {
+                op,
+                local_profile,
+                check,
+                ..
+            } => Some((op, local_profile, check)),
+            _ => None,
+        }
+    }
+
+    /// The broadcast alone (see [`Profile::BroadcastOnly`]): every agent's Hello within
     /// `hello` (the round starts when all are in, or then), the transfer within `run`.
     pub fn broadcast_only(arity: Arity, hello: Duration, run: Duration) -> Self {
         let secs = |d: Duration| d.as_secs().max(1);
@@ -475,7 +551,7 @@ impl Settings {
             policy,
             reboot_levels: Vec::new(),
             arity,
-            broadcast_only: true,
+            profile: Profile::BroadcastOnly,
         }
     }
 
@@ -494,6 +570,7 @@ impl Settings {
     /// BootNewEnv, soft through the agent, then the configured hard and very_hard.
     fn levels(&self, step: Step) -> Vec<Level> {
         match step {
+            Step::BootNewEnv if self.operating().is_some() => self.reboot_levels.clone(),
             Step::BootNewEnv => std::iter::once(Level::Soft)
                 .chain(
                     self.reboot_levels
@@ -596,7 +673,16 @@ struct Round {
     receiving: HashSet<usize>,
     /// Members still serving their children (not failed, lost or rebooted).
     serving: HashSet<usize>,
+    /// Members a child said it lost (maybe dead, maybe frozen): they get no new children.
+    suspect: HashSet<usize>,
+    /// Members that lost their own upstream, until then: their children's silence is theirs
+    /// (starved, not dead), so those children stay where they are.
+    starving: HashMap<usize, Instant>,
 }
+
+/// How long a node that lost its upstream counts as starving: long enough for its new
+/// upstream to feed it again and for its children's stall timers to fire meanwhile.
+const STARVING: Duration = Duration::from_secs(60);
 
 /// One deployment's state machine. See the module documentation.
 #[derive(Debug)]
@@ -691,8 +777,15 @@ impl Deployment {
         self.started_flag = true;
         self.started = now;
         self.now = now;
+        let first = if self.settings.operating().is_some() {
+            // No broadcast in this run.
+            self.pre_broadcast = 0;
+            Step::BootNewEnv
+        } else {
+            Step::SetDeploymentEnv
+        };
         for i in 0..self.nodes.len() {
-            self.begin_step(i, Step::SetDeploymentEnv, &mut out);
+            self.begin_step(i, first, &mut out);
         }
         self.after(&mut out);
         out
@@ -789,7 +882,7 @@ impl Deployment {
                     // already mended.
                     if let Some(current) = current {
                         if parent.is_none() || (lost.is_some() && lost == current) {
-                            self.reattach(i, lost, &mut out);
+                            self.parent_lost(i, lost, &mut out);
                         }
                     }
                 }
@@ -957,10 +1050,10 @@ impl Deployment {
 
     /// The step after `step` in this deployment's profile.
     fn next_step(&self, step: Step) -> Option<Step> {
-        match (self.settings.broadcast_only, step) {
-            (true, Step::SetDeploymentEnv) => Some(Step::Broadcast),
-            (true, _) => None,
-            (false, s) => s.next(),
+        match (self.settings.profile, step) {
+            (Profile::BroadcastOnly, Step::SetDeploymentEnv) => Some(Step::Broadcast),
+            (Profile::BroadcastOnly | Profile::Operate { .. }, _) => None,
+            (Profile::Deploy, s) => s.next(),
         }
     }
 
@@ -1072,7 +1165,10 @@ impl Deployment {
                             self.escalate(
                                 c.node,
                                 level,
-                                format!("{level} reboot command timed out after {secs} s"),
+                                format!(
+                                    "{level} {} command timed out after {secs} s",
+                                    self.settings.op_name()
+                                ),
                                 out,
                             );
                         }
@@ -1093,11 +1189,16 @@ impl Deployment {
         let last = n.reboots.last().copied().unwrap_or(Level::Soft);
         let reason = match (n.phase, step) {
             (Phase::WritingPxe, _) => "the PXE profile was not written in time".to_string(),
-            (Phase::WaitingBoot, Step::SetDeploymentEnv) if self.settings.broadcast_only => {
+            (Phase::WaitingBoot, Step::SetDeploymentEnv)
+                if self.settings.broadcast_only_profile() =>
+            {
                 format!("never connected (no Hello within {secs} s)")
             }
             (Phase::WaitingBoot, Step::SetDeploymentEnv) => {
                 format!("no agent Hello within {secs} s after a {last} reboot")
+            }
+            (Phase::WaitingBoot, _) if self.settings.operating().is_some() => {
+                format!("the node did not answer within {secs} s after a {last} reboot")
             }
             (Phase::WaitingBoot, _) => {
                 format!("the deployed system did not answer within {secs} s after a {last} reboot")
@@ -1137,10 +1238,19 @@ impl Deployment {
         });
         let timeout = self.settings.policy(step).timeout();
         match step {
-            Step::SetDeploymentEnv if self.settings.broadcast_only => {
+            Step::SetDeploymentEnv if self.settings.broadcast_only_profile() => {
                 // Agents are started by other means: wait for the Hello.
                 self.nodes[i].phase = Phase::WaitingBoot;
                 self.set_deadline(i, timeout);
+            }
+            Step::BootNewEnv
+                if self
+                    .settings
+                    .operating()
+                    .is_some_and(|(_, local, _)| !local) =>
+            {
+                // Reboot or power with the PXE profile as it is.
+                self.first_reboot(i, out);
             }
             Step::SetDeploymentEnv | Step::BootNewEnv => {
                 self.nodes[i].phase = Phase::WritingPxe;
@@ -1201,7 +1311,8 @@ impl Deployment {
         n.level_max = Some(n.level_max.map_or(level, |m| m.max(level)));
         n.reboots.push(level);
         let step = n.step;
-        if step == Step::BootNewEnv && level == Level::Soft {
+        let operating = self.settings.operating().is_some();
+        if step == Step::BootNewEnv && level == Level::Soft && !operating {
             let held = self
                 .round
                 .as_ref()
@@ -1240,7 +1351,10 @@ impl Deployment {
             out.push(Action::RunCommand {
                 node: self.nodes[i].name.clone(),
                 id,
-                op: Operation::Reboot,
+                op: self
+                    .settings
+                    .operating()
+                    .map_or(Operation::Reboot, |(op, _, _)| op),
                 level,
             });
         }
@@ -1261,6 +1375,14 @@ impl Deployment {
             return;
         }
         match status.failure() {
+            None if self
+                .settings
+                .operating()
+                .is_some_and(|(_, _, check)| !check) =>
+            {
+                // Power on/off: the command's success is the end.
+                self.step_ok(i, out);
+            }
             None => {
                 self.nodes[i].phase = Phase::WaitingBoot;
                 let step = self.nodes[i].step;
@@ -1270,10 +1392,13 @@ impl Deployment {
                 }
             }
             Some(why) => {
-                let what = if self.nodes[i].step == Step::BootNewEnv && level == Level::Soft {
+                let what = if self.nodes[i].step == Step::BootNewEnv
+                    && level == Level::Soft
+                    && self.settings.operating().is_none()
+                {
                     "reboot through the agent".to_string()
                 } else {
-                    format!("{level} reboot command")
+                    format!("{level} {} command", self.settings.op_name())
                 };
                 self.escalate(i, level, format!("{what} failed: {why}"), out);
             }
@@ -1315,7 +1440,7 @@ impl Deployment {
         }
         // An agent takes one plan and finishes a disk once; without an agent, nothing is
         // prepared: those retries start the node over from a fresh deploy boot.
-        if self.settings.broadcast_only {
+        if self.settings.broadcast_only_profile() {
             self.node_failed(i, reason, out);
             return;
         }
@@ -1481,8 +1606,30 @@ impl Deployment {
         self.round_changed(out);
     }
 
-    /// `node` lost its parent `lost` (`None`: the coordinator).
-    fn reattach(&mut self, node: usize, lost: Option<usize>, out: &mut Vec<Action>) {
+    /// `node`'s agent says it lost its parent `lost` (`None`: the coordinator's stream).
+    /// A parent that is itself starving (it lost its own upstream a moment ago) is not dead:
+    /// the node reconnects to it and the tree keeps its shape. Otherwise the parent is suspect
+    /// (it gets no new children) and the node moves.
+    fn parent_lost(&mut self, node: usize, lost: Option<usize>, out: &mut Vec<Action>) {
+        let now = self.now;
+        let Some(r) = &mut self.round else {
+            return;
+        };
+        r.starving.insert(node, later(now, STARVING));
+        if let Some(p) = lost {
+            let starved = r.starving.get(&p).is_some_and(|until| *until > now)
+                && r.serving.contains(&p)
+                && !r.suspect.contains(&p);
+            if starved {
+                out.push(Action::Reparent {
+                    round: r.id,
+                    node: self.nodes[node].name.clone(),
+                    parent: Some(self.nodes[p].name.clone()),
+                });
+                return;
+            }
+            r.suspect.insert(p);
+        }
         self.reattach_preferring(node, lost, None, out);
     }
 
@@ -1507,7 +1654,11 @@ impl Deployment {
             .fan_out(r.parent.len())
             .saturating_add(1);
         let usable = |c: usize| {
-            r.serving.contains(&c) && Some(c) != lost && c != node && !is_below(r, c, node)
+            r.serving.contains(&c)
+                && !r.suspect.contains(&c)
+                && Some(c) != lost
+                && c != node
+                && !is_below(r, c, node)
         };
         let room = |c: usize| children_of(r, c).len() < cap;
         // The ancestors of `lost` still serving, nearest first.
@@ -1649,6 +1800,8 @@ impl Deployment {
                 .collect(),
             receiving: members.iter().copied().collect(),
             serving: members.iter().copied().collect(),
+            suspect: HashSet::new(),
+            starving: HashMap::new(),
         });
         out.push(Action::StartBroadcast {
             round: self.rounds,

@@ -124,7 +124,7 @@ fn settings(policy: WorkflowConfig) -> Settings {
         policy,
         reboot_levels: Level::ALL.to_vec(),
         arity: Arity::Kary(2),
-        broadcast_only: false,
+        profile: Profile::Deploy,
     }
 }
 
@@ -935,6 +935,144 @@ fn the_broadcast_alone_waits_for_hellos_then_ends_each_node_with_its_report() {
     );
 }
 
+fn op_settings(op: Operation, local_profile: bool, check: bool, from: Level) -> Settings {
+    Settings {
+        reboot_levels: Level::ALL.iter().copied().filter(|l| *l >= from).collect(),
+        profile: Profile::Operate {
+            op,
+            local_profile,
+            check,
+            from,
+        },
+        ..settings(WorkflowConfig::default())
+    }
+}
+
+#[test]
+fn reboot_recorded_env_writes_the_local_profile_reboots_and_waits_for_the_port() {
+    // Through the simulated cluster: the nodes boot what the profile says.
+    let out = SimCluster::new(
+        ok_scripts(2),
+        op_settings(Operation::Reboot, true, true, Level::Soft),
+    )
+    .run(None);
+    assert_eq!(out.summary.ok, vec!["node1", "node2"]);
+    assert_eq!(out.summary.rounds, 0);
+    let kinds: Vec<String> = out
+        .actions
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::WritePxe { node, profile } if node == "node1" => {
+                Some(format!("pxe {profile:?}"))
+            }
+            Action::RunCommand {
+                node, op, level, ..
+            } if node == "node1" => Some(format!("{op:?} {level}")),
+            Action::RebootAgent { .. }
+            | Action::SendPrepare { .. }
+            | Action::StartBroadcast { .. } => Some("agent work".into()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, vec!["pxe LocalDisk", "Reboot soft"]);
+    // 1 s command + 45 s boot; the probes find the port.
+    assert_eq!(out.report("node1").total, secs(46));
+    assert_eq!(out.report("node1").steps.len(), 1);
+}
+
+#[test]
+fn power_off_is_done_when_a_command_succeeds_and_escalates_when_one_fails() {
+    let t0 = Instant::now();
+    let mut d = Deployment::new(
+        vec!["a".into(), "b".into()],
+        op_settings(Operation::PowerOff, false, false, Level::Hard),
+        t0,
+    );
+    let a = d.start(t0);
+    // No PXE profile, no agent: the hard power-off command of each node at once.
+    let cmds: Vec<(String, Operation, Level)> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::RunCommand {
+                node, op, level, ..
+            } => Some((node.clone(), *op, *level)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        cmds,
+        vec![
+            ("a".into(), Operation::PowerOff, Level::Hard),
+            ("b".into(), Operation::PowerOff, Level::Hard)
+        ]
+    );
+    assert!(!a.iter().any(|a| matches!(a, Action::WritePxe { .. })));
+    let a = d.handle(
+        Event::CommandDone {
+            node: "a".into(),
+            id: CommandId(1),
+            status: CommandStatus::Exited(0),
+        },
+        t0 + secs(1),
+    );
+    assert!(
+        a.iter().any(
+            |a| matches!(a, Action::NodeDone { node, report } if node == "a" && report.is_ok())
+        ),
+        "{a:?}"
+    );
+    assert!(!a.iter().any(|a| matches!(a, Action::ProbePort { .. })));
+    // b's command fails: very_hard next, then it fails for good with the reason.
+    let a = d.handle(
+        Event::CommandDone {
+            node: "b".into(),
+            id: CommandId(2),
+            status: CommandStatus::Exited(3),
+        },
+        t0 + secs(1),
+    );
+    assert!(a.iter().any(|a| matches!(a, Action::RunCommand { node, op: Operation::PowerOff, level: Level::VeryHard, .. } if node == "b")), "{a:?}");
+    let mut a = d.handle(
+        Event::CommandDone {
+            node: "b".into(),
+            id: CommandId(3),
+            status: CommandStatus::Exited(3),
+        },
+        t0 + secs(2),
+    );
+    // boot_new_env's retries: the attempt starts again at the highest level.
+    for id in 4.. {
+        if d.is_finished() {
+            break;
+        }
+        assert!(id < 10, "{a:?}");
+        a = d.handle(
+            Event::CommandDone {
+                node: "b".into(),
+                id: CommandId(id),
+                status: CommandStatus::Exited(3),
+            },
+            t0 + secs(id),
+        );
+    }
+    let summary = a
+        .iter()
+        .find_map(|a| match a {
+            Action::Finished { summary } => Some(summary.clone()),
+            _ => None,
+        })
+        .expect("finished");
+    assert_eq!(summary.ok, vec!["a"]);
+    assert_eq!(
+        summary.ko,
+        vec![(
+            "b".to_string(),
+            Step::BootNewEnv,
+            "very_hard power off command failed: exit status 3".to_string()
+        )]
+    );
+}
+
 /// A deployment of `n` nodes driven by hand up to its first broadcast round.
 fn in_round(n: usize, arity: Arity) -> (Deployment, Instant) {
     let mut settings = settings(WorkflowConfig::default());
@@ -1071,6 +1209,87 @@ fn a_dead_relay_s_first_child_takes_its_place_and_the_tree_keeps_its_shape() {
             );
         }
     }
+}
+
+#[test]
+fn a_starved_node_is_not_dead_its_children_stay_and_a_suspect_gets_no_children() {
+    // Chain n1 -> n2 -> n3 -> n4 -> n5; n2 freezes (no word from its control connection).
+    let (mut d, t0) = in_round(5, Arity::Chain);
+    // n3 stalls first: it moves to n1, and n2 is suspect.
+    let a = d.handle(
+        Event::ParentLost {
+            node: "n3".into(),
+            parent: Some("n2".into()),
+        },
+        t0 + secs(30),
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reparent {
+            round: 1,
+            node: "n3".into(),
+            parent: Some("n1".into())
+        }]
+    );
+    // n4 stalls next, starved by n3: it stays with n3 (reconnects), the chain keeps its shape.
+    let a = d.handle(
+        Event::ParentLost {
+            node: "n4".into(),
+            parent: Some("n3".into()),
+        },
+        t0 + secs(31),
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reparent {
+            round: 1,
+            node: "n4".into(),
+            parent: Some("n3".into())
+        }]
+    );
+    assert_eq!(
+        d.round_parents(),
+        vec![
+            ("n1", None),
+            ("n2", Some("n1")),
+            ("n3", Some("n1")),
+            ("n4", Some("n3")),
+            ("n5", Some("n4"))
+        ]
+    );
+    // Much later n4 says n3 is silent again: n3 is not starving any more, so it is suspect
+    // and n4 moves: never under the suspect n2 (which has room), and n1 is full (n2, n3): to
+    // the coordinator.
+    let a = d.handle(
+        Event::ParentLost {
+            node: "n4".into(),
+            parent: Some("n3".into()),
+        },
+        t0 + secs(200),
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reparent {
+            round: 1,
+            node: "n4".into(),
+            parent: None
+        }]
+    );
+    let a = d.handle(
+        Event::ParentLost {
+            node: "n5".into(),
+            parent: Some("n4".into()),
+        },
+        t0 + secs(201),
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reparent {
+            round: 1,
+            node: "n5".into(),
+            parent: Some("n4".into())
+        }]
+    );
 }
 
 #[test]
