@@ -83,7 +83,32 @@ const MIGRATIONS: &[&str] = &[
          line TEXT NOT NULL,
          PRIMARY KEY (deployment, seq)
      );",
+    // 4: remote operations (reboot, power) are jobs of the same table.
+    "ALTER TABLE deployments ADD COLUMN kind TEXT NOT NULL DEFAULT 'deploy';",
 ];
+
+/// What a job of the `deployments` table does.
+pub mod kind {
+    /// A deployment.
+    pub const DEPLOY: &str = "deploy";
+    /// `kd-coord reboot`.
+    pub const REBOOT: &str = "reboot";
+    /// `kd-coord power on`.
+    pub const POWER_ON: &str = "power_on";
+    /// `kd-coord power off`.
+    pub const POWER_OFF: &str = "power_off";
+
+    /// The node states a job of this kind leaves: (while it runs, on success, on failure).
+    pub fn states(kind: &str) -> (&'static str, &'static str, &'static str) {
+        use super::state::*;
+        match kind {
+            REBOOT => (REBOOTING, DEPLOYED, UNKNOWN),
+            POWER_ON => (REBOOTING, POWERED_ON, UNKNOWN),
+            POWER_OFF => (REBOOTING, POWERED_OFF, UNKNOWN),
+            _ => (DEPLOYING, DEPLOYED, DEPLOY_FAILED),
+        }
+    }
+}
 
 /// A node's state.
 pub mod state {
@@ -97,6 +122,8 @@ pub mod state {
     pub const REBOOTING: &str = "rebooting";
     /// Powered off by an operator.
     pub const POWERED_OFF: &str = "powered_off";
+    /// Powered on by an operator (what it runs is not known).
+    pub const POWERED_ON: &str = "powered_on";
     /// Never deployed by this daemon.
     pub const UNKNOWN: &str = "unknown";
 }
@@ -125,9 +152,11 @@ pub struct NodeRow {
 pub struct DeploymentRow {
     /// Identifier.
     pub id: i64,
+    /// What it does: `deploy`, `reboot`, `power_on`, `power_off` (see [`kind`]).
+    pub kind: String,
     /// Who asked.
     pub user: String,
-    /// Environment, `name:version`.
+    /// Environment, `name:version` (for an operation: what it does, `reboot:recorded_env`).
     pub environment: String,
     /// Node set (folded).
     pub nodes: String,
@@ -222,10 +251,12 @@ pub struct NewDeployment<'a> {
     pub user: &'a str,
     /// Their uid.
     pub uid: u32,
-    /// Environment, `name:version`.
+    /// Environment, `name:version` (for an operation: what it does).
     pub environment: &'a str,
     /// Nodes.
     pub nodes: &'a [String],
+    /// What it does (see [`kind`]).
+    pub kind: &'a str,
 }
 
 /// Counters for `/stats` and `/metrics`.
@@ -441,28 +472,40 @@ impl Db {
         }
         let t = now();
         tx.execute(
-            "INSERT INTO deployments (user, uid, environment, nodes, node_count, state, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
+            "INSERT INTO deployments (user, uid, environment, nodes, node_count, state, created,
+                                      kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7)",
             params![
                 d.user,
                 d.uid,
                 d.environment,
                 kd_proto::nodeset::fold(d.nodes),
                 d.nodes.len() as i64,
-                t
+                t,
+                d.kind
             ],
         )?;
         let id = tx.last_insert_rowid();
         {
-            let mut take = tx.prepare(
-                "UPDATE nodes SET locked_by = ?2, deployment = ?2, state = 'deploying',
-                 environment = ?3, user = ?4, updated = ?5 WHERE name = ?1",
-            )?;
+            // A deployment makes the node its environment's and its user's; an operation
+            // only holds it (its last deployment, environment and user stay).
+            let (running, _, _) = kind::states(d.kind);
+            let mut take = if d.kind == kind::DEPLOY {
+                tx.prepare(
+                    "UPDATE nodes SET locked_by = ?2, deployment = ?2, state = ?6,
+                     environment = ?3, user = ?4, updated = ?5 WHERE name = ?1",
+                )?
+            } else {
+                tx.prepare(
+                    "UPDATE nodes SET locked_by = ?2, state = ?6, updated = ?5
+                     WHERE name = ?1 AND ?3 IS NOT NULL AND ?4 IS NOT NULL",
+                )?
+            };
             let mut row = tx.prepare(
                 "INSERT INTO deployment_nodes (deployment, node, steps) VALUES (?1, ?2, '[]')",
             )?;
             for n in d.nodes {
-                if take.execute(params![n, id, d.environment, d.user, t])? != 1 {
+                if take.execute(params![n, id, d.environment, d.user, t, running])? != 1 {
                     bail!("unknown node {n}");
                 }
                 row.execute(params![id, n])?;
@@ -499,10 +542,15 @@ impl Db {
                 steps.to_string()
             ],
         )?;
+        let job_kind: String =
+            tx.query_row("SELECT kind FROM deployments WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })?;
+        let (_, ok_state, ko_state) = kind::states(&job_kind);
         let st = if failure.is_none() {
-            state::DEPLOYED
+            ok_state
         } else {
-            state::DEPLOY_FAILED
+            ko_state
         };
         tx.execute(
             "UPDATE nodes SET state = ?3, locked_by = NULL, updated = ?4
@@ -542,10 +590,17 @@ impl Db {
              WHERE deployment = ?1 AND result = 'running'",
             params![id, why],
         )?;
+        let job_kind: String = tx
+            .query_row("SELECT kind FROM deployments WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or_else(|| kind::DEPLOY.to_string());
+        let (_, _, ko_state) = kind::states(&job_kind);
         tx.execute(
-            "UPDATE nodes SET state = 'deploy_failed', locked_by = NULL, updated = ?2
+            "UPDATE nodes SET state = ?3, locked_by = NULL, updated = ?2
              WHERE locked_by = ?1",
-            params![id, now()],
+            params![id, now(), ko_state],
         )?;
         tx.execute(
             "UPDATE deployments SET state = ?2, reason = ?3, finished = ?4, ko = ko + ?5
@@ -586,7 +641,7 @@ impl Db {
         // Plain conditions (no `?1 IS NULL OR ...`): SQLite then uses the (user, id) index.
         let mut sql = String::from(
             "SELECT id, user, environment, nodes, node_count, state, reason, created, finished,
-                    ok, ko
+                    ok, ko, kind
              FROM deployments WHERE 1",
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
@@ -613,7 +668,7 @@ impl Db {
             .conn
             .query_row(
                 "SELECT id, user, environment, nodes, node_count, state, reason, created,
-                        finished, ok, ko
+                        finished, ok, ko, kind
                  FROM deployments WHERE id = ?1",
                 [id],
                 row_to_deployment,
@@ -898,6 +953,7 @@ fn row_to_env(r: &rusqlite::Row<'_>) -> rusqlite::Result<EnvRow> {
 fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
     Ok(DeploymentRow {
         id: r.get(0)?,
+        kind: r.get(11)?,
         user: r.get(1)?,
         environment: r.get(2)?,
         nodes: r.get(3)?,
@@ -931,7 +987,79 @@ mod tests {
             uid: 1000,
             environment: "debian12:1",
             nodes,
+            kind: kind::DEPLOY,
         }
+    }
+
+    #[test]
+    fn operations_hold_nodes_without_taking_their_environment_and_leave_their_own_states() {
+        let mut db = db();
+        let n = names("node[1-2]");
+        let dep = db.create_deployment(&new("alice", &n)).unwrap().unwrap();
+        db.finish_node(dep, "node1", None, 1.0, &serde_json::json!([]))
+            .unwrap();
+        db.finish_node(dep, "node2", None, 1.0, &serde_json::json!([]))
+            .unwrap();
+        db.finish_deployment(dep, "done", None).unwrap();
+        let op = NewDeployment {
+            user: "bob",
+            uid: 1001,
+            environment: "reboot:recorded_env",
+            nodes: &n,
+            kind: kind::REBOOT,
+        };
+        let id = db.create_deployment(&op).unwrap().unwrap();
+        let node = |db: &Db, name: &str| {
+            db.nodes()
+                .unwrap()
+                .into_iter()
+                .find(|r| r.name == name)
+                .unwrap()
+        };
+        let r = node(&db, "node1");
+        assert_eq!(
+            (
+                r.state.as_str(),
+                r.environment.as_deref(),
+                r.user.as_deref(),
+                r.deployment
+            ),
+            ("rebooting", Some("debian12:1"), Some("alice"), Some(dep))
+        );
+        // Busy for anyone else meanwhile.
+        let busy = db
+            .create_deployment(&new("carol", &names("node2")))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!((busy[0].deployment, busy[0].user.as_str()), (id, "bob"));
+        db.finish_node(id, "node1", None, 2.0, &serde_json::json!([]))
+            .unwrap();
+        db.finish_node(
+            id,
+            "node2",
+            Some(("BootNewEnv", "no answer")),
+            2.0,
+            &serde_json::json!([]),
+        )
+        .unwrap();
+        assert_eq!(node(&db, "node1").state, "deployed");
+        assert_eq!(node(&db, "node2").state, "unknown");
+        let (row, _) = db.deployment(id).unwrap().unwrap();
+        assert_eq!((row.kind.as_str(), row.ok, row.ko), ("reboot", 1, 1));
+        // A power-off that ends with a node still held: that node's state is unknown.
+        let off = NewDeployment {
+            kind: kind::POWER_OFF,
+            environment: "power_off",
+            ..op
+        };
+        let id = db.create_deployment(&off).unwrap().unwrap();
+        db.finish_node(id, "node1", None, 1.0, &serde_json::json!([]))
+            .unwrap();
+        db.finish_deployment(id, "cancelled", Some("operator"))
+            .unwrap();
+        assert_eq!(node(&db, "node1").state, "powered_off");
+        assert_eq!(node(&db, "node2").state, "unknown");
+        assert_eq!(node(&db, "node1").deployment, Some(dep));
     }
 
     #[test]

@@ -116,7 +116,8 @@ struct Driver {
     wf: Deployment,
     pin_hex: String,
     ca: DeploymentCa,
-    source: Arc<Source>,
+    /// The image served (none for a remote operation).
+    source: Option<Arc<Source>>,
     tokens: HashMap<String, String>,
     used: HashSet<String>,
     agents: HashMap<String, Agent>,
@@ -262,9 +263,16 @@ pub async fn run(
         updates: None,
         cancel,
     };
-    let summary = drive(Setup::deploy(cfg), identity, source, in_rx, bev_rx, hooks)
-        .await
-        .map(|d| d.summary);
+    let summary = drive(
+        Setup::deploy(cfg),
+        identity,
+        Some(source),
+        in_rx,
+        bev_rx,
+        hooks,
+    )
+    .await
+    .map(|d| d.summary);
     interrupt.abort();
     endpoint.close(kd_net::close::DONE.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
@@ -287,9 +295,16 @@ pub async fn run_shared(
     let nodes = cfg.nodes.clone();
     shared.table.register(&nodes, &route);
     drop(route);
-    let summary = drive(Setup::deploy(cfg), identity, source, in_rx, bev_rx, hooks)
-        .await
-        .map(|d| d.summary);
+    let summary = drive(
+        Setup::deploy(cfg),
+        identity,
+        Some(source),
+        in_rx,
+        bev_rx,
+        hooks,
+    )
+    .await
+    .map(|d| d.summary);
     shared.table.unregister(&nodes);
     summary
 }
@@ -350,12 +365,70 @@ pub async fn broadcast(
         updates: None,
         cancel,
     };
-    let driven = drive(setup, identity, source.clone(), in_rx, bev_rx, hooks).await;
+    let driven = drive(setup, identity, Some(source.clone()), in_rx, bev_rx, hooks).await;
     endpoint.close(kd_net::close::DONE.into(), b"done");
     accept.abort();
     log.abort();
     let driven = driven?;
     Ok(outcome(&cfg.nodes, &driven, &source))
+}
+
+/// A remote operation on a cluster's nodes (`kd-coord reboot`, `kd-coord power on|off`).
+#[derive(Debug, Clone)]
+pub struct OperateConfig {
+    /// The cluster (command templates, PXE profiles, check port, timeouts).
+    pub cluster: ClusterConfig,
+    /// The nodes, all in `cluster`.
+    pub nodes: Vec<String>,
+    /// Which templates.
+    pub op: Operation,
+    /// Write each node's local-disk PXE profile first (`reboot -r recorded_env`).
+    pub local_profile: bool,
+    /// Wait for the check port after the command (a reboot).
+    pub check: bool,
+    /// The lowest level tried (then up, on failure or timeout).
+    pub from: Level,
+}
+
+/// Runs a remote operation with the one driver and the workflow's Operate profile: the
+/// cluster's command templates with deploy's escalation, reboot window, command timeout and
+/// `boot_new_env` timeout and retries; no agent, no QUIC endpoint.
+pub async fn operate(
+    cfg: OperateConfig,
+    identity: &CoordIdentity,
+    hooks: Hooks,
+) -> Result<Summary> {
+    if cfg.cluster.commands.of(cfg.op).levels().is_empty() {
+        anyhow::bail!(
+            "the cluster has no {} command: add commands.{} to its configuration",
+            match cfg.op {
+                Operation::Reboot => "reboot",
+                Operation::PowerOn => "power on",
+                Operation::PowerOff => "power off",
+            },
+            match cfg.op {
+                Operation::Reboot => "reboot",
+                Operation::PowerOn => "power_on",
+                Operation::PowerOff => "power_off",
+            }
+        );
+    }
+    let setup = Setup {
+        settings: Settings::operate(&cfg.cluster, cfg.op, cfg.local_profile, cfg.check, cfg.from),
+        nodes: cfg.nodes,
+        deployment: 0,
+        arity: Arity::Chain,
+        job: Job::LocalSink,
+        cluster: Some(cfg.cluster),
+        tokens: None,
+        events: None,
+    };
+    // No agent ever connects: the inbound side stays open and silent.
+    let (_in_tx, in_rx) = mpsc::channel::<Inbound>(1);
+    let (_bev_tx, bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
+    drive(setup, identity, None, in_rx, bev_rx, hooks)
+        .await
+        .map(|d| d.summary)
 }
 
 /// `kd-coord broadcast`'s result from what the driver left.
@@ -434,7 +507,7 @@ fn set_listen_addr(cfg: &mut DeployConfig, local: SocketAddr) {
 async fn drive(
     setup: Setup,
     identity: &CoordIdentity,
-    source: Arc<Source>,
+    source: Option<Arc<Source>>,
     mut in_rx: mpsc::Receiver<Inbound>,
     mut bev_rx: mpsc::UnboundedReceiver<broadcast::Event>,
     hooks: Hooks,
@@ -529,7 +602,7 @@ impl Driver {
     fn new(
         setup: Setup,
         identity: &CoordIdentity,
-        source: Arc<Source>,
+        source: Option<Arc<Source>>,
         ev_tx: mpsc::UnboundedSender<Event>,
         notes: mpsc::UnboundedSender<String>,
         now: Instant,
@@ -582,8 +655,8 @@ impl Driver {
             .collect();
         if let Some(r) = &self.round {
             let receiving = self.wf.receiving();
-            if !receiving.is_empty() {
-                let total = self.source.chunks.image().manifest.chunk_count();
+            if let (false, Some(source)) = (receiving.is_empty(), &self.source) {
+                let total = source.chunks.image().manifest.chunk_count();
                 let min = receiving
                     .iter()
                     .map(|n| self.progress.get(*n).map(|p| p.chunks).unwrap_or(0))
@@ -859,6 +932,15 @@ impl Driver {
         nodes: Vec<String>,
         parents: Vec<Option<usize>>,
     ) -> Vec<Event> {
+        let Some(source) = self.source.clone() else {
+            return nodes
+                .into_iter()
+                .map(|node| Event::NodeFailed {
+                    node,
+                    reason: "no image to broadcast".into(),
+                })
+                .collect();
+        };
         let agents = &self.agents;
         let planned = broadcast::plan_round(
             &nodes,
@@ -870,7 +952,7 @@ impl Driver {
                     .map(|a| SocketAddr::new(a.conn.remote_address().ip(), a.data_port))
             },
             self.setup.deployment,
-            &self.source.chunks.image().manifest,
+            &source.chunks.image().manifest,
             &self.setup.job,
         );
         let planned = match planned {
@@ -889,8 +971,8 @@ impl Driver {
             "broadcast round {number} started: {} ({}, {:.1} MiB in {} chunks)",
             nodes.join(" "),
             self.setup.arity,
-            self.source.chunks.image().manifest.compressed_size() as f64 / 1048576.0,
-            self.source.chunks.image().manifest.chunk_count()
+            source.chunks.image().manifest.compressed_size() as f64 / 1048576.0,
+            source.chunks.image().manifest.chunk_count()
         ));
         self.first_round.get_or_insert_with(Instant::now);
         self.event(broadcast::Event::Planned {
@@ -1065,10 +1147,13 @@ impl Driver {
                 self.progress.insert(node.clone(), r.progress.clone());
                 self.reports
                     .insert(node.clone(), (r.clone(), Instant::now()));
-                let expected = self.source.chunks.image().manifest.image_hash();
+                let expected = self
+                    .source
+                    .as_ref()
+                    .map(|s| s.chunks.image().manifest.image_hash());
                 let error = match (&r.error, r.image_hash) {
                     (Some(e), _) => Some(e.clone()),
-                    (None, Some(h)) if h == expected => None,
+                    (None, Some(h)) if Some(h) == expected => None,
                     (None, _) => Some("the agent reported a different image hash".into()),
                 };
                 let result = match error {
@@ -1094,7 +1179,7 @@ impl Driver {
             } => {
                 tracing::info!(%node, ?lost, next_chunk, %reason, "parent lost");
                 // The coordinator cannot serve a chunk: no node can complete the image.
-                if let Some(e) = self.source.chunks.failure() {
+                if let Some(e) = self.source.as_ref().and_then(|s| s.chunks.failure()) {
                     return vec![Event::NodeFailed {
                         node,
                         reason: format!(
@@ -1788,7 +1873,7 @@ filesystem: xfs
         let mut drv = Driver::new(
             Setup::deploy(cfg),
             &id,
-            source,
+            Some(source),
             ev_tx,
             notes,
             Instant::now(),

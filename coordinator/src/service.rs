@@ -835,6 +835,7 @@ async fn create_deployment(
             uid: p.uid,
             environment: &env_name,
             nodes: &nodes,
+            kind: db::kind::DEPLOY,
         })? {
             Ok(id) => id,
             Err(busy) => return Err(busy_error(busy)),
