@@ -798,6 +798,14 @@ impl ClusterConfig {
             .map(|t| render_template(t, node, &self.cluster))
     }
 
+    /// The power status command of `node`, rendered; `None` when the cluster has none.
+    pub fn power_status_command(&self, node: &NodeConfig) -> Option<String> {
+        self.commands
+            .power_status
+            .as_ref()
+            .map(|t| render_template(t, node, &self.cluster))
+    }
+
     /// The directory profiles and boot files are served from: `http_root` when iPXE loads over
     /// HTTP, `tftp_root` otherwise.
     pub fn served_root(&self) -> &Path {

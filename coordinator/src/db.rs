@@ -759,14 +759,15 @@ impl Db {
         Ok(rows)
     }
 
-    /// The nodes of `nodes` that `user` may not deploy on `partition`.
+    /// The nodes of `nodes` that `user` may not deploy on `partition` (`""`: on any partition,
+    /// what a reboot or a power command needs).
     pub fn denied(&self, user: &str, nodes: &[String], partition: &str) -> Result<Vec<String>> {
         let rights = self.rights(Some(user))?;
         let mut sets: Vec<std::collections::HashSet<String>> = Vec::new();
         let mut all = false;
         for r in rights
             .iter()
-            .filter(|r| r.partition == "*" || r.partition == partition)
+            .filter(|r| partition.is_empty() || r.partition == "*" || r.partition == partition)
         {
             if r.nodes == "*" {
                 all = true;

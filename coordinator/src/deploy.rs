@@ -1576,6 +1576,15 @@ pub fn image_for(
 
 /// Runs `cmd` with `sh -c`, killed after `limit`. A non-zero exit carries the end of its output.
 async fn run_shell(cmd: &str, limit: Duration) -> CommandStatus {
+    match run_shell_output(cmd, limit).await {
+        Ok(_) => CommandStatus::Exited(0),
+        Err(e) => CommandStatus::Failed(e),
+    }
+}
+
+/// Runs `cmd` with `sh -c`, killed after `limit`: its standard output when it exits 0,
+/// otherwise why not (exit status or signal, and the tail of what it said).
+pub(crate) async fn run_shell_output(cmd: &str, limit: Duration) -> Result<String, String> {
     let child = tokio::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
@@ -1586,13 +1595,13 @@ async fn run_shell(cmd: &str, limit: Duration) -> CommandStatus {
         .spawn();
     let child = match child {
         Ok(c) => c,
-        Err(e) => return CommandStatus::Failed(format!("cannot run {cmd:?}: {e}")),
+        Err(e) => return Err(format!("cannot run {cmd:?}: {e}")),
     };
     match tokio::time::timeout(limit, child.wait_with_output()).await {
-        Err(_) => CommandStatus::Failed(format!("killed after {} s", limit.as_secs())),
-        Ok(Err(e)) => CommandStatus::Failed(format!("{cmd:?}: {e}")),
+        Err(_) => Err(format!("killed after {} s", limit.as_secs())),
+        Ok(Err(e)) => Err(format!("{cmd:?}: {e}")),
         Ok(Ok(out)) => match out.status.code() {
-            Some(0) => CommandStatus::Exited(0),
+            Some(0) => Ok(String::from_utf8_lossy(&out.stdout).to_string()),
             code => {
                 let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
                 if text.is_empty() {
@@ -1607,8 +1616,8 @@ async fn run_shell(cmd: &str, limit: Duration) -> CommandStatus {
                     .rev()
                     .collect();
                 match code {
-                    Some(c) => CommandStatus::Failed(format!("exit status {c}: {tail}")),
-                    None => CommandStatus::Failed(format!("killed by a signal: {tail}")),
+                    Some(c) => Err(format!("exit status {c}: {tail}")),
+                    None => Err(format!("killed by a signal: {tail}")),
                 }
             }
         },

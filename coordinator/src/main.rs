@@ -37,6 +37,13 @@ enum Cmd {
     /// Deploy an environment on nodes: PXE, reboot, prepare, broadcast, finish, boot, check
     /// (through the daemon; --standalone runs it in this process).
     Deploy(DeployCli),
+    /// Reboot nodes through the cluster's commands (soft, then hard, then very_hard), then wait
+    /// until they answer on the check port (through the daemon).
+    Reboot(RebootCli),
+    /// Power nodes on or off through the cluster's commands, or print their power status
+    /// (through the daemon).
+    #[command(subcommand)]
+    Power(PowerCli),
     /// Run the daemon: database, API on STATE/kd.sock, every deployment.
     Serve,
     /// List the nodes and their state.
@@ -69,6 +76,78 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Nodes named by `-m SET` or `-f FILE`.
+#[derive(clap::Args)]
+struct Targets {
+    /// Nodes, in node-set syntax (node[1-8,10]).
+    #[arg(
+        short = 'm',
+        long = "machines",
+        required_unless_present = "node_file",
+        conflicts_with = "node_file"
+    )]
+    nodes: Option<String>,
+    /// Nodes from a file, one per line (or node sets; `-` for stdin).
+    #[arg(short = 'f', long = "file")]
+    node_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RebootCli {
+    #[command(flatten)]
+    targets: Targets,
+    /// simple: reboot them as they are; recorded_env: boot the environment on their disk
+    /// (their PXE profile boots the local disk first).
+    #[arg(short = 'r', long = "reboot-kind", default_value = "simple", value_parser = ["simple", "recorded_env", "deploy_env"])]
+    kind: String,
+    /// Lowest level tried (then the next ones on failure or timeout).
+    #[arg(short = 'l', long = "level", default_value = "soft", value_parser = ["soft", "hard", "very_hard"])]
+    level: String,
+    /// Write the nodes that answered here (one per line).
+    #[arg(short = 'o', long = "output-ok-nodes")]
+    ok_file: Option<PathBuf>,
+    /// Write the nodes that did not here (one per line).
+    #[arg(short = 'n', long = "output-ko-nodes")]
+    ko_file: Option<PathBuf>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum PowerCli {
+    /// Power nodes on (the cluster's power_on commands, soft then up).
+    On(PowerArgs),
+    /// Power nodes off (the cluster's power_off commands, soft then up).
+    Off(PowerArgs),
+    /// Print each node's power status (the cluster's power_status command).
+    Status {
+        #[command(flatten)]
+        targets: Targets,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct PowerArgs {
+    #[command(flatten)]
+    targets: Targets,
+    /// Lowest level tried.
+    #[arg(short = 'l', long = "level", default_value = "soft", value_parser = ["soft", "hard", "very_hard"])]
+    level: String,
+    /// Write the nodes done here (one per line).
+    #[arg(short = 'o', long = "output-ok-nodes")]
+    ok_file: Option<PathBuf>,
+    /// Write the nodes that failed here (one per line).
+    #[arg(short = 'n', long = "output-ko-nodes")]
+    ko_file: Option<PathBuf>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -308,6 +387,31 @@ fn run(cli: Cli) -> Result<i32> {
             };
             remote::run_client(async { remote::deploy(&c, opts).await })
         }
+        Cmd::Reboot(a) => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            let opts = remote::OpOpts {
+                op: "reboot",
+                kind: Some(a.kind),
+                level: a.level,
+                nodes: target_nodes(a.targets.nodes.as_deref(), a.targets.node_file.as_deref())?,
+                ok_file: a.ok_file,
+                ko_file: a.ko_file,
+                json: a.json,
+            };
+            remote::run_client(async { remote::operate(&c, opts).await })
+        }
+        Cmd::Power(cmd) => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            match cmd {
+                PowerCli::Status { targets, json } => {
+                    let nodes =
+                        target_nodes(targets.nodes.as_deref(), targets.node_file.as_deref())?;
+                    remote::run_client(async { remote::power_status(&c, &nodes, json).await })
+                }
+                PowerCli::On(a) => power_op(&c, "power_on", a),
+                PowerCli::Off(a) => power_op(&c, "power_off", a),
+            }
+        }
         Cmd::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -505,6 +609,20 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
         );
     }
     Ok(if outcome.all_ok() { 0 } else { 1 })
+}
+
+/// `kd-coord power on|off`.
+fn power_op(c: &kd_coord::client::Client, op: &'static str, a: PowerArgs) -> Result<i32> {
+    let opts = remote::OpOpts {
+        op,
+        kind: None,
+        level: a.level,
+        nodes: target_nodes(a.targets.nodes.as_deref(), a.targets.node_file.as_deref())?,
+        ok_file: a.ok_file,
+        ko_file: a.ko_file,
+        json: a.json,
+    };
+    remote::run_client(async { remote::operate(c, opts).await })
 }
 
 /// The node set `-m SET` or `-f FILE` names, folded (`-` reads stdin).

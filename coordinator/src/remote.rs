@@ -695,6 +695,134 @@ pub(crate) async fn deploy(c: &Client, o: DeployOpts) -> Result<i32> {
     Ok(exit_for(&end))
 }
 
+/// What `reboot` and `power on|off` send to the daemon.
+pub(crate) struct OpOpts {
+    pub(crate) op: &'static str,
+    pub(crate) kind: Option<String>,
+    pub(crate) level: String,
+    pub(crate) nodes: String,
+    pub(crate) ok_file: Option<PathBuf>,
+    pub(crate) ko_file: Option<PathBuf>,
+    pub(crate) json: bool,
+}
+
+/// `kd-coord reboot` and `kd-coord power on|off`: a job of the daemon, followed to its end.
+pub(crate) async fn operate(c: &Client, o: OpOpts) -> Result<i32> {
+    let t0 = Instant::now();
+    let req = serde_json::json!({
+        "op": o.op,
+        "kind": o.kind,
+        "level": o.level,
+        "nodes": o.nodes,
+    });
+    let created = c
+        .call(Method::POST, "/api/v1/operations", Some(&req))
+        .await?;
+    let id = created["id"]
+        .as_i64()
+        .context("the daemon answered without a job id")?;
+    eprintln!(
+        "kd-coord: job {id}: {} of {} ({} node(s)); Ctrl-C cancels it",
+        s(&created["environment"]).replace(':', " "),
+        s(&created["nodes"]),
+        s(&created["node_count"])
+    );
+    let end = follow(c, id, Some(t0)).await?;
+    let names = |want_ok: bool| -> Vec<String> {
+        end["node_results"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|n| (n["result"] == "ok") == want_ok)
+                    .map(|n| s(&n["node"]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (ok, ko) = (names(true), names(false));
+    for (path, list) in [(&o.ok_file, &ok), (&o.ko_file, &ko)] {
+        if let Some(p) = path {
+            let mut text = list.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            std::fs::write(p, text).with_context(|| format!("write {}", p.display()))?;
+        }
+    }
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&end)?);
+    } else {
+        let mut rows = vec![["node", "result", "secs", "levels", "reason"]
+            .map(String::from)
+            .to_vec()];
+        for n in end["node_results"].as_array().cloned().unwrap_or_default() {
+            let levels: Vec<String> = n["steps"]
+                .as_array()
+                .map(|st| {
+                    st.iter()
+                        .flat_map(|r| r["reboots"].as_array().cloned().unwrap_or_default())
+                        .map(|l| s(&l))
+                        .collect()
+                })
+                .unwrap_or_default();
+            rows.push(vec![
+                s(&n["node"]),
+                s(&n["result"]),
+                n["total_secs"]
+                    .as_f64()
+                    .map(|x| format!("{x:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+                levels.join(","),
+                n["reason"].as_str().unwrap_or("").to_string(),
+            ]);
+        }
+        print!("{}", table(&rows));
+        let done = match o.op {
+            "power_on" => "powered on",
+            "power_off" => "powered off",
+            _ => "rebooted",
+        };
+        let total = ok.len() + ko.len();
+        match end["reason"].as_str() {
+            Some(r) => println!(
+                "{}/{total} nodes {done} (job {id} {}: {r})",
+                ok.len(),
+                s(&end["end"])
+            ),
+            None => println!("{}/{total} nodes {done} (job {id})", ok.len()),
+        }
+    }
+    Ok(exit_for(&end))
+}
+
+/// `kd-coord power status`.
+pub(crate) async fn power_status(c: &Client, nodes: &str, json_out: bool) -> Result<i32> {
+    let v = c
+        .call(
+            Method::GET,
+            &format!("/api/v1/power?nodes={}", enc(nodes)),
+            None,
+        )
+        .await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let mut rows = vec![["node", "status"].map(String::from).to_vec()];
+    let mut failed = false;
+    for n in v["nodes"].as_array().cloned().unwrap_or_default() {
+        let status = if n["ok"] == true {
+            s(&n["status"])
+        } else {
+            failed = true;
+            format!("error: {}", s(&n["error"]))
+        };
+        rows.push(vec![s(&n["node"]), status]);
+    }
+    print!("{}", table(&rows));
+    Ok(if failed { 1 } else { 0 })
+}
+
 pub(crate) async fn cluster(c: &Client, cmd: ClusterCmd) -> Result<i32> {
     match cmd {
         ClusterCmd::Add { file } => {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast as bcast, mpsc, watch};
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, Level, Operation};
 use crate::db::{self, Db, NewDeployment, Right};
 use crate::deploy::{self, DeployConfig, Hooks, SharedEndpoint, Update};
 use crate::env::Environment;
@@ -320,6 +320,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
             "/api/v1/environments/{name}",
             get(show_environment).delete(remove_environment),
         )
+        .route("/api/v1/operations", post(create_operation))
+        .route("/api/v1/power", get(power_status))
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -726,39 +728,7 @@ async fn create_deployment(
         .arity
         .parse()
         .map_err(|e| ApiError::bad(format!("bad arity {:?}: {e}", req.arity)))?;
-    // Which cluster: all nodes in one.
-    let clusters = parse_clusters(&d.db())?;
-    if clusters.is_empty() {
-        return Err(ApiError::bad(
-            "no cluster is configured: an administrator adds one with kd-coord cluster add FILE.yaml",
-        ));
-    }
-    let Some(cluster) = clusters
-        .iter()
-        .find(|c| c.node(&nodes[0]).is_some())
-        .cloned()
-    else {
-        return Err(unknown_nodes(&nodes, &clusters));
-    };
-    let outside: Vec<String> = nodes
-        .iter()
-        .filter(|n| cluster.node(n).is_none())
-        .cloned()
-        .collect();
-    if !outside.is_empty() {
-        if outside
-            .iter()
-            .all(|n| clusters.iter().any(|c| c.node(n).is_some()))
-        {
-            return Err(ApiError::bad(format!(
-                "nodes {} are not in cluster {} with {}: deploy each cluster on its own",
-                kd_proto::nodeset::fold(&outside),
-                cluster.cluster,
-                nodes[0]
-            )));
-        }
-        return Err(unknown_nodes(&nodes, &clusters));
-    }
+    let cluster = cluster_of(&d, &nodes)?;
     let partition = req
         .partition
         .map(|p| p.to_string())
@@ -877,9 +847,7 @@ async fn create_deployment(
     tokio::spawn(run_deployment(
         d.clone(),
         id,
-        img,
-        cfg,
-        endpoint,
+        JobRun::Deploy { img, cfg, endpoint },
         cancel_rx,
         t0,
     ));
@@ -1039,6 +1007,256 @@ async fn remove_environment(
     Ok(Json(json!({ "removed": n })))
 }
 
+/// The one cluster that holds every node of `nodes` (not empty).
+fn cluster_of(d: &Daemon, nodes: &[String]) -> ApiResult<ClusterConfig> {
+    let clusters = parse_clusters(&d.db())?;
+    if clusters.is_empty() {
+        return Err(ApiError::bad(
+            "no cluster is configured: an administrator adds one with kd-coord cluster add FILE.yaml",
+        ));
+    }
+    let Some(cluster) = nodes
+        .first()
+        .and_then(|first| clusters.iter().find(|c| c.node(first).is_some()))
+        .cloned()
+    else {
+        return Err(unknown_nodes(nodes, &clusters));
+    };
+    let outside: Vec<String> = nodes
+        .iter()
+        .filter(|n| cluster.node(n).is_none())
+        .cloned()
+        .collect();
+    if !outside.is_empty() {
+        if outside
+            .iter()
+            .all(|n| clusters.iter().any(|c| c.node(n).is_some()))
+        {
+            return Err(ApiError::bad(format!(
+                "nodes {} are not in cluster {} with {}: one cluster at a time",
+                kd_proto::nodeset::fold(&outside),
+                cluster.cluster,
+                nodes[0]
+            )));
+        }
+        return Err(unknown_nodes(nodes, &clusters));
+    }
+    Ok(cluster)
+}
+
+/// `POST /api/v1/operations`: a reboot or power job.
+#[derive(Deserialize)]
+struct OperationRequest {
+    /// `reboot`, `power_on` or `power_off`.
+    op: String,
+    /// Node set.
+    nodes: String,
+    /// Reboot kind: `simple` (the default) or `recorded_env`.
+    #[serde(default)]
+    kind: Option<String>,
+    /// Lowest level: `soft` (the default), `hard` or `very_hard`.
+    #[serde(default)]
+    level: Option<String>,
+}
+
+fn parse_level(s: &str) -> ApiResult<Level> {
+    Level::ALL
+        .into_iter()
+        .find(|l| l.as_str() == s)
+        .ok_or_else(|| ApiError::bad(format!("bad level {s:?}: soft, hard or very_hard")))
+}
+
+/// Refuses a caller without a right on every node of `nodes` (any partition).
+fn check_node_rights(
+    d: &Daemon,
+    p: &Peer,
+    user: &str,
+    nodes: &[String],
+    what: &str,
+) -> ApiResult<()> {
+    if d.is_admin(p) {
+        return Ok(());
+    }
+    let denied = d.db().denied(user, nodes, "")?;
+    if denied.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "{user} may not {what} {}: no right on them (an administrator grants one with kd-coord rights add -u {user} -m '{}')",
+        kd_proto::nodeset::fold(&denied),
+        kd_proto::nodeset::fold(&denied)
+    )))
+}
+
+async fn create_operation(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(req): Json<OperationRequest>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let user = user_name(p.uid);
+    let nodes = kd_proto::nodeset::parse(&req.nodes)
+        .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", req.nodes)))?;
+    if nodes.is_empty() {
+        return Err(ApiError::bad("no nodes"));
+    }
+    let (op, local_profile, check, kind, label) =
+        match (req.op.as_str(), req.kind.as_deref().unwrap_or("simple")) {
+            ("reboot", "simple") => (Operation::Reboot, false, true, db::kind::REBOOT, "reboot:simple"),
+            ("reboot", "recorded_env") => (
+                Operation::Reboot,
+                true,
+                true,
+                db::kind::REBOOT,
+                "reboot:recorded_env",
+            ),
+            ("reboot", "deploy_env") => {
+                return Err(ApiError::bad(
+                    "reboot -r deploy_env: kd's deploy environment runs no shell to log in to; kd-coord deploy boots it and does the work",
+                ))
+            }
+            ("reboot", k) => {
+                return Err(ApiError::bad(format!(
+                    "bad reboot kind {k:?}: simple or recorded_env"
+                )))
+            }
+            ("power_on", _) => (Operation::PowerOn, false, false, db::kind::POWER_ON, "power_on"),
+            ("power_off", _) => (Operation::PowerOff, false, false, db::kind::POWER_OFF, "power_off"),
+            (o, _) => {
+                return Err(ApiError::bad(format!(
+                    "bad operation {o:?}: reboot, power_on or power_off"
+                )))
+            }
+        };
+    let from = parse_level(req.level.as_deref().unwrap_or("soft"))?;
+    let cluster = cluster_of(&d, &nodes)?;
+    let what = label.replace('_', " ").replace(':', " ");
+    check_node_rights(&d, &p, &user, &nodes, &what)?;
+    let levels: Vec<Level> = cluster
+        .commands
+        .of(op)
+        .levels()
+        .into_iter()
+        .filter(|l| *l >= from)
+        .collect();
+    if levels.is_empty() {
+        return Err(ApiError::bad(format!(
+            "cluster {} has no {what} command at level {from} or above (commands.{} in its configuration)",
+            cluster.cluster,
+            match op {
+                Operation::Reboot => "reboot",
+                Operation::PowerOn => "power_on",
+                Operation::PowerOff => "power_off",
+            }
+        )));
+    }
+    let id = {
+        let mut db = d.db();
+        match db.create_deployment(&NewDeployment {
+            user: &user,
+            uid: p.uid,
+            environment: label,
+            nodes: &nodes,
+            kind,
+        })? {
+            Ok(id) => id,
+            Err(busy) => return Err(busy_error(busy)),
+        }
+    };
+    let (lines, _) = bcast::channel(4096);
+    let (cancel_tx, cancel_rx) = watch::channel(None);
+    d.running.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        id,
+        Running {
+            user: user.clone(),
+            log: Vec::new(),
+            lines,
+            cancel: cancel_tx,
+        },
+    );
+    let t0 = Instant::now();
+    d.push_line(
+        id,
+        json!({ "time": 0.0, "note": format!("job {id}: {what} of {} node(s) {} for {user}, from level {from}", nodes.len(), kd_proto::nodeset::fold(&nodes)) }),
+    );
+    let cfg = deploy::OperateConfig {
+        cluster,
+        nodes: nodes.clone(),
+        op,
+        local_profile,
+        check,
+        from,
+    };
+    tokio::spawn(run_deployment(
+        d.clone(),
+        id,
+        JobRun::Operate(cfg),
+        cancel_rx,
+        t0,
+    ));
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({ "id": id, "kind": kind, "user": user, "environment": label, "nodes": kd_proto::nodeset::fold(&nodes), "node_count": nodes.len() }),
+        ),
+    ))
+}
+
+#[derive(Deserialize)]
+struct PowerQuery {
+    nodes: String,
+}
+
+/// `GET /api/v1/power?nodes=SET`: each node's `commands.power_status` output (run by the
+/// daemon, at most the cluster's reboot window at once, each within its command timeout).
+async fn power_status(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Query(q): Query<PowerQuery>,
+) -> ApiResult<Json<Value>> {
+    let user = user_name(p.uid);
+    let nodes = kd_proto::nodeset::parse(&q.nodes)
+        .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", q.nodes)))?;
+    if nodes.is_empty() {
+        return Err(ApiError::bad("no nodes"));
+    }
+    let cluster = cluster_of(&d, &nodes)?;
+    check_node_rights(&d, &p, &user, &nodes, "read the power status of")?;
+    let limit = std::time::Duration::from_secs(cluster.workflow.command_timeout.max(1));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        cluster.workflow.reboot_window.max(1),
+    ));
+    let mut tasks = Vec::new();
+    for n in &nodes {
+        let cmd = cluster
+            .node(n)
+            .and_then(|nc| cluster.power_status_command(nc));
+        let Some(cmd) = cmd else {
+            return Err(ApiError::bad(format!(
+                "cluster {} has no power status command (commands.power_status in its configuration)",
+                cluster.cluster
+            )));
+        };
+        let slots = slots.clone();
+        let node = n.clone();
+        tasks.push(tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let out = crate::deploy::run_shell_output(&cmd, limit).await;
+            (node, out)
+        }));
+    }
+    let mut rows = Vec::new();
+    for t in tasks {
+        let (node, out) = t
+            .await
+            .map_err(|e| anyhow::anyhow!("power status task: {e}"))?;
+        rows.push(match out {
+            Ok(text) => json!({ "node": node, "ok": true, "status": text.trim() }),
+            Err(e) => json!({ "node": node, "ok": false, "error": e }),
+        });
+    }
+    Ok(Json(json!({ "nodes": rows })))
+}
+
 fn unknown_nodes(nodes: &[String], clusters: &[ClusterConfig]) -> ApiError {
     let unknown: Vec<String> = nodes
         .iter()
@@ -1106,12 +1324,22 @@ fn busy_error(busy: Vec<db::Busy>) -> ApiError {
     }
 }
 
+/// What a job of the daemon runs with the one driver.
+enum JobRun {
+    /// A deployment on the daemon's shared endpoint.
+    Deploy {
+        img: crate::image::ImageFile,
+        cfg: DeployConfig,
+        endpoint: SharedEndpoint,
+    },
+    /// A remote operation (reboot, power).
+    Operate(deploy::OperateConfig),
+}
+
 async fn run_deployment(
     d: Arc<Daemon>,
     id: i64,
-    img: crate::image::ImageFile,
-    cfg: DeployConfig,
-    endpoint: SharedEndpoint,
+    job: JobRun,
     cancel: watch::Receiver<Option<String>>,
     t0: Instant,
 ) {
@@ -1153,7 +1381,12 @@ async fn run_deployment(
             }
         })
     };
-    let result = deploy::run_shared(img, cfg, &d.identity, &endpoint, hooks).await;
+    let result = match job {
+        JobRun::Deploy { img, cfg, endpoint } => {
+            deploy::run_shared(img, cfg, &d.identity, &endpoint, hooks).await
+        }
+        JobRun::Operate(cfg) => deploy::operate(cfg, &d.identity, hooks).await,
+    };
     let _ = relay.await;
     let cancelled = cancel_seen.borrow_and_update().clone();
     let (end, reason) = match (&result, cancelled) {

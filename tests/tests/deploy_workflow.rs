@@ -1818,3 +1818,132 @@ fn daemon_sigterm_cancels_running_deployments_then_exits() {
     assert_eq!(node(&nodes, "node1")["state"], "deploy_failed");
     assert!(!lab.profile(0).contains("kd.token"));
 }
+
+#[test]
+fn daemon_reboot_and_power_process_nodes_with_rights_states_and_escalation() {
+    if skip() {
+        return;
+    }
+    let alice = 64031u32;
+    let lab = Lab::new(15, 2);
+    lab.open_to_users(&[alice]);
+    let _daemon = lab.serve();
+    let cluster = lab.cluster.display().to_string();
+    assert!(lab.kd(None, &["cluster", "add", &cluster]).status.success());
+    let env = lab.env.display().to_string();
+    let key = lab.key.display().to_string();
+    let o = lab.kd(None, &["deploy", "-e", &env, "-m", "node[1-2]", "-k", &key]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), lab.dump());
+    // No right on node1: refused, naming the node.
+    let o = lab.kd(Some(alice), &["reboot", "-m", "node1"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("uid64031 may not reboot simple node1"),
+        "{}",
+        text(&o)
+    );
+    assert!(lab
+        .kd(None, &["rights", "add", "-u", "uid64031", "-m", "node1"])
+        .status
+        .success());
+    // Her reboot into the environment on node1's disk: the local profile, the soft command
+    // (through the fake BMC: the deployed system answers it), then the port.
+    let o = lab.kd(
+        Some(alice),
+        &["reboot", "-m", "node1", "-r", "recorded_env", "--json"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), lab.dump());
+    let end: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let n1 = &end["node_results"][0];
+    assert_eq!(
+        (&n1["node"], &n1["result"]),
+        (&serde_json::json!("node1"), &serde_json::json!("ok")),
+        "{end}"
+    );
+    assert_eq!(
+        n1["steps"][0]["reboots"],
+        serde_json::json!(["soft"]),
+        "{end}"
+    );
+    assert!(lab.answers(0));
+    let ev = fakebmc::events(&lab.bmc, "node1");
+    assert_eq!(
+        ev.iter().filter(|e| e.as_str() == "soft").count(),
+        1,
+        "{ev:?}"
+    );
+    assert!(lab.profile(0).contains("sanboot"), "{}", lab.profile(0));
+    // The node is still the deployer's, with its environment; its state says it answered.
+    let nodes = lab.kd_json(&["nodes"]);
+    let n = node(&nodes, "node1");
+    assert_eq!(
+        (&n["state"], &n["user"]),
+        (&serde_json::json!("deployed"), &serde_json::json!("root")),
+        "{n}"
+    );
+    assert_eq!(n["environment"], "kdtest:1", "{n}");
+    // The job is in the history with its kind.
+    let jobs = lab.kd_json(&["deployments", "list"]);
+    let last = &jobs["deployments"][0];
+    assert_eq!(
+        (&last["kind"], &last["environment"], &last["user"]),
+        (
+            &serde_json::json!("reboot"),
+            &serde_json::json!("reboot:recorded_env"),
+            &serde_json::json!("uid64031")
+        ),
+        "{jobs}"
+    );
+    // Power: node2 off (the cluster's power_off has a hard level only: that is where it
+    // starts), its status, then on again; node1 unaffected.
+    let o = lab.kd(None, &["power", "off", "-m", "node2"]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), lab.dump());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("1/1 nodes powered off"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        node(&lab.kd_json(&["nodes"]), "node2")["state"],
+        "powered_off"
+    );
+    let st = lab.kd_json(&["power", "status", "-m", "node[1-2]"]);
+    let status = |name: &str| {
+        st["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node"] == name))
+            .map(|n| n["status"].clone())
+    };
+    assert_eq!(status("node1"), Some(serde_json::json!("on")), "{st}");
+    assert_eq!(status("node2"), Some(serde_json::json!("off")), "{st}");
+    assert!(!lab.answers(1));
+    let o = lab.kd(None, &["power", "on", "-m", "node2", "-l", "hard"]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), lab.dump());
+    assert_eq!(
+        node(&lab.kd_json(&["nodes"]), "node2")["state"],
+        "powered_on"
+    );
+    // A node that never answers: the simple reboot escalates soft → hard → very_hard, each
+    // attempt of boot_new_env (1 retry) in turn, then fails with the reason.
+    write(
+        &fakebmc::node_dir(&lab.bmc, "node1").join("broken-boot"),
+        "",
+    );
+    let o = lab.kd(None, &["reboot", "-m", "node1", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", text(&o), lab.dump());
+    let end: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let n1 = &end["node_results"][0];
+    assert_eq!(n1["result"], "ko", "{end}");
+    assert!(
+        n1["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not answer within 30 s"),
+        "{end}"
+    );
+    assert_eq!(node(&lab.kd_json(&["nodes"]), "node1")["state"], "unknown");
+    // What kd's deploy environment cannot do is said so.
+    let o = lab.kd(None, &["reboot", "-m", "node1", "-r", "deploy_env"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("runs no shell"), "{}", text(&o));
+}
