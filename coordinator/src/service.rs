@@ -847,7 +847,11 @@ async fn create_deployment(
     tokio::spawn(run_deployment(
         d.clone(),
         id,
-        JobRun::Deploy { img, cfg, endpoint },
+        JobRun::Deploy {
+            img: Box::new(img),
+            cfg: Box::new(cfg),
+            endpoint,
+        },
         cancel_rx,
         t0,
     ));
@@ -1129,7 +1133,7 @@ async fn create_operation(
         };
     let from = parse_level(req.level.as_deref().unwrap_or("soft"))?;
     let cluster = cluster_of(&d, &nodes)?;
-    let what = label.replace('_', " ").replace(':', " ");
+    let what = label.replace(['_', ':'], " ");
     check_node_rights(&d, &p, &user, &nodes, &what)?;
     let levels: Vec<Level> = cluster
         .commands
@@ -1328,12 +1332,12 @@ fn busy_error(busy: Vec<db::Busy>) -> ApiError {
 enum JobRun {
     /// A deployment on the daemon's shared endpoint.
     Deploy {
-        img: crate::image::ImageFile,
-        cfg: DeployConfig,
+        img: Box<crate::image::ImageFile>,
+        cfg: Box<DeployConfig>,
         endpoint: SharedEndpoint,
     },
     /// A remote operation (reboot, power).
-    Operate(deploy::OperateConfig),
+    Operate(Box<deploy::OperateConfig>),
 }
 
 async fn run_deployment(
@@ -1383,9 +1387,9 @@ async fn run_deployment(
     };
     let result = match job {
         JobRun::Deploy { img, cfg, endpoint } => {
-            deploy::run_shared(img, cfg, &d.identity, &endpoint, hooks).await
+            deploy::run_shared(*img, *cfg, &d.identity, &endpoint, hooks).await
         }
-        JobRun::Operate(cfg) => deploy::operate(cfg, &d.identity, hooks).await,
+        JobRun::Operate(cfg) => deploy::operate(*cfg, &d.identity, hooks).await,
     };
     let _ = relay.await;
     let cancelled = cancel_seen.borrow_and_update().clone();
