@@ -1193,7 +1193,7 @@ async fn create_operation(
     tokio::spawn(run_deployment(
         d.clone(),
         id,
-        JobRun::Operate(cfg),
+        JobRun::Operate(Box::new(cfg)),
         cancel_rx,
         t0,
     ));
