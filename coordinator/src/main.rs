@@ -69,6 +69,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Attach to a node's console through the daemon (the cluster's console command, run by
+    /// the daemon; needs a right on the node). On a terminal, `~.` at the start of a line
+    /// disconnects.
+    Console {
+        /// Node name.
+        node: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -345,6 +352,10 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Rights(cmd) => {
             let c = kd_coord::client::Client::new(&cli.state);
             remote::run_client(async { remote::rights(&c, cmd).await })
+        }
+        Cmd::Console { node } => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            remote::run_client(async { remote::console(&c, &node).await })
         }
     }
 }

@@ -776,3 +776,126 @@ pub(crate) async fn rights(c: &Client, cmd: RightsCmd) -> Result<i32> {
         }
     }
 }
+
+/// Puts a terminal in raw mode until dropped (every way out of `console`, panics included).
+struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    fn enter() -> Result<RawMode> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).context("reading the terminal's settings")?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSADRAIN, &raw).context("putting the terminal in raw mode")?;
+        Ok(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        let _ = tcsetattr(std::io::stdin(), SetArg::TCSADRAIN, &self.saved);
+    }
+}
+
+/// `kd-coord console NODE`: the node's console through the daemon. A terminal is put in raw
+/// mode (restored on the way out) and `~.` at the start of a line disconnects; other input
+/// is streamed, its end forwarded. Exit 0 when the console command ended well or the user
+/// disconnected, 1 when it failed.
+pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
+    use kd_coord::console::{self, Escape};
+    use std::io::{IsTerminal, Read, Write};
+    let io = c
+        .upgrade(
+            &format!("/api/v1/nodes/{}/console", enc(node)),
+            console::PROTOCOL,
+        )
+        .await?;
+    let (mut rd, mut wr) = tokio::io::split(hyper_util::rt::TokioIo::new(io));
+    let tty = std::io::stdin().is_terminal();
+    eprintln!(
+        "kd-coord: console of {node}{}",
+        if tty {
+            " (~. at the start of a line disconnects)"
+        } else {
+            ""
+        }
+    );
+    let raw = if tty { Some(RawMode::enter()?) } else { None };
+    // A thread of its own: a blocking read that cannot be cancelled must not hold up the
+    // runtime's end (the process exits with it still reading).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        let mut stdin = std::io::stdin();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut escape = Escape::default();
+    let mut input_open = true;
+    let mut status = None;
+    let how = loop {
+        tokio::select! {
+            chunk = rx.recv(), if input_open => match chunk {
+                Some(bytes) => {
+                    let (send, quit) = if tty { escape.feed(&bytes) } else { (bytes, false) };
+                    if !send.is_empty() {
+                        console::write_frame(&mut wr, console::INPUT, &send).await.context("sending to the console")?;
+                    }
+                    if quit {
+                        break "disconnected";
+                    }
+                }
+                None => {
+                    input_open = false;
+                    console::write_frame(&mut wr, console::CLOSE_INPUT, b"").await.context("sending to the console")?;
+                }
+            },
+            frame = console::read_frame(&mut rd) => match frame.context("reading the console")? {
+                Some((console::STDOUT, data)) => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&data)?;
+                    out.flush()?;
+                }
+                Some((console::STDERR, data)) => {
+                    let mut err = std::io::stderr().lock();
+                    err.write_all(&data)?;
+                    err.flush()?;
+                }
+                Some((console::EXIT, data)) => {
+                    status = serde_json::from_slice::<console::ExitStatus>(&data).ok();
+                }
+                Some((k, _)) => bail!("the daemon sent an unknown console frame kind {k:#04x}"),
+                None => break "ended",
+            },
+        }
+    };
+    // Cooked again: "\n" is a new line.
+    drop(raw);
+    match (how, status) {
+        ("disconnected", _) => {
+            eprintln!("\nkd-coord: disconnected from the console of {node}");
+            Ok(0)
+        }
+        (_, Some(st)) if st.code == Some(0) => Ok(0),
+        (_, Some(st)) => {
+            eprintln!("kd-coord: the console command of {node} ended: {st}");
+            Ok(1)
+        }
+        (_, None) => {
+            eprintln!("kd-coord: the console of {node} closed without its command's end");
+            Ok(1)
+        }
+    }
+}

@@ -300,6 +300,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/", get(doc))
         .route("/api/v1", get(doc))
         .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/nodes/{name}/console", post(node_console))
         .route("/api/v1/clusters", get(clusters).post(add_cluster))
         .route(
             "/api/v1/deployments",
@@ -1205,4 +1206,85 @@ fn steps_json(r: &crate::workflow::NodeReport) -> Vec<Value> {
 /// Seconds since the epoch, for clients formatting times.
 pub fn epoch_now() -> f64 {
     now_secs()
+}
+
+/// `POST /api/v1/nodes/NAME/console` with `Upgrade: kd-console`: the caller's rights on the
+/// node checked, the cluster's console command started by the daemon and relayed
+/// ([`crate::console`]) over the upgraded connection.
+async fn node_console(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    mut req: axum::extract::Request,
+) -> ApiResult<Response> {
+    use crate::console::PROTOCOL;
+    let user = user_name(p.uid);
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(PROTOCOL));
+    if !wants {
+        return Err(ApiError::bad(format!(
+            "a console is an HTTP/1.1 upgrade: send Connection: Upgrade and Upgrade: {PROTOCOL} (kd-coord console NODE does)"
+        )));
+    }
+    let clusters = parse_clusters(&d.db())?;
+    let Some((cluster, node)) = clusters.iter().find_map(|c| c.node(&name).map(|n| (c, n))) else {
+        return Err(unknown_nodes(std::slice::from_ref(&name), &clusters));
+    };
+    if !d.is_admin(&p) {
+        // The deployments' check (db::denied), on any partition the user has a right on:
+        // whoever may deploy the node may see its console.
+        let db = d.db();
+        let rights = db.rights(Some(&user))?;
+        let mut allowed = false;
+        for r in &rights {
+            if db
+                .denied(&user, std::slice::from_ref(&name), &r.partition)?
+                .is_empty()
+            {
+                allowed = true;
+                break;
+            }
+        }
+        if !allowed {
+            return Err(ApiError::forbidden(format!(
+                "{user} may not use the console of {name}: it needs a right on {name} (an administrator grants it with kd-coord rights add -u {user} -m {name})"
+            )));
+        }
+    }
+    let Some(template) = &cluster.commands.console else {
+        return Err(ApiError::bad(format!(
+            "cluster {} has no console command (commands.console in its configuration)",
+            cluster.cluster
+        )));
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(ApiError::bad(
+            "this connection cannot be upgraded (HTTP/1.1 only)",
+        ));
+    };
+    let command = crate::config::render_template(template, node, &cluster.cluster);
+    let child = crate::console::spawn(&command)?;
+    // The command line is not logged: it may hold a BMC's credentials.
+    let pid = child.id().unwrap_or(0);
+    tracing::info!("console of {name} opened for {user} (pid {pid})");
+    tokio::spawn(async move {
+        let t0 = Instant::now();
+        let end = match on_upgrade.await {
+            Ok(io) => crate::console::relay(hyper_util::rt::TokioIo::new(io), child).await,
+            Err(e) => crate::console::End::ClientLeft(format!("upgrade failed: {e}")),
+        };
+        tracing::info!(
+            "console of {name} closed for {user} after {:.1} s: {end}",
+            t0.elapsed().as_secs_f64()
+        );
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .body(axum::body::Body::empty())
+        .map_err(anyhow::Error::from)?)
 }
