@@ -89,6 +89,25 @@ pub(crate) enum EnvCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change the visibility and/or description of one version (the last one without
+    /// @VERSION): its owner, or an administrator; public ones by administrators. The image
+    /// and the rest of a version stay as registered.
+    Update {
+        /// NAME or NAME@VERSION.
+        name: String,
+        /// Its owner (administrators).
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        /// private, shared or public.
+        #[arg(long, value_parser = ["private", "shared", "public"])]
+        visibility: Option<String>,
+        /// The new description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an environment (one version with NAME@VERSION, or all).
     Rm {
         /// NAME or NAME@VERSION.
@@ -181,6 +200,44 @@ pub(crate) async fn env(c: &Client, cmd: EnvCmd) -> Result<i32> {
                     s(&v["visibility"])
                 );
                 print!("{}", v["yaml"].as_str().unwrap_or(""));
+            }
+            Ok(0)
+        }
+        EnvCmd::Update {
+            name,
+            user,
+            visibility,
+            description,
+            json,
+        } => {
+            if visibility.is_none() && description.is_none() {
+                bail!("nothing to update: give --visibility and/or --description");
+            }
+            let mut body = serde_json::Map::new();
+            if let Some(v) = visibility {
+                body.insert("visibility".into(), Value::String(v));
+            }
+            if let Some(d) = description {
+                body.insert("description".into(), Value::String(d));
+            }
+            let v = c
+                .call(
+                    Method::PATCH,
+                    &env_query(&name, user.as_deref())?,
+                    Some(&Value::Object(body)),
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{}@{} of {}: {}, {:?}",
+                    s(&v["name"]),
+                    s(&v["version"]),
+                    s(&v["user"]),
+                    s(&v["visibility"]),
+                    v["description"].as_str().unwrap_or("")
+                );
             }
             Ok(0)
         }

@@ -319,7 +319,9 @@ pub fn router(d: Arc<Daemon>) -> Router {
         )
         .route(
             "/api/v1/environments/{name}",
-            get(show_environment).delete(remove_environment),
+            get(show_environment)
+                .delete(remove_environment)
+                .patch(update_environment),
         )
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -1287,4 +1289,122 @@ async fn node_console(
         .header(header::UPGRADE, PROTOCOL)
         .body(axum::body::Body::empty())
         .map_err(anyhow::Error::from)?)
+}
+
+/// `PATCH /api/v1/environments/NAME?version=V&user=OWNER` `{"visibility", "description"}`:
+/// the owner or an administrator changes these two of one version (the last one without
+/// `version`); its image and content stay as registered.
+async fn update_environment(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<EnvQuery>,
+    Json(body): Json<serde_json::Map<String, Value>>,
+) -> ApiResult<Json<Value>> {
+    let me = user_name(p.uid);
+    let owner = q.user.clone().unwrap_or_else(|| me.clone());
+    if owner != me && !d.is_admin(&p) {
+        return Err(ApiError::forbidden(format!(
+            "{name} is {owner}'s: {me} may not update it"
+        )));
+    }
+    let mut visibility = None;
+    let mut description = None;
+    for (k, v) in &body {
+        match (k.as_str(), v) {
+            ("visibility", Value::String(s)) => visibility = Some(s.clone()),
+            ("description", Value::String(s)) => description = Some(s.clone()),
+            ("visibility" | "description", other) => {
+                return Err(ApiError::bad(format!("{k} must be a string, not {other}")))
+            }
+            _ => {
+                return Err(ApiError::bad(format!(
+                    "{k} cannot change: a version is immutable but for its visibility and description (add a new version)"
+                )))
+            }
+        }
+    }
+    if visibility.is_none() && description.is_none() {
+        return Err(ApiError::bad(
+            "nothing to update: give visibility and/or description",
+        ));
+    }
+    if let Some(v) = &visibility {
+        if !["private", "shared", "public"].contains(&v.as_str()) {
+            return Err(ApiError::bad(format!(
+                "bad visibility {v:?}: private, shared or public"
+            )));
+        }
+        if v == "public" && !d.is_admin(&p) {
+            return Err(ApiError::forbidden(format!(
+                "only an administrator makes environments public: {me} may make it private or shared"
+            )));
+        }
+    }
+    let spec = format!(
+        "{name}{}",
+        q.version.map(|v| format!("@{v}")).unwrap_or_default()
+    );
+    let mut db = d.db();
+    let row = db
+        .find_environment(&me, d.is_admin(&p), &name, q.version, Some(&owner))?
+        .filter(|e| e.user == owner)
+        .ok_or_else(|| ApiError::not_found(format!("{owner} has no environment {spec}")))?;
+    let yaml = with_fields(&row.yaml, visibility.as_deref(), description.as_deref())
+        .map_err(|e| anyhow::anyhow!("{}@{}: {e:#}", row.name, row.version))?;
+    let visibility = visibility.unwrap_or(row.visibility);
+    let description = description.unwrap_or(row.description);
+    if !db.update_environment(
+        &row.name,
+        row.version,
+        &owner,
+        &visibility,
+        &description,
+        &yaml,
+    )? {
+        return Err(ApiError::not_found(format!(
+            "{owner} has no environment {}@{} any more",
+            row.name, row.version
+        )));
+    }
+    tracing::info!(
+        "environment {}@{} of {owner} updated by {me}: visibility {visibility}",
+        row.name,
+        row.version
+    );
+    Ok(Json(
+        json!({ "name": row.name, "version": row.version, "user": owner,
+                "visibility": visibility, "description": description, "added": row.added }),
+    ))
+}
+
+/// The description `yaml` with its `visibility` and/or `description` replaced; everything
+/// else must read the same (checked by parsing both). Comments are not kept.
+fn with_fields(yaml: &str, visibility: Option<&str>, description: Option<&str>) -> Result<String> {
+    let before = Environment::parse(yaml).context("the registered description")?;
+    let mut doc: serde_norway::Value =
+        serde_norway::from_str(yaml).context("the registered description")?;
+    let map = doc
+        .as_mapping_mut()
+        .context("the registered description is not a mapping")?;
+    if let Some(v) = visibility {
+        map.insert("visibility".into(), v.into());
+    }
+    if let Some(d) = description {
+        map.insert("description".into(), d.into());
+    }
+    let text = serde_norway::to_string(&doc).context("writing the description")?;
+    let after = Environment::parse(&text).context("the updated description")?;
+    let mut expect = before;
+    if let Some(v) = visibility {
+        expect.visibility = serde_norway::from_str(v).context("visibility")?;
+    }
+    if let Some(d) = description {
+        expect.description = d.to_string();
+    }
+    anyhow::ensure!(
+        after == expect,
+        "updating visibility/description would change something else"
+    );
+    Ok(text)
 }

@@ -381,6 +381,163 @@ fn console_through_the_daemon_with_rights() {
 }
 
 #[test]
+fn env_update_by_its_owner_or_an_administrator() {
+    if needs_root() {
+        return;
+    }
+    let (alice, bob) = (64023u32, 64024u32);
+    let lab = Lab::new();
+    let _daemon = lab.serve();
+    let env = lab.path("env.yaml").display().to_string();
+    let o = lab.kd(Some(alice), &["env", "add", &env]);
+    assert!(o.status.success(), "{}", text(&o));
+    let list = |uid: u32| -> serde_json::Value {
+        let o = lab.kd(Some(uid), &["env", "list", "-u", "uid64023", "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    assert_eq!(list(bob)["environments"], serde_json::json!([]));
+
+    // Alice shares hers, with a new description.
+    let o = lab.kd(
+        Some(alice),
+        &[
+            "env",
+            "update",
+            "kdtest",
+            "--visibility",
+            "shared",
+            "--description",
+            "shared now",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let fields: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(
+        fields,
+        [
+            "added",
+            "description",
+            "name",
+            "user",
+            "version",
+            "visibility"
+        ]
+    );
+    assert_eq!(v["name"], "kdtest");
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["user"], "uid64023");
+    assert_eq!(v["visibility"], "shared");
+    assert_eq!(v["description"], "shared now");
+    assert!(v["added"].as_i64().unwrap() > 1_700_000_000, "{v}");
+    // Bob sees it now, as the listing says.
+    let seen = list(bob);
+    let e = &seen["environments"][0];
+    assert_eq!(
+        (
+            &e["name"],
+            &e["version"],
+            &e["user"],
+            &e["visibility"],
+            &e["description"]
+        ),
+        (
+            &serde_json::json!("kdtest"),
+            &serde_json::json!(1),
+            &serde_json::json!("uid64023"),
+            &serde_json::json!("shared"),
+            &serde_json::json!("shared now")
+        ),
+        "{seen}"
+    );
+
+    // Bob may not change it; Alice may not make it public; nor may anyone change its image.
+    let o = lab.kd(
+        Some(bob),
+        &[
+            "env",
+            "update",
+            "kdtest",
+            "-u",
+            "uid64023",
+            "--visibility",
+            "private",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("kdtest is uid64023's: uid64024 may not update it"),
+        "{}",
+        text(&o)
+    );
+    let o = lab.kd(
+        Some(alice),
+        &["env", "update", "kdtest", "--visibility", "public"],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("only an administrator makes environments public"),
+        "{}",
+        text(&o)
+    );
+    let (status, body) = http(
+        &lab,
+        "PATCH",
+        "/api/v1/environments/kdtest?user=uid64023",
+        "",
+        r#"{"image": {"file": "/etc/shadow"}}"#,
+    );
+    assert_eq!(status, "HTTP/1.1 400 Bad Request", "{body}");
+    assert!(body.contains("image cannot change"), "{body}");
+    let o = lab.kd(
+        Some(alice),
+        &["env", "update", "kdtest@7", "--description", "x"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("uid64023 has no environment kdtest@7"),
+        "{}",
+        text(&o)
+    );
+    let o = lab.kd(Some(alice), &["env", "update", "kdtest"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("nothing to update"), "{}", text(&o));
+
+    // An administrator makes it public; its description text says so, its image is the same.
+    let o = lab.kd(
+        None,
+        &[
+            "env",
+            "update",
+            "kdtest@1",
+            "-u",
+            "uid64023",
+            "--visibility",
+            "public",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "kdtest@1 of uid64023: public, \"shared now\""
+    );
+    let o = lab.kd(Some(bob), &["env", "show", "kdtest", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["visibility"], "public");
+    assert_eq!(v["user"], "uid64023");
+    let yaml = v["yaml"].as_str().unwrap();
+    assert!(yaml.contains("visibility: public"), "{yaml}");
+    assert!(yaml.contains("description: shared now"), "{yaml}");
+    assert!(
+        yaml.contains(&lab.path("image.tar").display().to_string()),
+        "{yaml}"
+    );
+}
+
+#[test]
 fn console_on_a_terminal_is_raw_and_tilde_dot_disconnects() {
     use nix::sys::termios::{tcgetattr, LocalFlags};
     use std::io::Read;
