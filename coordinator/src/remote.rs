@@ -861,7 +861,8 @@ impl Drop for RawMode {
 /// `kd-coord console NODE`: the node's console through the daemon. A terminal is put in raw
 /// mode (restored on the way out) and `~.` at the start of a line disconnects; other input
 /// is streamed, its end forwarded. Exit 0 when the console command ended well or the user
-/// disconnected, 1 when it failed.
+/// disconnected, 1 when it failed, 128+N after signal N (SIGTERM, SIGHUP, SIGINT: the
+/// terminal restored first).
 pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
     use kd_coord::console::{self, Escape};
     use std::io::{IsTerminal, Read, Write};
@@ -871,7 +872,7 @@ pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
             console::PROTOCOL,
         )
         .await?;
-    let (mut rd, mut wr) = tokio::io::split(hyper_util::rt::TokioIo::new(io));
+    let (rd, mut wr) = tokio::io::split(hyper_util::rt::TokioIo::new(io));
     let tty = std::io::stdin().is_terminal();
     eprintln!(
         "kd-coord: console of {node}{}",
@@ -902,6 +903,27 @@ pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
     let mut escape = Escape::default();
     let mut input_open = true;
     let mut status = None;
+    // Frames from a stream that keeps a frame half read when another branch wins the select
+    // (read_frame itself must not be cancelled mid-frame).
+    let frames = futures_util::stream::unfold(Some(rd), |rd| async move {
+        let mut rd = rd?;
+        match console::read_frame(&mut rd).await {
+            Ok(Some(f)) => Some((Ok(f), Some(rd))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    tokio::pin!(frames);
+    // A signal ends the session the way ~. does: the terminal is restored on the way out.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    enum How {
+        Disconnected,
+        Signal(&'static str, i32),
+        Ended,
+    }
     let how = loop {
         tokio::select! {
             chunk = rx.recv(), if input_open => match chunk {
@@ -911,7 +933,7 @@ pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
                         console::write_frame(&mut wr, console::INPUT, &send).await.context("sending to the console")?;
                     }
                     if quit {
-                        break "disconnected";
+                        break How::Disconnected;
                     }
                 }
                 None => {
@@ -919,7 +941,7 @@ pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
                     console::write_frame(&mut wr, console::CLOSE_INPUT, b"").await.context("sending to the console")?;
                 }
             },
-            frame = console::read_frame(&mut rd) => match frame.context("reading the console")? {
+            frame = futures_util::StreamExt::next(&mut frames) => match frame.transpose().context("reading the console")? {
                 Some((console::STDOUT, data)) => {
                     let mut out = std::io::stdout().lock();
                     out.write_all(&data)?;
@@ -934,23 +956,30 @@ pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
                     status = serde_json::from_slice::<console::ExitStatus>(&data).ok();
                 }
                 Some((k, _)) => bail!("the daemon sent an unknown console frame kind {k:#04x}"),
-                None => break "ended",
+                None => break How::Ended,
             },
+            _ = term.recv() => break How::Signal("SIGTERM", 15),
+            _ = hup.recv() => break How::Signal("SIGHUP", 1),
+            _ = int.recv() => break How::Signal("SIGINT", 2),
         }
     };
     // Cooked again: "\n" is a new line.
     drop(raw);
     match (how, status) {
-        ("disconnected", _) => {
+        (How::Disconnected, _) => {
             eprintln!("\nkd-coord: disconnected from the console of {node}");
             Ok(0)
         }
-        (_, Some(st)) if st.code == Some(0) => Ok(0),
-        (_, Some(st)) => {
+        (How::Signal(name, n), _) => {
+            eprintln!("\nkd-coord: {name}: disconnected from the console of {node}");
+            Ok(128 + n)
+        }
+        (How::Ended, Some(st)) if st.code == Some(0) => Ok(0),
+        (How::Ended, Some(st)) => {
             eprintln!("kd-coord: the console command of {node} ended: {st}");
             Ok(1)
         }
-        (_, None) => {
+        (How::Ended, None) => {
             eprintln!("kd-coord: the console of {node} closed without its command's end");
             Ok(1)
         }

@@ -175,10 +175,15 @@ impl Lab {
             .spawn()
             .unwrap();
         let mut stdin = child.stdin.take().unwrap();
-        // A refused console closes early: its stdin may be gone.
-        let _ = stdin.write_all(input.as_bytes());
-        drop(stdin);
-        wait_child(&mut child, LIMIT).unwrap()
+        let input = input.to_string();
+        // Written while the output is read (a pipe holds 64 KiB); a refused console closes
+        // early: its stdin may be gone.
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(input.as_bytes());
+        });
+        let out = wait_child(&mut child, LIMIT).unwrap();
+        writer.join().unwrap();
+        out
     }
 }
 
@@ -269,6 +274,22 @@ fn console_through_the_daemon_with_rights() {
         "console of node1\nhello kd\nsecond line\n",
         "{}",
         text(&o)
+    );
+
+    // Much input while much output comes back: every byte, in order.
+    let big: String = (0..40_000).map(|i| format!("line {i}\n")).collect();
+    let o = lab.console(Some(alice), "node1", &big);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.stdout == format!("console of node1\n{big}").as_bytes(),
+        "{} bytes back for {}",
+        o.stdout.len(),
+        big.len()
     );
 
     // Interactive: a line goes, comes back; the client goes away, the command is stopped.
@@ -627,4 +648,35 @@ fn console_on_a_terminal_is_raw_and_tilde_dot_disconnects() {
         assert!(t0.elapsed() < Duration::from_secs(10), "{pid} lives on");
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // SIGTERM in raw mode: the terminal is restored too, the exit code says which signal.
+    let mut child = lab
+        .kd_cmd(None, &["console", "node1"])
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::from(pty.slave.try_clone().unwrap()))
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while String::from_utf8_lossy(&seen.lock().unwrap())
+        .matches("console of node1\n")
+        .count()
+        < 2
+    {
+        assert!(t0.elapsed() < LIMIT, "no second banner");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let raw = tcgetattr(&pty.slave).unwrap();
+    assert!(!raw.local_flags.contains(LocalFlags::ECHO));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = wait_child(&mut child, LIMIT).unwrap();
+    assert_eq!(out.status.code(), Some(143));
+    wait_for("SIGTERM: disconnected from the console of node1");
+    let after = tcgetattr(&pty.slave).unwrap();
+    assert_eq!(after.local_flags, before.local_flags);
+    assert_eq!(after.input_flags, before.input_flags);
 }
