@@ -399,6 +399,44 @@ fn console_through_the_daemon_with_rights() {
         "{log}"
     );
     assert!(!log.contains("exec cat"), "{log}");
+
+    // The daemon stopping (SIGTERM) stops the consoles it runs; their clients end.
+    let mut child = lab
+        .kd_cmd(Some(alice), &["console", "node1"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "console of node1\n");
+    let pid: i32 = std::fs::read_to_string(lab.path("node1.console.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let o = wait_child(&mut child, LIMIT).unwrap();
+    drop(stdin);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("the console of node1 closed without its command's end"),
+        "{}",
+        text(&o)
+    );
+    let t0 = Instant::now();
+    while pid_alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the console command {pid} outlived the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
