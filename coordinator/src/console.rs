@@ -127,8 +127,9 @@ impl std::fmt::Display for End {
     }
 }
 
-/// Kills the command's process group if the session is dropped before the command was
-/// reaped (the daemon stopping, a panic): no console outlives its session.
+/// Kills the command's process group when the session ends, however it ends (the command
+/// exited, the client left, the daemon stopping drops the task, a panic): no console
+/// outlives its session.
 struct GroupGuard {
     pgid: Option<nix::unistd::Pid>,
 }
@@ -167,7 +168,7 @@ pub async fn relay<S>(io: S, mut child: tokio::process::Child) -> End
 where
     S: AsyncRead + AsyncWrite + Send,
 {
-    let mut guard = GroupGuard {
+    let guard = GroupGuard {
         pgid: child
             .id()
             .and_then(|p| i32::try_from(p).ok())
@@ -220,7 +221,6 @@ where
     };
     match &end {
         End::Exited(s) => {
-            guard.pgid = None;
             let body = serde_json::to_vec(s).unwrap_or_default();
             let _ = write_frame(&mut wr, EXIT, &body).await;
             let _ = wr.shutdown().await;
@@ -236,10 +236,12 @@ where
                     let _ = child.wait().await;
                 }
             }
-            // Whatever else of its group is left: the guard's SIGKILL (the group's leader
-            // was reaped but members keep the group id from being reused).
         }
     }
+    // Whatever else of its group is left (a background process that closed its pipes) gets
+    // the guard's SIGKILL: the leader was reaped, but living members keep the group id from
+    // being reused (with none left, the signal finds no one).
+    drop(guard);
     end
 }
 
@@ -382,11 +384,35 @@ mod tests {
         assert!(read_frame(&mut bad).await.is_err());
     }
 
+    /// The process whose pid is in `pidfile` ends (a zombie counts as ended) within 5 s.
+    fn gone(pidfile: &std::path::Path) {
+        let pid: i32 = std::fs::read_to_string(pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+        {
+            assert!(t0.elapsed() < Duration::from_secs(5), "{pid} lives on");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[tokio::test]
     async fn a_command_is_relayed_and_stopped_when_the_client_leaves() {
-        // Ends by itself: output, exit status, end of stream.
+        // Ends by itself: output, exit status, end of stream; what it left in the background
+        // is killed.
+        let dir = tempfile::tempdir().unwrap();
+        let bg = dir.path().join("bg");
         let (client, server) = tokio::io::duplex(1 << 16);
-        let child = spawn("echo banner; cat; echo err >&2; exit 3").unwrap();
+        let child = spawn(&format!(
+            "sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > {}; echo banner; cat; echo err >&2; exit 3",
+            bg.display()
+        ))
+        .unwrap();
         let relay_task = tokio::spawn(relay(server, child));
         let (mut rd, mut wr) = tokio::io::split(client);
         write_frame(&mut wr, INPUT, b"line\n").await.unwrap();
@@ -408,9 +434,9 @@ mod tests {
         };
         assert_eq!(exit, Some(st));
         assert_eq!(relay_task.await.unwrap(), End::Exited(st));
+        gone(&bg);
 
         // The client leaves: the whole group (a background child too) is stopped.
-        let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
         let (client, server) = tokio::io::duplex(1 << 16);
         let child = spawn(&format!(
@@ -428,22 +454,6 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(matches!(end, End::ClientLeft(_)), "{end:?}");
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let t0 = std::time::Instant::now();
-        while std::path::Path::new(&format!("/proc/{pid}")).exists()
-            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| !s.contains(") Z "))
-                .unwrap_or(false)
-        {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "sleep {pid} lives on"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        gone(&pidfile);
     }
 }
