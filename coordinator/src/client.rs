@@ -61,15 +61,7 @@ impl Client {
     async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|e| ClientError::NoDaemon {
-                socket: self.socket.display().to_string(),
-                state: self
-                    .socket
-                    .parent()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                cause: e.to_string(),
-            })?;
+            .map_err(|e| self.no_daemon(e))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("HTTP handshake with the daemon")?;
@@ -183,6 +175,71 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+impl Client {
+    /// `POST path` asking to switch to `protocol` (HTTP/1.1 `Upgrade`); the upgraded
+    /// connection on `101 Switching Protocols`, [`ClientError::Api`] otherwise. The answer is
+    /// bounded by [`CALL_TIMEOUT`]; the connection then lasts as long as its user wants.
+    pub async fn upgrade(&self, path: &str, protocol: &str) -> Result<hyper::upgrade::Upgraded> {
+        let ask = async {
+            let stream = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .map_err(|e| self.no_daemon(e))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .context("HTTP handshake with the daemon")?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(path)
+                .header(hyper::header::HOST, "kd")
+                .header(hyper::header::CONNECTION, "upgrade")
+                .header(hyper::header::UPGRADE, protocol)
+                .body(Full::new(Bytes::new()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .with_context(|| format!("request {path} to the daemon"))?;
+            let status = resp.status();
+            if status != StatusCode::SWITCHING_PROTOCOLS {
+                let bytes = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .context("reading the daemon's answer")?
+                    .to_bytes();
+                let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                });
+                return Err(api_error(status, v).into());
+            }
+            hyper::upgrade::on(resp)
+                .await
+                .context("switching the connection to the console")
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, ask).await {
+            Ok(r) => r,
+            Err(_) => bail!(
+                "the daemon did not answer {path} within {} s: is it stuck? (kd-coord serve's log)",
+                CALL_TIMEOUT.as_secs()
+            ),
+        }
+    }
+
+    fn no_daemon(&self, e: std::io::Error) -> ClientError {
+        ClientError::NoDaemon {
+            socket: self.socket.display().to_string(),
+            state: self
+                .socket
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            cause: e.to_string(),
+        }
     }
 }
 

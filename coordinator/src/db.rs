@@ -858,6 +858,25 @@ impl Db {
         Ok(cands.into_iter().next())
     }
 
+    /// Sets the visibility, description and description text of `owner`'s `name@version`
+    /// (what may change of a registered version); `Ok(false)` if there is no such version.
+    pub fn update_environment(
+        &mut self,
+        name: &str,
+        version: u32,
+        owner: &str,
+        visibility: &str,
+        description: &str,
+        yaml: &str,
+    ) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE environments SET visibility = ?4, description = ?5, yaml = ?6
+             WHERE name = ?1 AND version = ?2 AND user = ?3",
+            params![name, version, owner, visibility, description, yaml],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Removes `owner`'s environment `name` (one version, or all); returns how many.
     pub fn remove_environment(
         &mut self,
@@ -1284,6 +1303,28 @@ mod tests {
             f(&db, "alice", "deb", None, None).as_deref(),
             Some("deb@1/alice")
         );
+        // Visibility and description change; another owner's or a missing version does not.
+        assert!(db
+            .update_environment("deb", 1, "alice", "shared", "now shared", "y")
+            .unwrap());
+        assert_eq!(
+            f(&db, "bob", "deb", None, Some("alice")).as_deref(),
+            Some("deb@1/alice")
+        );
+        let e = db
+            .find_environment("bob", false, "deb", Some(1), Some("alice"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.description.as_str(), e.yaml.as_str()),
+            ("now shared", "y")
+        );
+        assert!(!db
+            .update_environment("deb", 9, "alice", "shared", "", "y")
+            .unwrap());
+        assert!(!db
+            .update_environment("tools", 1, "alice", "public", "", "y")
+            .unwrap());
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod broadcast;
 pub mod chunks;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod deploy;
 pub mod env;

@@ -76,6 +76,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Attach to a node's console through the daemon (the cluster's console command, run by
+    /// the daemon; needs a right on the node). On a terminal, `~.` at the start of a line
+    /// disconnects.
+    Console {
+        /// Node name.
+        node: String,
+    },
+    /// Print a shell completion script (e.g. `kd-coord completions bash >
+    /// /etc/bash_completion.d/kd-coord`).
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (kd-coord.1 and one per subcommand) into DIR.
+    Man {
+        /// Output directory (created if needed).
+        dir: PathBuf,
+    },
 }
 
 /// Nodes named by `-m SET` or `-f FILE`.
@@ -450,7 +468,44 @@ fn run(cli: Cli) -> Result<i32> {
             let c = kd_coord::client::Client::new(&cli.state);
             remote::run_client(async { remote::rights(&c, cmd).await })
         }
+        Cmd::Console { node } => {
+            let c = kd_coord::client::Client::new(&cli.state);
+            remote::run_client(async { remote::console(&c, &node).await })
+        }
+        Cmd::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            completions(shell, &mut out);
+            out.flush()?;
+            Ok(0)
+        }
+        Cmd::Man { dir } => {
+            let pages = man_pages(&dir)?;
+            println!("{} manual pages written in {}", pages.len(), dir.display());
+            Ok(0)
+        }
     }
+}
+
+/// The completion script of `shell`.
+fn completions(shell: clap_complete::Shell, out: &mut dyn Write) {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "kd-coord", out);
+}
+
+/// Writes kd-coord.1 and one page per subcommand (kd-coord-env-add.1, ...) into `dir`;
+/// returns their names, sorted.
+fn man_pages(dir: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, dir)
+        .with_context(|| format!("writing manual pages in {}", dir.display()))?;
+    let mut pages: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("kd-coord") && n.ends_with(".1"))
+        .collect();
+    pages.sort();
+    Ok(pages)
 }
 
 fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
@@ -827,11 +882,83 @@ fn lock_nodes(state: &Path, nodes: &[String]) -> Result<Vec<std::fs::File>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
         // Catches clashing argument names (a subcommand's --state against the global one)
         // before a user meets the panic.
         <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    /// Every subcommand, nested ones as `env add`.
+    fn subcommands() -> Vec<Vec<String>> {
+        fn walk(c: &clap::Command, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+            for s in c.get_subcommands() {
+                path.push(s.get_name().to_string());
+                out.push(path.clone());
+                walk(s, path, out);
+                path.pop();
+            }
+        }
+        let mut out = Vec::new();
+        walk(
+            &<super::Cli as clap::CommandFactory>::command(),
+            &mut Vec::new(),
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn completions_name_every_subcommand() {
+        let subs = subcommands();
+        assert!(subs.iter().any(|s| s == &["console"]), "{subs:?}");
+        assert!(subs.iter().any(|s| s == &["env", "update"]), "{subs:?}");
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            super::completions(shell, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for s in &subs {
+                let last = s.last().unwrap();
+                assert!(
+                    text.contains(last.as_str()),
+                    "{shell} completions do not mention {}",
+                    s.join(" ")
+                );
+            }
+        }
+        // Bash completes each subcommand in its own case (kd__coord__subcmd__env__subcmd__add).
+        let mut out = Vec::new();
+        super::completions(clap_complete::Shell::Bash, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        for s in &subs {
+            let case = format!("kd__coord__subcmd__{}", s.join("__subcmd__"));
+            assert!(text.contains(&case), "bash: no {case}");
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_every_subcommand() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = super::man_pages(dir.path()).unwrap();
+        assert!(pages.contains(&"kd-coord.1".to_string()), "{pages:?}");
+        for s in subcommands() {
+            let page = format!("kd-coord-{}.1", s.join("-"));
+            assert!(pages.contains(&page), "no {page} in {pages:?}");
+            let text = std::fs::read_to_string(dir.path().join(&page)).unwrap();
+            assert!(
+                text.starts_with(".ie") || text.contains(".TH"),
+                "{page}: {text}"
+            );
+        }
+        let top = std::fs::read_to_string(dir.path().join("kd-coord.1")).unwrap();
+        for name in ["console", "deploy", "env", "completions", "man"] {
+            assert!(top.contains(name), "kd-coord.1 does not mention {name}");
+        }
     }
 }

@@ -89,6 +89,25 @@ pub(crate) enum EnvCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change the visibility and/or description of one version (the last one without
+    /// @VERSION): its owner, or an administrator; public ones by administrators. The image
+    /// and the rest of a version stay as registered.
+    Update {
+        /// NAME or NAME@VERSION.
+        name: String,
+        /// Its owner (administrators).
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        /// private, shared or public.
+        #[arg(long, value_parser = ["private", "shared", "public"])]
+        visibility: Option<String>,
+        /// The new description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an environment (one version with NAME@VERSION, or all).
     Rm {
         /// NAME or NAME@VERSION.
@@ -181,6 +200,44 @@ pub(crate) async fn env(c: &Client, cmd: EnvCmd) -> Result<i32> {
                     s(&v["visibility"])
                 );
                 print!("{}", v["yaml"].as_str().unwrap_or(""));
+            }
+            Ok(0)
+        }
+        EnvCmd::Update {
+            name,
+            user,
+            visibility,
+            description,
+            json,
+        } => {
+            if visibility.is_none() && description.is_none() {
+                bail!("nothing to update: give --visibility and/or --description");
+            }
+            let mut body = serde_json::Map::new();
+            if let Some(v) = visibility {
+                body.insert("visibility".into(), Value::String(v));
+            }
+            if let Some(d) = description {
+                body.insert("description".into(), Value::String(d));
+            }
+            let v = c
+                .call(
+                    Method::PATCH,
+                    &env_query(&name, user.as_deref())?,
+                    Some(&Value::Object(body)),
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{}@{} of {}: {}, {:?}",
+                    s(&v["name"]),
+                    s(&v["version"]),
+                    s(&v["user"]),
+                    s(&v["visibility"]),
+                    v["description"].as_str().unwrap_or("")
+                );
             }
             Ok(0)
         }
@@ -901,6 +958,158 @@ pub(crate) async fn rights(c: &Client, cmd: RightsCmd) -> Result<i32> {
             let v = c.call(Method::DELETE, &path, None).await?;
             println!("{} right(s) removed", s(&v["removed"]));
             Ok(0)
+        }
+    }
+}
+
+/// Puts a terminal in raw mode until dropped (every way out of `console`, panics included).
+struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    fn enter() -> Result<RawMode> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).context("reading the terminal's settings")?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSADRAIN, &raw).context("putting the terminal in raw mode")?;
+        Ok(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        let _ = tcsetattr(std::io::stdin(), SetArg::TCSADRAIN, &self.saved);
+    }
+}
+
+/// `kd-coord console NODE`: the node's console through the daemon. A terminal is put in raw
+/// mode (restored on the way out) and `~.` at the start of a line disconnects; other input
+/// is streamed, its end forwarded. Exit 0 when the console command ended well or the user
+/// disconnected, 1 when it failed, 128+N after signal N (SIGTERM, SIGHUP, SIGINT: the
+/// terminal restored first).
+pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
+    use kd_coord::console::{self, Escape};
+    use std::io::{IsTerminal, Read, Write};
+    let io = c
+        .upgrade(
+            &format!("/api/v1/nodes/{}/console", enc(node)),
+            console::PROTOCOL,
+        )
+        .await?;
+    let (rd, mut wr) = tokio::io::split(hyper_util::rt::TokioIo::new(io));
+    let tty = std::io::stdin().is_terminal();
+    eprintln!(
+        "kd-coord: console of {node}{}",
+        if tty {
+            " (~. at the start of a line disconnects)"
+        } else {
+            ""
+        }
+    );
+    let raw = if tty { Some(RawMode::enter()?) } else { None };
+    // A thread of its own: a blocking read that cannot be cancelled must not hold up the
+    // runtime's end (the process exits with it still reading).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        let mut stdin = std::io::stdin();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut escape = Escape::default();
+    let mut input_open = true;
+    let mut status = None;
+    // Frames from a stream that keeps a frame half read when another branch wins the select
+    // (read_frame itself must not be cancelled mid-frame).
+    let frames = futures_util::stream::unfold(Some(rd), |rd| async move {
+        let mut rd = rd?;
+        match console::read_frame(&mut rd).await {
+            Ok(Some(f)) => Some((Ok(f), Some(rd))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    tokio::pin!(frames);
+    // A signal ends the session the way ~. does: the terminal is restored on the way out.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    enum How {
+        Disconnected,
+        Signal(&'static str, i32),
+        Ended,
+    }
+    let how = loop {
+        tokio::select! {
+            chunk = rx.recv(), if input_open => match chunk {
+                Some(bytes) => {
+                    let (send, quit) = if tty { escape.feed(&bytes) } else { (bytes, false) };
+                    if !send.is_empty() {
+                        console::write_frame(&mut wr, console::INPUT, &send).await.context("sending to the console")?;
+                    }
+                    if quit {
+                        break How::Disconnected;
+                    }
+                }
+                None => {
+                    input_open = false;
+                    console::write_frame(&mut wr, console::CLOSE_INPUT, b"").await.context("sending to the console")?;
+                }
+            },
+            frame = futures_util::StreamExt::next(&mut frames) => match frame.transpose().context("reading the console")? {
+                Some((console::STDOUT, data)) => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&data)?;
+                    out.flush()?;
+                }
+                Some((console::STDERR, data)) => {
+                    let mut err = std::io::stderr().lock();
+                    err.write_all(&data)?;
+                    err.flush()?;
+                }
+                Some((console::EXIT, data)) => {
+                    status = serde_json::from_slice::<console::ExitStatus>(&data).ok();
+                }
+                Some((k, _)) => bail!("the daemon sent an unknown console frame kind {k:#04x}"),
+                None => break How::Ended,
+            },
+            _ = term.recv() => break How::Signal("SIGTERM", 15),
+            _ = hup.recv() => break How::Signal("SIGHUP", 1),
+            _ = int.recv() => break How::Signal("SIGINT", 2),
+        }
+    };
+    // Cooked again: "\n" is a new line.
+    drop(raw);
+    match (how, status) {
+        (How::Disconnected, _) => {
+            eprintln!("\nkd-coord: disconnected from the console of {node}");
+            Ok(0)
+        }
+        (How::Signal(name, n), _) => {
+            eprintln!("\nkd-coord: {name}: disconnected from the console of {node}");
+            Ok(128 + n)
+        }
+        (How::Ended, Some(st)) if st.code == Some(0) => Ok(0),
+        (How::Ended, Some(st)) => {
+            eprintln!("kd-coord: the console command of {node} ended: {st}");
+            Ok(1)
+        }
+        (How::Ended, None) => {
+            eprintln!("kd-coord: the console of {node} closed without its command's end");
+            Ok(1)
         }
     }
 }

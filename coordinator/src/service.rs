@@ -300,6 +300,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/", get(doc))
         .route("/api/v1", get(doc))
         .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/nodes/{name}/console", post(node_console))
         .route("/api/v1/clusters", get(clusters).post(add_cluster))
         .route(
             "/api/v1/deployments",
@@ -318,7 +319,9 @@ pub fn router(d: Arc<Daemon>) -> Router {
         )
         .route(
             "/api/v1/environments/{name}",
-            get(show_environment).delete(remove_environment),
+            get(show_environment)
+                .delete(remove_environment)
+                .patch(update_environment),
         )
         .route("/api/v1/operations", post(create_operation))
         .route("/api/v1/power", get(power_status))
@@ -1442,4 +1445,203 @@ fn steps_json(r: &crate::workflow::NodeReport) -> Vec<Value> {
 /// Seconds since the epoch, for clients formatting times.
 pub fn epoch_now() -> f64 {
     now_secs()
+}
+
+/// `POST /api/v1/nodes/NAME/console` with `Upgrade: kd-console`: the caller's rights on the
+/// node checked, the cluster's console command started by the daemon and relayed
+/// ([`crate::console`]) over the upgraded connection.
+async fn node_console(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    mut req: axum::extract::Request,
+) -> ApiResult<Response> {
+    use crate::console::PROTOCOL;
+    let user = user_name(p.uid);
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(PROTOCOL));
+    if !wants {
+        return Err(ApiError::bad(format!(
+            "a console is an HTTP/1.1 upgrade: send Connection: Upgrade and Upgrade: {PROTOCOL} (kd-coord console NODE does)"
+        )));
+    }
+    let clusters = parse_clusters(&d.db())?;
+    let Some((cluster, node)) = clusters.iter().find_map(|c| c.node(&name).map(|n| (c, n))) else {
+        return Err(unknown_nodes(std::slice::from_ref(&name), &clusters));
+    };
+    if !d.is_admin(&p) {
+        // The deployments' check (db::denied), on any partition the user has a right on:
+        // whoever may deploy the node may see its console.
+        let db = d.db();
+        let rights = db.rights(Some(&user))?;
+        let mut allowed = false;
+        for r in &rights {
+            if db
+                .denied(&user, std::slice::from_ref(&name), &r.partition)?
+                .is_empty()
+            {
+                allowed = true;
+                break;
+            }
+        }
+        if !allowed {
+            return Err(ApiError::forbidden(format!(
+                "{user} may not use the console of {name}: it needs a right on {name} (an administrator grants it with kd-coord rights add -u {user} -m {name})"
+            )));
+        }
+    }
+    let Some(template) = &cluster.commands.console else {
+        return Err(ApiError::bad(format!(
+            "cluster {} has no console command (commands.console in its configuration)",
+            cluster.cluster
+        )));
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(ApiError::bad(
+            "this connection cannot be upgraded (HTTP/1.1 only)",
+        ));
+    };
+    let command = crate::config::render_template(template, node, &cluster.cluster);
+    let child = crate::console::spawn(&command)?;
+    // The command line is not logged: it may hold a BMC's credentials.
+    let pid = child.id().unwrap_or(0);
+    tracing::info!("console of {name} opened for {user} (pid {pid})");
+    tokio::spawn(async move {
+        let t0 = Instant::now();
+        let end = match on_upgrade.await {
+            Ok(io) => crate::console::relay(hyper_util::rt::TokioIo::new(io), child).await,
+            Err(e) => crate::console::End::ClientLeft(format!("upgrade failed: {e}")),
+        };
+        tracing::info!(
+            "console of {name} closed for {user} after {:.1} s: {end}",
+            t0.elapsed().as_secs_f64()
+        );
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .body(axum::body::Body::empty())
+        .map_err(anyhow::Error::from)?)
+}
+
+/// `PATCH /api/v1/environments/NAME?version=V&user=OWNER` `{"visibility", "description"}`:
+/// the owner or an administrator changes these two of one version (the last one without
+/// `version`); its image and content stay as registered.
+async fn update_environment(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<EnvQuery>,
+    Json(body): Json<serde_json::Map<String, Value>>,
+) -> ApiResult<Json<Value>> {
+    let me = user_name(p.uid);
+    let owner = q.user.clone().unwrap_or_else(|| me.clone());
+    if owner != me && !d.is_admin(&p) {
+        return Err(ApiError::forbidden(format!(
+            "{name} is {owner}'s: {me} may not update it"
+        )));
+    }
+    let mut visibility = None;
+    let mut description = None;
+    for (k, v) in &body {
+        match (k.as_str(), v) {
+            ("visibility", Value::String(s)) => visibility = Some(s.clone()),
+            ("description", Value::String(s)) => description = Some(s.clone()),
+            ("visibility" | "description", other) => {
+                return Err(ApiError::bad(format!("{k} must be a string, not {other}")))
+            }
+            _ => {
+                return Err(ApiError::bad(format!(
+                    "{k} cannot change: a version is immutable but for its visibility and description (add a new version)"
+                )))
+            }
+        }
+    }
+    if visibility.is_none() && description.is_none() {
+        return Err(ApiError::bad(
+            "nothing to update: give visibility and/or description",
+        ));
+    }
+    if let Some(v) = &visibility {
+        if !["private", "shared", "public"].contains(&v.as_str()) {
+            return Err(ApiError::bad(format!(
+                "bad visibility {v:?}: private, shared or public"
+            )));
+        }
+        if v == "public" && !d.is_admin(&p) {
+            return Err(ApiError::forbidden(format!(
+                "only an administrator makes environments public: {me} may make it private or shared"
+            )));
+        }
+    }
+    let spec = format!(
+        "{name}{}",
+        q.version.map(|v| format!("@{v}")).unwrap_or_default()
+    );
+    let mut db = d.db();
+    let row = db
+        .find_environment(&me, d.is_admin(&p), &name, q.version, Some(&owner))?
+        .filter(|e| e.user == owner)
+        .ok_or_else(|| ApiError::not_found(format!("{owner} has no environment {spec}")))?;
+    let yaml = with_fields(&row.yaml, visibility.as_deref(), description.as_deref())
+        .map_err(|e| anyhow::anyhow!("{}@{}: {e:#}", row.name, row.version))?;
+    let visibility = visibility.unwrap_or(row.visibility);
+    let description = description.unwrap_or(row.description);
+    if !db.update_environment(
+        &row.name,
+        row.version,
+        &owner,
+        &visibility,
+        &description,
+        &yaml,
+    )? {
+        return Err(ApiError::not_found(format!(
+            "{owner} has no environment {}@{} any more",
+            row.name, row.version
+        )));
+    }
+    tracing::info!(
+        "environment {}@{} of {owner} updated by {me}: visibility {visibility}",
+        row.name,
+        row.version
+    );
+    Ok(Json(
+        json!({ "name": row.name, "version": row.version, "user": owner,
+                "visibility": visibility, "description": description, "added": row.added }),
+    ))
+}
+
+/// The description `yaml` with its `visibility` and/or `description` replaced; everything
+/// else must read the same (checked by parsing both). Comments are not kept.
+fn with_fields(yaml: &str, visibility: Option<&str>, description: Option<&str>) -> Result<String> {
+    let before = Environment::parse(yaml).context("the registered description")?;
+    let mut doc: serde_norway::Value =
+        serde_norway::from_str(yaml).context("the registered description")?;
+    let map = doc
+        .as_mapping_mut()
+        .context("the registered description is not a mapping")?;
+    if let Some(v) = visibility {
+        map.insert("visibility".into(), v.into());
+    }
+    if let Some(d) = description {
+        map.insert("description".into(), d.into());
+    }
+    let text = serde_norway::to_string(&doc).context("writing the description")?;
+    let after = Environment::parse(&text).context("the updated description")?;
+    let mut expect = before;
+    if let Some(v) = visibility {
+        expect.visibility = serde_norway::from_str(v).context("visibility")?;
+    }
+    if let Some(d) = description {
+        expect.description = d.to_string();
+    }
+    anyhow::ensure!(
+        after == expect,
+        "updating visibility/description would change something else"
+    );
+    Ok(text)
 }
