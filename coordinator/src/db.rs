@@ -276,6 +276,44 @@ pub struct Stats {
     pub mean_ok_secs: Option<f64>,
 }
 
+/// One node's deployments (`kd-coord stats --failure-rate`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeStats {
+    /// Node.
+    pub node: String,
+    /// Finished deployments of it.
+    pub deployments: i64,
+    /// Those that deployed it.
+    pub ok: i64,
+    /// Those that failed on it.
+    pub ko: i64,
+    /// `ko / deployments`.
+    pub failure_rate: f64,
+    /// Mean seconds of its successful deployments.
+    pub mean_ok_secs: Option<f64>,
+    /// Failures per step.
+    pub failures_by_step: std::collections::BTreeMap<String, i64>,
+    /// Its last failure's step and reason.
+    pub last_failure: Option<String>,
+}
+
+/// One step over the nodes of finished deployments (`kd-coord stats --per-step`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepStats {
+    /// Step.
+    pub step: String,
+    /// Node deployments that entered it.
+    pub entered: i64,
+    /// Those that failed in it.
+    pub failed: i64,
+    /// Retries over all of them.
+    pub retries: i64,
+    /// Mean seconds of a passed step.
+    pub mean_secs: Option<f64>,
+    /// Longest passed step.
+    pub max_secs: Option<f64>,
+}
+
 /// The database.
 pub struct Db {
     conn: Connection,
@@ -909,8 +947,9 @@ impl Db {
             s.deployments_by_state.insert(k, v);
         }
         let mut q = self.conn.prepare(
-            "SELECT result, step, COUNT(*), AVG(total_secs) FROM deployment_nodes
-             WHERE result != 'running' GROUP BY result, step",
+            "SELECT dn.result, dn.step, COUNT(*), AVG(dn.total_secs)
+             FROM deployment_nodes dn JOIN deployments d ON d.id = dn.deployment
+             WHERE dn.result != 'running' AND d.kind = 'deploy' GROUP BY dn.result, dn.step",
         )?;
         for r in q.query_map([], |r| {
             Ok((
@@ -932,6 +971,124 @@ impl Db {
             }
         }
         Ok(s)
+    }
+
+    /// Per node and per step, over finished deployments created at or after `since` (seconds
+    /// since the epoch), of `nodes` if given: nodes sorted by failure rate, highest first (then
+    /// by name); steps in workflow order.
+    pub fn detailed_stats(
+        &self,
+        nodes: Option<&[String]>,
+        since: Option<i64>,
+    ) -> Result<(Vec<NodeStats>, Vec<StepStats>)> {
+        use std::collections::{BTreeMap, HashSet};
+        let wanted: Option<HashSet<&str>> = nodes.map(|n| n.iter().map(String::as_str).collect());
+        let mut q = self.conn.prepare(
+            "SELECT dn.node, dn.result, dn.step, dn.reason, dn.total_secs, dn.steps
+             FROM deployment_nodes dn JOIN deployments d ON d.id = dn.deployment
+             WHERE dn.result != 'running' AND d.kind = 'deploy' AND d.created >= ?1
+             ORDER BY d.id",
+        )?;
+        struct Acc {
+            ok: i64,
+            ko: i64,
+            ok_secs: f64,
+            by_step: BTreeMap<String, i64>,
+            last: Option<String>,
+        }
+        let mut per_node: BTreeMap<String, Acc> = BTreeMap::new();
+        // step → (entered, failed, retries, passed secs)
+        let mut per_step: BTreeMap<String, (i64, i64, i64, Vec<f64>)> = BTreeMap::new();
+        let rows = q.query_map([since.unwrap_or(i64::MIN)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<f64>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+            ))
+        })?;
+        for row in rows {
+            let (node, result, step, reason, secs, steps) = row?;
+            if wanted.as_ref().is_some_and(|w| !w.contains(node.as_str())) {
+                continue;
+            }
+            let a = per_node.entry(node).or_insert(Acc {
+                ok: 0,
+                ko: 0,
+                ok_secs: 0.0,
+                by_step: BTreeMap::new(),
+                last: None,
+            });
+            if result == "ok" {
+                a.ok += 1;
+                a.ok_secs += secs.unwrap_or(0.0);
+            } else {
+                a.ko += 1;
+                let st = step.unwrap_or_else(|| "none".into());
+                *a.by_step.entry(st.clone()).or_default() += 1;
+                a.last = Some(format!("{st}: {}", reason.unwrap_or_default()));
+            }
+            let recs: Vec<serde_json::Value> = steps
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            for rec in recs {
+                let Some(name) = rec["step"].as_str() else {
+                    continue;
+                };
+                let e = per_step.entry(name.to_string()).or_default();
+                e.0 += 1;
+                let passed = rec["ok"].as_bool().unwrap_or(false);
+                if !passed {
+                    e.1 += 1;
+                }
+                e.2 += rec["attempts"].as_i64().unwrap_or(1).saturating_sub(1);
+                if let (true, Some(x)) = (passed, rec["secs"].as_f64()) {
+                    e.3.push(x);
+                }
+            }
+        }
+        let mut nodes_out: Vec<NodeStats> = per_node
+            .into_iter()
+            .map(|(node, a)| {
+                let n = a.ok + a.ko;
+                NodeStats {
+                    node,
+                    deployments: n,
+                    ok: a.ok,
+                    ko: a.ko,
+                    failure_rate: if n > 0 { a.ko as f64 / n as f64 } else { 0.0 },
+                    mean_ok_secs: (a.ok > 0).then(|| a.ok_secs / a.ok as f64),
+                    failures_by_step: a.by_step,
+                    last_failure: a.last,
+                }
+            })
+            .collect();
+        nodes_out.sort_by(|a, b| {
+            b.failure_rate
+                .total_cmp(&a.failure_rate)
+                .then_with(|| kd_proto::nodeset::natural_cmp(&a.node, &b.node))
+        });
+        let order = |s: &str| {
+            crate::workflow::Step::ALL
+                .iter()
+                .position(|x| x.as_str() == s)
+                .unwrap_or(usize::MAX)
+        };
+        let mut steps_out: Vec<StepStats> = per_step
+            .into_iter()
+            .map(|(step, (entered, failed, retries, secs))| StepStats {
+                mean_secs: (!secs.is_empty()).then(|| secs.iter().sum::<f64>() / secs.len() as f64),
+                max_secs: secs.iter().copied().reduce(f64::max),
+                step,
+                entered,
+                failed,
+                retries,
+            })
+            .collect();
+        steps_out.sort_by_key(|s| order(&s.step));
+        Ok((nodes_out, steps_out))
     }
 
     /// Writes many rows at once (benches): `count` finished deployments of one node each.
@@ -1080,6 +1237,91 @@ mod tests {
         assert_eq!(node(&db, "node1").state, "powered_off");
         assert_eq!(node(&db, "node2").state, "unknown");
         assert_eq!(node(&db, "node1").deployment, Some(dep));
+    }
+
+    #[test]
+    fn detailed_stats_rank_nodes_by_failure_rate_and_sum_steps() {
+        let mut db = db();
+        let st = |prep_ok: bool, secs: f64, attempts: u32| {
+            serde_json::json!([
+                {"step": "SetDeploymentEnv", "ok": true, "attempts": attempts, "secs": 10.0, "reboots": ["soft"]},
+                {"step": "Prepare", "ok": prep_ok, "attempts": 1, "secs": secs, "reboots": []},
+            ])
+        };
+        // node1: 2 ok; node2: 1 ok, 2 ko (in Prepare); a reboot job does not count.
+        for round in 0..3 {
+            let n = names("node[1-2]");
+            let id = db.create_deployment(&new("alice", &n)).unwrap().unwrap();
+            if round < 2 {
+                db.finish_node(
+                    id,
+                    "node1",
+                    None,
+                    60.0 + f64::from(round),
+                    &st(true, 4.0, 1),
+                )
+                .unwrap();
+            }
+            if round == 0 {
+                db.finish_node(id, "node2", None, 70.0, &st(true, 6.0, 2))
+                    .unwrap();
+            } else {
+                db.finish_node(
+                    id,
+                    "node2",
+                    Some(("Prepare", "sfdisk: busy")),
+                    20.0,
+                    &st(false, 2.0, 1),
+                )
+                .unwrap();
+            }
+            db.finish_deployment(id, "done", Some("the rest")).unwrap();
+        }
+        let one = names("node1");
+        let op = NewDeployment {
+            kind: kind::REBOOT,
+            environment: "reboot:simple",
+            ..new("bob", &one)
+        };
+        let id = db.create_deployment(&op).unwrap().unwrap();
+        db.finish_node(
+            id,
+            "node1",
+            Some(("BootNewEnv", "no answer")),
+            30.0,
+            &serde_json::json!([]),
+        )
+        .unwrap();
+        let (nodes, steps) = db.detailed_stats(None, None).unwrap();
+        let row = |n: &str| nodes.iter().find(|r| r.node == n).unwrap().clone();
+        // node1's third deployment ended with "the rest" (ko, no step).
+        assert_eq!(nodes[0].node, "node2");
+        let n2 = row("node2");
+        assert_eq!((n2.deployments, n2.ok, n2.ko), (3, 1, 2));
+        assert!((n2.failure_rate - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(n2.mean_ok_secs, Some(70.0));
+        assert_eq!(n2.failures_by_step.get("Prepare"), Some(&2));
+        assert_eq!(n2.last_failure.as_deref(), Some("Prepare: sfdisk: busy"));
+        let n1 = row("node1");
+        assert_eq!((n1.ok, n1.ko, n1.mean_ok_secs), (2, 1, Some(60.5)));
+        assert_eq!(n1.last_failure.as_deref(), Some("none: the rest"));
+        // Steps in workflow order; the failed Prepares are not in its mean.
+        assert_eq!(
+            steps.iter().map(|s| s.step.as_str()).collect::<Vec<_>>(),
+            vec!["SetDeploymentEnv", "Prepare"]
+        );
+        assert_eq!(
+            (steps[0].entered, steps[0].failed, steps[0].retries),
+            (5, 0, 1)
+        );
+        assert_eq!((steps[1].entered, steps[1].failed), (5, 2));
+        assert_eq!(steps[1].mean_secs, Some((4.0 + 6.0 + 4.0) / 3.0));
+        assert_eq!(steps[1].max_secs, Some(6.0));
+        // Only some nodes; only later deployments.
+        let (only, _) = db.detailed_stats(Some(&names("node1")), None).unwrap();
+        assert_eq!(only.len(), 1);
+        let (later, _) = db.detailed_stats(None, Some(now() + 3600)).unwrap();
+        assert!(later.is_empty());
     }
 
     #[test]

@@ -70,8 +70,25 @@ enum Cmd {
     /// Grant, list and remove deployment rights.
     #[command(subcommand)]
     Rights(remote::RightsCmd),
-    /// Deployment statistics.
+    /// Deployment statistics: totals; per node (`--failure-rate`: the nodes that fail most
+    /// first) and per step (`--per-step`), over all deployments or those since a date.
     Stats {
+        /// Only these nodes (node set).
+        #[arg(short = 'm', long = "machines")]
+        nodes: Option<String>,
+        /// Only deployments since: YYYY-MM-DD (UTC), seconds since the epoch, or an age
+        /// (30m, 12h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Per node: deployments, ok, ko, failure rate, mean time, last failure.
+        #[arg(long)]
+        failure_rate: bool,
+        /// Per step: entered, failed, retries, mean and longest time.
+        #[arg(long)]
+        per_step: bool,
+        /// Print the tables as CSV.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -448,9 +465,32 @@ fn run(cli: Cli) -> Result<i32> {
                 remote::nodes(&c, nodes.as_deref(), status.as_deref(), json).await
             })
         }
-        Cmd::Stats { json } => {
+        Cmd::Stats {
+            nodes,
+            since,
+            failure_rate,
+            per_step,
+            csv,
+            json,
+        } => {
+            let since = match since.as_deref().map(remote::parse_since) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    eprintln!("kd-coord: error: {e:#}");
+                    return Ok(2);
+                }
+            };
             let c = kd_coord::client::Client::new(&cli.state);
-            remote::run_client(async { remote::stats(&c, json).await })
+            let o = remote::StatsOpts {
+                nodes,
+                since,
+                failure_rate,
+                per_step,
+                csv,
+                json,
+            };
+            remote::run_client(async { remote::stats(&c, o).await })
         }
         Cmd::Deployments(cmd) => {
             let c = kd_coord::client::Client::new(&cli.state);

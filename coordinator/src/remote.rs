@@ -451,10 +451,182 @@ pub(crate) async fn nodes(
     Ok(0)
 }
 
-pub(crate) async fn stats(c: &Client, json_out: bool) -> Result<i32> {
-    let v = c.call(Method::GET, "/api/v1/stats", None).await?;
-    if json_out {
+/// What `stats` asks and prints.
+pub(crate) struct StatsOpts {
+    pub(crate) nodes: Option<String>,
+    pub(crate) since: Option<i64>,
+    pub(crate) failure_rate: bool,
+    pub(crate) per_step: bool,
+    pub(crate) csv: bool,
+    pub(crate) json: bool,
+}
+
+/// `--since`: `YYYY-MM-DD` (UTC midnight), seconds since the epoch, or an age (`30m`, `12h`,
+/// `7d`) before now.
+pub(crate) fn parse_since(text: &str) -> Result<i64> {
+    since_at(text, kd_coord::service::epoch_now() as i64)
+}
+
+fn since_at(text: &str, now: i64) -> Result<i64> {
+    let t = text.trim();
+    let bad = || {
+        anyhow::anyhow!("bad --since {text:?}: YYYY-MM-DD, seconds since the epoch, or an age such as 30m, 12h, 7d")
+    };
+    if let Ok(secs) = t.parse::<i64>() {
+        return Ok(secs);
+    }
+    if let Some((num, unit)) = t.split_at_checked(t.len().saturating_sub(1)) {
+        let mult = match unit {
+            "m" => Some(60),
+            "h" => Some(3600),
+            "d" => Some(86_400),
+            "w" => Some(7 * 86_400),
+            _ => None,
+        };
+        if let (Some(m), Ok(n)) = (mult, num.parse::<i64>()) {
+            return n
+                .checked_mul(m)
+                .and_then(|d| now.checked_sub(d))
+                .ok_or_else(bad);
+        }
+    }
+    let parts: Vec<&str> = t.split('-').collect();
+    if let [y, m, d] = parts[..] {
+        let (y, m, d) = (
+            y.parse::<i64>().map_err(|_| bad())?,
+            m.parse::<i64>().map_err(|_| bad())?,
+            d.parse::<i64>().map_err(|_| bad())?,
+        );
+        if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1970..=9999).contains(&y) {
+            return Err(bad());
+        }
+        // Days from the civil date (Howard Hinnant's algorithm).
+        let y2 = if m <= 2 { y - 1 } else { y };
+        let era = y2.div_euclid(400);
+        let yoe = y2 - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        return Ok((era * 146_097 + doe - 719_468) * 86_400);
+    }
+    Err(bad())
+}
+
+/// Rows as CSV (quoted where needed).
+fn csv(rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .map(|c| {
+                if c.contains([',', '"', '\n']) {
+                    format!("\"{}\"", c.replace('"', "\"\""))
+                } else {
+                    c.clone()
+                }
+            })
+            .collect();
+        out.push_str(&cells.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn secs_cell(v: &Value) -> String {
+    v.as_f64()
+        .map(|x| format!("{x:.1}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The per-node table of `stats --failure-rate`.
+fn node_stats_rows(v: &Value) -> Vec<Vec<String>> {
+    let mut rows = vec![[
+        "node",
+        "deployments",
+        "ok",
+        "ko",
+        "failure_rate",
+        "mean_ok_secs",
+        "last_failure",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for n in v["per_node"].as_array().cloned().unwrap_or_default() {
+        rows.push(vec![
+            s(&n["node"]),
+            s(&n["deployments"]),
+            s(&n["ok"]),
+            s(&n["ko"]),
+            n["failure_rate"]
+                .as_f64()
+                .map(|x| format!("{:.0}%", x * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            secs_cell(&n["mean_ok_secs"]),
+            n["last_failure"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    rows
+}
+
+/// The per-step table of `stats --per-step`.
+fn step_stats_rows(v: &Value) -> Vec<Vec<String>> {
+    let mut rows = vec![[
+        "step",
+        "entered",
+        "failed",
+        "retries",
+        "mean_secs",
+        "max_secs",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for st in v["per_step"].as_array().cloned().unwrap_or_default() {
+        rows.push(vec![
+            s(&st["step"]),
+            s(&st["entered"]),
+            s(&st["failed"]),
+            s(&st["retries"]),
+            secs_cell(&st["mean_secs"]),
+            secs_cell(&st["max_secs"]),
+        ]);
+    }
+    rows
+}
+
+pub(crate) async fn stats(c: &Client, o: StatsOpts) -> Result<i32> {
+    let detail = o.failure_rate || o.per_step || o.nodes.is_some() || o.since.is_some();
+    let mut path = String::from("/api/v1/stats?");
+    if detail {
+        path.push_str("detail=true");
+    }
+    if let Some(m) = &o.nodes {
+        path.push_str(&format!("&nodes={}", enc(m)));
+    }
+    if let Some(t) = o.since {
+        path.push_str(&format!("&since={t}"));
+    }
+    let v = c.call(Method::GET, &path, None).await?;
+    if o.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let print = |rows: Vec<Vec<String>>| {
+        if o.csv {
+            print!("{}", csv(&rows));
+        } else {
+            print!("{}", table(&rows));
+        }
+    };
+    if o.failure_rate || o.per_step {
+        if o.failure_rate {
+            print(node_stats_rows(&v));
+        }
+        if o.failure_rate && o.per_step && !o.csv {
+            println!();
+        }
+        if o.per_step {
+            print(step_stats_rows(&v));
+        }
         return Ok(0);
     }
     let mut rows = Vec::new();
@@ -488,7 +660,7 @@ pub(crate) async fn stats(c: &Client, json_out: bool) -> Result<i32> {
             .unwrap_or_else(|| "-".into()),
     ]);
     rows.push(vec!["running now".into(), s(&v["deployments_running"])]);
-    print!("{}", table(&rows));
+    print(rows);
     Ok(0)
 }
 
@@ -1111,5 +1283,47 @@ pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
             eprintln!("kd-coord: the console of {node} closed without its command's end");
             Ok(1)
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod stats_tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_dates_epochs_and_ages() {
+        assert_eq!(since_at("2026-12-06", 0).unwrap(), 1_796_515_200);
+        assert_eq!(since_at("1970-01-01", 0).unwrap(), 0);
+        assert_eq!(since_at("2000-03-01", 0).unwrap(), 951_868_800);
+        assert_eq!(since_at("1700000000", 0).unwrap(), 1_700_000_000);
+        assert_eq!(since_at("7d", 1_000_000).unwrap(), 1_000_000 - 7 * 86_400);
+        assert_eq!(since_at("12h", 100_000).unwrap(), 100_000 - 12 * 3600);
+        for bad in [
+            "yesterday",
+            "2026-13-01",
+            "2026-12",
+            "5x",
+            "",
+            "99999999999999999999d",
+        ] {
+            let e = since_at(bad, 0).unwrap_err().to_string();
+            assert!(e.contains("bad --since"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_it() {
+        let rows = vec![
+            vec!["node".to_string(), "last_failure".to_string()],
+            vec![
+                "n1".to_string(),
+                "Prepare: sfdisk said \"busy\", twice".to_string(),
+            ],
+        ];
+        assert_eq!(
+            csv(&rows),
+            "node,last_failure\nn1,\"Prepare: sfdisk said \"\"busy\"\", twice\"\n"
+        );
     }
 }

@@ -658,11 +658,37 @@ async fn remove_rights(
     Ok(Json(json!({ "removed": n })))
 }
 
-async fn stats(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
+#[derive(Deserialize)]
+struct StatsQuery {
+    /// Only these nodes (per node and per step).
+    nodes: Option<String>,
+    /// Only deployments created at or after this time (seconds since the epoch).
+    since: Option<i64>,
+    /// Add `per_node` and `per_step`.
+    #[serde(default)]
+    detail: bool,
+}
+
+async fn stats(
+    State(d): State<Arc<Daemon>>,
+    Query(q): Query<StatsQuery>,
+) -> ApiResult<Json<Value>> {
     let s = d.db().stats()?;
     let mut v = serde_json::to_value(&s).map_err(anyhow::Error::from)?;
     v["deployments_running"] = json!(d.running.lock().unwrap_or_else(|p| p.into_inner()).len());
     v["uptime_secs"] = json!(d.started.elapsed().as_secs());
+    if q.detail || q.nodes.is_some() || q.since.is_some() {
+        let nodes = match &q.nodes {
+            Some(set) => Some(
+                kd_proto::nodeset::parse(set)
+                    .map_err(|e| ApiError::bad(format!("bad node set {set:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        let (per_node, per_step) = d.db().detailed_stats(nodes.as_deref(), q.since)?;
+        v["per_node"] = serde_json::to_value(per_node).map_err(anyhow::Error::from)?;
+        v["per_step"] = serde_json::to_value(per_step).map_err(anyhow::Error::from)?;
+    }
     Ok(Json(v))
 }
 

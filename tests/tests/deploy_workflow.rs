@@ -1923,6 +1923,52 @@ fn daemon_reboot_and_power_process_nodes_with_rights_states_and_escalation() {
         node(&lab.kd_json(&["nodes"]), "node2")["state"],
         "powered_on"
     );
+    // Stats after a failed deployment of node2 (its BMC does nothing any more): node2 fails
+    // half of its deployments and comes first; the reboots and power jobs do not count.
+    write(&fakebmc::node_dir(&lab.bmc, "node2").join("dead"), "");
+    let o = lab.kd(None, &["deploy", "-e", &env, "-m", "node2", "-k", &key]);
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", text(&o), lab.dump());
+    let st = lab.kd_json(&["stats", "--failure-rate"]);
+    let per_node = st["per_node"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = per_node.iter().filter_map(|n| n["node"].as_str()).collect();
+    assert_eq!(names, vec!["node2", "node1"], "{st}");
+    assert_eq!(
+        (&per_node[0]["deployments"], &per_node[0]["ko"]),
+        (&serde_json::json!(2), &serde_json::json!(1)),
+        "{st}"
+    );
+    assert_eq!(per_node[0]["failure_rate"], 0.5, "{st}");
+    assert!(
+        per_node[0]["last_failure"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("SetDeploymentEnv: "),
+        "{st}"
+    );
+    assert_eq!(per_node[1]["failure_rate"], 0.0, "{st}");
+    let o = lab.kd(None, &["stats", "--per-step", "--csv", "-m", "node[1-2]"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("step,entered,failed,retries,mean_secs,max_secs"),
+        "{out}"
+    );
+    let set: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    assert_eq!(&set[..3], &["SetDeploymentEnv", "3", "1"], "{out}");
+    // Over the last day: all of it; since tomorrow: nothing.
+    let st = lab.kd_json(&["stats", "--failure-rate", "--since", "1d"]);
+    assert_eq!(st["per_node"].as_array().map(Vec::len), Some(2), "{st}");
+    let tomorrow = (std::time::SystemTime::now() + Duration::from_secs(86_400))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let st = lab.kd_json(&["stats", "--failure-rate", "--since", &tomorrow]);
+    assert_eq!(st["per_node"].as_array().map(Vec::len), Some(0), "{st}");
+    let o = lab.kd(None, &["stats", "--since", "yesterday"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     // A node that never answers: the simple reboot escalates soft → hard → very_hard, each
     // attempt of boot_new_env (1 retry) in turn, then fails with the reason.
     write(
