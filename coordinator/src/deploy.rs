@@ -639,6 +639,18 @@ impl Driver {
         }
     }
 
+    /// For an operation: what it is and what a node is when it succeeded, for the notes.
+    fn op_words(&self) -> Option<(&'static str, &'static str)> {
+        match self.setup.settings.profile {
+            crate::workflow::Profile::Operate { op, .. } => Some(match op {
+                Operation::Reboot => ("reboot", "answering"),
+                Operation::PowerOn => ("power on", "powered on"),
+                Operation::PowerOff => ("power off", "powered off"),
+            }),
+            _ => None,
+        }
+    }
+
     fn cluster(&self) -> Result<&ClusterConfig, String> {
         self.setup.cluster.as_ref().ok_or_else(|| {
             "no cluster configuration: the broadcast alone has no PXE, reboot or probe".to_string()
@@ -769,7 +781,10 @@ impl Driver {
                     });
                 }
                 if attempt == 0 {
-                    self.note(format!("{node}: {step}"));
+                    match self.op_words() {
+                        Some((what, _)) => self.note(format!("{node}: {what}")),
+                        None => self.note(format!("{node}: {step}")),
+                    }
                 } else {
                     self.note(format!("{node}: {step} (retry {attempt})"));
                 }
@@ -788,7 +803,8 @@ impl Driver {
                 });
                 match &report.result {
                     crate::workflow::NodeResult::Deployed => self.note(format!(
-                        "{node}: deployed in {:.1} s",
+                        "{node}: {} in {:.1} s",
+                        self.op_words().map_or("deployed", |(_, done)| done),
                         report.total.as_secs_f64()
                     )),
                     crate::workflow::NodeResult::Failed { step, reason } => {
@@ -867,7 +883,8 @@ impl Driver {
                 status: CommandStatus::Failed(format!("no {op:?} command at level {level}")),
             }];
         };
-        self.note(format!("{node}: {level} reboot: {cmd}"));
+        let what = self.op_words().map_or("reboot", |(what, _)| what);
+        self.note(format!("{node}: {level} {what}: {cmd}"));
         let tx = self.ev_tx.clone();
         let limit = Duration::from_secs(self.setup.settings.policy.command_timeout.max(1));
         let h = tokio::spawn(async move {

@@ -49,8 +49,11 @@ enum Cmd {
     /// List the nodes and their state.
     Nodes {
         /// Only these nodes (node set).
-        #[arg(short = 'm', long = "machines")]
+        #[arg(short = 'm', long = "machines", conflicts_with = "node_file")]
         nodes: Option<String>,
+        /// Only the nodes of this file, one per line (`-` for stdin).
+        #[arg(short = 'f', long = "file")]
+        node_file: Option<PathBuf>,
         /// Only nodes in this state (deployed, deploy_failed, deploying, ...).
         #[arg(long)]
         status: Option<String>,
@@ -74,8 +77,11 @@ enum Cmd {
     /// first) and per step (`--per-step`), over all deployments or those since a date.
     Stats {
         /// Only these nodes (node set).
-        #[arg(short = 'm', long = "machines")]
+        #[arg(short = 'm', long = "machines", conflicts_with = "node_file")]
         nodes: Option<String>,
+        /// Only the nodes of this file, one per line (`-` for stdin).
+        #[arg(short = 'f', long = "file")]
+        node_file: Option<PathBuf>,
         /// Only deployments since: YYYY-MM-DD (UTC), seconds since the epoch, or an age
         /// (30m, 12h, 7d).
         #[arg(long)]
@@ -457,9 +463,14 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Nodes {
             nodes,
+            node_file,
             status,
             json,
         } => {
+            let nodes = match (nodes, node_file) {
+                (None, None) => None,
+                (m, f) => Some(target_nodes(m.as_deref(), f.as_deref())?),
+            };
             let c = kd_coord::client::Client::new(&cli.state);
             remote::run_client(async {
                 remote::nodes(&c, nodes.as_deref(), status.as_deref(), json).await
@@ -467,6 +478,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Stats {
             nodes,
+            node_file,
             since,
             failure_rate,
             per_step,
@@ -480,6 +492,10 @@ fn run(cli: Cli) -> Result<i32> {
                     eprintln!("kd-coord: error: {e:#}");
                     return Ok(2);
                 }
+            };
+            let nodes = match (nodes, node_file) {
+                (None, None) => None,
+                (m, f) => Some(target_nodes(m.as_deref(), f.as_deref())?),
             };
             let c = kd_coord::client::Client::new(&cli.state);
             let o = remote::StatsOpts {

@@ -802,13 +802,43 @@ async fn follow(c: &Client, id: i64, t0: Option<Instant>) -> Result<Value> {
     let t0 = t0.unwrap_or_else(Instant::now);
     let mut end = Value::Null;
     let path = format!("/api/v1/deployments/{id}/events");
+    // On a terminal, a bar of the nodes done and where the others are, with the notes above
+    // it; otherwise plain lines.
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let total = c
+            .call(Method::GET, &format!("/api/v1/deployments/{id}"), None)
+            .await
+            .ok()
+            .and_then(|v| v["node_count"].as_u64())
+            .unwrap_or(0);
+        let pb = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} nodes done  {msg}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.enable_steady_tick(std::time::Duration::from_millis(500));
+        Some(pb)
+    } else {
+        None
+    };
+    let mut progress = JobProgress::default();
     {
         let printing = c.follow(&path, |v| {
             if let Some(n) = v["note"].as_str() {
                 let t = v["time"].as_f64().unwrap_or(t0.elapsed().as_secs_f64());
-                eprintln!("kd-coord: [{t:6.1} s] {n}");
+                let line = format!("kd-coord: [{t:6.1} s] {n}");
+                match &bar {
+                    Some(pb) => pb.println(line),
+                    None => eprintln!("{line}"),
+                }
             } else if v.get("end").is_some() {
                 end = v;
+            } else if progress.take(&v) {
+                if let Some(pb) = &bar {
+                    pb.set_position(progress.done() as u64);
+                    pb.set_message(progress.message());
+                }
             }
         });
         tokio::pin!(printing);
@@ -828,10 +858,72 @@ async fn follow(c: &Client, id: i64, t0: Option<Instant>) -> Result<Value> {
             }
         }
     }
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
     if end.is_null() {
         bail!("the daemon's event stream of deployment {id} ended without its end: kd-coord deployments show {id}");
     }
     Ok(end)
+}
+
+/// Where a job's nodes are, from its event lines (what the progress bar shows).
+#[derive(Debug, Default)]
+pub(crate) struct JobProgress {
+    /// Node → the step it is in (nodes not done).
+    at: std::collections::BTreeMap<String, String>,
+    ok: usize,
+    ko: usize,
+}
+
+impl JobProgress {
+    /// Takes one event line: `{node, step, attempt}` (a step starts) or `{node, result}` (a
+    /// node is done). Returns whether it changed anything.
+    pub(crate) fn take(&mut self, v: &Value) -> bool {
+        let Some(node) = v["node"].as_str() else {
+            return false;
+        };
+        if let Some(result) = v["result"].as_str() {
+            self.at.remove(node);
+            if result == "ok" {
+                self.ok += 1;
+            } else {
+                self.ko += 1;
+            }
+            return true;
+        }
+        match v["step"].as_str() {
+            Some(step) => {
+                self.at.insert(node.to_string(), step.to_string());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Nodes done, ok or not.
+    pub(crate) fn done(&self) -> usize {
+        self.ok + self.ko
+    }
+
+    /// `Prepare 2, Broadcast 5 | 3 ok, 1 ko`: nodes per step in workflow order, then results.
+    pub(crate) fn message(&self) -> String {
+        let mut counts: Vec<(usize, &str, usize)> = Vec::new();
+        for step in self.at.values() {
+            let order = kd_coord::workflow::Step::ALL
+                .iter()
+                .position(|s| s.as_str() == step)
+                .unwrap_or(usize::MAX);
+            match counts.iter_mut().find(|(_, s, _)| *s == step.as_str()) {
+                Some(c) => c.2 += 1,
+                None => counts.push((order, step.as_str(), 1)),
+            }
+        }
+        counts.sort();
+        let mut parts: Vec<String> = counts.iter().map(|(_, s, n)| format!("{s} {n}")).collect();
+        parts.push(format!("| {} ok, {} ko", self.ok, self.ko));
+        parts.join(", ").replace(", |", " |")
+    }
 }
 
 pub(crate) async fn deploy(c: &Client, o: DeployOpts) -> Result<i32> {
@@ -1310,6 +1402,31 @@ mod stats_tests {
             let e = since_at(bad, 0).unwrap_err().to_string();
             assert!(e.contains("bad --since"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_progress_bar_counts_nodes_per_step_and_results() {
+        let mut p = JobProgress::default();
+        assert_eq!(p.message(), "| 0 ok, 0 ko");
+        for (n, st) in [
+            ("n1", "SetDeploymentEnv"),
+            ("n2", "SetDeploymentEnv"),
+            ("n3", "SetDeploymentEnv"),
+        ] {
+            assert!(p.take(&serde_json::json!({"node": n, "step": st, "attempt": 0})));
+        }
+        p.take(&serde_json::json!({"node": "n2", "step": "Broadcast", "attempt": 0}));
+        p.take(&serde_json::json!({"node": "n1", "step": "Prepare", "attempt": 0}));
+        assert_eq!(
+            p.message(),
+            "SetDeploymentEnv 1, Prepare 1, Broadcast 1 | 0 ok, 0 ko"
+        );
+        // A failed node's line names its step too: it is done.
+        p.take(&serde_json::json!({"node": "n3", "result": "ko", "step": "SetDeploymentEnv", "reason": "x"}));
+        p.take(&serde_json::json!({"node": "n2", "result": "ok", "secs": 1.0}));
+        assert_eq!(p.done(), 2);
+        assert_eq!(p.message(), "Prepare 1 | 1 ok, 1 ko");
+        assert!(!p.take(&serde_json::json!({"note": "hello"})));
     }
 
     #[test]
