@@ -143,6 +143,10 @@ pub struct NodeRow {
     pub user: Option<String>,
     /// Its last (or current) deployment.
     pub deployment: Option<i64>,
+    /// How that deployment ended on it: `ok`, `ko` or `running`.
+    pub result: Option<String>,
+    /// Why it failed there (`STEP: reason`).
+    pub reason: Option<String>,
     /// Last change, seconds since the epoch.
     pub updated: i64,
 }
@@ -452,10 +456,15 @@ impl Db {
     /// Every node, by name.
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         let mut q = self.conn.prepare(
-            "SELECT name, cluster, state, environment, user, deployment, updated FROM nodes",
+            "SELECT n.name, n.cluster, n.state, n.environment, n.user, n.deployment, n.updated,
+                    dn.result, dn.step, dn.reason
+             FROM nodes n
+             LEFT JOIN deployment_nodes dn ON dn.deployment = n.deployment AND dn.node = n.name",
         )?;
         let mut rows: Vec<NodeRow> = q
             .query_map([], |r| {
+                let step: Option<String> = r.get(8)?;
+                let reason: Option<String> = r.get(9)?;
                 Ok(NodeRow {
                     name: r.get(0)?,
                     cluster: r.get(1)?,
@@ -464,6 +473,12 @@ impl Db {
                     user: r.get(4)?,
                     deployment: r.get(5)?,
                     updated: r.get(6)?,
+                    result: r.get(7)?,
+                    reason: match (step, reason) {
+                        (Some(st), Some(why)) => Some(format!("{st}: {why}")),
+                        (None, why) => why,
+                        (Some(st), None) => Some(st),
+                    },
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;

@@ -433,7 +433,9 @@ pub(crate) async fn nodes(
         "environment",
         "user",
         "deployment",
+        "result",
         "updated",
+        "reason",
     ]
     .map(String::from)
     .to_vec()];
@@ -444,7 +446,9 @@ pub(crate) async fn nodes(
             s(&n["environment"]),
             s(&n["user"]),
             s(&n["deployment"]),
+            s(&n["result"]),
             when(&n["updated"]),
+            n["reason"].as_str().unwrap_or("").to_string(),
         ]);
     }
     print!("{}", table(&rows));

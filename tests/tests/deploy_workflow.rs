@@ -1928,6 +1928,25 @@ fn daemon_reboot_and_power_process_nodes_with_rights_states_and_escalation() {
     write(&fakebmc::node_dir(&lab.bmc, "node2").join("dead"), "");
     let o = lab.kd(None, &["deploy", "-e", &env, "-m", "node2", "-k", &key]);
     assert_eq!(o.status.code(), Some(1), "{}\n{}", text(&o), lab.dump());
+    // `nodes` says how each node's last deployment ended on it, and why.
+    let nodes = lab.kd_json(&["nodes"]);
+    assert_eq!(node(&nodes, "node1")["result"], "ok", "{nodes}");
+    let n2 = node(&nodes, "node2");
+    assert_eq!(
+        (&n2["state"], &n2["result"]),
+        (
+            &serde_json::json!("deploy_failed"),
+            &serde_json::json!("ko")
+        ),
+        "{nodes}"
+    );
+    assert!(
+        n2["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("SetDeploymentEnv: "),
+        "{nodes}"
+    );
     let st = lab.kd_json(&["stats", "--failure-rate"]);
     let per_node = st["per_node"].as_array().cloned().unwrap_or_default();
     let names: Vec<&str> = per_node.iter().filter_map(|n| n["node"].as_str()).collect();
