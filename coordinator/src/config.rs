@@ -325,6 +325,26 @@ pub enum Operation {
     PowerOff,
 }
 
+impl Operation {
+    /// Its key under `commands:` in the cluster configuration.
+    pub fn key(self) -> &'static str {
+        match self {
+            Operation::Reboot => "reboot",
+            Operation::PowerOn => "power_on",
+            Operation::PowerOff => "power_off",
+        }
+    }
+
+    /// Its name in messages.
+    pub fn words(self) -> &'static str {
+        match self {
+            Operation::Reboot => "reboot",
+            Operation::PowerOn => "power on",
+            Operation::PowerOff => "power off",
+        }
+    }
+}
+
 /// Command templates of the cluster's remote operations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

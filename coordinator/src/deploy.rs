@@ -401,16 +401,8 @@ pub async fn operate(
     if cfg.cluster.commands.of(cfg.op).levels().is_empty() {
         anyhow::bail!(
             "the cluster has no {} command: add commands.{} to its configuration",
-            match cfg.op {
-                Operation::Reboot => "reboot",
-                Operation::PowerOn => "power on",
-                Operation::PowerOff => "power off",
-            },
-            match cfg.op {
-                Operation::Reboot => "reboot",
-                Operation::PowerOn => "power_on",
-                Operation::PowerOff => "power_off",
-            }
+            cfg.op.words(),
+            cfg.op.key()
         );
     }
     let setup = Setup {
@@ -642,11 +634,14 @@ impl Driver {
     /// For an operation: what it is and what a node is when it succeeded, for the notes.
     fn op_words(&self) -> Option<(&'static str, &'static str)> {
         match self.setup.settings.profile {
-            crate::workflow::Profile::Operate { op, .. } => Some(match op {
-                Operation::Reboot => ("reboot", "answering"),
-                Operation::PowerOn => ("power on", "powered on"),
-                Operation::PowerOff => ("power off", "powered off"),
-            }),
+            crate::workflow::Profile::Operate { op, .. } => Some((
+                op.words(),
+                match op {
+                    Operation::Reboot => "answering",
+                    Operation::PowerOn => "powered on",
+                    Operation::PowerOff => "powered off",
+                },
+            )),
             _ => None,
         }
     }

@@ -221,6 +221,32 @@ impl Daemon {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Registers job `id` (just created in the database) as running for `user` and sends its
+    /// first line; returns its cancel switch and start time.
+    fn start_job(
+        &self,
+        id: i64,
+        user: &str,
+        note: String,
+    ) -> (watch::Receiver<Option<String>>, Instant) {
+        let (lines, _) = bcast::channel(4096);
+        let (cancel_tx, cancel_rx) = watch::channel(None);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                Running {
+                    user: user.to_string(),
+                    log: Vec::new(),
+                    lines,
+                    cancel: cancel_tx,
+                },
+            );
+        self.push_line(id, json!({ "time": 0.0, "note": note }));
+        (cancel_rx, Instant::now())
+    }
+
     fn is_admin(&self, p: &Peer) -> bool {
         p.uid == 0 || p.uid == self.admin_uid
     }
@@ -857,21 +883,14 @@ async fn create_deployment(
         deployment: wire_id,
         listen: None,
     };
-    let (lines, _) = bcast::channel(4096);
-    let (cancel_tx, cancel_rx) = watch::channel(None);
-    d.running.lock().unwrap_or_else(|p| p.into_inner()).insert(
+    let (cancel_rx, t0) = d.start_job(
         id,
-        Running {
-            user: user.clone(),
-            log: Vec::new(),
-            lines,
-            cancel: cancel_tx,
-        },
-    );
-    let t0 = Instant::now();
-    d.push_line(
-        id,
-        json!({ "time": 0.0, "note": format!("deployment {id}: {env_name} on {} node(s) {} for {user}, tree {arity}", nodes.len(), kd_proto::nodeset::fold(&nodes)) }),
+        &user,
+        format!(
+            "deployment {id}: {env_name} on {} node(s) {} for {user}, tree {arity}",
+            nodes.len(),
+            kd_proto::nodeset::fold(&nodes)
+        ),
     );
     tokio::spawn(run_deployment(
         d.clone(),
@@ -1175,11 +1194,7 @@ async fn create_operation(
         return Err(ApiError::bad(format!(
             "cluster {} has no {what} command at level {from} or above (commands.{} in its configuration)",
             cluster.cluster,
-            match op {
-                Operation::Reboot => "reboot",
-                Operation::PowerOn => "power_on",
-                Operation::PowerOff => "power_off",
-            }
+            op.key()
         )));
     }
     let id = {
@@ -1195,21 +1210,14 @@ async fn create_operation(
             Err(busy) => return Err(busy_error(busy)),
         }
     };
-    let (lines, _) = bcast::channel(4096);
-    let (cancel_tx, cancel_rx) = watch::channel(None);
-    d.running.lock().unwrap_or_else(|p| p.into_inner()).insert(
+    let (cancel_rx, t0) = d.start_job(
         id,
-        Running {
-            user: user.clone(),
-            log: Vec::new(),
-            lines,
-            cancel: cancel_tx,
-        },
-    );
-    let t0 = Instant::now();
-    d.push_line(
-        id,
-        json!({ "time": 0.0, "note": format!("job {id}: {what} of {} node(s) {} for {user}, from level {from}", nodes.len(), kd_proto::nodeset::fold(&nodes)) }),
+        &user,
+        format!(
+            "job {id}: {what} of {} node(s) {} for {user}, from level {from}",
+            nodes.len(),
+            kd_proto::nodeset::fold(&nodes)
+        ),
     );
     let cfg = deploy::OperateConfig {
         cluster,

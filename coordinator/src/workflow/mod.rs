@@ -508,11 +508,9 @@ impl Settings {
 
     /// The commands' name in messages.
     fn op_name(&self) -> &'static str {
-        match self.operating().map(|(op, _, _)| op) {
-            Some(Operation::PowerOn) => "power on",
-            Some(Operation::PowerOff) => "power off",
-            Some(Operation::Reboot) | None => "reboot",
-        }
+        self.operating()
+            .map_or(Operation::Reboot, |(op, _, _)| op)
+            .words()
     }
 
     fn broadcast_only_profile(&self) -> bool {
