@@ -1,7 +1,8 @@
-//! The CLI's side of the API: HTTP/1.1 over the daemon's Unix socket (hyper, one connection
-//! per request).
+//! The CLI's side of the API: HTTP/1.1 over the daemon's Unix socket, or over TLS to its
+//! HTTPS API with a bearer token (hyper, one connection per request).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -18,8 +19,36 @@ pub const CREATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 /// A client of one daemon.
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    target: Target,
 }
+
+#[derive(Clone)]
+enum Target {
+    /// `STATE/kd.sock`: the kernel tells the daemon who we are.
+    Local { socket: PathBuf },
+    /// `https://HOST:PORT`: the daemon's certificate pinned, a bearer token.
+    Remote {
+        url: String,
+        authority: String,
+        host: String,
+        tls: Arc<rustls::ClientConfig>,
+        token: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Local { socket } => write!(f, "Local({})", socket.display()),
+            // Never the token.
+            Target::Remote { url, .. } => write!(f, "Remote({url})"),
+        }
+    }
+}
+
+/// The byte stream under one HTTP connection.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// What went wrong talking to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +67,14 @@ pub enum ClientError {
         /// Why connecting failed.
         cause: String,
     },
+    /// The remote daemon could not be reached or did not prove itself.
+    #[error("cannot reach the kd daemon at {url}: {cause}")]
+    Unreachable {
+        /// The API's URL.
+        url: String,
+        /// Why.
+        cause: String,
+    },
     /// The daemon refused the request.
     #[error("{message}")]
     Api {
@@ -54,21 +91,117 @@ impl Client {
     /// A client of the daemon serving `STATE/kd.sock`.
     pub fn new(state: &Path) -> Self {
         Client {
-            socket: state.join(crate::service::SOCKET),
+            target: Target::Local {
+                socket: state.join(crate::service::SOCKET),
+            },
+        }
+    }
+
+    /// A client of a daemon's HTTPS API at `url` (`https://HOST:PORT`), whose certificate has
+    /// SHA-256 `pin` (`kd-coord pin` on the daemon's host), proving `token`.
+    pub fn remote(url: &str, pin: &str, token: Option<String>) -> Result<Self> {
+        let rest = url.strip_prefix("https://").ok_or_else(|| {
+            anyhow::anyhow!("--api {url:?}: the daemon's API is https://HOST:PORT")
+        })?;
+        let authority = rest.trim_end_matches('/').to_string();
+        if authority.is_empty() || authority.contains('/') {
+            bail!("--api {url:?}: expected https://HOST:PORT, without a path");
+        }
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h,
+            _ => bail!(
+                "--api {url:?}: expected https://HOST:PORT (the port of kd-coord serve --listen)"
+            ),
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let pin = kd_net::parse_sha256_hex(pin).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--api-pin {pin:?}: expected the 64 hex digits `kd-coord pin` prints on the daemon's host"
+            )
+        })?;
+        let tls = kd_net::tls::api_client(pin)?;
+        Ok(Client {
+            target: Target::Remote {
+                url: format!("https://{authority}"),
+                authority,
+                host,
+                tls: Arc::new(tls),
+                token: token
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty()),
+            },
+        })
+    }
+
+    /// Where this client goes, for messages.
+    pub fn describe(&self) -> String {
+        match &self.target {
+            Target::Local { socket } => socket.display().to_string(),
+            Target::Remote { url, .. } => url.clone(),
+        }
+    }
+
+    async fn stream(&self) -> Result<Box<dyn Io>> {
+        match &self.target {
+            Target::Local { socket } => {
+                let s = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map_err(|e| no_daemon(socket, e))?;
+                Ok(Box::new(s))
+            }
+            Target::Remote {
+                url,
+                authority,
+                host,
+                tls,
+                ..
+            } => {
+                let unreachable = |cause: String| ClientError::Unreachable {
+                    url: url.clone(),
+                    cause,
+                };
+                let tcp = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| unreachable(format!("bad host name {host:?}: {e}")))?;
+                let s = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| unreachable(format!("TLS: {e} (is --api-pin the pin `kd-coord pin` prints on the daemon's host?)")))?;
+                Ok(Box::new(s))
+            }
         }
     }
 
     async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| self.no_daemon(e))?;
+        let stream = self.stream().await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("HTTP handshake with the daemon")?;
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = conn.with_upgrades().await;
         });
         Ok(sender)
+    }
+
+    fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
+        let mut b = Request::builder().method(method).uri(path);
+        match &self.target {
+            Target::Local { .. } => b = b.header(hyper::header::HOST, "kd"),
+            Target::Remote {
+                authority, token, ..
+            } => {
+                b = b.header(hyper::header::HOST, authority.as_str());
+                if let Some(t) = token {
+                    b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+                }
+            }
+        }
+        b
     }
 
     async fn send(
@@ -82,10 +215,8 @@ impl Client {
             Some(b) => Bytes::from(serde_json::to_vec(b)?),
             None => Bytes::new(),
         };
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "kd")
+        let req = self
+            .request(method, path)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(bytes))?;
         sender
@@ -184,19 +315,9 @@ impl Client {
     /// bounded by [`CALL_TIMEOUT`]; the connection then lasts as long as its user wants.
     pub async fn upgrade(&self, path: &str, protocol: &str) -> Result<hyper::upgrade::Upgraded> {
         let ask = async {
-            let stream = tokio::net::UnixStream::connect(&self.socket)
-                .await
-                .map_err(|e| self.no_daemon(e))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .context("HTTP handshake with the daemon")?;
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
-            let req = Request::builder()
-                .method(Method::POST)
-                .uri(path)
-                .header(hyper::header::HOST, "kd")
+            let mut sender = self.connect().await?;
+            let req = self
+                .request(Method::POST, path)
                 .header(hyper::header::CONNECTION, "upgrade")
                 .header(hyper::header::UPGRADE, protocol)
                 .body(Full::new(Bytes::new()))?;
@@ -229,17 +350,16 @@ impl Client {
             ),
         }
     }
+}
 
-    fn no_daemon(&self, e: std::io::Error) -> ClientError {
-        ClientError::NoDaemon {
-            socket: self.socket.display().to_string(),
-            state: self
-                .socket
-                .parent()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            cause: e.to_string(),
-        }
+fn no_daemon(socket: &Path, e: std::io::Error) -> ClientError {
+    ClientError::NoDaemon {
+        socket: socket.display().to_string(),
+        state: socket
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        cause: e.to_string(),
     }
 }
 

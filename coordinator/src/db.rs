@@ -85,6 +85,15 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 4: remote operations (reboot, power) are jobs of the same table.
     "ALTER TABLE deployments ADD COLUMN kind TEXT NOT NULL DEFAULT 'deploy';",
+    // 5: API tokens of remote users (only their BLAKE3 hash is kept).
+    "CREATE TABLE api_tokens (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         user TEXT NOT NULL,
+         name TEXT NOT NULL,
+         hash TEXT NOT NULL UNIQUE,
+         created INTEGER NOT NULL,
+         last_used INTEGER
+     );",
 ];
 
 /// What a job of the `deployments` table does.
@@ -195,6 +204,21 @@ pub struct DeploymentNode {
     pub total_secs: Option<f64>,
     /// Per-step records (step, ok, attempts, secs, reboots).
     pub steps: serde_json::Value,
+}
+
+/// An API token, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TokenRow {
+    /// Its id (what `token rm` takes).
+    pub id: i64,
+    /// Whose it is.
+    pub user: String,
+    /// What its owner called it.
+    pub name: String,
+    /// When it was made (seconds since the epoch).
+    pub created: i64,
+    /// When it was last used, if ever.
+    pub last_used: Option<i64>,
 }
 
 /// A right: `user` may deploy `nodes` (a node set, or `*`) on `partition` (a number, `deploy`
@@ -838,6 +862,56 @@ impl Db {
             .collect())
     }
 
+    /// Records an API token of `user` by its hash; returns its id.
+    pub fn add_token(&mut self, user: &str, name: &str, hash: &str) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO api_tokens (user, name, hash, created) VALUES (?1, ?2, ?3, ?4)",
+            params![user, name, hash, now()],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The user whose token has this hash (and notes its use), if any.
+    pub fn token_user(&mut self, hash: &str) -> Result<Option<String>> {
+        let user: Option<String> = self
+            .conn
+            .query_row(
+                "UPDATE api_tokens SET last_used = ?2 WHERE hash = ?1 RETURNING user",
+                params![hash, now()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(user)
+    }
+
+    /// The tokens (of `user` if given), without their secrets.
+    pub fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenRow>> {
+        let mut q = self.conn.prepare(
+            "SELECT id, user, name, created, last_used FROM api_tokens
+             WHERE (?1 IS NULL OR user = ?1) ORDER BY id",
+        )?;
+        let rows = q
+            .query_map(params![user], |r| {
+                Ok(TokenRow {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    name: r.get(2)?,
+                    created: r.get(3)?,
+                    last_used: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Revokes token `id` (only if it is `user`'s, when given); whether it existed.
+    pub fn remove_token(&mut self, id: i64, user: Option<&str>) -> Result<bool> {
+        Ok(self.conn.execute(
+            "DELETE FROM api_tokens WHERE id = ?1 AND (?2 IS NULL OR user = ?2)",
+            params![id, user],
+        )? > 0)
+    }
+
     /// Registers an environment version; `Ok(false)` if that name, version and owner exist
     /// (a version is immutable).
     pub fn add_environment(&mut self, e: &EnvRow) -> Result<bool> {
@@ -1337,6 +1411,29 @@ mod tests {
         assert_eq!(only.len(), 1);
         let (later, _) = db.detailed_stats(None, Some(now() + 3600)).unwrap();
         assert!(later.is_empty());
+    }
+
+    #[test]
+    fn tokens_are_found_by_hash_listed_without_secrets_and_revoked_by_their_owner() {
+        let mut db = Db::open_in_memory().unwrap();
+        let a = db.add_token("carol", "laptop", "h1").unwrap();
+        let b = db.add_token("dave", "", "h2").unwrap();
+        assert!(db.add_token("erin", "", "h1").is_err(), "hashes are unique");
+        assert_eq!(db.token_user("h1").unwrap().as_deref(), Some("carol"));
+        assert_eq!(db.token_user("nope").unwrap(), None);
+        let all = db.tokens(None).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            (all[0].id, &*all[0].user, &*all[0].name),
+            (a, "carol", "laptop")
+        );
+        assert!(all[0].last_used.is_some() && all[1].last_used.is_none());
+        assert_eq!(db.tokens(Some("dave")).unwrap()[0].id, b);
+        // Only its owner (or anyone, for an administrator: no owner given) revokes it.
+        assert!(!db.remove_token(b, Some("carol")).unwrap());
+        assert!(db.remove_token(b, Some("dave")).unwrap());
+        assert!(db.remove_token(a, None).unwrap());
+        assert_eq!(db.token_user("h1").unwrap(), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod db;
 pub mod deploy;
 pub mod env;
 pub mod fsutil;
+pub mod https;
 pub mod image;
 pub mod pki;
 pub mod service;

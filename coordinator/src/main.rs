@@ -21,8 +21,28 @@ struct Cli {
     /// State directory (certificate, database).
     #[arg(long, global = true, env = "KD_STATE", default_value = "/var/lib/kd")]
     state: PathBuf,
+    /// Talk to a remote daemon's HTTPS API (https://HOST:PORT, its `serve --listen`) instead
+    /// of STATE/kd.sock; the token comes from KD_TOKEN or the file KD_TOKEN_FILE.
+    #[arg(long, global = true, env = "KD_API")]
+    api: Option<String>,
+    /// The remote daemon's certificate pin (what `kd-coord pin` prints on its host).
+    #[arg(long, global = true, env = "KD_API_PIN", requires = "api")]
+    api_pin: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `kd-coord serve`'s flags.
+#[derive(clap::Args)]
+struct ServeCli {
+    /// Also serve the API over TLS on this address (e.g. 0.0.0.0:8443) for remote users,
+    /// who prove a token (`kd-coord token add`) and pin the certificate (`kd-coord pin`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Users who administer the daemon besides root and the daemon's user (comma-separated
+    /// or repeated): clusters, rights, every deployment, public environments.
+    #[arg(long, value_delimiter = ',')]
+    almighty: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -44,8 +64,9 @@ enum Cmd {
     /// (through the daemon).
     #[command(subcommand)]
     Power(PowerCli),
-    /// Run the daemon: database, API on STATE/kd.sock, every deployment.
-    Serve,
+    /// Run the daemon: database, API on STATE/kd.sock (and over TLS with --listen), every
+    /// deployment.
+    Serve(ServeCli),
     /// List the nodes and their state.
     Nodes {
         /// Only these nodes (node set).
@@ -73,6 +94,9 @@ enum Cmd {
     /// Grant, list and remove deployment rights.
     #[command(subcommand)]
     Rights(remote::RightsCmd),
+    /// Make, list and revoke tokens for the HTTPS API.
+    #[command(subcommand)]
+    Token(remote::TokenCmd),
     /// Deployment statistics: totals; per node (`--failure-rate`: the nodes that fail most
     /// first) and per step (`--per-step`), over all deployments or those since a date.
     Stats {
@@ -414,7 +438,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Broadcast(a) => broadcast_cmd(&cli.state, a),
         Cmd::Deploy(a) if a.standalone => deploy_cmd(&cli.state, a),
         Cmd::Deploy(a) => {
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             let opts = remote::DeployOpts {
                 env: a.env,
                 env_user: a.env_user,
@@ -429,7 +453,7 @@ fn run(cli: Cli) -> Result<i32> {
             remote::run_client(async { remote::deploy(&c, opts).await })
         }
         Cmd::Reboot(a) => {
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             let opts = remote::OpOpts {
                 op: "reboot",
                 kind: Some(a.kind),
@@ -442,7 +466,7 @@ fn run(cli: Cli) -> Result<i32> {
             remote::run_client(async { remote::operate(&c, opts).await })
         }
         Cmd::Power(cmd) => {
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             match cmd {
                 PowerCli::Status { targets, json } => {
                     let nodes =
@@ -453,12 +477,16 @@ fn run(cli: Cli) -> Result<i32> {
                 PowerCli::Off(a) => power_op(&c, "power_off", a),
             }
         }
-        Cmd::Serve => {
+        Cmd::Serve(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(kd_coord::service::serve(&cli.state))?;
+            let opts = kd_coord::service::ServeOptions {
+                listen: a.listen,
+                almighty: a.almighty.into_iter().filter(|u| !u.is_empty()).collect(),
+            };
+            rt.block_on(kd_coord::service::serve(&cli.state, &opts))?;
             Ok(0)
         }
         Cmd::Nodes {
@@ -471,7 +499,7 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, None) => None,
                 (m, f) => Some(target_nodes(m.as_deref(), f.as_deref())?),
             };
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             remote::run_client(async {
                 remote::nodes(&c, nodes.as_deref(), status.as_deref(), json).await
             })
@@ -497,7 +525,7 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, None) => None,
                 (m, f) => Some(target_nodes(m.as_deref(), f.as_deref())?),
             };
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             let o = remote::StatsOpts {
                 nodes,
                 since,
@@ -509,23 +537,27 @@ fn run(cli: Cli) -> Result<i32> {
             remote::run_client(async { remote::stats(&c, o).await })
         }
         Cmd::Deployments(cmd) => {
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             remote::run_client(async { remote::deployments(&c, cmd).await })
         }
         Cmd::Env(cmd) => {
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             remote::run_client(async { remote::env(&c, cmd).await })
         }
         Cmd::Cluster(cmd) => {
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             remote::run_client(async { remote::cluster(&c, cmd).await })
         }
         Cmd::Rights(cmd) => {
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             remote::run_client(async { remote::rights(&c, cmd).await })
         }
+        Cmd::Token(cmd) => {
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            remote::run_client(async { remote::token(&c, cmd).await })
+        }
         Cmd::Console { node } => {
-            let c = kd_coord::client::Client::new(&cli.state);
+            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             remote::run_client(async { remote::console(&c, &node).await })
         }
         Cmd::Completions { shell } => {
@@ -723,6 +755,28 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
 }
 
 /// `kd-coord power on|off`.
+/// The daemon's client: its socket in STATE, or `--api URL` with its pin and a token.
+fn client(state: &Path, api: Option<&str>, pin: Option<&str>) -> Result<kd_coord::client::Client> {
+    let Some(url) = api else {
+        return Ok(kd_coord::client::Client::new(state));
+    };
+    let Some(pin) = pin else {
+        bail!(
+            "--api {url} needs the daemon's certificate pin: --api-pin HEX or KD_API_PIN \
+             (`kd-coord pin` on the daemon's host prints it)"
+        );
+    };
+    let token = match (std::env::var("KD_TOKEN"), std::env::var_os("KD_TOKEN_FILE")) {
+        (Ok(t), _) if !t.trim().is_empty() => Some(t),
+        (_, Some(f)) => Some(
+            std::fs::read_to_string(&f)
+                .with_context(|| format!("KD_TOKEN_FILE {}", Path::new(&f).display()))?,
+        ),
+        _ => None,
+    };
+    kd_coord::client::Client::remote(url, pin, token)
+}
+
 fn power_op(c: &kd_coord::client::Client, op: &'static str, a: PowerArgs) -> Result<i32> {
     let opts = remote::OpOpts {
         op,

@@ -285,6 +285,98 @@ pub(crate) enum RightsCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub(crate) enum TokenCmd {
+    /// Make a token for the HTTPS API (printed once; the daemon keeps only its hash). Only on
+    /// the daemon's host, through its socket; another user's token needs an administrator.
+    Add {
+        /// Whose (default: yours).
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        /// What it is for (shown by `token list`).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (yours; an administrator's: everyone's, or USER's), without their secrets.
+    List {
+        /// Only this user's (administrators).
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id (`token list`).
+    Rm {
+        /// Its id.
+        id: i64,
+    },
+}
+
+pub(crate) async fn token(c: &Client, cmd: TokenCmd) -> Result<i32> {
+    match cmd {
+        TokenCmd::Add { user, name, json } => {
+            let v = c
+                .call(
+                    Method::POST,
+                    "/api/v1/tokens",
+                    Some(&json!({ "user": user, "name": name })),
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                eprintln!(
+                    "token {} for {} (shown once: keep it in a file of mode 0600 and give it \
+                     with KD_TOKEN_FILE or KD_TOKEN):",
+                    s(&v["id"]),
+                    s(&v["user"])
+                );
+                println!("{}", s(&v["token"]));
+            }
+            Ok(0)
+        }
+        TokenCmd::List { user, json } => {
+            let path = match user {
+                Some(u) => format!("/api/v1/tokens?user={}", enc(&u)),
+                None => "/api/v1/tokens".into(),
+            };
+            let v = c.call(Method::GET, &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let mut rows = vec![["id", "user", "name", "created", "last used"]
+                .map(String::from)
+                .to_vec()];
+            for t in v["tokens"].as_array().into_iter().flatten() {
+                rows.push(vec![
+                    s(&t["id"]),
+                    s(&t["user"]),
+                    s(&t["name"]),
+                    when(&t["created"]),
+                    if t["last_used"].is_null() {
+                        "never".into()
+                    } else {
+                        when(&t["last_used"])
+                    },
+                ]);
+            }
+            print!("{}", table(&rows));
+            Ok(0)
+        }
+        TokenCmd::Rm { id } => {
+            c.call(Method::DELETE, &format!("/api/v1/tokens/{id}"), None)
+                .await?;
+            println!("token {id} revoked");
+            Ok(0)
+        }
+    }
+}
+
 /// What `deploy` sends to the daemon.
 pub(crate) struct DeployOpts {
     pub(crate) env: String,
@@ -380,7 +472,9 @@ fn json_rows(list: &Value, fields: &[&str]) -> Vec<Vec<String>> {
 fn exit_code_of(e: &anyhow::Error) -> i32 {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Api { status: 409, .. }) => 3,
-        Some(ClientError::Api { status: 403, .. }) => 4,
+        Some(ClientError::Api {
+            status: 401 | 403, ..
+        }) => 4,
         _ => 2,
     }
 }

@@ -73,23 +73,156 @@ fn default_arity() -> String {
     "chain".into()
 }
 
-/// Who is calling, from the socket's peer credentials.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    /// Unix uid.
-    pub uid: u32,
+/// How a request came in: the Unix socket (the kernel names the uid) or the HTTPS API (the
+/// request names a bearer token).
+#[derive(Debug, Clone, Copy)]
+pub enum Conn {
+    /// `STATE/kd.sock`, from this uid.
+    Local {
+        /// Unix uid (`SO_PEERCRED`).
+        uid: u32,
+    },
+    /// The HTTPS API, from this address.
+    Remote {
+        /// The client's address.
+        addr: SocketAddr,
+    },
 }
 
 impl
     axum::extract::connect_info::Connected<
         axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
-    > for Peer
+    > for Conn
 {
     fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
         // An unreadable credential is nobody (uid u32::MAX), who may do nothing.
         let uid = s.io().peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
-        Peer { uid }
+        Conn::Local { uid }
     }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, crate::https::TlsListener>,
+    > for Conn
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, crate::https::TlsListener>) -> Self {
+        Conn::Remote {
+            addr: *s.remote_addr(),
+        }
+    }
+}
+
+/// Who is calling: set on every request by [`authenticate`] (a remote request without a valid
+/// token never reaches a handler).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The user name rights, environments and deployments are recorded under.
+    pub user: String,
+    /// The local account the daemon reads files as (a remote user's account of the same name
+    /// on the daemon's host, if there is one).
+    pub uid: Option<u32>,
+    /// Whether this caller administers the daemon (root, the daemon's user, an almighty user).
+    pub admin: bool,
+    /// Whether the request came over the HTTPS API.
+    pub remote: bool,
+}
+
+impl Peer {
+    /// The uid the daemon reads the caller's files as; a remote user without a local account
+    /// has none, and names registered environments instead of files.
+    fn files_as(&self) -> ApiResult<u32> {
+        self.uid.ok_or_else(|| {
+            ApiError::forbidden(format!(
+                "{} has no account on the daemon's host, so the daemon reads no file for them: \
+                 deploy a registered environment by name (kd-coord env list)",
+                self.user
+            ))
+        })
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Peer>()
+            .cloned()
+            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no caller"))
+    }
+}
+
+/// Names the caller of every request (and refuses a remote one without a valid token).
+async fn authenticate(
+    State(d): State<Arc<Daemon>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let conn = req
+        .extensions()
+        .get::<ConnectInfo<Conn>>()
+        .map(|c| c.0)
+        // A request that came through no listener (an in-process call) is nobody.
+        .unwrap_or(Conn::Local { uid: u32::MAX });
+    let peer = match conn {
+        Conn::Local { uid } => {
+            let user = user_name(uid);
+            Peer {
+                admin: d.is_admin(Some(uid), &user),
+                user,
+                uid: Some(uid),
+                remote: false,
+            }
+        }
+        Conn::Remote { addr } => {
+            let token = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::https::bearer);
+            let Some(token) = token else {
+                return unauthorized(
+                    "this API needs a token: Authorization: Bearer TOKEN (an administrator \
+                     makes one with kd-coord token add -u USER on the daemon's host)",
+                );
+            };
+            let found = d.db().token_user(&crate::https::token_hash(token));
+            let user = match found {
+                Ok(Some(u)) => u,
+                Ok(None) => {
+                    tracing::info!("HTTPS API: {addr} presented an unknown token");
+                    return unauthorized("unknown or revoked token");
+                }
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+            let uid = nix::unistd::User::from_name(&user)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw());
+            Peer {
+                admin: d.is_admin(uid, &user),
+                user,
+                uid,
+                remote: true,
+            }
+        }
+    };
+    req.extensions_mut().insert(peer);
+    next.run(req).await
+}
+
+fn unauthorized(msg: &str) -> Response {
+    let mut r = ApiError::new(StatusCode::UNAUTHORIZED, msg).into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"kd\""),
+    );
+    r
 }
 
 struct Running {
@@ -105,6 +238,7 @@ pub struct Daemon {
     db: Mutex<Db>,
     identity: CoordIdentity,
     admin_uid: u32,
+    almighty: Vec<String>,
     endpoints: tokio::sync::Mutex<HashMap<SocketAddr, SharedEndpoint>>,
     running: Mutex<HashMap<i64, Running>>,
     started: Instant,
@@ -171,7 +305,7 @@ impl Daemon {
     /// Opens the state directory: database (migrated), identity, and recovery from a previous
     /// run that stopped mid-deployment (its deployments fail with "coordinator restarted",
     /// their nodes are released and their PXE profiles boot the local disk).
-    pub fn open(dir: &Path) -> Result<Arc<Self>> {
+    pub fn open(dir: &Path, opts: &ServeOptions) -> Result<Arc<Self>> {
         crate::state::create_dir(dir)?;
         // Packed images are served over QUIC, never read by users from the disk: private
         // (an image of a private environment must not be readable by others).
@@ -209,6 +343,7 @@ impl Daemon {
             db: Mutex::new(db),
             identity,
             admin_uid: nix::unistd::geteuid().as_raw(),
+            almighty: opts.almighty.clone(),
             endpoints: tokio::sync::Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             started: Instant::now(),
@@ -247,18 +382,23 @@ impl Daemon {
         (cancel_rx, Instant::now())
     }
 
-    fn is_admin(&self, p: &Peer) -> bool {
-        p.uid == 0 || p.uid == self.admin_uid
+    fn is_admin(&self, uid: Option<u32>, user: &str) -> bool {
+        uid == Some(0) || uid == Some(self.admin_uid) || self.almighty.iter().any(|a| a == user)
     }
 
     fn admin(&self, p: &Peer) -> ApiResult<()> {
-        if self.is_admin(p) {
+        if p.admin {
             Ok(())
         } else {
             Err(ApiError::forbidden(format!(
-                "{} is not an administrator of this kd daemon (root or uid {} are)",
-                user_name(p.uid),
-                self.admin_uid
+                "{} is not an administrator of this kd daemon (root, uid {}{} are)",
+                p.user,
+                self.admin_uid,
+                if self.almighty.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and the almighty users {}", self.almighty.join(", "))
+                }
             )))
         }
     }
@@ -352,10 +492,16 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/api/v1/operations", post(create_operation))
         .route("/api/v1/power", get(power_status))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/tokens", get(list_tokens).post(add_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(remove_token))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::not_found("no such API path: see GET /api/v1 for the reference")
         })
+        .layer(axum::middleware::from_fn_with_state(
+            d.clone(),
+            authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(d.clone(), count))
         .with_state(d)
 }
@@ -369,9 +515,19 @@ async fn count(
     next.run(req).await
 }
 
-/// Serves the API on `STATE/kd.sock` until SIGTERM or SIGINT; then cancels running
-/// deployments (each node ends deploy_failed, its profile on the local disk) and exits.
-pub async fn serve(dir: &Path) -> Result<()> {
+/// How the daemon runs (`kd-coord serve`'s flags).
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Also serve the API over TLS with bearer tokens on this address.
+    pub listen: Option<SocketAddr>,
+    /// Users who administer the daemon besides root and the daemon's own user.
+    pub almighty: Vec<String>,
+}
+
+/// Serves the API on `STATE/kd.sock` (and on `opts.listen` over TLS) until SIGTERM or SIGINT;
+/// then cancels running deployments (each node ends deploy_failed, its profile on the local
+/// disk) and exits.
+pub async fn serve(dir: &Path, opts: &ServeOptions) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     crate::state::create_dir(dir)?;
     // One daemon per state directory.
@@ -389,7 +545,7 @@ pub async fn serve(dir: &Path) -> Result<()> {
             lock_path.display()
         );
     }
-    let d = Daemon::open(dir)?;
+    let d = Daemon::open(dir, opts)?;
     let sock = dir.join(SOCKET);
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)
@@ -400,7 +556,30 @@ pub async fn serve(dir: &Path) -> Result<()> {
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
     eprintln!("kd-coord: serving the API on {}", sock.display());
-    let app = router(d.clone()).into_make_service_with_connect_info::<Peer>();
+    let (quit_tx, quit_rx) = tokio::sync::watch::channel(false);
+    let remote = match opts.listen {
+        None => None,
+        Some(addr) => {
+            let tls =
+                kd_net::tls::api_server(d.identity.cert_der.clone(), d.identity.key_der.clone())?;
+            let listener = crate::https::TlsListener::bind(addr, tls).await?;
+            let local = axum::serve::Listener::local_addr(&listener)?;
+            eprintln!(
+                "kd-coord: serving the API on https://{local} (certificate pin {}; tokens: kd-coord token add)",
+                kd_proto::manifest::hex(&kd_net::cert_sha256(&d.identity.cert_der))
+            );
+            let app = router(d.clone()).into_make_service_with_connect_info::<Conn>();
+            let mut quit = quit_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = quit.wait_for(|q| *q).await;
+                    })
+                    .await
+            }))
+        }
+    };
+    let app = router(d.clone()).into_make_service_with_connect_info::<Conn>();
     let stop = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -409,9 +588,9 @@ pub async fn serve(dir: &Path) -> Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    let (quit_tx, quit_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut quit = quit_rx.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = quit_rx.await;
+        let _ = quit.wait_for(|q| *q).await;
     });
     let server = std::future::IntoFuture::into_future(server);
     tokio::pin!(server);
@@ -426,12 +605,17 @@ pub async fn serve(dir: &Path) -> Result<()> {
                 std::time::Duration::from_secs(60),
             )
             .await;
-            let _ = quit_tx.send(());
+            let _ = quit_tx.send(true);
             if tokio::time::timeout(std::time::Duration::from_secs(10), &mut server)
                 .await
                 .is_err()
             {
                 eprintln!("kd-coord: some API connections stayed open: closing them");
+            }
+            if let Some(r) = remote {
+                if tokio::time::timeout(std::time::Duration::from_secs(5), r).await.is_err() {
+                    eprintln!("kd-coord: some HTTPS API connections stayed open: closing them");
+                }
             }
         }
     }
@@ -501,7 +685,7 @@ struct ClusterBody {
 
 async fn add_cluster(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     Json(b): Json<ClusterBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     d.admin(&p)?;
@@ -617,10 +801,10 @@ fn end_json(row: &db::DeploymentRow, nodes: &[db::DeploymentNode]) -> Value {
 
 async fn cancel_deployment(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     UrlPath(id): UrlPath<i64>,
 ) -> ApiResult<Json<Value>> {
-    let who = user_name(p.uid);
+    let who = p.user.clone();
     let r = d.running.lock().unwrap_or_else(|p| p.into_inner());
     let Some(run) = r.get(&id) else {
         return Err(ApiError::new(
@@ -628,7 +812,7 @@ async fn cancel_deployment(
             format!("deployment {id} is not running"),
         ));
     };
-    if run.user != who && !d.is_admin(&p) {
+    if run.user != who && !p.admin {
         return Err(ApiError::forbidden(format!(
             "deployment {id} is {}'s: {who} may not cancel it",
             run.user
@@ -636,6 +820,83 @@ async fn cancel_deployment(
     }
     let _ = run.cancel.send(Some(format!("cancelled by {who}")));
     Ok(Json(json!({ "id": id, "cancelling": true })))
+}
+
+#[derive(Deserialize)]
+struct NewToken {
+    /// Whose (default: the caller's own; another user's needs an administrator).
+    #[serde(default)]
+    user: Option<String>,
+    /// What it is for ("laptop", "ci").
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn add_token(
+    State(d): State<Arc<Daemon>>,
+    p: Peer,
+    Json(t): Json<NewToken>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if p.remote {
+        return Err(ApiError::forbidden(
+            "tokens are made on the daemon's host (kd-coord token add, through its Unix socket): \
+             a token cannot make tokens",
+        ));
+    }
+    let user = t.user.unwrap_or_else(|| p.user.clone());
+    if user != p.user {
+        d.admin(&p)?;
+    }
+    if user.is_empty()
+        || user.len() > 64
+        || user.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ApiError::bad(format!("bad user name {user:?}")));
+    }
+    let name = t.name.unwrap_or_default();
+    if name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad(
+            "a token's name is at most 200 printable characters",
+        ));
+    }
+    let token = crate::https::new_token()?;
+    let id = d
+        .db()
+        .add_token(&user, &name, &crate::https::token_hash(&token))?;
+    tracing::info!("{} made API token {id} for {user}", p.user);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "user": user, "name": name, "token": token })),
+    ))
+}
+
+async fn list_tokens(
+    State(d): State<Arc<Daemon>>,
+    p: Peer,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let user = match (p.admin, q.get("user")) {
+        (true, u) => u.cloned(),
+        (false, _) => Some(p.user.clone()),
+    };
+    let rows = d.db().tokens(user.as_deref())?;
+    Ok(Json(json!({ "tokens": rows })))
+}
+
+async fn remove_token(
+    State(d): State<Arc<Daemon>>,
+    p: Peer,
+    UrlPath(id): UrlPath<i64>,
+) -> ApiResult<Json<Value>> {
+    let owner = (!p.admin).then_some(p.user.as_str());
+    if !d.db().remove_token(id, owner)? {
+        return Err(ApiError::not_found(format!(
+            "no token {id}{}: kd-coord token list shows them",
+            owner.map(|o| format!(" of {o}")).unwrap_or_default()
+        )));
+    }
+    tracing::info!("{} revoked API token {id}", p.user);
+    Ok(Json(json!({ "id": id, "removed": true })))
 }
 
 async fn list_rights(
@@ -648,7 +909,7 @@ async fn list_rights(
 
 async fn add_right(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     Json(r): Json<Right>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     d.admin(&p)?;
@@ -671,7 +932,7 @@ async fn add_right(
 
 async fn remove_rights(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     d.admin(&p)?;
@@ -770,10 +1031,10 @@ async fn metrics(State(d): State<Arc<Daemon>>) -> ApiResult<Response> {
 
 async fn create_deployment(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     Json(req): Json<DeployRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let user = user_name(p.uid);
+    let user = p.user.clone();
     let nodes = kd_proto::nodeset::parse(&req.nodes)
         .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", req.nodes)))?;
     if nodes.is_empty() {
@@ -788,7 +1049,7 @@ async fn create_deployment(
         .partition
         .map(|p| p.to_string())
         .unwrap_or_else(|| "deploy".into());
-    if !d.is_admin(&p) {
+    if !p.admin {
         let denied = d.db().denied(&user, &nodes, &partition)?;
         if !denied.is_empty() {
             return Err(ApiError::forbidden(format!(
@@ -800,14 +1061,17 @@ async fn create_deployment(
     }
     let mut req = req;
     // A registered environment's files were checked for its owner when it was added.
-    let mut reader = Some(p.uid);
+    let reader = match req.environment_name {
+        Some(_) => None,
+        None => Some(p.files_as()?),
+    };
     if let Some(spec) = &req.environment_name {
         let (name, version) = parse_env_spec(spec)?;
         let row = d
             .db()
             .find_environment(
                 &user,
-                d.is_admin(&p),
+                p.admin,
                 &name,
                 version,
                 req.environment_user.as_deref(),
@@ -823,7 +1087,6 @@ async fn create_deployment(
             })?;
         req.environment = row.yaml;
         req.environment_dir = PathBuf::from(row.dir);
-        reader = None;
     }
     let env = Environment::parse(&req.environment)
         .map_err(|e| ApiError::bad(format!("bad environment: {e}")))?;
@@ -857,7 +1120,7 @@ async fn create_deployment(
         let mut db = d.db();
         match db.create_deployment(&NewDeployment {
             user: &user,
-            uid: p.uid,
+            uid: p.uid.unwrap_or(u32::MAX),
             environment: &env_name,
             nodes: &nodes,
             kind: db::kind::DEPLOY,
@@ -934,13 +1197,13 @@ struct EnvQuery {
 
 async fn list_environments(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     Query(q): Query<EnvQuery>,
 ) -> ApiResult<Json<Value>> {
-    let me = user_name(p.uid);
+    let me = p.user.clone();
     let rows = d
         .db()
-        .environments(&me, d.is_admin(&p), q.user.as_deref(), q.all)?;
+        .environments(&me, p.admin, q.user.as_deref(), q.all)?;
     let out: Vec<Value> = rows
         .iter()
         .map(|e| {
@@ -953,14 +1216,14 @@ async fn list_environments(
 
 async fn show_environment(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<EnvQuery>,
 ) -> ApiResult<Json<Value>> {
-    let me = user_name(p.uid);
+    let me = p.user.clone();
     let e = d
         .db()
-        .find_environment(&me, d.is_admin(&p), &name, q.version, q.user.as_deref())?
+        .find_environment(&me, p.admin, &name, q.version, q.user.as_deref())?
         .ok_or_else(|| ApiError::not_found(format!("no environment {name} that {me} may see")))?;
     Ok(Json(serde_json::to_value(&e).map_err(anyhow::Error::from)?))
 }
@@ -973,10 +1236,10 @@ struct EnvBody {
 
 async fn add_environment(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     Json(b): Json<EnvBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let me = user_name(p.uid);
+    let me = p.user.clone();
     let env =
         Environment::parse(&b.yaml).map_err(|e| ApiError::bad(format!("bad environment: {e}")))?;
     let visibility = match env.visibility {
@@ -984,7 +1247,7 @@ async fn add_environment(
         crate::env::Visibility::Shared => "shared",
         crate::env::Visibility::Public => "public",
     };
-    if visibility == "public" && !d.is_admin(&p) {
+    if visibility == "public" && !p.admin {
         return Err(ApiError::forbidden(format!(
             "only an administrator adds public environments: {me} may add it as private or shared"
         )));
@@ -994,7 +1257,7 @@ async fn add_environment(
         let d = d.clone();
         let env = env.clone();
         let dir = b.dir.clone();
-        let uid = p.uid;
+        let uid = p.files_as()?;
         tokio::task::spawn_blocking(move || -> Result<PathBuf> {
             for pi in &env.postinstalls {
                 let path = deploy::env_path(&pi.archive, &dir)?;
@@ -1038,13 +1301,13 @@ async fn add_environment(
 
 async fn remove_environment(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<EnvQuery>,
 ) -> ApiResult<Json<Value>> {
-    let me = user_name(p.uid);
+    let me = p.user.clone();
     let owner = q.user.clone().unwrap_or_else(|| me.clone());
-    if owner != me && !d.is_admin(&p) {
+    if owner != me && !p.admin {
         return Err(ApiError::forbidden(format!(
             "{name} is {owner}'s: {me} may not remove it"
         )));
@@ -1126,7 +1389,7 @@ fn check_node_rights(
     nodes: &[String],
     what: &str,
 ) -> ApiResult<()> {
-    if d.is_admin(p) {
+    if p.admin {
         return Ok(());
     }
     let denied = d.db().denied(user, nodes, "")?;
@@ -1142,10 +1405,10 @@ fn check_node_rights(
 
 async fn create_operation(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     Json(req): Json<OperationRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let user = user_name(p.uid);
+    let user = p.user.clone();
     let nodes = kd_proto::nodeset::parse(&req.nodes)
         .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", req.nodes)))?;
     if nodes.is_empty() {
@@ -1201,7 +1464,7 @@ async fn create_operation(
         let mut db = d.db();
         match db.create_deployment(&NewDeployment {
             user: &user,
-            uid: p.uid,
+            uid: p.uid.unwrap_or(u32::MAX),
             environment: label,
             nodes: &nodes,
             kind,
@@ -1251,10 +1514,10 @@ struct PowerQuery {
 /// daemon, at most the cluster's reboot window at once, each within its command timeout).
 async fn power_status(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     Query(q): Query<PowerQuery>,
 ) -> ApiResult<Json<Value>> {
-    let user = user_name(p.uid);
+    let user = p.user.clone();
     let nodes = kd_proto::nodeset::parse(&q.nodes)
         .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", q.nodes)))?;
     if nodes.is_empty() {
@@ -1486,12 +1749,12 @@ pub fn epoch_now() -> f64 {
 /// ([`crate::console`]) over the upgraded connection.
 async fn node_console(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     UrlPath(name): UrlPath<String>,
     mut req: axum::extract::Request,
 ) -> ApiResult<Response> {
     use crate::console::PROTOCOL;
-    let user = user_name(p.uid);
+    let user = p.user.clone();
     let wants = req
         .headers()
         .get(header::UPGRADE)
@@ -1506,7 +1769,7 @@ async fn node_console(
     let Some((cluster, node)) = clusters.iter().find_map(|c| c.node(&name).map(|n| (c, n))) else {
         return Err(unknown_nodes(std::slice::from_ref(&name), &clusters));
     };
-    if !d.is_admin(&p) {
+    if !p.admin {
         // The deployments' check (db::denied), on any partition the user has a right on:
         // whoever may deploy the node may see its console.
         let db = d.db();
@@ -1567,14 +1830,14 @@ async fn node_console(
 /// `version`); its image and content stay as registered.
 async fn update_environment(
     State(d): State<Arc<Daemon>>,
-    ConnectInfo(p): ConnectInfo<Peer>,
+    p: Peer,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<EnvQuery>,
     Json(body): Json<serde_json::Map<String, Value>>,
 ) -> ApiResult<Json<Value>> {
-    let me = user_name(p.uid);
+    let me = p.user.clone();
     let owner = q.user.clone().unwrap_or_else(|| me.clone());
-    if owner != me && !d.is_admin(&p) {
+    if owner != me && !p.admin {
         return Err(ApiError::forbidden(format!(
             "{name} is {owner}'s: {me} may not update it"
         )));
@@ -1606,7 +1869,7 @@ async fn update_environment(
                 "bad visibility {v:?}: private, shared or public"
             )));
         }
-        if v == "public" && !d.is_admin(&p) {
+        if v == "public" && !p.admin {
             return Err(ApiError::forbidden(format!(
                 "only an administrator makes environments public: {me} may make it private or shared"
             )));
@@ -1618,7 +1881,7 @@ async fn update_environment(
     );
     let mut db = d.db();
     let row = db
-        .find_environment(&me, d.is_admin(&p), &name, q.version, Some(&owner))?
+        .find_environment(&me, p.admin, &name, q.version, Some(&owner))?
         .filter(|e| e.user == owner)
         .ok_or_else(|| ApiError::not_found(format!("{owner} has no environment {spec}")))?;
     let yaml = with_fields(&row.yaml, visibility.as_deref(), description.as_deref())

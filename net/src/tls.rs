@@ -249,3 +249,29 @@ pub fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let certs = id.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     certs.first().map(|c| c.to_vec())
 }
+
+/// The daemon's HTTPS API, server side: the coordinator's certificate (the one agents pin),
+/// TLS 1.3, ALPN `http/1.1`, no client certificate (callers prove a bearer token).
+pub fn api_server(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<rustls::ServerConfig, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        )?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The CLI's side of the HTTPS API: the daemon's certificate pinned by SHA-256 (`kd-coord
+/// pin` prints it), as agents pin it.
+pub fn api_client(pin: [u8; 32]) -> Result<rustls::ClientConfig, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(PinnedServer::new(pin))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

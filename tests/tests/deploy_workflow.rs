@@ -1127,6 +1127,11 @@ impl Lab {
 
     /// Starts `kd-coord serve` and waits for its socket to answer.
     fn serve(&self) -> Daemon {
+        self.serve_with(&[])
+    }
+
+    /// Starts `kd-coord serve ARGS` and waits for its socket to answer.
+    fn serve_with(&self, args: &[&str]) -> Daemon {
         let log = self.path("daemon.log");
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -1137,6 +1142,7 @@ impl Lab {
             .arg("--state")
             .arg(&self.state)
             .arg("serve")
+            .args(args)
             .env("KD_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(f)
@@ -1763,6 +1769,187 @@ fn daemon_environments_by_visibility_and_deploy_by_name() {
     assert!(o.status.success(), "{}", text(&o));
     let o = lab.kd(Some(alice), &["env", "show", "kdtest"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+/// `kd-coord --api https://127.0.0.1:PORT --api-pin PIN ARGS` with `token` in KD_TOKEN, from a
+/// state directory that does not exist (nothing local to lean on), bounded.
+fn remote(lab: &Lab, port: u16, pin: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut c = Command::new(bin("kd-coord"));
+    c.arg("--state")
+        .arg(lab.path("no-such-state"))
+        .arg("--api")
+        .arg(format!("https://127.0.0.1:{port}"))
+        .arg("--api-pin")
+        .arg(pin)
+        .args(args)
+        .env_remove("KD_TOKEN_FILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    match token {
+        Some(t) => c.env("KD_TOKEN", t),
+        None => c.env_remove("KD_TOKEN"),
+    };
+    let mut child = c.spawn().unwrap();
+    wait_child(&mut child, DEPLOY_LIMIT).unwrap_or_else(|e| panic!("{e:#}\n{}", lab.dump()))
+}
+
+#[test]
+fn daemon_remote_user_deploys_over_https_with_a_token() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new(16, 1);
+    let port = free_tcp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _daemon = lab.serve_with(&["--listen", &listen, "--almighty", "ops"]);
+    let cluster = lab.cluster.display().to_string();
+    assert!(lab.kd(None, &["cluster", "add", &cluster]).status.success());
+    let public = lab.env.with_file_name("public.yaml");
+    let y = std::fs::read_to_string(&lab.env).unwrap();
+    write(&public, &format!("{y}visibility: public\n"));
+    let o = lab.kd(None, &["env", "add", &public.display().to_string()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let pin = String::from_utf8(lab.kd(None, &["pin"]).stdout).unwrap();
+    let pin = pin.trim();
+    // Root makes carol (no account on this host) a token; it is shown once.
+    let made = lab.kd_json(&["token", "add", "-u", "carol", "--name", "ci"]);
+    let token = made["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("kdt_"), "{made}");
+    assert_eq!(
+        (&made["user"], &made["name"]),
+        (&serde_json::json!("carol"), &serde_json::json!("ci"))
+    );
+    let id = made["id"].as_i64().unwrap().to_string();
+
+    // No token, a wrong token, a wrong pin: refused, each saying why.
+    let o = remote(&lab, port, pin, None, &["nodes"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("this API needs a token"), "{}", text(&o));
+    let o = remote(&lab, port, pin, Some("kdt_0123"), &["nodes"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("unknown or revoked token"),
+        "{}",
+        text(&o)
+    );
+    let o = remote(&lab, port, &"0".repeat(64), Some(&token), &["nodes"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not match the pinned"),
+        "{}",
+        text(&o)
+    );
+
+    // With its token, carol sees the nodes, but may deploy only where she has a right.
+    let o = remote(&lab, port, pin, Some(&token), &["nodes", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(node(&nodes, "node1")["cluster"], "fake");
+    let o = remote(
+        &lab,
+        port,
+        pin,
+        Some(&token),
+        &["deploy", "-e", "kdtest", "-m", "node1"],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("carol may not deploy node1"),
+        "{}",
+        text(&o)
+    );
+    // ops, an almighty user, grants it from afar; carol could not.
+    let ops = lab.kd_json(&["token", "add", "-u", "ops"]);
+    let ops = ops["token"].as_str().unwrap().to_string();
+    let grant = ["rights", "add", "-u", "carol", "-m", "node1"];
+    let o = remote(&lab, port, pin, Some(&token), &grant);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("carol is not an administrator"),
+        "{}",
+        text(&o)
+    );
+    let o = remote(&lab, port, pin, Some(&ops), &grant);
+    assert!(o.status.success(), "{}", text(&o));
+    // The daemon reads no file for a user without an account here; a token makes no token.
+    let env = lab.env.display().to_string();
+    let o = remote(
+        &lab,
+        port,
+        pin,
+        Some(&token),
+        &["deploy", "-e", &env, "-m", "node1"],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("carol has no account on the daemon's host"),
+        "{}",
+        text(&o)
+    );
+    let o = remote(&lab, port, pin, Some(&token), &["token", "add"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("a token cannot make tokens"),
+        "{}",
+        text(&o)
+    );
+
+    // The public environment by name, with her key and ok/ko files on her side.
+    let (ok, ko) = (lab.path("carol-ok.txt"), lab.path("carol-ko.txt"));
+    let key = lab.key.display().to_string();
+    let o = remote(
+        &lab,
+        port,
+        pin,
+        Some(&token),
+        &[
+            "deploy",
+            "-e",
+            "kdtest",
+            "-m",
+            "node1",
+            "-k",
+            &key,
+            "-o",
+            &ok.display().to_string(),
+            "-n",
+            &ko.display().to_string(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), lab.dump());
+    assert_eq!(lines(&ok), Some(vec!["node1".to_string()]));
+    assert_eq!(lines(&ko), Some(vec![]));
+    lab.disk_ok(0).unwrap();
+    let nodes = lab.kd_json(&["nodes"]);
+    assert_eq!(node(&nodes, "node1")["user"], "carol");
+    assert_eq!(node(&nodes, "node1")["environment"], "kdtest:1");
+    let deps = lab.kd_json(&["deployments", "list"]);
+    assert_eq!(deps["deployments"][0]["user"], "carol", "{deps}");
+
+    // Root lists tokens without their secrets (carol's was used), then revokes it.
+    let list = lab.kd_json(&["token", "list"]);
+    assert_eq!(list["tokens"].as_array().unwrap().len(), 2, "{list}");
+    let t = &list["tokens"][0];
+    assert_eq!(
+        (&t["user"], &t["name"]),
+        (&serde_json::json!("carol"), &serde_json::json!("ci")),
+        "{list}"
+    );
+    assert!(t["last_used"].is_i64(), "{list}");
+    assert!(!list.to_string().contains(&token[4..]), "{list}");
+    assert!(
+        t.get("token").is_none() && t.get("hash").is_none(),
+        "{list}"
+    );
+    let o = lab.kd(None, &["token", "rm", &id]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = remote(&lab, port, pin, Some(&token), &["nodes"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("unknown or revoked token"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
