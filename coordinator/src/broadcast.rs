@@ -712,6 +712,10 @@ async fn serve_data(
     }
 }
 
+/// Compressed image bytes the coordinator's data streams (root streams and repairs) handed to
+/// QUIC in this process: with what the nodes received, how much the tree relayed.
+pub static SERVED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Sends chunks `range` on `send`, in step with the other root streams when `pace` is set.
 async fn serve_range(
     send: &mut quinn::SendStream,
@@ -764,9 +768,11 @@ async fn serve_range(
             return;
         }
         // The chunk's buffer goes to QUIC as is (no copy into its send buffer).
+        let len = chunk.data.len() as u64;
         if wire::send_chunk(send, i, chunk.data).await.is_err() {
             return;
         }
+        SERVED_BYTES.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         if debug {
             tracing::debug!(index = i, "chunk handed to QUIC");
         }

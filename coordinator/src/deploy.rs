@@ -146,6 +146,13 @@ pub enum Update {
     },
     /// A node is done (deployed or failed).
     Node(NodeReport),
+    /// A node's agent reported the image bytes (compressed) it received and verified.
+    Received {
+        /// Node.
+        node: String,
+        /// Bytes.
+        bytes: u64,
+    },
 }
 
 /// How a driver talks to whoever runs it: `notes` receives one human-readable line per thing
@@ -1156,6 +1163,12 @@ impl Driver {
                 vec![Event::StepDone { node, step, result }]
             }
             ToCoord::Report(r) => {
+                if let Some(u) = &self.updates {
+                    let _ = u.send(Update::Received {
+                        node: node.clone(),
+                        bytes: r.progress.bytes_received,
+                    });
+                }
                 self.progress.insert(node.clone(), r.progress.clone());
                 self.reports
                     .insert(node.clone(), (r.clone(), Instant::now()));

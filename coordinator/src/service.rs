@@ -243,6 +243,11 @@ pub struct Daemon {
     running: Mutex<HashMap<i64, Running>>,
     started: Instant,
     requests: AtomicU64,
+    /// Image bytes the nodes of this process's deployments received and verified.
+    received: AtomicU64,
+    /// Per step: seconds spent in it and how many times, over the nodes finished in this
+    /// process (`kd_step_seconds`).
+    step_secs: Mutex<std::collections::BTreeMap<&'static str, (f64, u64)>>,
     refused_tx: mpsc::UnboundedSender<crate::broadcast::Event>,
 }
 
@@ -348,6 +353,8 @@ impl Daemon {
             running: Mutex::new(HashMap::new()),
             started: Instant::now(),
             requests: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            step_secs: Mutex::new(std::collections::BTreeMap::new()),
             refused_tx,
         }))
     }
@@ -1016,6 +1023,28 @@ async fn metrics(State(d): State<Arc<Daemon>>) -> ApiResult<Response> {
         let _ = writeln!(t, "kd_node_failures_total{{step=\"{step}\"}} {n}");
     }
     let _ = writeln!(t, "# HELP kd_agents_routed Nodes whose agents the QUIC endpoints route now.\n# TYPE kd_agents_routed gauge\nkd_agents_routed {routed}");
+    let received = d.received.load(Ordering::Relaxed);
+    let served = crate::broadcast::SERVED_BYTES.load(Ordering::Relaxed);
+    let _ = writeln!(
+        t,
+        "# HELP kd_image_bytes_received_total Image bytes (compressed) the nodes received and verified.\n\
+         # TYPE kd_image_bytes_received_total counter\nkd_image_bytes_received_total {received}\n\
+         # HELP kd_image_bytes_served_total Image bytes the coordinator sent itself (root streams, repairs).\n\
+         # TYPE kd_image_bytes_served_total counter\nkd_image_bytes_served_total {served}\n\
+         # HELP kd_image_bytes_relayed_total Image bytes the nodes received from other nodes.\n\
+         # TYPE kd_image_bytes_relayed_total counter\nkd_image_bytes_relayed_total {}",
+        received.saturating_sub(served)
+    );
+    let _ = writeln!(
+        t,
+        "# HELP kd_step_seconds Time nodes spent in each workflow step (nodes finished since the daemon started).\n# TYPE kd_step_seconds summary"
+    );
+    for (step, (sum, count)) in d.step_secs.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(
+            t,
+            "kd_step_seconds_sum{{step=\"{step}\"}} {sum:.3}\nkd_step_seconds_count{{step=\"{step}\"}} {count}"
+        );
+    }
     let _ = writeln!(
         t,
         "# HELP kd_api_requests_total API requests served.\n# TYPE kd_api_requests_total counter\nkd_api_requests_total {}",
@@ -1673,12 +1702,23 @@ async fn run_deployment(
                                 NodeResult::Deployed => (None, json!({ "time": t0.elapsed().as_secs_f64(), "node": r.node, "result": "ok", "secs": r.total.as_secs_f64() })),
                                 NodeResult::Failed { step, reason } => (Some((step.as_str(), reason.as_str())), json!({ "time": t0.elapsed().as_secs_f64(), "node": r.node, "result": "ko", "step": step.as_str(), "reason": reason, "secs": r.total.as_secs_f64() })),
                             };
+                            {
+                                let mut t = d.step_secs.lock().unwrap_or_else(|p| p.into_inner());
+                                for s in &r.steps {
+                                    let e = t.entry(s.step.as_str()).or_insert((0.0, 0));
+                                    e.0 += s.duration.as_secs_f64();
+                                    e.1 += 1;
+                                }
+                            }
                             if let Err(e) = d.db().finish_node(id, &r.node, failure, r.total.as_secs_f64(), &steps) {
                                 tracing::error!("deployment {id}: cannot record {}: {e:#}", r.node);
                             }
                             d.push_line(id, line);
                         }
                         Some(Update::Step { node, step, attempt }) => d.push_line(id, json!({ "time": t0.elapsed().as_secs_f64(), "node": node, "step": step.as_str(), "attempt": attempt })),
+                        Some(Update::Received { bytes, .. }) => {
+                            d.received.fetch_add(bytes, Ordering::Relaxed);
+                        }
                         None => upd_open = false,
                     },
                 }

@@ -1444,6 +1444,32 @@ fn daemon_two_users_deploy_at_once_and_overlaps_and_strangers_are_refused() {
     assert_eq!(rights["rights"][0]["user"], "uid64001");
     assert_eq!(rights["rights"][0]["nodes"], "node[1-2]");
     assert_eq!(rights["rights"][0]["partition"], "*");
+    // What the trees carried: 4 copies received, the second node of each chain fed by the
+    // first (relayed), each step timed once per node.
+    let (_, _, m) = http_get(&lab, "/metrics");
+    let received = metric(&m, "kd_image_bytes_received_total");
+    let served = metric(&m, "kd_image_bytes_served_total");
+    let relayed = metric(&m, "kd_image_bytes_relayed_total");
+    assert!(received > 0.0 && served > 0.0 && relayed > 0.0, "{m}");
+    assert_eq!(received, served + relayed, "{m}");
+    assert!(relayed >= received / 4.0, "{m}");
+    assert_eq!(
+        metric(&m, "kd_step_seconds_count{step=\"Broadcast\"}"),
+        4.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "kd_step_seconds_sum{step=\"Broadcast\"}") > 0.0,
+        "{m}"
+    );
+}
+
+/// The value of one Prometheus sample (`NAME{LABELS}` as printed).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
 #[test]
