@@ -40,6 +40,8 @@ pub struct BroadcastConfig {
     pub deployment: u64,
     /// What the agents do with the image.
     pub job: Job,
+    /// Each node's rack (the tree enters each rack once); empty: the plain plan.
+    pub racks: std::collections::BTreeMap<String, String>,
 }
 
 /// Something that happened, for live progress.
@@ -804,6 +806,7 @@ mod tests {
             hello_timeout: Duration::from_secs(1),
             run_timeout: Duration::from_secs(1),
             deployment: 1,
+            racks: Default::default(),
             job: Job::LocalSink,
         };
         let mut h = Hello {

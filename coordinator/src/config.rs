@@ -11,7 +11,7 @@
 //!   - name: node1                    # [A-Za-z0-9][A-Za-z0-9._-]*, unique
 //!     address: 10.77.0.101           # IP, unique (IPv4 when profile_naming is ip_hex)
 //!     mac: "52:54:00:4d:00:65"       # unique, ':' or '-' separated
-//!     rack: r1                       # optional (topology label)
+//!     rack: r1                       # optional: trees enter each rack (or switch) once
 //! pxe:
 //!   tftp_root: /srv/kd/tftp
 //!   http_root: /srv/kd/http          # optional; required with http_base_url

@@ -358,7 +358,10 @@ pub async fn broadcast(
     });
     let (_cancel_tx, cancel) = tokio::sync::watch::channel(None);
     let setup = Setup {
-        settings: Settings::broadcast_only(cfg.arity, cfg.hello_timeout, cfg.run_timeout),
+        settings: Settings {
+            racks: cfg.racks.clone(),
+            ..Settings::broadcast_only(cfg.arity, cfg.hello_timeout, cfg.run_timeout)
+        },
         nodes: cfg.nodes.clone(),
         deployment: cfg.deployment,
         arity: cfg.arity,

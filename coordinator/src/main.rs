@@ -356,6 +356,10 @@ struct BroadcastArgs {
     /// Write a raw image to the whole disk instead of the deploy partition.
     #[arg(long)]
     whole_disk: bool,
+    /// The nodes of a rack or switch, as RACK=NODESET (repeated): the tree enters each rack
+    /// once (a chain visits a rack's nodes together; a k-ary tree keeps a rack in one subtree).
+    #[arg(long = "rack", value_name = "RACK=NODESET")]
+    racks: Vec<String>,
 }
 
 /// A chunk size; its bounds are checked by `image::pack`, before it reads anything.
@@ -643,7 +647,24 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
             }))
         }
     };
+    let mut racks = std::collections::BTreeMap::new();
+    for r in &a.racks {
+        let Some((rack, set)) = r.split_once('=') else {
+            bail!("--rack {r:?}: expected RACK=NODESET");
+        };
+        let members = kd_proto::nodeset::parse(set)
+            .map_err(|e| anyhow::anyhow!("--rack {r:?}: bad node set: {e}"))?;
+        for m in members {
+            if !nodes.contains(&m) {
+                bail!("--rack {r:?}: {m} is not one of the nodes (-m)");
+            }
+            if let Some(other) = racks.insert(m.clone(), rack.to_string()) {
+                bail!("--rack: {m} is in two racks ({other} and {rack})");
+            }
+        }
+    }
     let cfg = BroadcastConfig {
+        racks,
         job,
         listen: a.listen,
         nodes: nodes.clone(),
@@ -754,7 +775,6 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
     Ok(if outcome.all_ok() { 0 } else { 1 })
 }
 
-/// `kd-coord power on|off`.
 /// The daemon's client: its socket in STATE, or `--api URL` with its pin and a token.
 fn client(state: &Path, api: Option<&str>, pin: Option<&str>) -> Result<kd_coord::client::Client> {
     let Some(url) = api else {
@@ -777,6 +797,7 @@ fn client(state: &Path, api: Option<&str>, pin: Option<&str>) -> Result<kd_coord
     kd_coord::client::Client::remote(url, pin, token)
 }
 
+/// `kd-coord power on|off`.
 fn power_op(c: &kd_coord::client::Client, op: &'static str, a: PowerArgs) -> Result<i32> {
     let opts = remote::OpOpts {
         op,

@@ -14,6 +14,13 @@
 //! `n` nodes has the smallest depth `d` with `k + k^2 + ... + k^d >= n`, a chain has depth `n`,
 //! a star depth 1.
 //!
+//! [`plan_grouped`] plans the same shapes over nodes that carry a group (a rack or a switch)
+//! so that the tree crosses between groups as few times as it can: each group gets a tree of
+//! its own (the shape's, in the group's node order), and the groups are hung one below the
+//! other, each group's first node under a free slot of the source or of an earlier group's
+//! shallowest leaves. A chain visits each group's nodes together (one hop into each group); a
+//! k-ary tree keeps every group's subtree inside it; every sender keeps at most `k` children.
+//!
 //! When a node dies mid-broadcast, [`Tree::remove`] re-attaches its children to its parent (or
 //! to the source). That keeps every other node where it was and costs the adopting parent more
 //! fan-out (its children minus one plus the orphans): after repairs the fan-out bound of the
@@ -115,6 +122,99 @@ pub struct Tree {
 /// Plans a tree of `n` nodes with the given shape.
 pub fn plan(n: usize, arity: Arity) -> Tree {
     Tree::plan(n, arity)
+}
+
+/// Plans a tree of `groups.len()` nodes, node `i` in group `groups[i]`, with the given shape,
+/// entering each group once (see the module documentation). Groups are taken in the order of
+/// their first node; within a group, nodes keep their order. A star ignores groups (every node
+/// is a child of the source either way). With one group this is [`plan`]. O(N k log N).
+pub fn plan_grouped(groups: &[usize], arity: Arity) -> Tree {
+    let n = groups.len();
+    if matches!(arity, Arity::Star) || n == 0 {
+        return plan(n, arity);
+    }
+    let k = arity.fan_out(n);
+    // The groups in order of first appearance, each with its nodes in order.
+    let mut order: Vec<usize> = Vec::new();
+    let mut members: std::collections::HashMap<usize, Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, &g) in groups.iter().enumerate() {
+        members
+            .entry(g)
+            .or_insert_with(|| {
+                order.push(g);
+                Vec::new()
+            })
+            .push(i);
+    }
+    if order.len() == 1 {
+        return plan(n, arity);
+    }
+    let mut parent: Vec<Option<usize>> = vec![None; n];
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut roots: Vec<usize> = Vec::new();
+    // Free sending slots, shallowest first, then first offered: (depth, seq, parent). The
+    // source's k are at depth 0.
+    let mut slots: std::collections::BinaryHeap<std::cmp::Reverse<(usize, usize, Option<usize>)>> =
+        (0..k).map(|i| std::cmp::Reverse((0, i, None))).collect();
+    let mut seq = k;
+    for g in order {
+        let nodes = members.remove(&g).unwrap_or_default();
+        // The group's own tree: its first node under the slot, the others in heap order
+        // below it (the children of the group's j-th node are its k*j+1 .. k*j+k-th).
+        let Some(std::cmp::Reverse((top_depth, _, top))) = slots.pop() else {
+            // Never: each group leaves at least one leaf with k free slots.
+            break;
+        };
+        let mut depth = vec![0usize; nodes.len()];
+        for (j, &node) in nodes.iter().enumerate() {
+            if j == 0 {
+                parent[node] = top;
+                depth[0] = top_depth + 1;
+                match top {
+                    Some(t) => children[t].push(node),
+                    None => roots.push(node),
+                }
+            } else {
+                let pj = (j - 1) / k;
+                parent[node] = Some(nodes[pj]);
+                children[nodes[pj]].push(node);
+                depth[j] = depth[pj] + 1;
+            }
+        }
+        // The group's leaves offer their slots to later groups, shallowest first.
+        let mut leaves: Vec<(usize, usize)> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, &node)| children[node].is_empty())
+            .map(|(j, &node)| (depth[j], node))
+            .collect();
+        leaves.sort_unstable();
+        for (d, leaf) in leaves {
+            for _ in 0..k {
+                slots.push(std::cmp::Reverse((d, seq, Some(leaf))));
+                seq += 1;
+            }
+        }
+    }
+    Tree {
+        parent,
+        children,
+        roots,
+        live: vec![true; n],
+    }
+}
+
+/// How many tree edges cross between groups (node `i` in `groups[i]`); an edge from the
+/// source counts as a crossing (the source is in no group).
+pub fn crossings(tree: &Tree, groups: &[usize]) -> usize {
+    (0..tree.len())
+        .filter(|&i| tree.is_live(i))
+        .filter(|&i| match tree.parent(i) {
+            None => true,
+            Some(p) => groups.get(p) != groups.get(i),
+        })
+        .count()
 }
 
 impl Tree {
@@ -501,6 +601,91 @@ mod tests {
         assert_eq!(t.len(), 4);
         assert_eq!(t.roots(), &[0, 3]);
         t.check().unwrap();
+    }
+
+    /// Racks interleaved in name order: node i in rack i % racks.
+    fn interleaved(n: usize, racks: usize) -> Vec<usize> {
+        (0..n).map(|i| i % racks).collect()
+    }
+
+    #[test]
+    fn a_grouped_chain_visits_each_group_once() {
+        let g = interleaved(12, 3);
+        let t = plan_grouped(&g, Arity::Chain);
+        t.check().unwrap();
+        // One hop into each rack, nodes of a rack together in their order.
+        assert_eq!(crossings(&t, &g), 3);
+        let mut order = Vec::new();
+        let mut cur = t.roots().first().copied();
+        while let Some(i) = cur {
+            order.push(i);
+            cur = t.children(i).first().copied();
+        }
+        assert_eq!(order, [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]);
+        // The name-ordered chain crosses on every hop.
+        assert_eq!(crossings(&plan(12, Arity::Chain), &g), 12);
+    }
+
+    #[test]
+    fn grouped_kary_trees_keep_each_group_in_one_subtree() {
+        for k in [2u32, 3, 4] {
+            for (n, racks) in [(40, 4), (300, 10), (17, 5), (9, 9)] {
+                let g = interleaved(n, racks);
+                let t = plan_grouped(&g, Arity::Kary(k));
+                t.check().unwrap();
+                assert_eq!(crossings(&t, &g), racks, "k={k} n={n} racks={racks}");
+                for i in 0..n {
+                    assert!(t.children(i).len() <= k as usize, "k={k} n={n} node {i}");
+                }
+                assert!(t.roots().len() <= k as usize);
+                if racks < n {
+                    assert!(crossings(&plan(n, Arity::Kary(k)), &g) > racks);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_plans_stay_shallow() {
+        // 300 nodes in 10 racks of 30, binary: each rack's tree is 5 deep, racks hang from
+        // the shallowest leaves of earlier ones.
+        let g = interleaved(300, 10);
+        let t = plan_grouped(&g, Arity::Kary(2));
+        assert!(t.max_depth() <= 3 * 5, "{}", t.max_depth());
+        // One rack per node: every node is its own group, still a binary tree of depth ~log2.
+        let g: Vec<usize> = (0..1000).collect();
+        let t = plan_grouped(&g, Arity::Kary(2));
+        t.check().unwrap();
+        assert!(t.max_depth() <= 11, "{}", t.max_depth());
+    }
+
+    #[test]
+    fn one_group_or_a_star_is_the_plain_plan() {
+        for a in [Arity::Chain, Arity::Kary(3), Arity::Star] {
+            assert_eq!(plan_grouped(&[7; 20], a), plan(20, a));
+            assert_eq!(
+                plan_grouped(&interleaved(20, 4), Arity::Star),
+                plan(20, Arity::Star)
+            );
+        }
+        assert_eq!(plan_grouped(&[], Arity::Chain), plan(0, Arity::Chain));
+    }
+
+    proptest! {
+        #[test]
+        fn grouped_plans_are_valid_trees_within_the_fan_out(
+            groups in proptest::collection::vec(0usize..6, 0..80),
+            k in 1u32..5,
+        ) {
+            let t = plan_grouped(&groups, Arity::Kary(k));
+            prop_assert!(t.check().is_ok());
+            prop_assert_eq!(t.live_count(), groups.len());
+            for i in 0..groups.len() {
+                prop_assert!(t.children(i).len() <= k as usize);
+            }
+            let distinct: std::collections::HashSet<_> = groups.iter().collect();
+            prop_assert!(crossings(&t, &groups) <= distinct.len().max(k as usize).min(groups.len()));
+        }
     }
 
     #[test]

@@ -439,6 +439,9 @@ pub struct Settings {
     pub arity: Arity,
     /// What this run does with its nodes.
     pub profile: Profile,
+    /// Each node's rack or switch (`rack:` in the cluster configuration): a round's tree
+    /// enters each rack once ([`kd_proto::tree::plan_grouped`]). Empty: the plain plan.
+    pub racks: std::collections::BTreeMap<String, String>,
 }
 
 /// What a run of the machine does with its nodes.
@@ -475,6 +478,11 @@ impl Settings {
             reboot_levels: cfg.commands.reboot.levels(),
             arity,
             profile: Profile::Deploy,
+            racks: cfg
+                .nodes
+                .iter()
+                .filter_map(|n| Some((n.name.clone(), n.rack.clone()?)))
+                .collect(),
         }
     }
 
@@ -503,6 +511,7 @@ impl Settings {
                 check,
                 from,
             },
+            racks: Default::default(),
         }
     }
 
@@ -550,6 +559,7 @@ impl Settings {
             reboot_levels: Vec::new(),
             arity,
             profile: Profile::BroadcastOnly,
+            racks: Default::default(),
         }
     }
 
@@ -1777,7 +1787,25 @@ impl Deployment {
         members.dedup();
         self.barrier_deadline = None;
         self.rounds += 1;
-        let tree = kd_proto::tree::plan(members.len(), self.settings.arity);
+        let tree = if self.settings.racks.is_empty() {
+            kd_proto::tree::plan(members.len(), self.settings.arity)
+        } else {
+            // Racks numbered in order of first appearance; nodes without one share a group.
+            let mut ids: HashMap<&str, usize> = HashMap::new();
+            let groups: Vec<usize> = members
+                .iter()
+                .map(|&i| {
+                    let rack = self
+                        .settings
+                        .racks
+                        .get(&self.nodes[i].name)
+                        .map_or("", String::as_str);
+                    let next = ids.len();
+                    *ids.entry(rack).or_insert(next)
+                })
+                .collect();
+            kd_proto::tree::plan_grouped(&groups, self.settings.arity)
+        };
         let parents: Vec<Option<usize>> = (0..members.len()).map(|k| tree.parent(k)).collect();
         let timeout = self.settings.policy.broadcast.timeout();
         for &i in &members {

@@ -125,6 +125,7 @@ fn settings(policy: WorkflowConfig) -> Settings {
         reboot_levels: Level::ALL.to_vec(),
         arity: Arity::Kary(2),
         profile: Profile::Deploy,
+        racks: Default::default(),
     }
 }
 
@@ -1077,6 +1078,11 @@ fn power_off_is_done_when_a_command_succeeds_and_escalates_when_one_fails() {
 fn in_round(n: usize, arity: Arity) -> (Deployment, Instant) {
     let mut settings = settings(WorkflowConfig::default());
     settings.arity = arity;
+    in_round_with(n, settings)
+}
+
+/// The same with these settings.
+fn in_round_with(n: usize, settings: Settings) -> (Deployment, Instant) {
     let t0 = Instant::now();
     let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
     let mut d = Deployment::new(names.clone(), settings, t0);
@@ -1115,6 +1121,36 @@ fn in_round(n: usize, arity: Arity) -> (Deployment, Instant) {
     }
     assert_eq!(d.current_round(), Some(1));
     (d, t0)
+}
+
+#[test]
+fn a_round_s_tree_enters_each_rack_once() {
+    // n1..n8 alternate between two racks (as names often do across racks).
+    let mut s = settings(WorkflowConfig::default());
+    s.arity = Arity::Chain;
+    s.racks = (1..=8)
+        .map(|i| (format!("n{i}"), format!("r{}", i % 2)))
+        .collect();
+    let (d, _) = in_round_with(8, s.clone());
+    let parent: HashMap<&str, Option<&str>> = d.round_parents().into_iter().collect();
+    let mut chain = Vec::new();
+    let mut cur = parent.iter().find(|(_, p)| p.is_none()).map(|(n, _)| *n);
+    while let Some(n) = cur {
+        chain.push(n);
+        cur = parent.iter().find(|(_, p)| **p == Some(n)).map(|(c, _)| *c);
+    }
+    assert_eq!(chain, ["n1", "n3", "n5", "n7", "n2", "n4", "n6", "n8"]);
+    // A binary tree: one edge into each rack, every sender within the fan-out.
+    s.arity = Arity::Kary(2);
+    let (d, _) = in_round_with(8, s);
+    let rack = |n: &str| n[1..].parse::<usize>().unwrap() % 2;
+    let parents = d.round_parents();
+    let crossing = parents
+        .iter()
+        .filter(|(n, p)| p.is_none_or(|p| rack(p) != rack(n)))
+        .count();
+    assert_eq!(crossing, 2, "{parents:?}");
+    assert!(most_children(&d) <= 2);
 }
 
 fn most_children(d: &Deployment) -> usize {
