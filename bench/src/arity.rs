@@ -101,6 +101,33 @@ pub(crate) struct ArityArgs {
     /// are removed.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
+    /// A two-level network: R racks, each its own bridge joined to the core bridge (where the
+    /// coordinator is) by one uplink shaped to --uplink-rate; node i is in rack (i-1) mod R, so
+    /// node names interleave racks. Each arity then runs twice: name-ordered (`chain`) and
+    /// rack-aware (`chain/racks`: kd-coord broadcast --rack).
+    #[arg(long, default_value_t = 1)]
+    racks: usize,
+    /// Rate of each rack's uplink, both directions (default: --rate).
+    #[arg(long)]
+    uplink_rate: Option<String>,
+}
+
+/// The rack of node `i` (1-based) among `racks`.
+fn rack_of(i: usize, racks: usize) -> usize {
+    (i - 1) % racks.max(1)
+}
+
+/// `kd-coord broadcast`'s `--rack` arguments for nodes 1..=n in `racks` racks.
+fn rack_args(n: usize, racks: usize) -> Vec<String> {
+    (0..racks)
+        .flat_map(|r| {
+            let members: Vec<String> = (1..=n)
+                .filter(|&i| rack_of(i, racks) == r)
+                .map(|i| format!("node{i}"))
+                .collect();
+            ["--rack".to_string(), format!("r{r}={}", members.join(","))]
+        })
+        .collect()
 }
 
 const MIB: u64 = 1 << 20;
@@ -461,6 +488,13 @@ fn remove_stale() {
     }
 }
 
+/// The racks of a two-level network: how many, and their uplinks' shaping.
+#[derive(Debug, Clone, Copy)]
+struct Racks {
+    count: usize,
+    uplink: Tbf,
+}
+
 fn build_network(
     lab: &mut Lab,
     hosts: usize,
@@ -468,6 +502,7 @@ fn build_network(
     sparse: bool,
     gro: bool,
     mtu: u32,
+    racks: Option<Racks>,
 ) -> Result<()> {
     let mtu = mtu.to_string();
     let br = lab.bridge_ns();
@@ -511,6 +546,43 @@ fn build_network(
         }
         Ok(())
     };
+    // Racks: a bridge each, joined to the core bridge br0 by a shaped veth pair.
+    if let Some(r) = racks {
+        for k in 0..r.count {
+            let (rk, up, down) = (format!("rk{k}"), format!("u{k}r"), format!("u{k}c"));
+            cmd(
+                "ip",
+                &[
+                    "-n",
+                    &br,
+                    "link",
+                    "add",
+                    &rk,
+                    "type",
+                    "bridge",
+                    "stp_state",
+                    "0",
+                ],
+            )?;
+            cmd("ip", &["-n", &br, "link", "set", &rk, "up"])?;
+            cmd(
+                "ip",
+                &[
+                    "-n", &br, "link", "add", &up, "type", "veth", "peer", "name", &down,
+                ],
+            )?;
+            for (dev, master) in [(&up, &rk), (&down, &"br0".to_string())] {
+                cmd("ip", &["-n", &br, "link", "set", dev, "mtu", &mtu])?;
+                cmd("ip", &["-n", &br, "link", "set", dev, "master", master])?;
+                cmd("ip", &["-n", &br, "link", "set", dev, "up"])?;
+                for c in shaper_commands(dev, r.uplink, sparse) {
+                    let mut args = vec!["-n", br.as_str()];
+                    args.extend(c.iter().map(String::as_str));
+                    cmd("tc", &args)?;
+                }
+            }
+        }
+    }
     for i in 0..hosts {
         check_stop()?;
         let ns = lab.ns(i);
@@ -539,7 +611,11 @@ fn build_network(
         cmd("ip", &["-n", &ns, "link", "set", "eth0", "mtu", &mtu])?;
         cmd("ip", &["-n", &br, "link", "set", &port, "mtu", &mtu])?;
         cmd("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-        cmd("ip", &["-n", &br, "link", "set", &port, "master", "br0"])?;
+        let master = match racks {
+            Some(r) if i > 0 => format!("rk{}", rack_of(i, r.count)),
+            _ => "br0".to_string(),
+        };
+        cmd("ip", &["-n", &br, "link", "set", &port, "master", &master])?;
         cmd("ip", &["-n", &br, "link", "set", &port, "up"])?;
         shape(&ns, "eth0")?;
         shape(&br, &port)?;
@@ -816,6 +892,7 @@ fn run_one(
     run: usize,
     s_over_b: f64,
     rate_bps: u64,
+    coord_args: &[String],
 ) -> Result<Row> {
     let n = a.nodes;
     let ideal = ideal_ratio(arity, n);
@@ -841,6 +918,7 @@ fn run_one(
         .arg(&env.tokens)
         .args(["--json", "--hello-timeout", &hello.to_string()])
         .args(["--timeout", &transfer_limit.to_string()])
+        .args(coord_args)
         .env("KD_LOG", &a.log)
         .stdin(Stdio::null())
         .stdout(c_out)
@@ -1144,9 +1222,11 @@ fn run_tcp_chain(
 
 /// The table, one line per run.
 pub(crate) fn table(rows: &[Row], s_over_b: f64) -> String {
+    // The arity column fits its longest label (`chain/racks`).
+    let w = rows.iter().map(|r| r.arity.len()).max().unwrap_or(0).max(6);
     let line = |c: [&str; 15]| {
         format!(
-            "{:>4} {:>8} {:>6} {:>8} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>8} {:>8}\n",
+            "{:>4} {:>8} {:>w$} {:>8} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>8} {:>8}\n",
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14]
         )
     };
@@ -1220,6 +1300,21 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     install_signal_handlers()?;
     remove_stale();
     let tbf = tbf_params(rate_bps, a.burst_ms, a.queue_ms);
+    if a.racks == 0 || a.racks > a.nodes {
+        bail!("--racks must be between 1 and --nodes");
+    }
+    let racks = if a.racks > 1 {
+        let up = match &a.uplink_rate {
+            Some(r) => parse_rate(r)?,
+            None => rate_bps,
+        };
+        Some(Racks {
+            count: a.racks,
+            uplink: tbf_params(up, a.burst_ms, a.queue_ms),
+        })
+    } else {
+        None
+    };
     let mut lab = Lab::new((a.sink == "raw").then_some(a.raw_dir.as_path()))?;
 
     // Image first (no namespaces yet), then the network.
@@ -1282,7 +1377,16 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
         a.qdisc == "sparse",
         a.gro,
         a.mtu,
+        racks,
     )?;
+    if let Some(r) = racks {
+        eprintln!(
+            "kd-bench: {} racks (node i in rack (i-1) mod {}), each joined to the coordinator's bridge by an uplink of {}",
+            r.count,
+            r.count,
+            rate_label(r.uplink.rate_bps)
+        );
+    }
     eprintln!(
         "kd-bench: {} hosts on a bridge, each link {} rate {} burst {} B limit {} B, both directions{}",
         a.nodes + 1,
@@ -1316,7 +1420,15 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
         tokens,
     };
     let mut rows = Vec::new();
-    for (run, &arity) in arities.iter().enumerate() {
+    // Each arity as named; on a rack network, then rack-aware too.
+    let variants: Vec<(Arity, bool)> = arities
+        .iter()
+        .flat_map(|&ar| {
+            let aware = racks.is_some() && !matches!(ar, Arity::Star);
+            std::iter::once((ar, false)).chain(aware.then_some((ar, true)))
+        })
+        .collect();
+    for (run, &(arity, aware)) in variants.iter().enumerate() {
         check_stop()?;
         // The file size here (a bound); the coordinator's S for the table below.
         let s_over_b = compressed as f64 * 8.0 / rate_bps as f64;
@@ -1325,14 +1437,26 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
             a.nodes,
             s_over_b * ideal_ratio(arity, a.nodes)
         );
-        let row = run_one(&mut lab, &env, &a, arity, run, s_over_b, rate_bps)?;
-        eprintln!("kd-bench: arity {arity}: {}", row_summary(&row, "verified"));
+        let extra = if aware {
+            rack_args(a.nodes, a.racks)
+        } else {
+            Vec::new()
+        };
+        let mut row = run_one(&mut lab, &env, &a, arity, run, s_over_b, rate_bps, &extra)?;
+        if aware {
+            row.arity = format!("{}/racks", row.arity);
+        }
+        eprintln!(
+            "kd-bench: arity {}: {}",
+            row.arity,
+            row_summary(&row, "verified")
+        );
         rows.push(row);
     }
     if a.tcp_chain {
         check_stop()?;
         let s_over_b = compressed as f64 * 8.0 / rate_bps as f64;
-        let row = run_tcp_chain(&mut lab, &env, &a, arities.len(), s_over_b, rate_bps)?;
+        let row = run_tcp_chain(&mut lab, &env, &a, variants.len(), s_over_b, rate_bps)?;
         eprintln!(
             "kd-bench: tcp-chain: {}",
             row_summary(&row, "every hop got the whole stream")
@@ -1406,6 +1530,15 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn racks_interleave_node_names() {
+        assert_eq!(
+            rack_args(5, 2),
+            ["--rack", "r0=node1,node3,node5", "--rack", "r1=node2,node4"]
+        );
+        assert_eq!(rack_of(1, 1), 0);
+    }
 
     #[test]
     fn rates() {
