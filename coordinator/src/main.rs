@@ -69,12 +69,8 @@ enum Cmd {
     Serve(ServeCli),
     /// List the nodes and their state.
     Nodes {
-        /// Only these nodes (node set).
-        #[arg(short = 'm', long = "machines", conflicts_with = "node_file")]
-        nodes: Option<String>,
-        /// Only the nodes of this file, one per line (`-` for stdin).
-        #[arg(short = 'f', long = "file")]
-        node_file: Option<PathBuf>,
+        #[command(flatten)]
+        targets: SomeTargets,
         /// Only nodes in this state (deployed, deploy_failed, deploying, ...).
         #[arg(long)]
         status: Option<String>,
@@ -100,12 +96,8 @@ enum Cmd {
     /// Deployment statistics: totals; per node (`--failure-rate`: the nodes that fail most
     /// first) and per step (`--per-step`), over all deployments or those since a date.
     Stats {
-        /// Only these nodes (node set).
-        #[arg(short = 'm', long = "machines", conflicts_with = "node_file")]
-        nodes: Option<String>,
-        /// Only the nodes of this file, one per line (`-` for stdin).
-        #[arg(short = 'f', long = "file")]
-        node_file: Option<PathBuf>,
+        #[command(flatten)]
+        targets: SomeTargets,
         /// Only deployments since: YYYY-MM-DD (UTC), seconds since the epoch, or an age
         /// (30m, 12h, 7d).
         #[arg(long)]
@@ -154,9 +146,38 @@ struct Targets {
         conflicts_with = "node_file"
     )]
     nodes: Option<String>,
-    /// Nodes from a file, one per line (or node sets; `-` for stdin).
+    /// Nodes from a file, one per line (or node sets; `-` for stdin): an OAR/Slurm node file,
+    /// duplicates and all.
     #[arg(short = 'f', long = "file")]
     node_file: Option<PathBuf>,
+}
+
+impl Targets {
+    /// The node set named (a file's nodes folded into one).
+    fn resolve(&self) -> Result<String> {
+        target_nodes(self.nodes.as_deref(), self.node_file.as_deref())
+    }
+}
+
+/// Nodes named by `-m SET` or `-f FILE`, or none (every node).
+#[derive(clap::Args)]
+struct SomeTargets {
+    /// Only these nodes (node set).
+    #[arg(short = 'm', long = "machines", conflicts_with = "node_file")]
+    nodes: Option<String>,
+    /// Only the nodes of this file, one per line (`-` for stdin).
+    #[arg(short = 'f', long = "file")]
+    node_file: Option<PathBuf>,
+}
+
+impl SomeTargets {
+    /// The node set named, if any.
+    fn resolve(&self) -> Result<Option<String>> {
+        match (&self.nodes, &self.node_file) {
+            (None, None) => Ok(None),
+            (m, f) => target_nodes(m.as_deref(), f.as_deref()).map(Some),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -224,18 +245,8 @@ struct DeployCli {
     /// Owner of the registered environment (default: yours, then public, then shared ones).
     #[arg(short = 'u', long = "env-user")]
     env_user: Option<String>,
-    /// Nodes, in node-set syntax (node[1-8,10]).
-    #[arg(
-        short = 'm',
-        long = "machines",
-        required_unless_present = "node_file",
-        conflicts_with = "node_file"
-    )]
-    nodes: Option<String>,
-    /// Nodes from a file, one per line (or node sets; `-` for stdin): an OAR/Slurm node file,
-    /// duplicates and all.
-    #[arg(short = 'f', long = "file")]
-    node_file: Option<PathBuf>,
+    #[command(flatten)]
+    targets: Targets,
     /// Cluster configuration.
     #[arg(
         short = 'c',
@@ -446,7 +457,7 @@ fn run(cli: Cli) -> Result<i32> {
             let opts = remote::DeployOpts {
                 env: a.env,
                 env_user: a.env_user,
-                nodes: target_nodes(a.nodes.as_deref(), a.node_file.as_deref())?,
+                nodes: a.targets.resolve()?,
                 ssh_key: a.ssh_key,
                 arity: a.arity.to_string(),
                 partition: a.partition,
@@ -462,7 +473,7 @@ fn run(cli: Cli) -> Result<i32> {
                 op: "reboot",
                 kind: Some(a.kind),
                 level: a.level,
-                nodes: target_nodes(a.targets.nodes.as_deref(), a.targets.node_file.as_deref())?,
+                nodes: a.targets.resolve()?,
                 ok_file: a.ok_file,
                 ko_file: a.ko_file,
                 json: a.json,
@@ -473,8 +484,7 @@ fn run(cli: Cli) -> Result<i32> {
             let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             match cmd {
                 PowerCli::Status { targets, json } => {
-                    let nodes =
-                        target_nodes(targets.nodes.as_deref(), targets.node_file.as_deref())?;
+                    let nodes = targets.resolve()?;
                     remote::run_client(async { remote::power_status(&c, &nodes, json).await })
                 }
                 PowerCli::On(a) => power_op(&c, "power_on", a),
@@ -494,23 +504,18 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Nodes {
-            nodes,
-            node_file,
+            targets,
             status,
             json,
         } => {
-            let nodes = match (nodes, node_file) {
-                (None, None) => None,
-                (m, f) => Some(target_nodes(m.as_deref(), f.as_deref())?),
-            };
+            let nodes = targets.resolve()?;
             let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             remote::run_client(async {
                 remote::nodes(&c, nodes.as_deref(), status.as_deref(), json).await
             })
         }
         Cmd::Stats {
-            nodes,
-            node_file,
+            targets,
             since,
             failure_rate,
             per_step,
@@ -525,10 +530,7 @@ fn run(cli: Cli) -> Result<i32> {
                     return Ok(2);
                 }
             };
-            let nodes = match (nodes, node_file) {
-                (None, None) => None,
-                (m, f) => Some(target_nodes(m.as_deref(), f.as_deref())?),
-            };
+            let nodes = targets.resolve()?;
             let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
             let o = remote::StatsOpts {
                 nodes,
@@ -803,7 +805,7 @@ fn power_op(c: &kd_coord::client::Client, op: &'static str, a: PowerArgs) -> Res
         op,
         kind: None,
         level: a.level,
-        nodes: target_nodes(a.targets.nodes.as_deref(), a.targets.node_file.as_deref())?,
+        nodes: a.targets.resolve()?,
         ok_file: a.ok_file,
         ko_file: a.ko_file,
         json: a.json,
@@ -841,7 +843,7 @@ fn deploy_cmd(state: &Path, a: DeployCli) -> Result<i32> {
     let t0 = Instant::now();
     let say =
         move |line: String| eprintln!("kd-coord: [{:6.1} s] {line}", t0.elapsed().as_secs_f64());
-    let set = target_nodes(a.nodes.as_deref(), a.node_file.as_deref())?;
+    let set = a.targets.resolve()?;
     let nodes =
         kd_proto::nodeset::parse(&set).map_err(|e| anyhow::anyhow!("bad node set {set:?}: {e}"))?;
     let cluster = ClusterConfig::load(&a.cluster)
