@@ -508,21 +508,24 @@ fn build_network(
     let br = lab.bridge_ns();
     lab.add_ns(&br)?;
     cmd("ip", &["-n", &br, "link", "set", "lo", "up"])?;
-    cmd(
-        "ip",
-        &[
-            "-n",
-            &br,
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-        ],
-    )?;
-    cmd("ip", &["-n", &br, "link", "set", "br0", "up"])?;
+    let add_bridge = |name: &str| -> Result<()> {
+        cmd(
+            "ip",
+            &[
+                "-n",
+                &br,
+                "link",
+                "add",
+                name,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+            ],
+        )?;
+        cmd("ip", &["-n", &br, "link", "set", name, "up"]).map(drop)
+    };
+    add_bridge("br0")?;
     // With br_netfilter loaded, bridged frames go through iptables: a cost of this test rig
     // (charged to the agents' system time), not of a real switch. The keys are per namespace.
     for key in ["iptables", "ip6tables", "arptables"] {
@@ -550,21 +553,7 @@ fn build_network(
     if let Some(r) = racks {
         for k in 0..r.count {
             let (rk, up, down) = (format!("rk{k}"), format!("u{k}r"), format!("u{k}c"));
-            cmd(
-                "ip",
-                &[
-                    "-n",
-                    &br,
-                    "link",
-                    "add",
-                    &rk,
-                    "type",
-                    "bridge",
-                    "stp_state",
-                    "0",
-                ],
-            )?;
-            cmd("ip", &["-n", &br, "link", "set", &rk, "up"])?;
+            add_bridge(&rk)?;
             cmd(
                 "ip",
                 &[

@@ -316,6 +316,21 @@ pub(crate) enum TokenCmd {
     },
 }
 
+/// `GET base[?user=USER]`; printed and `None` with `--json`, the answer otherwise (to print
+/// as a table).
+async fn listing(c: &Client, base: &str, user: Option<&str>, json: bool) -> Result<Option<Value>> {
+    let path = match user {
+        Some(u) => format!("{base}?user={}", enc(u)),
+        None => base.to_string(),
+    };
+    let v = c.call(Method::GET, &path, None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(None);
+    }
+    Ok(Some(v))
+}
+
 pub(crate) async fn token(c: &Client, cmd: TokenCmd) -> Result<i32> {
     match cmd {
         TokenCmd::Add { user, name, json } => {
@@ -340,15 +355,9 @@ pub(crate) async fn token(c: &Client, cmd: TokenCmd) -> Result<i32> {
             Ok(0)
         }
         TokenCmd::List { user, json } => {
-            let path = match user {
-                Some(u) => format!("/api/v1/tokens?user={}", enc(&u)),
-                None => "/api/v1/tokens".into(),
-            };
-            let v = c.call(Method::GET, &path, None).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+            let Some(v) = listing(c, "/api/v1/tokens", user.as_deref(), json).await? else {
                 return Ok(0);
-            }
+            };
             let mut rows = vec![["id", "user", "name", "created", "last used"]
                 .map(String::from)
                 .to_vec()];
@@ -1298,15 +1307,9 @@ pub(crate) async fn rights(c: &Client, cmd: RightsCmd) -> Result<i32> {
             Ok(0)
         }
         RightsCmd::List { user, json } => {
-            let path = match user {
-                Some(u) => format!("/api/v1/rights?user={}", enc(&u)),
-                None => "/api/v1/rights".into(),
-            };
-            let v = c.call(Method::GET, &path, None).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+            let Some(v) = listing(c, "/api/v1/rights", user.as_deref(), json).await? else {
                 return Ok(0);
-            }
+            };
             let mut rows = vec![["user", "nodes", "partition"].map(String::from).to_vec()];
             rows.extend(json_rows(&v["rights"], &["user", "nodes", "partition"]));
             print!("{}", table(&rows));

@@ -185,24 +185,32 @@ pub fn coordinator_server(
     cert_der: Vec<u8>,
     key_der: Vec<u8>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+    quic_server(coordinator_tls(cert_der, key_der)?)
+}
+
+/// The coordinator's certificate, TLS 1.3, no client certificates.
+fn coordinator_tls(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<rustls::ServerConfig, TlsError> {
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(
             vec![CertificateDer::from(cert_der)],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
-        )?;
-    quic_server(cfg)
+        )?)
+}
+
+/// TLS 1.3 towards the coordinator, its certificate pinned, no client certificate.
+fn pinned_to_coordinator(pin: [u8; 32]) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(PinnedServer::new(pin))
+        .with_no_client_auth())
 }
 
 /// An agent's client side towards the coordinator (pinned, no client certificate).
 pub fn agent_to_coordinator(pin: [u8; 32]) -> Result<quinn::ClientConfig, TlsError> {
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(PinnedServer::new(pin))
-        .with_no_client_auth();
-    quic_client(cfg)
+    quic_client(pinned_to_coordinator(pin)?)
 }
 
 /// A parent agent's server side: its deployment certificate; only allowed children get in.
@@ -253,13 +261,7 @@ pub fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
 /// The daemon's HTTPS API, server side: the coordinator's certificate (the one agents pin),
 /// TLS 1.3, ALPN `http/1.1`, no client certificate (callers prove a bearer token).
 pub fn api_server(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<rustls::ServerConfig, TlsError> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from(cert_der)],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
-        )?;
+    let mut cfg = coordinator_tls(cert_der, key_der)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -267,11 +269,7 @@ pub fn api_server(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<rustls::ServerC
 /// The CLI's side of the HTTPS API: the daemon's certificate pinned by SHA-256 (`kd-coord
 /// pin` prints it), as agents pin it.
 pub fn api_client(pin: [u8; 32]) -> Result<rustls::ClientConfig, TlsError> {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(PinnedServer::new(pin))
-        .with_no_client_auth();
+    let mut cfg = pinned_to_coordinator(pin)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
