@@ -6,6 +6,7 @@ mod api;
 mod arity;
 mod disk;
 mod plot;
+mod storm;
 mod tcp;
 
 #[derive(Parser)]
@@ -26,6 +27,9 @@ enum Cmd {
     Api(api::ApiArgs),
     /// Memory of the kd daemon with N simulated agents connected to one deployment (loopback).
     Agents(agents::AgentsArgs),
+    /// One coordinator and N real agents (`--sink null`) started at once on loopback: time to
+    /// admit and plan them all, every copy verified, refused handshakes, coordinator memory.
+    Storm(storm::StormArgs),
     /// One hop of the plain TCP chain `arity --tcp-chain` runs as a reference.
     #[command(hide = true)]
     TcpRelay(tcp::RelayArgs),
@@ -37,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Arity(a) => arity::run(*a),
         Cmd::Api(a) => api::run(a),
         Cmd::Agents(a) => agents::run(a),
+        Cmd::Storm(a) => storm::run(a),
         Cmd::TcpRelay(a) => tcp::run(a),
     }
 }
