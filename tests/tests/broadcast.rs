@@ -112,6 +112,12 @@ fn corrupt_chunk_is_refused_refetched_and_never_written() {
     }
 }
 
+/// A relay that dies or freezes is found within seconds: its children's patience (the stall
+/// floor, 2 s by default, beyond a few recent chunk intervals) and the coordinator's silence
+/// limit (6 s) instead of the 30 s stall timeout and QUIC idle timeout. A transfer with a
+/// dead or frozen relay must end well under that (a behaviour bound, with a wide margin).
+const REPLACED_WITHIN: Duration = Duration::from_secs(20);
+
 #[test]
 fn killed_relay_is_reported_and_the_others_complete() {
     let _g = heavy();
@@ -126,6 +132,12 @@ fn killed_relay_is_reported_and_the_others_complete() {
             dead["reason"].as_str().unwrap().contains("connection lost"),
             "{dead}"
         );
+        let took = v["transfer_seconds"].as_f64().unwrap();
+        eprintln!("arity {arity}: a killed relay, the broadcast took {took:.2} s");
+        assert!(
+            took < REPLACED_WITHIN.as_secs_f64(),
+            "arity {arity}: {took:.2} s with a killed relay: {v}"
+        );
         for n in v["nodes"].as_array().unwrap() {
             let name = n["node"].as_str().unwrap();
             if name == "node2" {
@@ -138,6 +150,122 @@ fn killed_relay_is_reported_and_the_others_complete() {
             );
         }
     }
+}
+
+#[test]
+fn frozen_relay_is_reported_and_the_others_complete_within_seconds() {
+    // node3, a relay in a chain of 8, freezes (SIGSTOP) mid-transfer: its connections stay
+    // open and nothing answers on them. Its child notices the silence after the stall floor
+    // (the plans carry 2 s .. 30 s: the ceiling is not what ends it), the coordinator hears no
+    // packet from it for 6 s and reports it; everyone else ends with an identical copy, and the
+    // tree keeps its shape.
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 24 * 1024 * 1024, 29);
+    let c = Cluster::new(&input, 8, "256K").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    // Killed (SIGKILL works on a stopped process) if the test fails before they end.
+    let mut procs = Reaper(vec![c
+        .start_coordinator(
+            "chain",
+            &[
+                "--stall-floor",
+                "2",
+                "--stall-timeout",
+                "30",
+                "--agent-silence",
+                "6",
+            ],
+        )
+        .unwrap()]);
+    let mut frozen = None;
+    for n in &c.nodes {
+        let sink = format!("raw:{}", out.path().join(format!("{n}.raw")).display());
+        let extra: &[&str] = if n == "node3" {
+            &["--fault", "stop-after:12"]
+        } else {
+            &[]
+        };
+        let a = c.start_agent(n, &format!("tok-{n}"), &sink, extra).unwrap();
+        if n == "node3" {
+            frozen = Some(Pid::from_raw(a.id() as i32));
+        }
+        procs.0.push(a);
+    }
+    /// Wakes and kills the frozen agent whatever happens below.
+    struct Thaw(Option<Pid>);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            if let Some(p) = self.0 {
+                let _ = kill(p, Signal::SIGCONT);
+                let _ = kill(p, Signal::SIGKILL);
+            }
+        }
+    }
+    let thaw = Thaw(frozen);
+    let co = wait_child(&mut procs.0[0], LIMIT).unwrap();
+    let elapsed = t.elapsed();
+    drop(thaw);
+    for a in &mut procs.0[1..] {
+        wait_child(a, Duration::from_secs(60)).unwrap();
+    }
+    let stderr = String::from_utf8_lossy(&co.stderr).to_string();
+    let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
+    let took = v["transfer_seconds"].as_f64().unwrap();
+    eprintln!(
+        "a frozen relay in a chain of 8: the broadcast took {took:.2} s ({elapsed:?} in all)"
+    );
+    let ice = node(&v, "node3");
+    assert_eq!(ice["ok"], false, "{ice}");
+    let reason = ice["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("connection lost") && reason.contains("no packet from the agent"),
+        "{ice}"
+    );
+    for n in v["nodes"].as_array().unwrap() {
+        let name = n["node"].as_str().unwrap();
+        if name == "node3" {
+            continue;
+        }
+        assert_eq!(n["ok"], true, "{n}\ncoordinator stderr:\n{stderr}");
+        assert!(
+            same_file(&input, &out.path().join(format!("{name}.raw"))),
+            "{name} differs"
+        );
+    }
+    assert!(
+        took < REPLACED_WITHIN.as_secs_f64(),
+        "{took:.2} s with a frozen relay\ncoordinator stderr:\n{stderr}"
+    );
+    // The chain node1 -> node2 -> ... -> node8, then every move the coordinator announced:
+    // no node ends with more children than the fan-out + 1.
+    let mut parent: std::collections::HashMap<String, Option<String>> = (1..=8)
+        .map(|i| {
+            let p = (i > 1).then(|| format!("node{}", i - 1));
+            (format!("node{i}"), p)
+        })
+        .collect();
+    let mut moves = 0;
+    for line in stderr.lines() {
+        let Some(rest) = line.strip_prefix("kd-coord: ") else {
+            continue;
+        };
+        if let Some((n, p)) = rest.split_once(" now reads from ") {
+            let p = (p != "the coordinator").then(|| p.to_string());
+            parent.insert(n.to_string(), p);
+            moves += 1;
+        }
+    }
+    assert!(moves >= 1, "node4 should have moved:\n{stderr}");
+    for n in parent.keys() {
+        let kids = parent.values().filter(|p| p.as_deref() == Some(n)).count();
+        assert!(kids <= 2, "{n} has {kids} children: {parent:?}\n{stderr}");
+    }
+    assert_ne!(parent["node4"].as_deref(), Some("node3"), "{parent:?}");
 }
 
 #[test]
