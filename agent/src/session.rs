@@ -17,7 +17,7 @@ use kd_proto::msg::{
     Progress, Report, StepReport, ToAgent, ToCoord, Upstream, Welcome,
 };
 use kd_proto::piece::{check_piece_hashes, piece_count, piece_ok, piece_range};
-use kd_proto::upstream::{Policy, Problem, Verdict, Watch};
+use kd_proto::upstream::{Judgement, Policy, Problem, Verdict, Watch};
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, Fault};
@@ -615,19 +615,21 @@ async fn receive_all(
         let next = store.available();
         // The piece hashes of the next chunk, when its upstream sent them (and they check out).
         let mut pending: Option<Arc<[Digest]>> = None;
-        let opened = open_upstream(ctx, &upstream, next).await;
+        let opened = open_upstream(ctx, &upstream, next, watch.patience()).await;
         let (problem, conn) = match opened {
             Err(e) => (Problem::Unreachable(format!("{e:#}")), None),
             Ok((conn, mut recv)) => {
                 watch.opened(Instant::now(), matches!(upstream, Upstream::Peer(_)));
+                // The connection the stream comes on: its packets tell a live upstream from a
+                // dead one.
+                let up = conn.clone().unwrap_or_else(|| ctx.coord.clone());
                 let problem = loop {
                     if store.available() >= count {
                         break 'outer;
                     }
-                    let patience = watch.patience();
                     watch.reading(Instant::now());
                     let frame = tokio::select! {
-                        f = tokio::time::timeout(patience, wire::recv_data(&mut recv, MAX_FRAME)) => f,
+                        f = judged(&watch, &up, wire::recv_data(&mut recv, MAX_FRAME)) => f,
                         m = ctx.ctl.recv() => {
                             match m {
                                 Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
@@ -640,7 +642,7 @@ async fn receive_all(
                     };
                     let next = store.available();
                     let p = match frame {
-                        Err(_) => break Problem::Silent,
+                        Err(silent) => break silent,
                         Ok(Err(e)) => break Problem::Broken(e.to_string()),
                         Ok(Ok(None)) => {
                             break Problem::Broken("the upstream ended the stream early".into())
@@ -674,7 +676,7 @@ async fn receive_all(
                                 let got = receive_chunk(
                                     ctx,
                                     store,
-                                    &mut recv,
+                                    (&mut recv, &up),
                                     (index, len, hashes),
                                     &mut corrupted_once,
                                     &mut progress,
@@ -798,15 +800,48 @@ enum ChunkFail {
     Fatal(String),
 }
 
-/// Reads `n` bytes of chunk data within the watch's patience.
+/// Waits for `read` (a read from the upstream on connection `up`) while `watch` judges the
+/// upstream alive: past its patience, a read is abandoned once the connection has also brought
+/// no packet for a while ([`Watch::judge`]). The read is never cancelled and resumed (a frame
+/// half read would be lost).
+async fn judged<T>(
+    watch: &Watch,
+    up: &quinn::Connection,
+    read: impl std::future::Future<Output = T>,
+) -> Result<T, Problem> {
+    tokio::pin!(read);
+    let start = Instant::now();
+    let mut seen = up.stats().udp_rx.datagrams;
+    let mut heard = start;
+    let mut wait = watch.patience();
+    loop {
+        tokio::select! {
+            r = &mut read => return Ok(r),
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let now = Instant::now();
+        let rx = up.stats().udp_rx.datagrams;
+        if rx != seen {
+            seen = rx;
+            heard = now;
+        }
+        let (silent, quiet) = (now - start, now - heard);
+        match watch.judge(silent, quiet) {
+            Judgement::Wait(d) => wait = d.max(Duration::from_millis(50)),
+            Judgement::Dead => return Err(Problem::Silent { silent, quiet }),
+        }
+    }
+}
+
+/// Reads `n` bytes of chunk data while the upstream is judged alive ([`judged`]).
 async fn read_data(
-    recv: &mut quinn::RecvStream,
+    (recv, up): (&mut quinn::RecvStream, &quinn::Connection),
     n: usize,
     watch: &mut Watch,
 ) -> Result<bytes::Bytes, ChunkFail> {
     watch.reading(Instant::now());
-    match tokio::time::timeout(watch.patience(), wire::recv_bytes(recv, n)).await {
-        Err(_) => Err(ChunkFail::Upstream(Problem::Silent)),
+    match judged(watch, up, wire::recv_bytes(recv, n)).await {
+        Err(silent) => Err(ChunkFail::Upstream(silent)),
         Ok(Err(e)) => Err(ChunkFail::Upstream(Problem::Broken(e.to_string()))),
         Ok(Ok(b)) => {
             watch.data(Instant::now());
@@ -824,7 +859,7 @@ async fn read_data(
 async fn receive_chunk(
     ctx: &Ctx,
     store: &Store,
-    recv: &mut quinn::RecvStream,
+    (recv, up): (&mut quinn::RecvStream, &quinn::Connection),
     (index, len, hashes): (u32, usize, Option<Arc<[Digest]>>),
     corrupted_once: &mut bool,
     progress: &mut Progress,
@@ -846,7 +881,7 @@ async fn receive_chunk(
     };
     let refused = match hashes {
         None => {
-            let data = corrupt(read_data(recv, len, watch).await?);
+            let data = corrupt(read_data((recv, up), len, watch).await?);
             match verify_chunk(&ctx.manifest, index, &data) {
                 Ok(()) => {
                     store.fill(index, data, grace).await;
@@ -861,7 +896,7 @@ async fn receive_chunk(
             let count = piece_count(len);
             let mut bad = None;
             for p in 0..count {
-                let piece = read_data(recv, piece_range(len, p).len(), watch).await?;
+                let piece = read_data((recv, up), piece_range(len, p).len(), watch).await?;
                 if p < held || bad.is_some() {
                     continue;
                 }
@@ -969,11 +1004,13 @@ async fn lost_upstream(
     }
 }
 
-/// Opens a data stream to `upstream` asking for every chunk from `from`.
+/// Opens a data stream to `upstream` asking for every chunk from `from`, trying to connect for
+/// at most `patience` (a dead or frozen parent never answers).
 async fn open_upstream(
     ctx: &Ctx,
     upstream: &Upstream,
     from: u32,
+    patience: Duration,
 ) -> Result<(Option<quinn::Connection>, quinn::RecvStream)> {
     let (conn, own) = match upstream {
         Upstream::Coordinator => (ctx.coord.clone(), false),
@@ -984,23 +1021,24 @@ async fn open_upstream(
                 ctx.identity.key_der.clone(),
             )?;
             // The parent may learn about us a moment after we learn about it: retry briefly,
-            // each attempt bounded (a dead parent never answers), all within the stall timeout.
+            // each attempt bounded (a dead parent never answers), all within the patience.
             let mut last: Option<String> = None;
             let mut conn = None;
-            let deadline = tokio::time::Instant::now() + ctx.stall.ceiling();
+            let deadline = tokio::time::Instant::now() + patience;
             while tokio::time::Instant::now() < deadline {
                 let attempt = ctx
                     .endpoint
                     .connect_with(client.clone(), p.addr, "kd-peer")?;
                 let t = Instant::now();
-                match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match tokio::time::timeout(left.min(Duration::from_secs(3)), attempt).await {
                     Ok(Ok(c)) => {
                         tracing::debug!(parent = %p.node, ms = t.elapsed().as_millis() as u64, "connected to the parent");
                         conn = Some(c);
                         break;
                     }
                     Ok(Err(e)) => last = Some(e.to_string()),
-                    Err(_) => last = Some("no answer within 3 s".into()),
+                    Err(_) => last = Some("no answer".into()),
                 }
                 tracing::debug!(parent = %p.node, ms = t.elapsed().as_millis() as u64, error = ?last, "connection attempt failed");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1239,6 +1277,13 @@ mod tests {
         let (a, b) = (random_fraction(), random_fraction());
         assert!((0.0..1.0).contains(&a) && (0.0..1.0).contains(&b));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_live_peer_speaks_more_often_than_it_is_judged_quiet() {
+        // A parent with nothing to send still sends QUIC keep-alives: the watch must not take
+        // their interval for death (nor the coordinator's silence limit).
+        assert!(kd_net::endpoint::KEEP_ALIVE < kd_proto::upstream::PEER_QUIET);
     }
 
     #[test]

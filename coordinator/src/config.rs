@@ -797,8 +797,8 @@ impl ClusterConfig {
             ("workflow.broadcast_wait".into(), w.broadcast_wait, 0),
             ("workflow.stall_floor".into(), w.stall_floor, 1),
             ("workflow.stall_timeout".into(), w.stall_timeout, 1),
-            // Two keep-alives at least.
-            ("workflow.agent_silence".into(), w.agent_silence, 3),
+            // Two keep-alives (2 s apart) and a margin at least.
+            ("workflow.agent_silence".into(), w.agent_silence, 5),
         ];
         let mut retries = Vec::new();
         for (name, p) in [
@@ -1534,9 +1534,9 @@ commands:
             e.contains("workflow.stall_floor: 40 s is more than workflow.stall_timeout (30 s)"),
             "{e}"
         );
-        let e = err(&with("  agent_silence: 2\n"));
+        let e = err(&with("  agent_silence: 4\n"));
         assert!(
-            e.contains("workflow.agent_silence") && e.contains("minimum of 3 s"),
+            e.contains("workflow.agent_silence") && e.contains("minimum of 5 s"),
             "{e}"
         );
         assert!(err(&with("  stall_floor: 0\n")).contains("workflow.stall_floor"));

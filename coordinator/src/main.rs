@@ -309,7 +309,7 @@ struct BroadcastArgs {
     #[arg(long, default_value_t = 3600, value_parser = kd_proto::bounds::parse_timeout_secs)]
     timeout: u64,
     /// Seconds without a packet from an agent before it counts as lost (its children move at
-    /// once; 3 to 86400: keep-alives come every 2 s; TCG guests want more).
+    /// once; 5 to 86400: keep-alives come every 2 s; TCG guests want more).
     #[arg(long, default_value_t = 6, value_parser = parse_agent_silence)]
     agent_silence: u64,
     /// Seconds an agent always waits on a silent upstream (sent in the plans; default: the
@@ -576,10 +576,10 @@ fn man_pages(dir: &Path) -> Result<Vec<String>> {
     Ok(pages)
 }
 
-/// `--agent-silence`: 3 (two keep-alives) to 86400 seconds.
+/// `--agent-silence`: 5 (two keep-alives and a margin) to 86400 seconds.
 fn parse_agent_silence(s: &str) -> Result<u64, String> {
     let v = kd_proto::bounds::parse_timeout_secs(s)?;
-    kd_proto::bounds::check_secs(v, 3)
+    kd_proto::bounds::check_secs(v, 5)
 }
 
 fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {

@@ -14,6 +14,14 @@
 //! gone; a TCG lab keeps a longer floor in its cluster configuration) and never more than the
 //! ceiling (the stall timeout). Before the transfer has shown two chunks (nothing to judge by
 //! yet: the tree is still being wired, the first chunk crosses every hop) the ceiling holds.
+//!
+//! **Dead or starving** ([`Watch::judge`]): past its patience, a silent upstream counts as
+//! lost only if its connection has also brought no packet at all for [`PEER_QUIET`] (a live
+//! peer's QUIC keep-alives come every 2 s even when it has no data). A relay that lost its own
+//! upstream is alive and silent: its children keep waiting (up to the ceiling) while it finds
+//! another, instead of all of them reporting it at once — which would have the coordinator
+//! take the starving relay for a dead one. A killed or frozen upstream is found after
+//! max(patience, [`PEER_QUIET`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -38,6 +46,18 @@ pub const QUICK_WINDOW: Duration = Duration::from_secs(3);
 pub const QUICK_RETRIES: u32 = 4;
 /// Pause before a quick retry.
 pub const QUICK_PAUSE: Duration = Duration::from_millis(500);
+/// A connection that brought no packet for this long is dead or frozen: kd's QUIC keep-alive
+/// (`kd_net::endpoint::KEEP_ALIVE`, 2 s) with a margin for the network and the scheduler.
+pub const PEER_QUIET: Duration = Duration::from_millis(2500);
+
+/// What to do about an upstream silent past its patience ([`Watch::judge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judgement {
+    /// Keep reading; judge again after this long.
+    Wait(Duration),
+    /// It is lost ([`Problem::Silent`]).
+    Dead,
+}
 
 /// The bounds of the patience.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,8 +135,13 @@ impl Policy {
 /// What went wrong with the current upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
-    /// Nothing came within [`Watch::patience`].
-    Silent,
+    /// No data for `silent`, and no packet at all for `quiet` ([`Watch::judge`]).
+    Silent {
+        /// Time without data.
+        silent: Duration,
+        /// Time without any packet on the upstream's connection.
+        quiet: Duration,
+    },
     /// The stream broke, ended early, or sent something wrong (what the agent saw).
     Broken(String),
     /// The upstream could not be reached at all.
@@ -236,19 +261,41 @@ impl Watch {
         }
     }
 
+    /// The read under way has brought nothing for `silent`, and the upstream's connection no
+    /// packet at all for `quiet` (it may have sent keep-alives or acknowledgements: it is alive).
+    pub fn judge(&self, silent: Duration, quiet: Duration) -> Judgement {
+        let patience = self.patience();
+        let ceiling = self.policy.ceiling;
+        if silent < patience {
+            return Judgement::Wait(patience - silent);
+        }
+        if silent >= ceiling || quiet >= PEER_QUIET {
+            return Judgement::Dead;
+        }
+        // Alive but with nothing to send (a starving relay): its own patience moves it.
+        Judgement::Wait((PEER_QUIET - quiet).min(ceiling - silent))
+    }
+
     /// The current stream failed at `now`: retry the same upstream, or report it lost. After
     /// `Lost` the stream is forgotten (the next one is [`Watch::opened`] on the new upstream).
     pub fn failed(&mut self, now: Instant, problem: Problem) -> Verdict {
         let stream = self.stream.take();
         let reason = match problem {
-            Problem::Silent => match self.interval() {
-                Some(i) => format!(
-                    "no data for {:.1} s (recent chunk interval {:.2} s)",
-                    self.patience().as_secs_f64(),
-                    i.as_secs_f64()
-                ),
-                None => format!("no data for {:.1} s", self.patience().as_secs_f64()),
-            },
+            Problem::Silent { silent, quiet } => {
+                let packets = if quiet >= PEER_QUIET {
+                    format!(", no packet for {:.1} s", quiet.as_secs_f64())
+                } else {
+                    String::new()
+                };
+                match self.interval() {
+                    Some(i) => format!(
+                        "no data for {:.1} s{packets} (recent chunk interval {:.2} s)",
+                        silent.as_secs_f64(),
+                        i.as_secs_f64()
+                    ),
+                    None => format!("no data for {:.1} s{packets}", silent.as_secs_f64()),
+                }
+            }
             Problem::Unreachable(e) => return Verdict::Lost(e),
             Problem::Broken(e) => {
                 let refused_at_once = stream.is_some_and(|s| {
@@ -274,6 +321,13 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    fn silent(silent: u64, quiet: u64) -> Problem {
+        Problem::Silent {
+            silent: ms(silent),
+            quiet: ms(quiet),
+        }
     }
 
     fn watch(floor: u64, ceiling: u64) -> Watch {
@@ -375,7 +429,7 @@ mod tests {
         w.opened(t0, true);
         let t = chunks(&mut w, t0, 4, ms(50));
         assert!(matches!(
-            w.failed(t + ms(2000), Problem::Silent),
+            w.failed(t + ms(2000), silent(2500, 2500)),
             Verdict::Lost(_)
         ));
         // The new stream's first chunk comes 7 s after the last one of the old stream.
@@ -392,16 +446,19 @@ mod tests {
         let mut w = watch(2000, 30_000);
         w.opened(t0, true);
         let t = chunks(&mut w, t0, 3, ms(250));
-        match w.failed(t + ms(2000), Problem::Silent) {
+        match w.failed(t + ms(2500), silent(2500, 2500)) {
             Verdict::Lost(r) => {
-                assert_eq!(r, "no data for 2.0 s (recent chunk interval 0.25 s)")
+                assert_eq!(
+                    r,
+                    "no data for 2.5 s, no packet for 2.5 s (recent chunk interval 0.25 s)"
+                )
             }
             v => panic!("{v:?}"),
         }
         let mut w = watch(2000, 5000);
         w.opened(t0, false);
         assert_eq!(
-            w.failed(t0 + ms(5000), Problem::Silent),
+            w.failed(t0 + ms(5000), silent(5000, 100)),
             Verdict::Lost("no data for 5.0 s".into())
         );
     }
@@ -468,13 +525,38 @@ mod tests {
         // Silence is never retried on the same upstream here (the coordinator decides).
         w.opened(t0, true);
         assert!(matches!(
-            w.failed(t0 + ms(10), Problem::Silent),
+            w.failed(t0 + ms(10), silent(2000, 3000)),
             Verdict::Lost(_)
         ));
         assert_eq!(
             w.failed(t0, Problem::Unreachable("cannot connect".into())),
             Verdict::Lost("cannot connect".into())
         );
+    }
+
+    #[test]
+    fn a_frozen_upstream_is_dead_a_starving_one_is_waited_for() {
+        let t0 = Instant::now();
+        let mut w = watch(2000, 30_000);
+        w.opened(t0, true);
+        chunks(&mut w, t0, 10, ms(30));
+        // Within its patience: read on.
+        assert_eq!(w.judge(ms(500), ms(500)), Judgement::Wait(ms(1500)));
+        // Past it, with no packet at all for PEER_QUIET: killed, frozen or cut off.
+        assert_eq!(w.judge(ms(2500), PEER_QUIET), Judgement::Dead);
+        // Past it but not yet PEER_QUIET without a packet: wait until that is known.
+        assert_eq!(w.judge(ms(2000), ms(2000)), Judgement::Wait(ms(500)));
+        // Its keep-alives still come: a relay that lost its own upstream. Wait (its own
+        // patience moves it), judging again within PEER_QUIET …
+        assert_eq!(w.judge(ms(4000), ms(300)), Judgement::Wait(ms(2200)));
+        assert_eq!(w.judge(ms(20_000), ms(0)), Judgement::Wait(PEER_QUIET));
+        // … but never past the ceiling.
+        assert_eq!(w.judge(ms(29_000), ms(0)), Judgement::Wait(ms(1000)));
+        assert_eq!(w.judge(ms(30_000), ms(0)), Judgement::Dead);
+        // Before the stream has shown its pace, the ceiling is the patience.
+        let w = watch(2000, 30_000);
+        assert_eq!(w.judge(ms(2500), ms(2500)), Judgement::Wait(ms(27_500)));
+        assert_eq!(w.judge(ms(30_000), ms(30_000)), Judgement::Dead);
     }
 
     #[test]
