@@ -9,8 +9,8 @@ use kd_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-/// Runs one broadcast of `input` to 8 agents writing raw files; returns the JSON outcome and
-/// the agents' outputs.
+/// Runs one broadcast of `input` to 8 agents writing raw files; returns the JSON outcome,
+/// the agents' outputs and how long the coordinator ran (Hellos, transfer, failures found).
 fn broadcast_raw(
     input: &Path,
     arity: &str,
@@ -20,10 +20,12 @@ fn broadcast_raw(
     tempfile::TempDir,
     Vec<std::process::Output>,
     Cluster,
+    Duration,
 ) {
     let c = Cluster::new(input, 8, "256K").unwrap();
     let out = tempfile::tempdir().unwrap();
     let mut reaper = Reaper::default();
+    let t = std::time::Instant::now();
     let mut coord = c.start_coordinator(arity, &[]).unwrap();
     // The coordinator's own log (progress, re-parenting) is what explains a hang.
     let mut agents = Vec::new();
@@ -42,6 +44,7 @@ fn broadcast_raw(
         );
     }
     let co = wait_child(&mut coord, LIMIT).unwrap();
+    let ran = t.elapsed();
     let mut outs = Vec::new();
     for mut a in agents {
         outs.push(wait_child(&mut a, Duration::from_secs(60)).unwrap());
@@ -49,7 +52,7 @@ fn broadcast_raw(
     reaper.0.clear();
     let stderr = String::from_utf8_lossy(&co.stderr).to_string();
     let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
-    (v, out, outs, c)
+    (v, out, outs, c, ran)
 }
 
 fn node<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -68,7 +71,7 @@ fn every_arity_delivers_identical_copies() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 6 * 1024 * 1024 + 12345, 7);
     for arity in ["chain", "2", "3", "star"] {
-        let (v, out, outs, _c) = broadcast_raw(&input, arity, &[]);
+        let (v, out, outs, _c, _) = broadcast_raw(&input, arity, &[]);
         for (i, o) in outs.iter().enumerate() {
             assert!(
                 o.status.success(),
@@ -94,7 +97,7 @@ fn corrupt_chunk_is_refused_refetched_and_never_written() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 3 * 1024 * 1024, 11);
     // node3 is a relay in a chain: its children must never see the corrupt bytes either.
-    let (v, out, _outs, _c) = broadcast_raw(&input, "chain", &[("node3", "corrupt:4")]);
+    let (v, out, _outs, _c, _) = broadcast_raw(&input, "chain", &[("node3", "corrupt:4")]);
     let n3 = node(&v, "node3");
     assert_eq!(n3["ok"], true, "{n3}");
     assert_eq!(n3["corrupt_chunks"], 1, "{n3}");
@@ -114,8 +117,9 @@ fn corrupt_chunk_is_refused_refetched_and_never_written() {
 
 /// A relay that dies or freezes is found within seconds: its children's patience (the stall
 /// floor, 2 s by default, beyond a few recent chunk intervals) and the coordinator's silence
-/// limit (6 s) instead of the 30 s stall timeout and QUIC idle timeout. A transfer with a
-/// dead or frozen relay must end well under that (a behaviour bound, with a wide margin).
+/// limit (6 s) instead of the 30 s stall timeout and QUIC idle timeout. A broadcast with a
+/// dead or frozen relay must end, failure reported, well under that (a behaviour bound, with
+/// a wide margin: it takes about 7 s on loopback).
 const REPLACED_WITHIN: Duration = Duration::from_secs(20);
 
 #[test]
@@ -125,18 +129,18 @@ fn killed_relay_is_reported_and_the_others_complete() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 4 * 1024 * 1024, 13);
     for arity in ["chain", "2"] {
-        let (v, out, _outs, _c) = broadcast_raw(&input, arity, &[("node2", "die-after:3")]);
+        let (v, out, _outs, _c, ran) = broadcast_raw(&input, arity, &[("node2", "die-after:3")]);
         let dead = node(&v, "node2");
         assert_eq!(dead["ok"], false, "{dead}");
         assert!(
             dead["reason"].as_str().unwrap().contains("connection lost"),
             "{dead}"
         );
-        let took = v["transfer_seconds"].as_f64().unwrap();
-        eprintln!("arity {arity}: a killed relay, the broadcast took {took:.2} s");
+        // The coordinator's whole run: the dead node's report is part of it.
+        eprintln!("arity {arity}: a killed relay, the coordinator ran {ran:.2?}");
         assert!(
-            took < REPLACED_WITHIN.as_secs_f64(),
-            "arity {arity}: {took:.2} s with a killed relay: {v}"
+            ran < REPLACED_WITHIN,
+            "arity {arity}: {ran:.2?} with a killed relay: {v}"
         );
         for n in v["nodes"].as_array().unwrap() {
             let name = n["node"].as_str().unwrap();
@@ -215,10 +219,7 @@ fn frozen_relay_is_reported_and_the_others_complete_within_seconds() {
     }
     let stderr = String::from_utf8_lossy(&co.stderr).to_string();
     let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
-    let took = v["transfer_seconds"].as_f64().unwrap();
-    eprintln!(
-        "a frozen relay in a chain of 8: the broadcast took {took:.2} s ({elapsed:?} in all)"
-    );
+    eprintln!("a frozen relay in a chain of 8: the coordinator ran {elapsed:.2?}");
     let ice = node(&v, "node3");
     assert_eq!(ice["ok"], false, "{ice}");
     let reason = ice["reason"].as_str().unwrap();
@@ -237,9 +238,10 @@ fn frozen_relay_is_reported_and_the_others_complete_within_seconds() {
             "{name} differs"
         );
     }
+    // The coordinator's whole run (the frozen node's failure is its last report).
     assert!(
-        took < REPLACED_WITHIN.as_secs_f64(),
-        "{took:.2} s with a frozen relay\ncoordinator stderr:\n{stderr}"
+        elapsed < REPLACED_WITHIN,
+        "{elapsed:.2?} with a frozen relay\ncoordinator stderr:\n{stderr}"
     );
     // The chain node1 -> node2 -> ... -> node8, then every move the coordinator announced:
     // no node ends with more children than the fan-out + 1.
