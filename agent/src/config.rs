@@ -37,17 +37,21 @@ pub enum Fault {
     CorruptChunk(u32),
     /// Kill this process (SIGKILL) once this many chunks were received.
     DieAfter(u32),
+    /// Freeze this process (SIGSTOP: its connections stay open, nothing answers) once this
+    /// many chunks were received.
+    StopAfter(u32),
 }
 
 impl FromStr for Fault {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("bad fault {s:?}: expected corrupt:N or die-after:N");
+        let bad = || format!("bad fault {s:?}: expected corrupt:N, die-after:N or stop-after:N");
         let (k, v) = s.split_once(':').ok_or_else(bad)?;
         let n: u32 = v.parse().map_err(|_| bad())?;
         match k {
             "corrupt" => Ok(Self::CorruptChunk(n)),
             "die-after" => Ok(Self::DieAfter(n)),
+            "stop-after" => Ok(Self::StopAfter(n)),
             _ => Err(bad()),
         }
     }
@@ -74,8 +78,11 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// How long to wait for the plan after the Welcome.
     pub plan_timeout: Duration,
-    /// An upstream silent for this long is declared lost.
+    /// An upstream silent for this long is declared lost, whatever its pace (the ceiling of
+    /// the patience, and the wait for the first data; see `kd_proto::upstream`).
     pub stall_timeout: Duration,
+    /// An upstream is always given this long (the floor of the patience).
+    pub stall_floor: Duration,
     /// Chunks kept in memory for children (bounded memory).
     pub window: usize,
     /// Deploy jobs: write this disk instead of the layout's device.
@@ -105,7 +112,8 @@ impl AgentConfig {
             faults: Vec::new(),
             connect_timeout: Duration::from_secs(120),
             plan_timeout: Duration::from_secs(1800),
-            stall_timeout: Duration::from_secs(30),
+            stall_timeout: kd_proto::upstream::DEFAULT_CEILING,
+            stall_floor: kd_proto::upstream::DEFAULT_FLOOR,
             window: 16,
             disk: None,
             work_dir: PathBuf::from("/run/kd"),
@@ -164,6 +172,7 @@ mod tests {
         assert!("disk".parse::<SinkSpec>().is_err());
         assert_eq!("corrupt:3".parse::<Fault>(), Ok(Fault::CorruptChunk(3)));
         assert!("corrupt:x".parse::<Fault>().is_err());
+        assert_eq!("stop-after:5".parse::<Fault>(), Ok(Fault::StopAfter(5)));
     }
 
     #[test]

@@ -32,10 +32,15 @@ struct Args {
     #[arg(long, default_value_t = 16,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=256))]
     window: usize,
-    /// Seconds before a silent upstream is declared lost (TCG nodes need tens of seconds; 1 to
-    /// 86400).
+    /// Longest wait, in seconds, for a silent upstream (and for the first data): a silence is
+    /// judged against the stream's recent chunk interval, between --stall-floor and this (1 to
+    /// 86400). A coordinator's plan may carry the cluster's own values instead.
     #[arg(long, default_value_t = 30, value_parser = kd_proto::bounds::parse_timeout_secs)]
     stall_timeout: u64,
+    /// Shortest wait, in seconds, for a silent upstream (1 to --stall-timeout; TCG nodes need
+    /// longer than a LAN's default).
+    #[arg(long, default_value_t = 2, value_parser = kd_proto::bounds::parse_timeout_secs)]
+    stall_floor: u64,
     /// Deployments: write this disk instead of the layout's device.
     #[arg(long)]
     disk: Option<std::path::PathBuf>,
@@ -46,7 +51,7 @@ struct Args {
     /// deploy initrd; never on a host).
     #[arg(long)]
     reboot_on_finish: bool,
-    /// Fault injection for tests: corrupt:N, die-after:N.
+    /// Fault injection for tests: corrupt:N, die-after:N, stop-after:N.
     #[arg(long, hide = true)]
     fault: Vec<Fault>,
     /// Kernel command line to read kd.* from.
@@ -118,6 +123,8 @@ fn real_main() -> Result<()> {
     cfg.listen = a.listen;
     cfg.window = a.window;
     cfg.stall_timeout = std::time::Duration::from_secs(a.stall_timeout.max(1));
+    // A floor above the timeout is the timeout (a short --stall-timeout alone stays valid).
+    cfg.stall_floor = std::time::Duration::from_secs(a.stall_floor.max(1)).min(cfg.stall_timeout);
     cfg.faults = a.fault;
     cfg.disk = a.disk;
     cfg.work_dir = a.work_dir;

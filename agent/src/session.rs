@@ -17,6 +17,7 @@ use kd_proto::msg::{
     Progress, Report, StepReport, ToAgent, ToCoord, Upstream, Welcome,
 };
 use kd_proto::piece::{check_piece_hashes, piece_count, piece_ok, piece_range};
+use kd_proto::upstream::{Judgement, Policy, Problem, Verdict, Watch};
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, Fault};
@@ -39,6 +40,8 @@ struct Ctx {
     deployment: u64,
     identity: PeerIdentity,
     manifest: Arc<Manifest>,
+    /// How long a silent upstream is waited for (the plan's, else the agent's own).
+    stall: Policy,
 }
 
 /// Runs the agent until the broadcast is over. Errors are what the operator must read.
@@ -124,10 +127,17 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         children,
         manifest,
         job,
+        stall,
     } = *plan;
     manifest
         .validate()
         .map_err(|e| anyhow!("bad manifest from the coordinator: {e}"))?;
+    let stall = match stall {
+        Some(l) => Policy::from_limits(&l)
+            .map_err(|e| anyhow!("bad stall limits from the coordinator: {e}"))?,
+        None => Policy::new(cfg.stall_floor, cfg.stall_timeout).map_err(|e| anyhow!(e))?,
+    };
+    tracing::debug!(?stall, "upstream patience");
 
     // Serve children.
     let allowed = AllowedPeers::default();
@@ -188,6 +198,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         deployment,
         identity,
         manifest,
+        stall,
     };
     let mut report = receive_all(&mut ctx, upstream, &store, sink, children.len()).await;
     if let Some(e) = prepare_error {
@@ -584,11 +595,10 @@ async fn receive_all(
     let mut corrupted_once = false;
     let mut last_progress = Instant::now();
     let mut fatal: Option<String> = None;
+    // Who is silent, when to retry the same upstream and when to ask for another: decided by
+    // the pure `Watch` (kd_proto::upstream); this loop only reads, verifies and reports.
+    let mut watch = Watch::new(ctx.stall);
 
-    // A new parent may refuse our certificate for a moment (its Adopt can arrive after we
-    // connect; with TLS 1.3 that shows as the connection closing just after the handshake):
-    // such quick failures are retried on the same parent a few times before it counts as lost.
-    let mut quick_retries = 0u32;
     // The tree is wired before data flows: this node asks its upstream for the image only once
     // its children have asked it (or after CHILDREN_WAIT). Bytes a node receives before its
     // child is attached stay queued ahead of everything it relays next, since its uplink runs
@@ -603,154 +613,150 @@ async fn receive_all(
     }
     'outer: while store.available() < count {
         let next = store.available();
-        let opened_at = Instant::now();
-        let mut got_frame = false;
         // The piece hashes of the next chunk, when its upstream sent them (and they check out).
         let mut pending: Option<Arc<[Digest]>> = None;
-        let (conn, mut recv) = match open_upstream(ctx, &upstream, next).await {
-            Ok(x) => x,
-            Err(e) => {
-                match lost_upstream(ctx, &upstream, next, format!("{e:#}")).await {
-                    Ok(u) => upstream = u,
-                    Err(e) => {
-                        fatal = Some(e);
-                        break;
+        let opened = open_upstream(ctx, &upstream, next, watch.patience()).await;
+        let (problem, conn) = match opened {
+            Err(e) => (Problem::Unreachable(format!("{e:#}")), None),
+            Ok((conn, mut recv)) => {
+                watch.opened(Instant::now(), matches!(upstream, Upstream::Peer(_)));
+                // The connection the stream comes on: its packets tell a live upstream from a
+                // dead one.
+                let up = conn.clone().unwrap_or_else(|| ctx.coord.clone());
+                let problem = loop {
+                    if store.available() >= count {
+                        break 'outer;
                     }
-                }
-                continue;
-            }
-        };
-        loop {
-            if store.available() >= count {
-                break 'outer;
-            }
-            let frame = tokio::select! {
-                f = tokio::time::timeout(ctx.cfg.stall_timeout, wire::recv_data(&mut recv, MAX_FRAME)) => f,
-                m = ctx.ctl.recv() => {
-                    match m {
-                        Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
-                        Some(ToAgent::Adopt(p)) => { ctx.allowed.allow(p.cert_sha256, p.node); continue; }
-                        Some(ToAgent::Abort { reason }) => { fatal = Some(format!("aborted by the coordinator: {reason}")); break 'outer; }
-                        Some(_) => continue,
-                        None => { fatal = Some("the coordinator connection was lost".into()); break 'outer; }
-                    }
-                }
-            };
-            let next = store.available();
-            let refused_at_once = matches!(frame, Ok(Err(_)))
-                && !got_frame
-                && matches!(upstream, Upstream::Peer(_))
-                && opened_at.elapsed() < Duration::from_secs(3);
-            if matches!(frame, Ok(Ok(Some(_)))) {
-                got_frame = true;
-                quick_retries = 0;
-            }
-            let problem = match frame {
-                Err(_) => format!("no data for {:?}", ctx.cfg.stall_timeout),
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(None)) => "the upstream ended the stream early".into(),
-                Ok(Ok(Some(p))) => match p {
-                    DataIn::Other(DataFrame::Pieces { index, hashes }) if index == next => {
-                        let info = &ctx.manifest.chunks[index as usize];
-                        match check_piece_hashes(info.comp_len as usize, &hashes, &info.hash) {
-                            Ok(()) => pending = Some(hashes.into()),
-                            Err(e) => {
-                                tracing::warn!("chunk {index}: {e}; it will be verified whole");
-                                pending = None;
+                    watch.reading(Instant::now());
+                    let frame = tokio::select! {
+                        f = judged(&watch, &up, wire::recv_data(&mut recv, MAX_FRAME)) => f,
+                        m = ctx.ctl.recv() => {
+                            match m {
+                                Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
+                                Some(ToAgent::Adopt(p)) => { ctx.allowed.allow(p.cert_sha256, p.node); continue; }
+                                Some(ToAgent::Abort { reason }) => { fatal = Some(format!("aborted by the coordinator: {reason}")); break 'outer; }
+                                Some(_) => continue,
+                                None => { fatal = Some("the coordinator connection was lost".into()); break 'outer; }
                             }
                         }
-                        None
-                    }
-                    DataIn::Other(DataFrame::Pieces { index, .. }) => Some(format!(
-                        "got the piece hashes of chunk {index}, expected {next}"
-                    )),
-                    DataIn::ChunkStart { index, len } if index == next => {
-                        let expected = ctx.manifest.chunks[index as usize].comp_len as usize;
-                        if len != expected {
-                            Some(format!(
-                                "chunk {index} announces {len} bytes, the manifest says {expected}"
-                            ))
-                        } else {
-                            let hashes = pending.take();
-                            let got = receive_chunk(
-                                ctx,
-                                store,
-                                &mut recv,
-                                (index, len),
-                                hashes,
-                                &mut corrupted_once,
-                                &mut progress,
-                            )
-                            .await;
-                            match got {
-                                Ok(repaired) => {
-                                    refetched += u32::from(repaired);
+                    };
+                    let next = store.available();
+                    let p = match frame {
+                        Err(silent) => break silent,
+                        Ok(Err(e)) => break Problem::Broken(e.to_string()),
+                        Ok(Ok(None)) => {
+                            break Problem::Broken("the upstream ended the stream early".into())
+                        }
+                        Ok(Ok(Some(p))) => p,
+                    };
+                    watch.data(Instant::now());
+                    let broken = match p {
+                        DataIn::Other(DataFrame::Pieces { index, hashes }) if index == next => {
+                            let info = &ctx.manifest.chunks[index as usize];
+                            match check_piece_hashes(info.comp_len as usize, &hashes, &info.hash) {
+                                Ok(()) => pending = Some(hashes.into()),
+                                Err(e) => {
+                                    tracing::warn!("chunk {index}: {e}; it will be verified whole");
+                                    pending = None;
+                                }
+                            }
+                            None
+                        }
+                        DataIn::Other(DataFrame::Pieces { index, .. }) => Some(format!(
+                            "got the piece hashes of chunk {index}, expected {next}"
+                        )),
+                        DataIn::ChunkStart { index, len } if index == next => {
+                            let expected = ctx.manifest.chunks[index as usize].comp_len as usize;
+                            if len != expected {
+                                Some(format!(
+                                    "chunk {index} announces {len} bytes, the manifest says {expected}"
+                                ))
+                            } else {
+                                let hashes = pending.take();
+                                let got = receive_chunk(
+                                    ctx,
+                                    store,
+                                    (&mut recv, &up),
+                                    (index, len, hashes),
+                                    &mut corrupted_once,
+                                    &mut progress,
+                                    &mut watch,
+                                )
+                                .await;
+                                match got {
+                                    Ok(repaired) => {
+                                        refetched += u32::from(repaired);
+                                        accept(ctx, store, &writer, index, &mut progress).await;
+                                        watch.chunk_done();
+                                        None
+                                    }
+                                    Err(ChunkFail::Upstream(p)) => break p,
+                                    Err(ChunkFail::Fatal(e)) => {
+                                        fatal = Some(e);
+                                        break 'outer;
+                                    }
+                                }
+                            }
+                        }
+                        DataIn::ChunkStart { index, .. } => {
+                            Some(format!("got chunk {index}, expected {next}"))
+                        }
+                        DataIn::Other(DataFrame::Unavailable { index }) if index == next => {
+                            match repair(ctx, index).await {
+                                Ok(d) => {
+                                    refetched += 1;
+                                    store.fill(index, d, grace(&watch)).await;
                                     accept(ctx, store, &writer, index, &mut progress).await;
+                                    watch.chunk_done();
                                     None
                                 }
-                                Err(ChunkFail::Upstream(p)) => Some(p),
-                                Err(ChunkFail::Fatal(e)) => {
-                                    fatal = Some(e);
+                                Err(e) => {
+                                    fatal =
+                                        Some(format!("chunk {index} could not be fetched: {e:#}"));
                                     break 'outer;
                                 }
                             }
                         }
-                    }
-                    DataIn::ChunkStart { index, .. } => {
-                        Some(format!("got chunk {index}, expected {next}"))
-                    }
-                    DataIn::Other(DataFrame::Unavailable { index }) if index == next => {
-                        match repair(ctx, index).await {
-                            Ok(d) => {
-                                refetched += 1;
-                                store.fill(index, d, ctx.cfg.stall_timeout * 3).await;
-                                accept(ctx, store, &writer, index, &mut progress).await;
-                                None
-                            }
-                            Err(e) => {
-                                fatal = Some(format!("chunk {index} could not be fetched: {e:#}"));
-                                break 'outer;
-                            }
+                        DataIn::Other(DataFrame::Unavailable { index }) => {
+                            Some(format!("unexpected Unavailable({index})"))
                         }
+                        DataIn::Other(DataFrame::Error(e)) => {
+                            Some(format!("the upstream refused: {e}"))
+                        }
+                        DataIn::Other(DataFrame::Chunk { index, .. }) => Some(format!(
+                            "bad frame from the upstream: chunk {index} mis-framed"
+                        )),
+                    };
+                    if let Some(b) = broken {
+                        break Problem::Broken(b);
                     }
-                    DataIn::Other(DataFrame::Unavailable { index }) => {
-                        Some(format!("unexpected Unavailable({index})"))
+                    if last_progress.elapsed() >= Duration::from_secs(1) {
+                        last_progress = Instant::now();
+                        progress.bytes_written = writer.written.load(Ordering::Relaxed);
+                        let _ = ctx.to_coord.try_send(ToCoord::Progress(progress.clone()));
                     }
-                    DataIn::Other(DataFrame::Error(e)) => {
-                        Some(format!("the upstream refused: {e}"))
+                };
+                (problem, conn)
+            }
+        };
+        match watch.failed(Instant::now(), problem) {
+            Verdict::RetrySame { pause } => {
+                tracing::info!("new upstream closed at once; retrying it");
+                tokio::time::sleep(pause).await;
+            }
+            Verdict::Lost(reason) => {
+                tracing::warn!("upstream problem: {reason}");
+                if let Some(c) = &conn {
+                    c.close(kd_net::close::DONE.into(), b"lost");
+                }
+                match lost_upstream(ctx, &upstream, store.available(), reason).await {
+                    Ok(u) => upstream = u,
+                    Err(e) => {
+                        fatal = Some(e);
+                        break 'outer;
                     }
-                    DataIn::Other(DataFrame::Chunk { index, .. }) => Some(format!(
-                        "bad frame from the upstream: chunk {index} mis-framed"
-                    )),
-                }
-                .unwrap_or_default(),
-            };
-            if problem.is_empty() {
-                if last_progress.elapsed() >= Duration::from_secs(1) {
-                    last_progress = Instant::now();
-                    progress.bytes_written = writer.written.load(Ordering::Relaxed);
-                    let _ = ctx.to_coord.try_send(ToCoord::Progress(progress.clone()));
-                }
-                continue;
-            }
-            if refused_at_once && quick_retries < 4 {
-                quick_retries += 1;
-                tracing::info!("new upstream closed at once ({problem}); retrying it");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue 'outer;
-            }
-            tracing::warn!("upstream problem: {problem}");
-            if let Some(c) = &conn {
-                c.close(kd_net::close::DONE.into(), b"lost");
-            }
-            match lost_upstream(ctx, &upstream, store.available(), problem).await {
-                Ok(u) => upstream = u,
-                Err(e) => {
-                    fatal = Some(e);
-                    break 'outer;
                 }
             }
-            continue 'outer;
         }
     }
     drop(writer.tx);
@@ -778,24 +784,69 @@ async fn receive_all(
     }
 }
 
+/// How long a full window waits for a child that still needs its oldest chunk before that
+/// child is overtaken (it then gets `Unavailable` and repairs from the coordinator): a few
+/// times this node's own patience with a silent upstream, so that a frozen child holds its
+/// siblings and its parent's stream back about as long as a frozen parent would hold it.
+fn grace(watch: &Watch) -> Duration {
+    watch.patience().saturating_mul(3)
+}
+
 /// How receiving a chunk failed.
 enum ChunkFail {
-    /// The upstream failed (stalled, closed, broke the framing): find another.
-    Upstream(String),
+    /// The upstream failed (stalled, closed, broke the framing): see [`Watch::failed`].
+    Upstream(Problem),
     /// The chunk could not be had at all.
     Fatal(String),
 }
 
-/// Reads `n` bytes of chunk data within the stall timeout.
+/// Waits for `read` (a read from the upstream on connection `up`) while `watch` judges the
+/// upstream alive: past its patience, a read is abandoned once the connection has also brought
+/// no packet for a while ([`Watch::judge`]). The read is never cancelled and resumed (a frame
+/// half read would be lost).
+async fn judged<T>(
+    watch: &Watch,
+    up: &quinn::Connection,
+    read: impl std::future::Future<Output = T>,
+) -> Result<T, Problem> {
+    tokio::pin!(read);
+    let start = Instant::now();
+    let mut seen = up.stats().udp_rx.datagrams;
+    let mut heard = start;
+    let mut wait = watch.patience();
+    loop {
+        tokio::select! {
+            r = &mut read => return Ok(r),
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let now = Instant::now();
+        let rx = up.stats().udp_rx.datagrams;
+        if rx != seen {
+            seen = rx;
+            heard = now;
+        }
+        let (silent, quiet) = (now - start, now - heard);
+        match watch.judge(silent, quiet) {
+            Judgement::Wait(d) => wait = d.max(Duration::from_millis(50)),
+            Judgement::Dead => return Err(Problem::Silent { silent, quiet }),
+        }
+    }
+}
+
+/// Reads `n` bytes of chunk data while the upstream is judged alive ([`judged`]).
 async fn read_data(
-    recv: &mut quinn::RecvStream,
+    (recv, up): (&mut quinn::RecvStream, &quinn::Connection),
     n: usize,
-    stall: Duration,
+    watch: &mut Watch,
 ) -> Result<bytes::Bytes, ChunkFail> {
-    match tokio::time::timeout(stall, wire::recv_bytes(recv, n)).await {
-        Err(_) => Err(ChunkFail::Upstream(format!("no data for {stall:?}"))),
-        Ok(Err(e)) => Err(ChunkFail::Upstream(e.to_string())),
-        Ok(Ok(b)) => Ok(b),
+    watch.reading(Instant::now());
+    match judged(watch, up, wire::recv_bytes(recv, n)).await {
+        Err(silent) => Err(ChunkFail::Upstream(silent)),
+        Ok(Err(e)) => Err(ChunkFail::Upstream(Problem::Broken(e.to_string()))),
+        Ok(Ok(b)) => {
+            watch.data(Instant::now());
+            Ok(b)
+        }
     }
 }
 
@@ -808,14 +859,13 @@ async fn read_data(
 async fn receive_chunk(
     ctx: &Ctx,
     store: &Store,
-    recv: &mut quinn::RecvStream,
-    (index, len): (u32, usize),
-    hashes: Option<Arc<[Digest]>>,
+    (recv, up): (&mut quinn::RecvStream, &quinn::Connection),
+    (index, len, hashes): (u32, usize, Option<Arc<[Digest]>>),
     corrupted_once: &mut bool,
     progress: &mut Progress,
+    watch: &mut Watch,
 ) -> Result<bool, ChunkFail> {
-    let stall = ctx.cfg.stall_timeout;
-    let grace = stall * 3;
+    let grace = grace(watch);
     let mut inject = !*corrupted_once && ctx.cfg.faults.contains(&Fault::CorruptChunk(index));
     let mut corrupt = |b: bytes::Bytes| {
         if !inject {
@@ -831,7 +881,7 @@ async fn receive_chunk(
     };
     let refused = match hashes {
         None => {
-            let data = corrupt(read_data(recv, len, stall).await?);
+            let data = corrupt(read_data((recv, up), len, watch).await?);
             match verify_chunk(&ctx.manifest, index, &data) {
                 Ok(()) => {
                     store.fill(index, data, grace).await;
@@ -846,7 +896,7 @@ async fn receive_chunk(
             let count = piece_count(len);
             let mut bad = None;
             for p in 0..count {
-                let piece = read_data(recv, piece_range(len, p).len(), stall).await?;
+                let piece = read_data((recv, up), piece_range(len, p).len(), watch).await?;
                 if p < held || bad.is_some() {
                     continue;
                 }
@@ -894,11 +944,13 @@ async fn accept(
     tracing::debug!(index, "chunk accepted");
     let _ = writer.tx.send((index, pieces)).await;
     for f in &ctx.cfg.faults {
-        if *f == Fault::DieAfter(index + 1) {
-            tracing::error!("fault injection: dying after {} chunks", index + 1);
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
-        }
+        let signal = match *f {
+            Fault::DieAfter(n) if n == index + 1 => nix::sys::signal::Signal::SIGKILL,
+            Fault::StopAfter(n) if n == index + 1 => nix::sys::signal::Signal::SIGSTOP,
+            _ => continue,
+        };
+        tracing::error!("fault injection: {signal} after {} chunks", index + 1);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), signal);
     }
 }
 
@@ -952,11 +1004,13 @@ async fn lost_upstream(
     }
 }
 
-/// Opens a data stream to `upstream` asking for every chunk from `from`.
+/// Opens a data stream to `upstream` asking for every chunk from `from`, trying to connect for
+/// at most `patience` (a dead or frozen parent never answers).
 async fn open_upstream(
     ctx: &Ctx,
     upstream: &Upstream,
     from: u32,
+    patience: Duration,
 ) -> Result<(Option<quinn::Connection>, quinn::RecvStream)> {
     let (conn, own) = match upstream {
         Upstream::Coordinator => (ctx.coord.clone(), false),
@@ -967,23 +1021,24 @@ async fn open_upstream(
                 ctx.identity.key_der.clone(),
             )?;
             // The parent may learn about us a moment after we learn about it: retry briefly,
-            // each attempt bounded (a dead parent never answers), all within the stall timeout.
+            // each attempt bounded (a dead parent never answers), all within the patience.
             let mut last: Option<String> = None;
             let mut conn = None;
-            let deadline = tokio::time::Instant::now() + ctx.cfg.stall_timeout;
+            let deadline = tokio::time::Instant::now() + patience;
             while tokio::time::Instant::now() < deadline {
                 let attempt = ctx
                     .endpoint
                     .connect_with(client.clone(), p.addr, "kd-peer")?;
                 let t = Instant::now();
-                match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match tokio::time::timeout(left.min(Duration::from_secs(3)), attempt).await {
                     Ok(Ok(c)) => {
                         tracing::debug!(parent = %p.node, ms = t.elapsed().as_millis() as u64, "connected to the parent");
                         conn = Some(c);
                         break;
                     }
                     Ok(Err(e)) => last = Some(e.to_string()),
-                    Err(_) => last = Some("no answer within 3 s".into()),
+                    Err(_) => last = Some("no answer".into()),
                 }
                 tracing::debug!(parent = %p.node, ms = t.elapsed().as_millis() as u64, error = ?last, "connection attempt failed");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1222,6 +1277,13 @@ mod tests {
         let (a, b) = (random_fraction(), random_fraction());
         assert!((0.0..1.0).contains(&a) && (0.0..1.0).contains(&b));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_live_peer_speaks_more_often_than_it_is_judged_quiet() {
+        // A parent with nothing to send still sends QUIC keep-alives: the watch must not take
+        // their interval for death (nor the coordinator's silence limit).
+        assert!(kd_net::endpoint::KEEP_ALIVE < kd_proto::upstream::PEER_QUIET);
     }
 
     #[test]

@@ -42,6 +42,9 @@ struct Child {
     pos: u32,
     /// Its id in the pacer, for a stream (a one-chunk request is not paced).
     paced: Option<u64>,
+    /// It held the window for a whole grace period and was overtaken: it holds nothing back
+    /// until it moves again (a frozen child would otherwise cost a grace period per chunk).
+    overtaken: bool,
 }
 
 /// How far the receiver got: every chunk before `complete`, and `pieces` pieces of chunk
@@ -128,9 +131,13 @@ impl Store {
                 }
                 debug_assert_eq!(end, index);
                 let full = g.chunks.len() >= self.window;
-                let needed = g.children.values().any(|c| c.pos <= g.base);
+                let base = g.base;
+                let needed = g.children.values().any(|c| c.pos <= base && !c.overtaken);
                 if !full || !needed || tokio::time::Instant::now() >= deadline {
                     if full {
+                        for c in g.children.values_mut() {
+                            c.overtaken |= c.pos <= base;
+                        }
                         g.chunks.pop_front();
                         g.base += 1;
                     }
@@ -242,7 +249,14 @@ impl Store {
         let mut g = self.lock();
         let id = g.next_id;
         g.next_id += 1;
-        g.children.insert(id, Child { pos: from, paced });
+        g.children.insert(
+            id,
+            Child {
+                pos: from,
+                paced,
+                overtaken: false,
+            },
+        );
         id
     }
 
@@ -257,6 +271,7 @@ impl Store {
 
     pub(crate) fn advance(&self, id: u64, pos: u32) {
         let paced = self.lock().children.get_mut(&id).and_then(|c| {
+            c.overtaken &= c.pos == pos;
             c.pos = pos;
             c.paced
         });
@@ -309,9 +324,24 @@ mod tests {
         assert!(matches!(s.head(2), Get::Ready(1, _)));
         assert!(matches!(s.head(3), Get::NotYet));
         assert_eq!(s.pieces(2).unwrap(), vec![Bytes::from(vec![2])]);
-        // A stalled child is overtaken after the grace period.
+        // A stalled child is overtaken after the grace period …
         push(&s, 3, 3, Duration::from_millis(50)).await;
         assert_eq!(s.available(), 4);
+        // … and holds nothing back any more while it does not move: a frozen child costs
+        // one grace period, not one per chunk.
+        let t = tokio::time::Instant::now();
+        for i in 4..10 {
+            push(&s, i, i as u8, Duration::from_secs(5)).await;
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Once it moves, it is waited for again.
+        s.advance(c, 8);
+        let s2 = s.clone();
+        let h = tokio::spawn(async move { push(&s2, 10, 10, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!h.is_finished());
+        s.advance(c, 9);
+        h.await.unwrap();
         s.unregister(c);
     }
 

@@ -42,6 +42,46 @@ pub struct BroadcastConfig {
     pub job: Job,
     /// Each node's rack (the tree enters each rack once); empty: the plain plan.
     pub racks: std::collections::BTreeMap<String, String>,
+    /// How silence is judged, on the agents' side and on the coordinator's.
+    pub liveness: Liveness,
+}
+
+/// How silence is judged: the plans' stall limits (an agent's patience with a silent upstream)
+/// and how long the coordinator hears nothing from an agent before it counts as lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// An agent's connection that brought no packet for this long is closed and the agent
+    /// lost (its QUIC keep-alives come every [`kd_net::endpoint::KEEP_ALIVE`]): a killed or
+    /// frozen relay is replaced within seconds instead of QUIC's idle timeout
+    /// ([`kd_net::endpoint::IDLE_TIMEOUT`], which still applies beyond this).
+    pub agent_silence: Duration,
+    /// What each plan tells its agent (`None`: the agents' own settings).
+    pub stall: Option<kd_proto::msg::StallLimits>,
+}
+
+/// Default [`Liveness::agent_silence`]: three keep-alives missed.
+pub const AGENT_SILENCE: Duration = Duration::from_secs(6);
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            agent_silence: AGENT_SILENCE,
+            stall: None,
+        }
+    }
+}
+
+impl Liveness {
+    /// A cluster's settings (`workflow.stall_floor`, `stall_timeout`, `agent_silence`).
+    pub fn of_cluster(w: &crate::config::WorkflowConfig) -> Self {
+        Self {
+            agent_silence: Duration::from_secs(w.agent_silence),
+            stall: Some(kd_proto::msg::StallLimits {
+                floor_ms: w.stall_floor.saturating_mul(1000),
+                timeout_ms: w.stall_timeout.saturating_mul(1000),
+            }),
+        }
+    }
 }
 
 /// Something that happened, for live progress.
@@ -169,15 +209,18 @@ pub(crate) struct Source {
     pub(crate) deployment: u64,
     /// The root streams move in step (see `kd_net::pace`).
     pub(crate) pacer: kd_net::pace::Pacer,
+    /// How that deployment judges silence.
+    pub(crate) liveness: Liveness,
 }
 
 impl Source {
     /// Serves `image` to the streams of `deployment`.
-    pub(crate) fn new(image: ImageFile, deployment: u64) -> Self {
+    pub(crate) fn new(image: ImageFile, deployment: u64, liveness: Liveness) -> Self {
         Self {
             chunks: crate::chunks::ChunkCache::new(image),
             deployment,
             pacer: Default::default(),
+            liveness,
         }
     }
 }
@@ -346,16 +389,18 @@ pub(crate) struct PlannedRound {
 
 /// Issues each node of `live` its certificate from `ca` and writes every node's plan for the
 /// tree `parents` (`parents[i]`: the index in `live` of node i's parent, `None`: the
-/// coordinator). `data_addr` gives the address a node serves children on.
+/// coordinator). `data_addr` gives the address a node serves children on; `source` gives the
+/// deployment, its manifest and the stall limits every plan carries.
 pub(crate) fn plan_round(
     live: &[String],
     parents: &[Option<usize>],
     ca: &DeploymentCa,
     data_addr: impl Fn(&str) -> Option<SocketAddr>,
-    deployment: u64,
-    manifest: &kd_proto::manifest::Manifest,
+    source: &Source,
     job: &Job,
 ) -> Result<PlannedRound> {
+    let (deployment, stall) = (source.deployment, source.liveness.stall);
+    let manifest = &source.chunks.image().manifest;
     anyhow::ensure!(
         parents.len() == live.len()
             && parents
@@ -413,6 +458,7 @@ pub(crate) fn plan_round(
             children,
             manifest: manifest.clone(),
             job: job.clone(),
+            stall,
         };
         plans.push((name.clone(), plan));
     }
@@ -610,9 +656,18 @@ pub(crate) async fn handle_connection(
             }
         });
     }
-    // Reader: agent -> main loop, until the connection ends.
+    // Reader: agent -> main loop, until the connection ends or the agent falls silent.
+    let silence = silent_for(&conn, source.liveness.agent_silence);
+    tokio::pin!(silence);
     let reason = loop {
-        match wire::recv_opt::<ToCoord>(&mut recv).await {
+        let msg = tokio::select! {
+            m = wire::recv_opt::<ToCoord>(&mut recv) => m,
+            quiet = &mut silence => {
+                conn.close(kd_net::close::DONE.into(), b"silent");
+                break format!("no packet from the agent for {:.1} s", quiet.as_secs_f64());
+            }
+        };
+        match msg {
             Ok(Some(msg)) => {
                 if in_tx
                     .send(Inbound::Msg {
@@ -641,6 +696,32 @@ pub(crate) async fn handle_connection(
             reason,
         })
         .await;
+}
+
+/// Resolves once no datagram has come on `conn` for `limit` (a killed or frozen agent: a live
+/// one sends keep-alives every [`kd_net::endpoint::KEEP_ALIVE`]), with how long it was. Time
+/// this task itself did not run (a coordinator starved of CPU, whose packets may be waiting
+/// unread) does not count as the peer's silence.
+async fn silent_for(conn: &quinn::Connection, limit: Duration) -> Duration {
+    let tick = (limit / 8).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut seen = conn.stats().udp_rx.datagrams;
+    let mut heard = tokio::time::Instant::now();
+    let mut woke = heard;
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = tokio::time::Instant::now();
+        if now.duration_since(woke) > tick * 3 {
+            heard = heard.max(now - tick);
+        }
+        woke = now;
+        let rx = conn.stats().udp_rx.datagrams;
+        if rx != seen {
+            seen = rx;
+            heard = now;
+        } else if now.duration_since(heard) >= limit {
+            return now.duration_since(heard);
+        }
+    }
 }
 
 fn describe_close(e: &quinn::ConnectionError) -> String {
@@ -808,6 +889,7 @@ mod tests {
             deployment: 1,
             racks: Default::default(),
             job: Job::LocalSink,
+            liveness: Liveness::default(),
         };
         let mut h = Hello {
             version: kd_proto::PROTOCOL_VERSION,

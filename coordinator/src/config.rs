@@ -44,6 +44,11 @@
 //!   probe_delay: 10                  # s after a final reboot before the first port probe
 //!   probe_interval: 5                # s between port probes
 //!   broadcast_wait: 120              # s the broadcast barrier waits for late nodes
+//!   stall_floor: 2                   # s an agent always waits on a silent upstream; beyond it
+//!                                    # a silence of 4 recent chunk intervals counts as lost
+//!   stall_timeout: 30                # s it waits at most (and for the first data)
+//!   agent_silence: 6                 # s without a packet before an agent counts as lost
+//!                                    # (keep-alives every 2 s; TCG labs want more)
 //!   set_deployment_env: { timeout: 300, retries: 2 }   # timeout = reboot to agent Hello
 //!   prepare:            { timeout: 120, retries: 1 }
 //!   broadcast:          { timeout: 900, retries: 1 }
@@ -507,6 +512,14 @@ pub struct WorkflowConfig {
     pub probe_interval: u64,
     /// How long the broadcast barrier waits, after the first node is ready, for the others.
     pub broadcast_wait: u64,
+    /// Shortest wait of an agent on a silent upstream (beyond it, a silence is judged against
+    /// the stream's recent chunk interval: `kd_proto::upstream`).
+    pub stall_floor: u64,
+    /// Longest wait of an agent on a silent upstream, and its wait for the first data.
+    pub stall_timeout: u64,
+    /// An agent that sent no packet for this long (its keep-alives come every 2 s) is lost: its
+    /// children move at once.
+    pub agent_silence: u64,
     /// SetDeploymentEnv: PXE deploy profile, reboot (escalating), agent Hello.
     pub set_deployment_env: StepPolicy,
     /// Prepare: partition, mkfs, mount.
@@ -528,6 +541,9 @@ impl Default for WorkflowConfig {
             probe_delay: 10,
             probe_interval: 5,
             broadcast_wait: 120,
+            stall_floor: 2,
+            stall_timeout: 30,
+            agent_silence: 6,
             set_deployment_env: StepPolicy {
                 timeout: 300,
                 retries: 2,
@@ -779,6 +795,10 @@ impl ClusterConfig {
             ("workflow.probe_delay".into(), w.probe_delay, 0),
             ("workflow.probe_interval".into(), w.probe_interval, 1),
             ("workflow.broadcast_wait".into(), w.broadcast_wait, 0),
+            ("workflow.stall_floor".into(), w.stall_floor, 1),
+            ("workflow.stall_timeout".into(), w.stall_timeout, 1),
+            // Two keep-alives (2 s apart) and a margin at least.
+            ("workflow.agent_silence".into(), w.agent_silence, 5),
         ];
         let mut retries = Vec::new();
         for (name, p) in [
@@ -795,6 +815,15 @@ impl ClusterConfig {
             if let Err(m) = kd_proto::bounds::check_secs(value, min) {
                 return bad(&field, m);
             }
+        }
+        if w.stall_floor > w.stall_timeout {
+            return bad(
+                "workflow.stall_floor",
+                format!(
+                    "{} s is more than workflow.stall_timeout ({} s)",
+                    w.stall_floor, w.stall_timeout
+                ),
+            );
         }
         for (field, value) in retries {
             if let Err(m) = kd_proto::bounds::check_retries(value) {
@@ -1478,6 +1507,42 @@ commands:
     }
 
     #[test]
+    fn silence_limits_default_to_a_lan_and_are_checked() {
+        let c = ClusterConfig::parse(LAB).unwrap();
+        assert_eq!(
+            (
+                c.workflow.stall_floor,
+                c.workflow.stall_timeout,
+                c.workflow.agent_silence
+            ),
+            (2, 30, 6)
+        );
+        let with = |extra: &str| {
+            LAB.replace(
+                "  reboot_window: 2\n",
+                &format!("  reboot_window: 2\n{extra}"),
+            )
+        };
+        let c = ClusterConfig::parse(&with(
+            "  stall_floor: 10\n  stall_timeout: 60\n  agent_silence: 30\n",
+        ))
+        .unwrap();
+        assert_eq!(c.workflow.stall_floor, 10);
+        assert_eq!(c.workflow.agent_silence, 30);
+        let e = err(&with("  stall_floor: 40\n"));
+        assert!(
+            e.contains("workflow.stall_floor: 40 s is more than workflow.stall_timeout (30 s)"),
+            "{e}"
+        );
+        let e = err(&with("  agent_silence: 4\n"));
+        assert!(
+            e.contains("workflow.agent_silence") && e.contains("minimum of 5 s"),
+            "{e}"
+        );
+        assert!(err(&with("  stall_floor: 0\n")).contains("workflow.stall_floor"));
+    }
+
+    #[test]
     fn huge_timeouts_and_retries_are_refused_with_field_value_and_limit() {
         let huge = u64::MAX;
         for (key, value) in [
@@ -1485,6 +1550,9 @@ commands:
             ("probe_delay", huge.to_string()),
             ("probe_interval", "86401".to_string()),
             ("broadcast_wait", huge.to_string()),
+            ("stall_floor", huge.to_string()),
+            ("stall_timeout", "86401".to_string()),
+            ("agent_silence", huge.to_string()),
             (
                 "set_deployment_env",
                 format!("{{ timeout: {huge}, retries: 1 }}"),

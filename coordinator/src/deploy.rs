@@ -247,7 +247,8 @@ pub async fn run(
         "listening on {local}, deployment {:016x}",
         cfg.deployment
     ));
-    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment);
+    let liveness = broadcast::Liveness::of_cluster(&cfg.cluster.workflow);
+    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment, liveness);
     let refused = route.events.clone();
     let accept = broadcast::spawn_accept(&endpoint, broadcast::Routes::One(route), refused);
     let (cancel_tx, cancel) = tokio::sync::watch::channel(None);
@@ -298,7 +299,8 @@ pub async fn run_shared(
 ) -> Result<Summary> {
     let mut cfg = cfg;
     set_listen_addr(&mut cfg, shared.local);
-    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment);
+    let liveness = broadcast::Liveness::of_cluster(&cfg.cluster.workflow);
+    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment, liveness);
     let nodes = cfg.nodes.clone();
     shared.table.register(&nodes, &route);
     drop(route);
@@ -345,7 +347,7 @@ pub async fn broadcast(
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = endpoint.local_addr()?;
     let _ = events.send(broadcast::Event::Listening(local));
-    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment);
+    let (source, route, in_rx, bev_rx) = wire(image, cfg.deployment, cfg.liveness);
     let refused = route.events.clone();
     let accept = broadcast::spawn_accept(&endpoint, broadcast::Routes::One(route), refused);
     // The events carry the progress (main.rs prints them); the driver's notes say the same in
@@ -479,13 +481,14 @@ fn outcome(nodes: &[String], d: &Driven, source: &Source) -> broadcast::Outcome 
 fn wire(
     image: ImageFile,
     deployment: u64,
+    liveness: broadcast::Liveness,
 ) -> (
     Arc<Source>,
     broadcast::Route,
     mpsc::Receiver<Inbound>,
     mpsc::UnboundedReceiver<broadcast::Event>,
 ) {
-    let source = Arc::new(Source::new(image, deployment));
+    let source = Arc::new(Source::new(image, deployment, liveness));
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(1024);
     let (bev_tx, bev_rx) = mpsc::unbounded_channel::<broadcast::Event>();
     let route = broadcast::Route {
@@ -973,8 +976,7 @@ impl Driver {
                     .get(n)
                     .map(|a| SocketAddr::new(a.conn.remote_address().ip(), a.data_port))
             },
-            self.setup.deployment,
-            &source.chunks.image().manifest,
+            &source,
             &self.setup.job,
         );
         let planned = match planned {
@@ -1905,7 +1907,11 @@ filesystem: xfs
         };
         let (ev_tx, _ev_rx) = mpsc::unbounded_channel();
         let (notes, _notes_rx) = mpsc::unbounded_channel();
-        let source = Arc::new(Source::new(ImageFile::open(&kdi).unwrap(), 1));
+        let source = Arc::new(Source::new(
+            ImageFile::open(&kdi).unwrap(),
+            1,
+            broadcast::Liveness::default(),
+        ));
         let id = CoordIdentity::generate().unwrap();
         let mut drv = Driver::new(
             Setup::deploy(cfg),

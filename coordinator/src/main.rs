@@ -343,6 +343,18 @@ struct BroadcastArgs {
     /// Seconds the transfer may take (1 to 86400).
     #[arg(long, default_value_t = 3600, value_parser = kd_proto::bounds::parse_timeout_secs)]
     timeout: u64,
+    /// Seconds without a packet from an agent before it counts as lost (its children move at
+    /// once; 5 to 86400: keep-alives come every 2 s; TCG guests want more).
+    #[arg(long, default_value_t = 6, value_parser = parse_agent_silence)]
+    agent_silence: u64,
+    /// Seconds an agent always waits on a silent upstream (sent in the plans; default: the
+    /// agents' own --stall-floor).
+    #[arg(long, value_parser = kd_proto::bounds::parse_timeout_secs)]
+    stall_floor: Option<u64>,
+    /// Seconds an agent waits at most on a silent upstream (sent in the plans, with
+    /// --stall-floor; default 30).
+    #[arg(long, value_parser = kd_proto::bounds::parse_timeout_secs)]
+    stall_timeout: Option<u64>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -602,6 +614,12 @@ fn man_pages(dir: &Path) -> Result<Vec<String>> {
     Ok(pages)
 }
 
+/// `--agent-silence`: 5 (two keep-alives and a margin) to 86400 seconds.
+fn parse_agent_silence(s: &str) -> Result<u64, String> {
+    let v = kd_proto::bounds::parse_timeout_secs(s)?;
+    kd_proto::bounds::check_secs(v, 5)
+}
+
 fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
     let nodes = kd_proto::nodeset::parse(&a.nodes)
         .map_err(|e| anyhow::anyhow!("bad node set {:?}: {e}", a.nodes))?;
@@ -665,8 +683,22 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
             }
         }
     }
+    let stall = match (a.stall_floor, a.stall_timeout) {
+        (None, None) => None,
+        (floor, timeout) => {
+            let timeout = Duration::from_secs(timeout.unwrap_or(30));
+            let floor = Duration::from_secs(floor.unwrap_or(2)).min(timeout);
+            let p = kd_proto::upstream::Policy::new(floor, timeout)
+                .map_err(|e| anyhow::anyhow!("--stall-floor/--stall-timeout: {e}"))?;
+            Some(p.limits())
+        }
+    };
     let cfg = BroadcastConfig {
         racks,
+        liveness: kd_coord::broadcast::Liveness {
+            agent_silence: Duration::from_secs(a.agent_silence),
+            stall,
+        },
         job,
         listen: a.listen,
         nodes: nodes.clone(),

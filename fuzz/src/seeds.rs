@@ -136,6 +136,10 @@ pub fn frames() -> Vec<Vec<u8>> {
         children: vec![peer(2), peer(3)],
         manifest: manifest(3, 4096),
         job,
+        stall: Some(kd_proto::msg::StallLimits {
+            floor_ms: 2000,
+            timeout_ms: 30_000,
+        }),
     };
     let to_agent = vec![
         ToAgent::Welcome(Welcome { deployment: 42 }),

@@ -552,6 +552,12 @@ pub struct ClusterWorkflow {
     pub probe_interval: u64,
     /// How long the broadcast barrier waits for late nodes (s).
     pub broadcast_wait: u64,
+    /// Shortest wait of an agent on a silent upstream (s).
+    pub stall_floor: u64,
+    /// Longest wait of an agent on a silent upstream, and for the first data (s).
+    pub stall_timeout: u64,
+    /// Seconds without a packet before the coordinator counts an agent lost.
+    pub agent_silence: u64,
     /// Deploy profile, reboot, agent Hello.
     pub set_deployment_env: ClusterStep,
     /// Partition, mkfs, mount.
@@ -632,6 +638,12 @@ pub fn lab_workflow() -> ClusterWorkflow {
         probe_delay: 20,
         probe_interval: 5,
         broadcast_wait: 180,
+        // A TCG guest stalls for seconds (two shared cores, every instruction translated): it
+        // keeps a long floor for silent upstreams and 30 s (QUIC's idle timeout) before it
+        // counts as dead, where a real cluster uses 2 s and 6 s.
+        stall_floor: 10,
+        stall_timeout: 60,
+        agent_silence: 30,
         set_deployment_env: step(360, 2),
         prepare: step(240, 1),
         broadcast: step(1500, 0),
@@ -853,6 +865,9 @@ mod tests {
         // TCG: a PXE boot to the agent takes 60-90 s, the deployed Debian 60-120 s to sshd.
         assert!(w["set_deployment_env"]["timeout"].as_u64().unwrap() >= 240);
         assert!(w["boot_new_env"]["timeout"].as_u64().unwrap() >= 300);
+        // Slow guests are not declared dead or stalled as fast as real nodes.
+        assert!(w["stall_floor"].as_u64().unwrap() >= 10);
+        assert!(w["agent_silence"].as_u64().unwrap() >= 30);
     }
 
     /// kd-disk accepts the layout kd-lab writes and resolves it on the lab's 4 GiB disk.

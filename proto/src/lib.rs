@@ -8,6 +8,8 @@
 //! * [`manifest`]: the image manifest (chunk sizes, blake3 per chunk, image hash).
 //! * [`bounds`]: the limits of every timeout and retry count an operator sets.
 //! * [`piece`]: the pieces a relay verifies and forwards before it has the whole chunk.
+//! * [`upstream`]: an agent's judgement of its upstream (how long a silence may last, when to
+//!   retry the same parent, when to ask for another), time passed in as values.
 //!
 //! Architecture invariant: no tokio, no sockets, no files in this crate.
 #![warn(missing_docs)]
@@ -20,8 +22,9 @@ pub mod msg;
 pub mod nodeset;
 pub mod piece;
 pub mod tree;
+pub mod upstream;
 
 /// ALPN protocol identifier of every kd QUIC connection.
 pub const ALPN: &[u8] = b"kd/1";
 /// Version of the wire protocol carried in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;

@@ -448,6 +448,7 @@ mod tests {
             children: (1..=10_000).map(peer).collect(),
             manifest: widest(MAX_CHUNKS, MIN_CHUNK_SIZE),
             job: Job::LocalSink,
+            stall: None,
         }));
         let frame = codec::encode(&plan).unwrap();
         let mut d = codec::FrameDecoder::new(codec::MAX_CONTROL_FRAME);

@@ -258,6 +258,20 @@ pub struct Plan {
     pub manifest: Manifest,
     /// What to do with the image.
     pub job: Job,
+    /// How long to wait on a silent upstream (the cluster's `workflow.stall_floor` and
+    /// `stall_timeout`); `None`: the agent's own settings (`--stall-floor`, `--stall-timeout`).
+    pub stall: Option<StallLimits>,
+}
+
+/// The bounds of an agent's patience with a silent upstream (see [`crate::upstream`]): it
+/// waits a few recent chunk intervals, never less than `floor_ms` and never more than
+/// `timeout_ms` (also its wait for the first data of the transfer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StallLimits {
+    /// Shortest wait, milliseconds.
+    pub floor_ms: u64,
+    /// Longest wait, milliseconds.
+    pub timeout_ms: u64,
 }
 
 /// What an agent does with the image it receives.

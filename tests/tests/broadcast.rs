@@ -9,8 +9,8 @@ use kd_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-/// Runs one broadcast of `input` to 8 agents writing raw files; returns the JSON outcome and
-/// the agents' outputs.
+/// Runs one broadcast of `input` to 8 agents writing raw files; returns the JSON outcome,
+/// the agents' outputs and how long the coordinator ran (Hellos, transfer, failures found).
 fn broadcast_raw(
     input: &Path,
     arity: &str,
@@ -20,10 +20,12 @@ fn broadcast_raw(
     tempfile::TempDir,
     Vec<std::process::Output>,
     Cluster,
+    Duration,
 ) {
     let c = Cluster::new(input, 8, "256K").unwrap();
     let out = tempfile::tempdir().unwrap();
     let mut reaper = Reaper::default();
+    let t = std::time::Instant::now();
     let mut coord = c.start_coordinator(arity, &[]).unwrap();
     // The coordinator's own log (progress, re-parenting) is what explains a hang.
     let mut agents = Vec::new();
@@ -42,6 +44,7 @@ fn broadcast_raw(
         );
     }
     let co = wait_child(&mut coord, LIMIT).unwrap();
+    let ran = t.elapsed();
     let mut outs = Vec::new();
     for mut a in agents {
         outs.push(wait_child(&mut a, Duration::from_secs(60)).unwrap());
@@ -49,7 +52,7 @@ fn broadcast_raw(
     reaper.0.clear();
     let stderr = String::from_utf8_lossy(&co.stderr).to_string();
     let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
-    (v, out, outs, c)
+    (v, out, outs, c, ran)
 }
 
 fn node<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -68,7 +71,7 @@ fn every_arity_delivers_identical_copies() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 6 * 1024 * 1024 + 12345, 7);
     for arity in ["chain", "2", "3", "star"] {
-        let (v, out, outs, _c) = broadcast_raw(&input, arity, &[]);
+        let (v, out, outs, _c, _) = broadcast_raw(&input, arity, &[]);
         for (i, o) in outs.iter().enumerate() {
             assert!(
                 o.status.success(),
@@ -94,7 +97,7 @@ fn corrupt_chunk_is_refused_refetched_and_never_written() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 3 * 1024 * 1024, 11);
     // node3 is a relay in a chain: its children must never see the corrupt bytes either.
-    let (v, out, _outs, _c) = broadcast_raw(&input, "chain", &[("node3", "corrupt:4")]);
+    let (v, out, _outs, _c, _) = broadcast_raw(&input, "chain", &[("node3", "corrupt:4")]);
     let n3 = node(&v, "node3");
     assert_eq!(n3["ok"], true, "{n3}");
     assert_eq!(n3["corrupt_chunks"], 1, "{n3}");
@@ -112,6 +115,13 @@ fn corrupt_chunk_is_refused_refetched_and_never_written() {
     }
 }
 
+/// A relay that dies or freezes is found within seconds: its children's patience (the stall
+/// floor, 2 s by default, beyond a few recent chunk intervals) and the coordinator's silence
+/// limit (6 s) instead of the 30 s stall timeout and QUIC idle timeout. A broadcast with a
+/// dead or frozen relay must end, failure reported, well under that (a behaviour bound, with
+/// a wide margin: it takes about 7 s on loopback).
+const REPLACED_WITHIN: Duration = Duration::from_secs(20);
+
 #[test]
 fn killed_relay_is_reported_and_the_others_complete() {
     let _g = heavy();
@@ -119,12 +129,18 @@ fn killed_relay_is_reported_and_the_others_complete() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 4 * 1024 * 1024, 13);
     for arity in ["chain", "2"] {
-        let (v, out, _outs, _c) = broadcast_raw(&input, arity, &[("node2", "die-after:3")]);
+        let (v, out, _outs, _c, ran) = broadcast_raw(&input, arity, &[("node2", "die-after:3")]);
         let dead = node(&v, "node2");
         assert_eq!(dead["ok"], false, "{dead}");
         assert!(
             dead["reason"].as_str().unwrap().contains("connection lost"),
             "{dead}"
+        );
+        // The coordinator's whole run: the dead node's report is part of it.
+        eprintln!("arity {arity}: a killed relay, the coordinator ran {ran:.2?}");
+        assert!(
+            ran < REPLACED_WITHIN,
+            "arity {arity}: {ran:.2?} with a killed relay: {v}"
         );
         for n in v["nodes"].as_array().unwrap() {
             let name = n["node"].as_str().unwrap();
@@ -138,6 +154,120 @@ fn killed_relay_is_reported_and_the_others_complete() {
             );
         }
     }
+}
+
+#[test]
+fn frozen_relay_is_reported_and_the_others_complete_within_seconds() {
+    // node3, a relay in a chain of 8, freezes (SIGSTOP) mid-transfer: its connections stay
+    // open and nothing answers on them. Its child notices the silence after the stall floor
+    // (the plans carry 2 s .. 30 s: the ceiling is not what ends it), the coordinator hears no
+    // packet from it for 6 s and reports it; everyone else ends with an identical copy, and the
+    // tree keeps its shape.
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 24 * 1024 * 1024, 29);
+    let c = Cluster::new(&input, 8, "256K").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    // Killed (SIGKILL works on a stopped process) if the test fails before they end.
+    let mut procs = Reaper(vec![c
+        .start_coordinator(
+            "chain",
+            &[
+                "--stall-floor",
+                "2",
+                "--stall-timeout",
+                "30",
+                "--agent-silence",
+                "6",
+            ],
+        )
+        .unwrap()]);
+    let mut frozen = None;
+    for n in &c.nodes {
+        let sink = format!("raw:{}", out.path().join(format!("{n}.raw")).display());
+        let extra: &[&str] = if n == "node3" {
+            &["--fault", "stop-after:12"]
+        } else {
+            &[]
+        };
+        let a = c.start_agent(n, &format!("tok-{n}"), &sink, extra).unwrap();
+        if n == "node3" {
+            frozen = Some(Pid::from_raw(a.id() as i32));
+        }
+        procs.0.push(a);
+    }
+    /// Wakes and kills the frozen agent whatever happens below.
+    struct Thaw(Option<Pid>);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            if let Some(p) = self.0 {
+                let _ = kill(p, Signal::SIGCONT);
+                let _ = kill(p, Signal::SIGKILL);
+            }
+        }
+    }
+    let thaw = Thaw(frozen);
+    let co = wait_child(&mut procs.0[0], LIMIT).unwrap();
+    let elapsed = t.elapsed();
+    drop(thaw);
+    for a in &mut procs.0[1..] {
+        wait_child(a, Duration::from_secs(60)).unwrap();
+    }
+    let stderr = String::from_utf8_lossy(&co.stderr).to_string();
+    let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
+    eprintln!("a frozen relay in a chain of 8: the coordinator ran {elapsed:.2?}");
+    let ice = node(&v, "node3");
+    assert_eq!(ice["ok"], false, "{ice}");
+    let reason = ice["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("connection lost") && reason.contains("no packet from the agent"),
+        "{ice}"
+    );
+    for n in v["nodes"].as_array().unwrap() {
+        let name = n["node"].as_str().unwrap();
+        if name == "node3" {
+            continue;
+        }
+        assert_eq!(n["ok"], true, "{n}\ncoordinator stderr:\n{stderr}");
+        assert!(
+            same_file(&input, &out.path().join(format!("{name}.raw"))),
+            "{name} differs"
+        );
+    }
+    // The coordinator's whole run (the frozen node's failure is its last report).
+    assert!(
+        elapsed < REPLACED_WITHIN,
+        "{elapsed:.2?} with a frozen relay\ncoordinator stderr:\n{stderr}"
+    );
+    // The chain node1 -> node2 -> ... -> node8, then every move the coordinator announced:
+    // no node ends with more children than the fan-out + 1.
+    let mut parent: std::collections::HashMap<String, Option<String>> = (1..=8)
+        .map(|i| {
+            let p = (i > 1).then(|| format!("node{}", i - 1));
+            (format!("node{i}"), p)
+        })
+        .collect();
+    let mut moves = 0;
+    for line in stderr.lines() {
+        let Some(rest) = line.strip_prefix("kd-coord: ") else {
+            continue;
+        };
+        if let Some((n, p)) = rest.split_once(" now reads from ") {
+            let p = (p != "the coordinator").then(|| p.to_string());
+            parent.insert(n.to_string(), p);
+            moves += 1;
+        }
+    }
+    assert!(moves >= 1, "node4 should have moved:\n{stderr}");
+    for n in parent.keys() {
+        let kids = parent.values().filter(|p| p.as_deref() == Some(n)).count();
+        assert!(kids <= 2, "{n} has {kids} children: {parent:?}\n{stderr}");
+    }
+    assert_ne!(parent["node4"].as_deref(), Some("node3"), "{parent:?}");
 }
 
 #[test]
