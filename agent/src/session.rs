@@ -13,8 +13,8 @@ use kd_proto::manifest::{verify_chunk, Manifest};
 use kd_proto::msg::Digest;
 use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
-    DataFrame, DataRequest, DeployImage, DeployJob, ErrorCode, Hello, Job, PeerIdentity, Plan,
-    Progress, Report, StepReport, ToAgent, ToCoord, Upstream, Welcome,
+    DataFrame, DataRequest, DeployImage, DeployJob, ErrorCode, Hello, Job, PeerIdentity, PeerInfo,
+    Plan, Progress, Report, StepReport, ToAgent, ToCoord, Upstream, Welcome,
 };
 use kd_proto::piece::{check_piece_hashes, piece_count, piece_ok, piece_range};
 use kd_proto::upstream::{Judgement, Policy, Problem, Verdict, Watch};
@@ -42,6 +42,8 @@ struct Ctx {
     manifest: Arc<Manifest>,
     /// How long a silent upstream is waited for (the plan's, else the agent's own).
     stall: Policy,
+    /// Chunks repaired by another node (swarm repair) rather than the coordinator.
+    peer_repairs: std::sync::atomic::AtomicU32,
 }
 
 /// Runs the agent until the broadcast is over. Errors are what the operator must read.
@@ -199,6 +201,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         identity,
         manifest,
         stall,
+        peer_repairs: std::sync::atomic::AtomicU32::new(0),
     };
     let mut report = receive_all(&mut ctx, upstream, &store, sink, children.len()).await;
     if let Some(e) = prepare_error {
@@ -702,7 +705,12 @@ async fn receive_all(
                             Some(format!("got chunk {index}, expected {next}"))
                         }
                         DataIn::Other(DataFrame::Unavailable { index }) if index == next => {
-                            match repair(ctx, index).await {
+                            // That upstream no longer holds it: ask someone else.
+                            let gone = match &upstream {
+                                Upstream::Peer(p) => Some(p.node.as_str()),
+                                Upstream::Coordinator => None,
+                            };
+                            match repair(ctx, index, gone).await {
                                 Ok(d) => {
                                     refetched += 1;
                                     store.fill(index, d, grace(&watch)).await;
@@ -725,6 +733,10 @@ async fn receive_all(
                         }
                         DataIn::Other(DataFrame::Chunk { index, .. }) => Some(format!(
                             "bad frame from the upstream: chunk {index} mis-framed"
+                        )),
+                        DataIn::Other(DataFrame::Redirect(p)) => Some(format!(
+                            "the upstream redirected a stream to {} (only repairs are)",
+                            p.node
                         )),
                     };
                     if let Some(b) = broken {
@@ -781,6 +793,7 @@ async fn receive_all(
         progress,
         cpu_seconds: 0.0,
         refetched_chunks: refetched,
+        refetched_from_peers: ctx.peer_repairs.load(Ordering::Relaxed),
     }
 }
 
@@ -921,7 +934,7 @@ async fn receive_chunk(
     };
     tracing::warn!("refused {refused}; fetching it again from the coordinator");
     progress.corrupt_chunks += 1;
-    let data = repair(ctx, index)
+    let data = repair(ctx, index, None)
         .await
         .map_err(|e| ChunkFail::Fatal(format!("chunk {index} could not be repaired: {e:#}")))?;
     store.fill(index, data, grace).await;
@@ -1068,42 +1081,118 @@ async fn open_upstream(
 }
 
 /// Fetches one chunk from the coordinator and verifies it.
-async fn repair(ctx: &Ctx, index: u32) -> Result<bytes::Bytes> {
+/// Fetches chunk `index` again (corrupt, or gone from a new parent's window). The coordinator
+/// is asked first; it may point at a peer that holds the chunk (swarm repair: the repair does
+/// not load the coordinator's uplink), which is asked next; the coordinator serves it when no
+/// peer can.
+async fn repair(ctx: &Ctx, index: u32, avoid: Option<&str>) -> Result<bytes::Bytes> {
     let mut last = anyhow!("no attempt");
+    let mut peers_ok = true;
     for _ in 0..3 {
-        let r: Result<bytes::Bytes> = async {
-            let (mut s, mut r) = ctx.coord.open_bi().await?;
-            wire::send(
-                &mut s,
-                &DataRequest::One {
-                    deployment: ctx.deployment,
-                    index,
-                },
-            )
-            .await?;
-            let _ = s.finish();
-            let p =
-                tokio::time::timeout(Duration::from_secs(60), wire::recv_chunk(&mut r, MAX_FRAME))
-                    .await
-                    .map_err(|_| anyhow!("timed out"))??
-                    .ok_or_else(|| anyhow!("empty answer"))?;
-            match p {
-                Whole::Chunk(i, data) if i == index => {
-                    verify_chunk(&ctx.manifest, index, &data).map_err(|e| anyhow!(e))?;
-                    Ok(data)
-                }
-                Whole::Other(DataFrame::Error(e)) => Err(anyhow!("refused: {e}")),
-                Whole::Chunk(i, _) => Err(anyhow!("got chunk {i} instead")),
-                Whole::Other(f) => Err(anyhow!("unexpected answer {f:?}")),
+        let ask = if peers_ok {
+            DataRequest::Repair {
+                deployment: ctx.deployment,
+                index,
+                avoid: avoid.map(str::to_string),
             }
-        }
-        .await;
-        match r {
-            Ok(d) => return Ok(d),
+        } else {
+            DataRequest::One {
+                deployment: ctx.deployment,
+                index,
+            }
+        };
+        match fetch_one(ctx, &ctx.coord, &ask, index).await {
+            Ok(Fetched::Chunk(d)) => return Ok(d),
+            Ok(Fetched::Redirect(peer)) => {
+                peers_ok = false;
+                match fetch_from_peer(ctx, &peer, index).await {
+                    Ok(d) => {
+                        ctx.peer_repairs.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(peer = %peer.node, "chunk {index} repaired by a peer");
+                        return Ok(d);
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %peer.node, "chunk {index} from a peer failed ({e:#}); asking the coordinator");
+                        last = e;
+                    }
+                }
+            }
             Err(e) => last = e,
         }
     }
     Err(last)
+}
+
+/// What a repair request brought.
+enum Fetched {
+    Chunk(bytes::Bytes),
+    Redirect(PeerInfo),
+}
+
+/// One repair request on a new stream of `conn`, bounded.
+async fn fetch_one(
+    ctx: &Ctx,
+    conn: &quinn::Connection,
+    ask: &DataRequest,
+    index: u32,
+) -> Result<Fetched> {
+    let (mut s, mut r) = conn.open_bi().await?;
+    wire::send(&mut s, ask).await?;
+    let _ = s.finish();
+    let p = tokio::time::timeout(Duration::from_secs(60), wire::recv_chunk(&mut r, MAX_FRAME))
+        .await
+        .map_err(|_| anyhow!("timed out"))??
+        .ok_or_else(|| anyhow!("empty answer"))?;
+    match p {
+        Whole::Chunk(i, data) if i == index => {
+            verify_chunk(&ctx.manifest, index, &data).map_err(|e| anyhow!(e))?;
+            Ok(Fetched::Chunk(data))
+        }
+        Whole::Other(DataFrame::Redirect(peer)) if matches!(ask, DataRequest::Repair { .. }) => {
+            Ok(Fetched::Redirect(peer))
+        }
+        Whole::Other(DataFrame::Unavailable { .. }) => Err(anyhow!("no longer held")),
+        Whole::Other(DataFrame::Error(e)) => Err(anyhow!("refused: {e}")),
+        Whole::Chunk(i, _) => Err(anyhow!("got chunk {i} instead")),
+        Whole::Other(f) => Err(anyhow!("unexpected answer {f:?}")),
+    }
+}
+
+/// Chunk `index` from `peer`, which the coordinator told to accept us: a connection of its
+/// own (retried briefly: the peer may learn about us a moment after we learn about it), one
+/// request, closed after.
+async fn fetch_from_peer(ctx: &Ctx, peer: &PeerInfo, index: u32) -> Result<bytes::Bytes> {
+    let client = kd_net::tls::child_to_parent(
+        peer.cert_sha256,
+        ctx.identity.cert_der.clone(),
+        ctx.identity.key_der.clone(),
+    )?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let conn = loop {
+        let attempt = ctx
+            .endpoint
+            .connect_with(client.clone(), peer.addr, "kd-peer")?;
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(c)) => break c,
+            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
+                bail!("cannot connect to {} at {}: {e}", peer.node, peer.addr)
+            }
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                bail!("{} at {} does not answer", peer.node, peer.addr)
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let ask = DataRequest::One {
+        deployment: ctx.deployment,
+        index,
+    };
+    let got = fetch_one(ctx, &conn, &ask, index).await;
+    conn.close(kd_net::close::DONE.into(), b"repaired");
+    match got? {
+        Fetched::Chunk(d) => Ok(d),
+        Fetched::Redirect(_) => bail!("a peer answered with a redirect"),
+    }
 }
 
 /// Accepts children's connections and streams chunks to them.
@@ -1161,9 +1250,10 @@ async fn serve_stream(
     let count = manifest.chunk_count();
     let (d, from, to, paced) = match req {
         DataRequest::Stream { deployment, from } => (deployment, from, count, true),
-        DataRequest::One { deployment, index } => {
-            (deployment, index, index.saturating_add(1).min(count), false)
-        }
+        DataRequest::One { deployment, index }
+        | DataRequest::Repair {
+            deployment, index, ..
+        } => (deployment, index, index.saturating_add(1).min(count), false),
     };
     if d != deployment {
         wire::send(

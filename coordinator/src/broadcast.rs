@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,6 +159,8 @@ pub struct NodeOutcome {
     pub corrupt_chunks: u32,
     /// Chunks fetched again.
     pub refetched_chunks: u32,
+    /// Of those, the chunks another node served (swarm repair).
+    pub refetched_from_peers: u32,
 }
 
 /// The result of a broadcast.
@@ -171,6 +174,10 @@ pub struct Outcome {
     pub compressed_bytes: u64,
     /// The image hash.
     pub image_hash: String,
+    /// Repairs (single chunks) the coordinator served itself.
+    pub repairs_served: u64,
+    /// Repairs the coordinator sent to a peer that held the chunk (swarm repair).
+    pub repairs_redirected: u64,
 }
 
 impl Outcome {
@@ -199,6 +206,15 @@ pub(crate) enum Inbound {
         conn_id: usize,
         reason: String,
     },
+    /// `node` asks the coordinator for chunk `index` again: answer with a peer that holds it
+    /// (which is told to accept `node`), or `None` for the coordinator to serve it.
+    Repair {
+        node: String,
+        index: u32,
+        /// A node that does not hold it (the asker's upstream said so).
+        avoid: Option<String>,
+        reply: oneshot::Sender<Option<PeerInfo>>,
+    },
 }
 
 /// Shared, read-only state of the data service.
@@ -211,6 +227,9 @@ pub(crate) struct Source {
     pub(crate) pacer: kd_net::pace::Pacer,
     /// How that deployment judges silence.
     pub(crate) liveness: Liveness,
+    /// Repairs served here, and sent to a peer instead.
+    pub(crate) repairs_served: std::sync::atomic::AtomicU64,
+    pub(crate) repairs_redirected: std::sync::atomic::AtomicU64,
 }
 
 impl Source {
@@ -221,6 +240,8 @@ impl Source {
             deployment,
             pacer: Default::default(),
             liveness,
+            repairs_served: Default::default(),
+            repairs_redirected: Default::default(),
         }
     }
 }
@@ -650,9 +671,19 @@ pub(crate) async fn handle_connection(
     {
         let conn = conn.clone();
         let source = source.clone();
+        let asker = Asker {
+            node: node.clone(),
+            driver: in_tx.clone(),
+        };
         tokio::spawn(async move {
             while let Ok((s, r)) = conn.accept_bi().await {
-                tokio::spawn(serve_data(s, r, source.clone(), conn.clone()));
+                tokio::spawn(serve_data(
+                    s,
+                    r,
+                    source.clone(),
+                    conn.clone(),
+                    asker.clone(),
+                ));
             }
         });
     }
@@ -754,11 +785,38 @@ async fn refuse(
     conn.close(kd_net::close::REFUSED.into(), e.message.as_bytes());
 }
 
+/// Who asks for data, and the driver that knows who else holds it.
+#[derive(Clone)]
+struct Asker {
+    node: String,
+    driver: mpsc::Sender<Inbound>,
+}
+
+impl Asker {
+    /// A peer that holds chunk `index` and now accepts this node, if the driver knows one.
+    async fn holder(&self, index: u32, avoid: Option<String>) -> Option<PeerInfo> {
+        let (reply, answer) = oneshot::channel();
+        let ask = Inbound::Repair {
+            node: self.node.clone(),
+            index,
+            avoid,
+            reply,
+        };
+        // Bounded: a busy driver means the coordinator serves the repair itself.
+        let asked = tokio::time::timeout(Duration::from_secs(2), async {
+            self.driver.send(ask).await.ok()?;
+            answer.await.ok().flatten()
+        });
+        asked.await.ok().flatten()
+    }
+}
+
 async fn serve_data(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     source: Arc<Source>,
     conn: quinn::Connection,
+    asker: Asker,
 ) {
     let req = match wire::recv::<DataRequest>(&mut recv, Duration::from_secs(10), "a data request")
         .await
@@ -776,9 +834,10 @@ async fn serve_data(
     let count = source.chunks.image().manifest.chunk_count();
     let (deployment, range, paced) = match req {
         DataRequest::Stream { deployment, from } => (deployment, from..count, true),
-        DataRequest::One { deployment, index } => {
-            (deployment, index..index.saturating_add(1).min(count), false)
-        }
+        DataRequest::One { deployment, index }
+        | DataRequest::Repair {
+            deployment, index, ..
+        } => (deployment, index..index.saturating_add(1).min(count), false),
     };
     if deployment != source.deployment {
         let e = WireError::new(
@@ -787,6 +846,17 @@ async fn serve_data(
         );
         let _ = send_frame(&mut send, &DataFrame::Error(e)).await;
         return;
+    }
+    if let DataRequest::Repair { index, avoid, .. } = req {
+        // Swarm repair: a peer that holds the chunk serves it, not the coordinator's uplink.
+        if let Some(peer) = asker.holder(index, avoid).await {
+            source.repairs_redirected.fetch_add(1, Ordering::Relaxed);
+            let _ = send_frame(&mut send, &DataFrame::Redirect(peer)).await;
+            return;
+        }
+    }
+    if !paced {
+        source.repairs_served.fetch_add(1, Ordering::Relaxed);
     }
     let pace = paced.then(|| source.pacer.register(range.start));
     serve_range(&mut send, &source, range, pace, &conn).await;

@@ -464,6 +464,7 @@ fn outcome(nodes: &[String], d: &Driven, source: &Source) -> broadcast::Outcome 
             cpu_seconds: kept.as_ref().map(|r| r.cpu_seconds),
             corrupt_chunks: d.progress.get(name).map(|p| p.corrupt_chunks).unwrap_or(0),
             refetched_chunks: kept.as_ref().map(|r| r.refetched_chunks).unwrap_or(0),
+            refetched_from_peers: kept.as_ref().map(|r| r.refetched_from_peers).unwrap_or(0),
             report: kept,
         });
     }
@@ -473,6 +474,12 @@ fn outcome(nodes: &[String], d: &Driven, source: &Source) -> broadcast::Outcome 
         transfer_seconds: last.unwrap_or(0.0),
         compressed_bytes: manifest.compressed_size(),
         image_hash: kd_proto::manifest::hex(&manifest.image_hash()),
+        repairs_served: source
+            .repairs_served
+            .load(std::sync::atomic::Ordering::Relaxed),
+        repairs_redirected: source
+            .repairs_redirected
+            .load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -1026,6 +1033,44 @@ impl Driver {
         events
     }
 
+    /// A peer to serve chunk `index` to `node` (swarm repair), told to accept it; `None`: the
+    /// coordinator serves it. The choice is [`crate::workflow::repair_holder`]'s, over the
+    /// nodes of this round still receiving (they read their control stream) by their last
+    /// progress.
+    fn repair_holder(&mut self, node: &str, index: u32, avoid: Option<&str>) -> Option<PeerInfo> {
+        let r = self.round.as_ref()?;
+        let asker = r.info.get(node)?.clone();
+        let total = self.source.as_ref()?.chunks.image().manifest.chunk_count();
+        let parents = self.wf.round_parents();
+        // The asker's parent relayed everything before `index` and usually `index` itself
+        // (a corrupt copy): it holds at least index + 1 chunks, whatever its last report says.
+        let parent = parents
+            .iter()
+            .find(|(n, _)| *n == node)
+            .and_then(|(_, p)| *p);
+        let candidates: Vec<(&str, u32)> = parents
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| *n != node && Some(*n) != avoid && self.agents.contains_key(*n))
+            .map(|n| {
+                let reported = self.progress.get(n).map_or(0, |p| p.chunks);
+                let known = if Some(n) == parent { index + 1 } else { 0 };
+                (n, reported.max(known))
+            })
+            // A node still receiving reads its control stream at once (a finished one may be
+            // busy finishing its disk, and would take the Adopt too late).
+            .filter(|(n, have)| *have < total || Some(*n) == parent)
+            .collect();
+        let holder =
+            crate::workflow::repair_holder(index, candidates, crate::workflow::REPAIR_WINDOW)?
+                .to_string();
+        let info = r.info.get(&holder)?.clone();
+        let a = self.agents.get(&holder)?;
+        a.tx.try_send(ToAgent::Adopt(asker)).ok()?;
+        self.note(format!("{node}: chunk {index} repaired by {holder}"));
+        Some(info)
+    }
+
     /// Tells `node` to read from `parent` (the coordinator if `None` or unknown) and `parent`
     /// to accept it.
     fn reparent(&mut self, round: u32, node: &str, parent: Option<&str>) {
@@ -1080,6 +1125,15 @@ impl Driver {
                 self.agent_message(node, msg).await
             }
 
+            Inbound::Repair {
+                node,
+                index,
+                avoid,
+                reply,
+            } => {
+                let _ = reply.send(self.repair_holder(&node, index, avoid.as_deref()));
+                Vec::new()
+            }
             Inbound::Lost {
                 node,
                 conn_id,

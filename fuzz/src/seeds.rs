@@ -118,6 +118,7 @@ pub fn frames() -> Vec<Vec<u8>> {
             progress,
             cpu_seconds: 1.5,
             refetched_chunks: 2,
+            refetched_from_peers: 1,
         }),
         ToCoord::StepEnd(StepEnd {
             step: AgentStep::Finish,
@@ -165,6 +166,11 @@ pub fn frames() -> Vec<Vec<u8>> {
             deployment: 42,
             index: 9,
         },
+        DataRequest::Repair {
+            deployment: 42,
+            index: 3,
+            avoid: Some("node1".into()),
+        },
     ];
     let data = vec![
         DataFrame::Chunk {
@@ -177,6 +183,11 @@ pub fn frames() -> Vec<Vec<u8>> {
             index: 2,
             hashes: vec![[1; 32], [2; 32]],
         },
+        DataFrame::Redirect(PeerInfo {
+            node: "node2".into(),
+            addr: "10.0.0.2:7001".parse().expect("an address"),
+            cert_sha256: [3; 32],
+        }),
     ];
     let mut out = Vec::new();
     let mut push = |r: Result<Vec<u8>, codec::CodecError>| {

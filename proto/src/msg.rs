@@ -173,6 +173,8 @@ pub struct Report {
     pub cpu_seconds: f64,
     /// Chunks fetched again (corrupt, or missing after a change of parent).
     pub refetched_chunks: u32,
+    /// Of those, the chunks another node served (swarm repair), not the coordinator.
+    pub refetched_from_peers: u32,
 }
 
 /// Coordinator → agent, on the control stream.
@@ -222,7 +224,7 @@ pub enum Upstream {
 }
 
 /// How to reach and authenticate another agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
     /// Node name.
     pub node: String,
@@ -344,7 +346,7 @@ pub struct PostInstallSpec {
 }
 
 /// Child → upstream, first message of a data stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataRequest {
     /// Send every chunk from `from` to the end, in order, as they become available.
     Stream {
@@ -359,6 +361,16 @@ pub enum DataRequest {
         deployment: u64,
         /// The chunk.
         index: u32,
+    },
+    /// A repair asked of the coordinator, which may answer [`DataFrame::Redirect`] to a peer
+    /// that holds the chunk (swarm repair) instead of the chunk; a peer treats it as `One`.
+    Repair {
+        /// Deployment the child belongs to.
+        deployment: u64,
+        /// The chunk.
+        index: u32,
+        /// A node known not to hold it any more (the upstream that answered `Unavailable`).
+        avoid: Option<String>,
     },
 }
 
@@ -389,6 +401,9 @@ pub enum DataFrame {
         /// One hash per piece.
         hashes: Vec<Digest>,
     },
+    /// The answer to [`DataRequest::Repair`]: this peer holds the chunk and accepts the asker
+    /// now; ask it with [`DataRequest::One`] (and the coordinator again if that fails).
+    Redirect(PeerInfo),
 }
 
 /// A refusal, with a code a program can act on and a message a person can read.

@@ -102,6 +102,11 @@ fn corrupt_chunk_is_refused_refetched_and_never_written() {
     assert_eq!(n3["ok"], true, "{n3}");
     assert_eq!(n3["corrupt_chunks"], 1, "{n3}");
     assert_eq!(n3["refetched_chunks"], 1, "{n3}");
+    // Swarm repair: a peer that held chunk 4 (node2, which had just relayed it) served the
+    // refetch; the coordinator pointed node3 there and served none of it.
+    assert_eq!(n3["refetched_from_peers"], 1, "{n3}");
+    assert_eq!(v["repairs_redirected"], 1, "{v}");
+    assert_eq!(v["repairs_served"], 0, "{v}");
     for n in v["nodes"].as_array().unwrap() {
         assert_eq!(n["ok"], true, "{n}");
         let name = n["node"].as_str().unwrap();

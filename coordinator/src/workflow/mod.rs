@@ -428,6 +428,27 @@ pub struct Summary {
     pub elapsed: Duration,
 }
 
+/// How far ahead of a chunk a node may be and still be asked for it in a repair: agents keep
+/// a window of the last chunks they relayed (16 by default); half of it leaves room for
+/// progress reports up to a second old.
+pub const REPAIR_WINDOW: u32 = 8;
+
+/// Swarm repair: the node to fetch chunk `index` from instead of the coordinator, among
+/// `holders` (name, chunks received so far: they arrive in order): one that has it and is at
+/// most `window` chunks past it (it likely still holds it), the closest first (then by name).
+/// `None`: nobody likely holds it; the coordinator serves it.
+pub fn repair_holder<'a>(
+    index: u32,
+    holders: impl IntoIterator<Item = (&'a str, u32)>,
+    window: u32,
+) -> Option<&'a str> {
+    holders
+        .into_iter()
+        .filter(|&(_, have)| have > index && have - index <= window)
+        .min_by_key(|&(name, have)| (have, name))
+        .map(|(name, _)| name)
+}
+
 /// What the machine needs from the cluster configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {

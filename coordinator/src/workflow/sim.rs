@@ -1991,3 +1991,19 @@ fn huge_unvalidated_timeouts_do_not_overflow_the_clock() {
         "{a:?}"
     );
 }
+
+#[test]
+fn a_repair_goes_to_the_closest_node_that_still_holds_the_chunk() {
+    use super::repair_holder;
+    let nodes = [("n1", 30u32), ("n2", 12), ("n3", 9), ("n4", 5), ("n5", 13)];
+    // Chunk 7: n4 lacks it; n3 (9) is the closest holder; n1 is too far ahead.
+    assert_eq!(repair_holder(7, nodes, 8), Some("n3"));
+    // Chunk 9: n3 has 9 chunks (0..=8), not chunk 9; n2 and n5 are within 8.
+    assert_eq!(repair_holder(9, nodes, 8), Some("n2"));
+    // Chunk 20: only n1 has it, 10 chunks ahead: likely gone from its window.
+    assert_eq!(repair_holder(20, nodes, 8), None);
+    assert_eq!(repair_holder(20, nodes, 10), Some("n1"));
+    // Ties go by name; nobody at all: the coordinator.
+    assert_eq!(repair_holder(3, [("b", 6), ("a", 6)], 8), Some("a"));
+    assert_eq!(repair_holder(0, [], 8), None);
+}
