@@ -110,6 +110,76 @@ pub(crate) struct ArityArgs {
     /// Rate of each rack's uplink, both directions (default: --rate).
     #[arg(long)]
     uplink_rate: Option<String>,
+    /// Power a node off during every run: NODE@FRACTION (NODE in 1..=N, FRACTION in (0,1)),
+    /// repeatable. At FRACTION × S/B seconds after the coordinator's plan, node NODE's link goes
+    /// down (`ip link set eth0 down` in its namespace) and its agent gets SIGKILL. The run then
+    /// counts as verified when every other node verified; the survivors' time is reported.
+    #[arg(long, value_parser = parse_kill)]
+    kill: Vec<Kill>,
+}
+
+/// A node to power off during a run (`--kill NODE@FRACTION`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub(crate) struct Kill {
+    /// Node index, 1-based (`node<i>`).
+    pub(crate) node: usize,
+    /// When, as a fraction of S/B after the plan.
+    pub(crate) fraction: f64,
+}
+
+/// Parses `NODE@FRACTION` (`5@0.3`): NODE at least 1, FRACTION strictly between 0 and 1.
+pub(crate) fn parse_kill(s: &str) -> Result<Kill, String> {
+    let (node, frac) = s
+        .trim()
+        .split_once('@')
+        .ok_or_else(|| format!("bad --kill {s:?}: expected NODE@FRACTION, like 5@0.3"))?;
+    let node: usize = node
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad node in --kill {s:?}: expected an index 1..N"))?;
+    let fraction: f64 = frac
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad fraction in --kill {s:?}: expected a number in (0,1)"))?;
+    if node == 0 {
+        return Err(format!(
+            "bad node in --kill {s:?}: nodes are numbered from 1"
+        ));
+    }
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return Err(format!(
+            "bad fraction in --kill {s:?}: must be strictly between 0 and 1"
+        ));
+    }
+    Ok(Kill { node, fraction })
+}
+
+/// Checks `--kill`s against N: every node in 1..=N, no node twice, at least one survivor.
+pub(crate) fn check_kills(kills: &[Kill], nodes: usize) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for k in kills {
+        if k.node == 0 || k.node > nodes {
+            bail!(
+                "--kill {}@{}: node must be in 1..={nodes}",
+                k.node,
+                k.fraction
+            );
+        }
+        if !(k.fraction > 0.0 && k.fraction < 1.0) {
+            bail!(
+                "--kill {}@{}: fraction must be in (0,1)",
+                k.node,
+                k.fraction
+            );
+        }
+        if !seen.insert(k.node) {
+            bail!("--kill: node {} given twice", k.node);
+        }
+    }
+    if seen.len() >= nodes {
+        bail!("--kill: every node would be killed; leave at least one");
+    }
+    Ok(())
 }
 
 /// The rack of node `i` (1-based) among `racks`.
@@ -768,6 +838,28 @@ pub(crate) struct Row {
     pub(crate) verified: bool,
     /// What went wrong, per node.
     pub(crate) failures: Vec<String>,
+    /// Largest `seconds` (plan to report) over the nodes not killed that verified; without
+    /// `--kill`, the same as `seconds` up to the coordinator's rounding.
+    pub(crate) survivor_seconds: f64,
+    /// survivor_seconds / (S/B).
+    pub(crate) survivor_ratio: f64,
+    /// The nodes powered off (`--kill`), with what the coordinator said of them.
+    pub(crate) killed: Vec<Killed>,
+}
+
+/// A node powered off during a run and the coordinator's verdict on it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Killed {
+    /// `node<i>`.
+    pub(crate) node: String,
+    /// The requested moment, as a fraction of S/B after the plan.
+    pub(crate) fraction: f64,
+    /// When it was powered off, seconds after the plan was seen (None: the run ended first).
+    pub(crate) at_seconds: Option<f64>,
+    /// The coordinator counted it verified (it finished before the kill).
+    pub(crate) ok: bool,
+    /// The coordinator's reason.
+    pub(crate) reason: Option<String>,
 }
 
 /// Everything measured, for `--json`.
@@ -796,8 +888,11 @@ struct NodeOut {
     ok: bool,
     #[serde(default)]
     reason: Option<String>,
+    /// `null` for a node that never reported.
     #[serde(default)]
-    cpu_seconds: f64,
+    cpu_seconds: Option<f64>,
+    #[serde(default)]
+    seconds: Option<f64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -829,9 +924,9 @@ fn sample_ticks(pids: &[u32], ticks: &mut [(u64, u64)]) {
     }
 }
 
-/// `12.3 s, ratio 1.234, WHAT true` and the failures, for the progress lines.
+/// `12.3 s, ratio 1.234, WHAT true`, the failures and the killed nodes, for the progress lines.
 fn row_summary(row: &Row, what: &str) -> String {
-    format!(
+    let mut s = format!(
         "{:.1} s, ratio {:.3}, {what} {}{}",
         row.seconds,
         row.ratio,
@@ -841,7 +936,36 @@ fn row_summary(row: &Row, what: &str) -> String {
         } else {
             format!(": {}", row.failures.join("; "))
         }
-    )
+    );
+    if !row.killed.is_empty() {
+        s.push_str(&format!(
+            "; survivors {:.1} s (ratio {:.3}); killed: {}",
+            row.survivor_seconds,
+            row.survivor_ratio,
+            killed_summary(&row.killed)
+        ));
+    }
+    s
+}
+
+/// `node5 at 6.45 s: REASON, ...`.
+pub(crate) fn killed_summary(killed: &[Killed]) -> String {
+    killed
+        .iter()
+        .map(|k| {
+            let at = k.at_seconds.map_or_else(
+                || "not killed (run over)".to_string(),
+                |t| format!("at {t:.2} s"),
+            );
+            let verdict = if k.ok {
+                "verified before it died".to_string()
+            } else {
+                k.reason.clone().unwrap_or_else(|| "no reason given".into())
+            };
+            format!("{} {at}: {verdict}", k.node)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `ip netns exec <namespace of host i> nice -n NICE`, to which the program and its arguments
@@ -948,10 +1072,40 @@ fn run_one(
     let pids: Vec<u32> = lab.procs.iter().map(|c| c.id()).collect();
     let mut ticks = vec![(0u64, 0u64); pids.len()];
     let mut last_sample = Instant::now() - Duration::from_secs(1);
+    // The plan's moment (seen in coord.log) and, per node index, when it was powered off.
+    let mut planned: Option<Instant> = None;
+    let mut kill_at: Vec<Option<f64>> = vec![None; n + 1];
     let coord_status = loop {
         if last_sample.elapsed() >= Duration::from_millis(250) {
             last_sample = Instant::now();
             sample_ticks(&pids, &mut ticks);
+        }
+        if !a.kill.is_empty() {
+            match planned {
+                None => {
+                    if std::fs::read_to_string(logs.join("coord.log"))
+                        .is_ok_and(|t| t.contains("planned a tree"))
+                    {
+                        planned = Some(Instant::now());
+                    }
+                }
+                Some(p) => {
+                    for k in &a.kill {
+                        if kill_at[k.node].is_none()
+                            && p.elapsed().as_secs_f64() >= k.fraction * s_over_b
+                        {
+                            power_off(lab, k.node)?;
+                            let at = p.elapsed().as_secs_f64();
+                            kill_at[k.node] = Some(at);
+                            eprintln!(
+                                "kd-bench: arity {arity}: powered node{} off {at:.2} s after the plan ({:.3} S/B)",
+                                k.node,
+                                at / s_over_b
+                            );
+                        }
+                    }
+                }
+            }
         }
         if let Some(s) = lab.procs[0].try_wait()? {
             break s;
@@ -974,6 +1128,10 @@ fn run_one(
     let mut failures = Vec::new();
     let agent_deadline = Instant::now() + Duration::from_secs(20);
     for i in 1..lab.procs.len() {
+        if kill_at.get(i).is_some_and(Option::is_some) {
+            // Powered off by us: its exit by SIGKILL is the point.
+            continue;
+        }
         let status = loop {
             if let Some(s) = lab.procs[i].try_wait()? {
                 break Some(s);
@@ -995,6 +1153,10 @@ fn run_one(
         }
     }
     lab.kill_procs();
+    // Power the killed nodes back on for the next run (the qdiscs stay on the device).
+    for k in &a.kill {
+        cmd("ip", &["-n", &lab.ns(k.node), "link", "set", "eth0", "up"])?;
+    }
     if let Some(keep) = &a.keep_logs {
         let dst = keep.join(format!("run{run}"));
         std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
@@ -1019,17 +1181,34 @@ fn run_one(
     let gib = out.compressed_bytes as f64 / GIB;
     let mut per_gib = Vec::new();
     let mut agent_cpu = 0.0;
+    let mut survivor_seconds = 0.0f64;
+    let mut killed = Vec::new();
     for nd in &out.nodes {
-        if !nd.ok {
+        if let Some(k) = a.kill.iter().find(|k| format!("node{}", k.node) == nd.node) {
+            killed.push(Killed {
+                node: nd.node.clone(),
+                fraction: k.fraction,
+                at_seconds: kill_at[k.node],
+                ok: nd.ok,
+                reason: nd.reason.clone(),
+            });
+            continue;
+        }
+        if nd.ok {
+            survivor_seconds = survivor_seconds.max(nd.seconds.unwrap_or(f64::NAN));
+        } else {
             failures.push(format!(
                 "{}: {}",
                 nd.node,
                 nd.reason.clone().unwrap_or_default()
             ));
         }
-        agent_cpu += nd.cpu_seconds;
+        let Some(cpu) = nd.cpu_seconds else {
+            continue;
+        };
+        agent_cpu += cpu;
         if gib > 0.0 {
-            per_gib.push(nd.cpu_seconds / gib);
+            per_gib.push(cpu / gib);
         }
     }
     if out.nodes.len() != n {
@@ -1069,9 +1248,28 @@ fn run_one(
         machine_softirq: soft,
         tbf_drops: tc1.0.saturating_sub(tc0.0),
         tbf_packets: tc1.1.saturating_sub(tc0.1),
-        verified: failures.is_empty() && coord_status.success(),
+        // With kills the coordinator exits 1 (not every node verified): the survivors decide.
+        verified: failures.is_empty()
+            && (coord_status.success() || (!a.kill.is_empty() && coord_status.code() == Some(1))),
         failures,
+        survivor_seconds,
+        survivor_ratio: survivor_seconds / s_over_b,
+        killed,
     })
+}
+
+/// "Powers off" agent `i`: its link down first (nothing it sends leaves any more, not even the
+/// kernel's ICMP for its closed sockets), then SIGKILL to its process (`ip netns exec` and
+/// `nice` exec, so the child's PID is the agent's).
+fn power_off(lab: &mut Lab, i: usize) -> Result<()> {
+    cmd("ip", &["-n", &lab.ns(i), "link", "set", "eth0", "down"])?;
+    let c = lab
+        .procs
+        .get_mut(i)
+        .ok_or_else(|| anyhow!("no process for node{i}"))?;
+    c.kill()
+        .with_context(|| format!("SIGKILL node{i}'s agent"))?;
+    Ok(())
 }
 
 /// The reference: the image file through a plain TCP chain (namespace 0 sends, 1..N relay).
@@ -1206,6 +1404,9 @@ fn run_tcp_chain(
         tbf_packets: tc1.1.saturating_sub(tc0.1),
         verified: failures.is_empty(),
         failures,
+        survivor_seconds: seconds,
+        survivor_ratio: seconds / s_over_b,
+        killed: Vec::new(),
     })
 }
 
@@ -1251,6 +1452,32 @@ pub(crate) fn table(rows: &[Row], s_over_b: f64) -> String {
     s
 }
 
+/// The second table of a run with `--kill`: the survivors' time, and the killed nodes.
+pub(crate) fn kill_table(rows: &[Row], s_over_b: f64) -> String {
+    let w = rows.iter().map(|r| r.arity.len()).max().unwrap_or(0).max(6);
+    let mut s = format!(
+        "{:>w$} {:>8} {:>6} {:>10} {:>7} {:>7}  killed (seconds after the plan): the coordinator's reason\n",
+        "arity", "seconds", "ratio", "survivors", "ratio", "/ideal"
+    );
+    s.push_str(&format!(
+        "{:>w$} {:>8} {:>6} {:>10} {:>7} {:>7}\n",
+        "", "all", "", "max s", "", ""
+    ));
+    for r in rows.iter().filter(|r| !r.killed.is_empty()) {
+        s.push_str(&format!(
+            "{:>w$} {:>8.1} {:>6.3} {:>10.1} {:>7.3} {:>7.3}  {}\n",
+            r.arity,
+            r.seconds,
+            r.seconds / s_over_b,
+            r.survivor_seconds,
+            r.survivor_seconds / s_over_b,
+            r.survivor_seconds / s_over_b / r.ideal_ratio,
+            killed_summary(&r.killed)
+        ));
+    }
+    s
+}
+
 fn find_bins(a: &ArityArgs) -> Result<(PathBuf, PathBuf)> {
     let dir = match &a.bin_dir {
         Some(d) => d.clone(),
@@ -1282,6 +1509,7 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     if a.size_mib == 0 || a.size_mib > 64 * 1024 {
         bail!("--size-mib must be between 1 and 65536");
     }
+    check_kills(&a.kill, a.nodes)?;
     if !nix::unistd::geteuid().is_root() {
         bail!("kd-bench arity creates network namespaces: run it as root");
     }
@@ -1444,6 +1672,9 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     }
     if a.tcp_chain {
         check_stop()?;
+        if !a.kill.is_empty() {
+            eprintln!("kd-bench: tcp-chain: --kill does not apply (every hop runs)");
+        }
         let s_over_b = compressed as f64 * 8.0 / rate_bps as f64;
         let row = run_tcp_chain(&mut lab, &env, &a, variants.len(), s_over_b, rate_bps)?;
         eprintln!(
@@ -1461,8 +1692,13 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     let s_over_b = s_final as f64 * 8.0 / rate_bps as f64;
     for r in &mut rows {
         r.ratio = r.seconds / s_over_b;
+        r.survivor_ratio = r.survivor_seconds / s_over_b;
     }
-    let text = table(&rows, s_over_b);
+    let mut text = table(&rows, s_over_b);
+    if !a.kill.is_empty() {
+        text.push('\n');
+        text.push_str(&kill_table(&rows, s_over_b));
+    }
     let res = Results {
         nodes: a.nodes,
         rate: rate_label(rate_bps),
@@ -1660,6 +1896,78 @@ mod tests {
     }
 
     #[test]
+    fn kill_specs_parse() {
+        assert_eq!(
+            parse_kill("5@0.3").unwrap(),
+            Kill {
+                node: 5,
+                fraction: 0.3
+            }
+        );
+        assert_eq!(parse_kill(" 11 @ .5 ").unwrap().node, 11);
+        for bad in [
+            "5", "@0.3", "x@0.3", "5@", "5@x", "0@0.3", "-1@0.3", "5@0", "5@1", "5@1.5", "5@-0.1",
+            "5@NaN", "5@inf",
+        ] {
+            assert!(parse_kill(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn kill_bounds_and_duplicates() {
+        let k = |node, fraction| Kill { node, fraction };
+        assert!(check_kills(&[], 16).is_ok());
+        assert!(check_kills(&[k(5, 0.3), k(11, 0.3)], 16).is_ok());
+        assert!(check_kills(&[k(16, 0.9)], 16).is_ok());
+        assert!(check_kills(&[k(17, 0.3)], 16).is_err());
+        assert!(check_kills(&[k(0, 0.3)], 16).is_err());
+        assert!(check_kills(&[k(5, 0.3), k(5, 0.6)], 16).is_err());
+        assert!(check_kills(&[k(5, 1.0)], 16).is_err());
+        // Someone must survive.
+        assert!(check_kills(&[k(1, 0.3), k(2, 0.3)], 2).is_err());
+        assert!(check_kills(&[k(1, 0.3)], 2).is_ok());
+    }
+
+    #[test]
+    fn kill_table_shows_survivors_and_reasons() {
+        let r = Row {
+            nodes: 16,
+            rate_bps: 100_000_000,
+            arity: "chain".into(),
+            fan_out: 1,
+            seconds: 30.0,
+            wall_seconds: 32.0,
+            ratio: 1.4,
+            ideal_ratio: 1.0,
+            cpu_s_per_gib_mean: 2.0,
+            cpu_s_per_gib_max: 3.0,
+            agent_cores: 0.5,
+            coord_cpu_seconds: 1.0,
+            agent_user_s_per_gib: 1.0,
+            agent_sys_s_per_gib: 1.0,
+            machine_busy: 0.6,
+            machine_softirq: 0.1,
+            tbf_drops: 3,
+            tbf_packets: 1000,
+            verified: true,
+            failures: vec![],
+            survivor_seconds: 24.0,
+            survivor_ratio: 1.2,
+            killed: vec![Killed {
+                node: "node5".into(),
+                fraction: 0.3,
+                at_seconds: Some(6.45),
+                ok: false,
+                reason: Some("silent for 6 s".into()),
+            }],
+        };
+        let t = kill_table(&[r], 20.0);
+        assert_eq!(t.lines().count(), 3);
+        assert!(t.contains("1.200"), "{t}");
+        assert!(t.contains("node5 at 6.45 s: silent for 6 s"), "{t}");
+    }
+
+    #[test]
     fn mean_and_max() {
         assert_eq!(mean_max(&[1.0, 3.0]), (2.0, 3.0));
         assert!(mean_max(&[]).0.is_nan());
@@ -1702,6 +2010,9 @@ mod tests {
             tbf_packets: 1000,
             verified: true,
             failures: vec![],
+            survivor_seconds: 23.0,
+            survivor_ratio: 1.07,
+            killed: vec![],
         };
         let t = table(&[r.clone(), r], 21.5);
         assert_eq!(t.lines().count(), 4);
