@@ -77,13 +77,23 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         }
     });
     let (ctl_tx, mut ctl) = mpsc::channel::<ToAgent>(256);
-    tokio::spawn(async move {
-        while let Ok(Some(m)) = wire::recv_opt::<ToAgent>(&mut recv).await {
-            if ctl_tx.send(m).await.is_err() {
-                break;
+    // The children this node accepts. An `Adopt` takes effect here, the moment it arrives:
+    // the session reads its control messages only between chunks, and a relay whose window
+    // waits on a dead child would turn the orphan sent to it away meanwhile.
+    let allowed = AllowedPeers::default();
+    {
+        let allowed = allowed.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = wire::recv_opt::<ToAgent>(&mut recv).await {
+                if let ToAgent::Adopt(p) = &m {
+                    allowed.allow(p.cert_sha256, p.node.clone());
+                }
+                if ctl_tx.send(m).await.is_err() {
+                    break;
+                }
             }
-        }
-    });
+        });
+    }
 
     // Before the plan: a staged deployment prepares the disk when asked.
     let mut staged: Option<(Box<DeployJob>, kd_disk::Prepared)> = None;
@@ -142,7 +152,6 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     tracing::debug!(?stall, "upstream patience");
 
     // Serve children.
-    let allowed = AllowedPeers::default();
     for c in &children {
         allowed.allow(c.cert_sha256, c.node.clone());
     }
@@ -620,7 +629,14 @@ async fn receive_all(
         let mut pending: Option<Arc<[Digest]>> = None;
         let opened = open_upstream(ctx, &upstream, next, watch.patience()).await;
         let (problem, conn) = match opened {
-            Err(e) => (Problem::Unreachable(format!("{e:#}")), None),
+            Err(OpenFail::Unreachable(e)) => (Problem::Unreachable(format!("{e:#}")), None),
+            // Connected, then turned away (a new parent that has not had our `Adopt` yet
+            // refuses our certificate once the handshake is over): the Watch's quick retries
+            // of a stream that broke at once, not a lost upstream.
+            Err(OpenFail::Refused(e)) => {
+                watch.opened(Instant::now(), matches!(upstream, Upstream::Peer(_)));
+                (Problem::Broken(format!("{e:#}")), None)
+            }
             Ok((conn, mut recv)) => {
                 watch.opened(Instant::now(), matches!(upstream, Upstream::Peer(_)));
                 // The connection the stream comes on: its packets tell a live upstream from a
@@ -1019,12 +1035,48 @@ async fn lost_upstream(
 
 /// Opens a data stream to `upstream` asking for every chunk from `from`, trying to connect for
 /// at most `patience` (a dead or frozen parent never answers).
+/// Why no stream came from an upstream.
+enum OpenFail {
+    /// It could not be reached (within the patience).
+    Unreachable(anyhow::Error),
+    /// It was reached, then the stream could not be opened or asked for (it closed the
+    /// connection: typically a parent that does not accept us yet).
+    Refused(anyhow::Error),
+}
+
 async fn open_upstream(
     ctx: &Ctx,
     upstream: &Upstream,
     from: u32,
     patience: Duration,
-) -> Result<(Option<quinn::Connection>, quinn::RecvStream)> {
+) -> std::result::Result<(Option<quinn::Connection>, quinn::RecvStream), OpenFail> {
+    let (conn, own) = connect_upstream(ctx, upstream, patience)
+        .await
+        .map_err(OpenFail::Unreachable)?;
+    let asked = async {
+        let (mut s, r) = conn.open_bi().await.context("open data stream")?;
+        wire::send(
+            &mut s,
+            &DataRequest::Stream {
+                deployment: ctx.deployment,
+                from,
+            },
+        )
+        .await?;
+        let _ = s.finish();
+        anyhow::Ok(r)
+    };
+    let r = asked.await.map_err(OpenFail::Refused)?;
+    Ok((own.then_some(conn), r))
+}
+
+/// The connection to `upstream` (the coordinator's, or a new one to a peer, retried within
+/// `patience`), and whether it is our own (to close when done).
+async fn connect_upstream(
+    ctx: &Ctx,
+    upstream: &Upstream,
+    patience: Duration,
+) -> Result<(quinn::Connection, bool)> {
     let (conn, own) = match upstream {
         Upstream::Coordinator => (ctx.coord.clone(), false),
         Upstream::Peer(p) => {
@@ -1067,17 +1119,7 @@ async fn open_upstream(
             (conn, true)
         }
     };
-    let (mut s, r) = conn.open_bi().await.context("open data stream")?;
-    wire::send(
-        &mut s,
-        &DataRequest::Stream {
-            deployment: ctx.deployment,
-            from,
-        },
-    )
-    .await?;
-    let _ = s.finish();
-    Ok((own.then_some(conn), r))
+    Ok((conn, own))
 }
 
 /// Fetches one chunk from the coordinator and verifies it.
