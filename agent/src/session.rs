@@ -81,12 +81,17 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     // the session reads its control messages only between chunks, and a relay whose window
     // waits on a dead child would turn the orphan sent to it away meanwhile.
     let allowed = AllowedPeers::default();
+    let child_conns = ChildConns::default();
     {
         let allowed = allowed.clone();
+        let child_conns = child_conns.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = wire::recv_opt::<ToAgent>(&mut recv).await {
-                if let ToAgent::Adopt(p) = &m {
-                    allowed.allow(p.cert_sha256, p.node.clone());
+                match &m {
+                    ToAgent::Adopt(p) => allowed.allow(p.cert_sha256, p.node.clone()),
+                    // Its streams end, and with them its hold on this node's window.
+                    ToAgent::ChildGone(node) => child_conns.close(node),
+                    _ => {}
                 }
                 if ctl_tx.send(m).await.is_err() {
                     break;
@@ -167,7 +172,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         store.clone(),
         manifest.clone(),
         deployment,
-        allowed.clone(),
+        (allowed.clone(), child_conns.clone()),
         to_coord.clone(),
     ));
 
@@ -1238,18 +1243,48 @@ async fn fetch_from_peer(ctx: &Ctx, peer: &PeerInfo, index: u32) -> Result<bytes
 }
 
 /// Accepts children's connections and streams chunks to them.
+/// The children's connections by node, so that one the coordinator says is gone can be
+/// closed at once.
+#[derive(Clone, Default)]
+struct ChildConns(Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>>);
+
+impl ChildConns {
+    fn add(&self, node: &str, conn: &quinn::Connection) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let v = m.entry(node.to_string()).or_default();
+        v.retain(|c| c.close_reason().is_none());
+        v.push(conn.clone());
+    }
+
+    fn close(&self, node: &str) {
+        let gone = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node)
+            .unwrap_or_default();
+        if !gone.is_empty() {
+            tracing::info!(child = %node, "the coordinator lost this child: dropping it");
+        }
+        for c in gone {
+            c.close(kd_net::close::DONE.into(), b"gone");
+        }
+    }
+}
+
 async fn serve_children(
     endpoint: quinn::Endpoint,
     store: Arc<Store>,
     manifest: Arc<Manifest>,
     deployment: u64,
-    allowed: AllowedPeers,
+    (allowed, conns): (AllowedPeers, ChildConns),
     to_coord: mpsc::Sender<ToCoord>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let store = store.clone();
         let manifest = manifest.clone();
         let allowed = allowed.clone();
+        let conns = conns.clone();
         let to_coord = to_coord.clone();
         tokio::spawn(async move {
             let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), incoming).await else {
@@ -1258,6 +1293,7 @@ async fn serve_children(
             let node = kd_net::tls::peer_cert(&conn)
                 .and_then(|c| allowed.node_of(&c))
                 .unwrap_or_default();
+            conns.add(&node, &conn);
             while let Ok((s, r)) = conn.accept_bi().await {
                 let store = store.clone();
                 let manifest = manifest.clone();

@@ -274,6 +274,7 @@ fn kind(m: &ToAgent) -> &'static str {
         ToAgent::Plan(_) => "Plan",
         ToAgent::Reparent(_) => "Reparent",
         ToAgent::Adopt(_) => "Adopt",
+        ToAgent::ChildGone(_) => "ChildGone",
         ToAgent::Finish => "Finish",
         ToAgent::Prepare(_) => "Prepare",
         ToAgent::Reboot => "Reboot",

@@ -1147,6 +1147,16 @@ impl Driver {
                     return Vec::new();
                 }
                 self.agents.remove(&node);
+                // Its parent's window may be waiting for it: tell the parent at once.
+                let parent = self
+                    .wf
+                    .round_parents()
+                    .into_iter()
+                    .find(|(n, _)| *n == node)
+                    .and_then(|(_, p)| p.map(str::to_string));
+                if let Some(a) = parent.and_then(|p| self.agents.get(&p)) {
+                    let _ = a.tx.try_send(ToAgent::ChildGone(node.clone()));
+                }
                 vec![Event::NodeLost {
                     node,
                     reason: format!("agent connection lost: {reason}"),

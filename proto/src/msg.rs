@@ -188,6 +188,9 @@ pub enum ToAgent {
     Reparent(Upstream),
     /// Accept and serve this additional child.
     Adopt(PeerInfo),
+    /// This child of yours is gone (the coordinator lost it): close its connections, so that
+    /// your window stops waiting for it.
+    ChildGone(String),
     /// Everyone is done: close connections and end (or go on with the deployment).
     Finish,
     /// Prepare the disk for this deployment now, before the plan; answer

@@ -707,6 +707,10 @@ struct Round {
     /// Members that lost their own upstream, until then: their children's silence is theirs
     /// (starved, not dead), so those children stay where they are.
     starving: HashMap<usize, Instant>,
+    /// A lost member → the orphan of it that took its place: its other orphans read from the
+    /// heir (the tree keeps its shape whichever learns of the loss first, the orphans or the
+    /// coordinator).
+    heirs: HashMap<usize, usize>,
 }
 
 /// How long a node that lost its upstream counts as starving: long enough for its new
@@ -1625,12 +1629,18 @@ impl Deployment {
             .filter(|c| r.parent.get(c) == Some(&Some(i)))
             .collect();
         orphans.sort_unstable();
-        // The first orphan takes the gone node's place; the others read from it while it has
-        // room (a chain stays a chain, a k-ary tree keeps its fan-out).
-        let mut heir = None;
+        // The first orphan takes the gone node's place (unless one that reported the loss
+        // already did); the others read from it while it has room (a chain stays a chain, a
+        // k-ary tree keeps its fan-out).
+        let mut heir = r.heirs.get(&i).copied();
         for o in orphans {
             self.reattach_preferring(o, Some(i), heir, out);
-            heir = heir.or(Some(o));
+            if heir.is_none() {
+                heir = Some(o);
+                if let Some(r) = &mut self.round {
+                    r.heirs.insert(i, o);
+                }
+            }
         }
         self.round_changed(out);
     }
@@ -1659,7 +1669,11 @@ impl Deployment {
             }
             r.suspect.insert(p);
         }
-        self.reattach_preferring(node, lost, None, out);
+        let heir = lost.and_then(|p| r.heirs.get(&p).copied());
+        self.reattach_preferring(node, lost, heir, out);
+        if let (Some(p), None, Some(r)) = (lost, heir, self.round.as_mut()) {
+            r.heirs.insert(p, node);
+        }
     }
 
     /// `node` lost its parent `lost`: it reads from `prefer` if that has room, else from the
@@ -1849,6 +1863,7 @@ impl Deployment {
             serving: members.iter().copied().collect(),
             suspect: HashSet::new(),
             starving: HashMap::new(),
+            heirs: HashMap::new(),
         });
         out.push(Action::StartBroadcast {
             round: self.rounds,

@@ -2007,3 +2007,27 @@ fn a_repair_goes_to_the_closest_node_that_still_holds_the_chunk() {
     assert_eq!(repair_holder(3, [("b", 6), ("a", 6)], 8), Some("a"));
     assert_eq!(repair_holder(0, [], 8), None);
 }
+
+#[test]
+fn orphans_that_report_their_parent_lost_keep_the_tree_s_shape() {
+    // Binary: n2's children are n5, n6; n5's are n11, n12. n5 dies; its children notice
+    // before the coordinator does. The first takes n5's place under n2, the second reads from
+    // it: no node gets a third child (n6 would, if the second went breadth first).
+    let (mut d, t0) = in_round(14, Arity::Kary(2));
+    for (i, n) in ["n11", "n12"].iter().enumerate() {
+        d.handle(
+            Event::ParentLost {
+                node: (*n).into(),
+                parent: Some("n5".into()),
+            },
+            t0 + secs(5 + i as u64),
+        );
+    }
+    let parent: HashMap<&str, Option<&str>> = d.round_parents().into_iter().collect();
+    assert_eq!(parent["n11"], Some("n2"));
+    assert_eq!(parent["n12"], Some("n11"));
+    assert_eq!(parent["n13"], Some("n6"));
+    assert!(most_children(&d) <= 3, "{parent:?}");
+    let kids = |p: &str| parent.values().filter(|v| **v == Some(p)).count();
+    assert_eq!(kids("n6"), 2);
+}
