@@ -623,6 +623,22 @@ fn parse_agent_silence(s: &str) -> Result<u64, String> {
 fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
     let nodes = kd_proto::nodeset::parse(&a.nodes)
         .map_err(|e| anyhow::anyhow!("bad node set {:?}: {e}", a.nodes))?;
+    let mut racks = std::collections::BTreeMap::new();
+    for r in &a.racks {
+        let Some((rack, set)) = r.split_once('=') else {
+            bail!("--rack {r:?}: expected RACK=NODESET");
+        };
+        let members = kd_proto::nodeset::parse(set)
+            .map_err(|e| anyhow::anyhow!("--rack {r:?}: bad node set: {e}"))?;
+        for m in members {
+            if !nodes.contains(&m) {
+                bail!("--rack {r:?}: {m} is not one of the nodes (-m)");
+            }
+            if let Some(other) = racks.insert(m.clone(), rack.to_string()) {
+                bail!("--rack: {m} is in two racks ({other} and {rack})");
+            }
+        }
+    }
     let img = ImageFile::open(&a.image)?;
     let identity = CoordIdentity::load_or_create(state)?;
     let tokens = kd_coord::tokens::load_or_make(&a.tokens, &nodes)?;
@@ -667,22 +683,6 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
             }))
         }
     };
-    let mut racks = std::collections::BTreeMap::new();
-    for r in &a.racks {
-        let Some((rack, set)) = r.split_once('=') else {
-            bail!("--rack {r:?}: expected RACK=NODESET");
-        };
-        let members = kd_proto::nodeset::parse(set)
-            .map_err(|e| anyhow::anyhow!("--rack {r:?}: bad node set: {e}"))?;
-        for m in members {
-            if !nodes.contains(&m) {
-                bail!("--rack {r:?}: {m} is not one of the nodes (-m)");
-            }
-            if let Some(other) = racks.insert(m.clone(), rack.to_string()) {
-                bail!("--rack: {m} is in two racks ({other} and {rack})");
-            }
-        }
-    }
     let stall = match (a.stall_floor, a.stall_timeout) {
         (None, None) => None,
         (floor, timeout) => {
@@ -726,6 +726,7 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move { broadcast::run(img, cfg, &identity, tx).await });
         let mut progress: BTreeMap<String, u32> = BTreeMap::new();
+        let mut plan: Vec<(String, Option<String>)> = Vec::new();
         let mut done = 0usize;
         let mut t0: Option<Instant> = None;
         let mut last = Instant::now();
@@ -738,6 +739,9 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
                     t0 = Some(Instant::now());
                     let roots = edges.iter().filter(|(_, p)| p.is_none()).count();
                     eprintln!("kd-coord: planned a tree of {} nodes with {roots} root(s); sending", edges.len());
+                    if plan.is_empty() {
+                        plan = edges;
+                    }
                 }
                 Event::Step { node, step } => match step.error {
                     None => eprintln!("kd-coord: {node}: {} ok ({} ms)", step.step, step.millis),
@@ -772,10 +776,17 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
                 }
             }
         }
-        task.await.context("broadcast task")?
+        task.await.context("broadcast task")?.map(|o| (o, plan))
     })?;
+    let (outcome, plan) = outcome;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        // The outcome, and the first round's tree as planned (who read from whom at first).
+        let mut v = serde_json::to_value(&outcome)?;
+        v["plan"] = plan
+            .iter()
+            .map(|(n, p)| serde_json::json!({ "node": n, "parent": p }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
             "{:<16} {:<6} {:>9} {:>8} {:>8} {:>9}  reason",

@@ -560,3 +560,62 @@ fn a_storm_of_agents_started_at_once_all_verify() {
     }
     eprintln!("{N} agents started at once: all verified in {elapsed:?}");
 }
+
+#[test]
+fn a_rack_aware_chain_visits_each_rack_once_and_delivers() {
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 2 * 1024 * 1024 + 777, 17);
+    let c = Cluster::new(&input, 8, "256K").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut reaper = Reaper::default();
+    // Odd nodes in one rack, even ones in the other, as names often run across racks.
+    let racks = ["--rack", "r0=node[1,3,5,7]", "--rack", "r1=node[2,4,6,8]"];
+    let mut coord = c.start_coordinator("chain", &racks).unwrap();
+    for n in &c.nodes {
+        let sink = format!("raw:{}", out.path().join(format!("{n}.raw")).display());
+        reaper
+            .0
+            .push(c.start_agent(n, &format!("tok-{n}"), &sink, &[]).unwrap());
+    }
+    let co = wait_child(&mut coord, LIMIT).unwrap();
+    let stderr = String::from_utf8_lossy(&co.stderr).to_string();
+    let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\n{stderr}"));
+    // The chain as planned: node1 -> 3 -> 5 -> 7 -> 2 -> 4 -> 6 -> 8.
+    let parent = |n: &str| {
+        v["plan"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["node"] == n)
+            .map(|e| e["parent"].clone())
+            .unwrap_or_else(|| panic!("{n} not in the plan: {v}"))
+    };
+    let order = [
+        "node1", "node3", "node5", "node7", "node2", "node4", "node6", "node8",
+    ];
+    assert_eq!(parent("node1"), serde_json::Value::Null, "{v}");
+    for w in order.windows(2) {
+        assert_eq!(parent(w[1]), w[0], "{v}");
+    }
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["ok"], true, "{n}");
+        let name = n["node"].as_str().unwrap();
+        assert!(
+            same_file(&input, &out.path().join(format!("{name}.raw"))),
+            "{name} differs"
+        );
+    }
+    // A rack naming a node that is not deployed is refused before anything starts.
+    let o = Command::new(bin("kd-coord"))
+        .arg("--state")
+        .arg(tmp.path().join("state"))
+        .args(["broadcast", "x.kdi", "-m", "node[1-2]", "--tokens", "t"])
+        .args(["--rack", "r0=node[1-3]"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("node3 is not one of the nodes"), "{err}");
+}
