@@ -276,7 +276,7 @@ fn kind(m: &ToAgent) -> &'static str {
         ToAgent::Adopt(_) => "Adopt",
         ToAgent::Finish => "Finish",
         ToAgent::Prepare(_) => "Prepare",
-        ToAgent::Reboot => "Reboot",
+        ToAgent::Reboot { .. } => "Reboot",
         ToAgent::Abort { .. } => "Abort",
         ToAgent::Error(_) => "Error",
     }
