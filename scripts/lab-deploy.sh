@@ -8,6 +8,7 @@
 #   scripts/lab-deploy.sh [--nodes N] [--subnet 10.77.0.0/24] [--arity chain|star|K]
 #                         [--env ENV.yaml] [--fail-one] [--fail-node NODE] [--fail-after S]
 #                         [--limit S] [--firmware bios|uefi] [--boot reboot|kexec]
+#                         [--probe S]
 #
 #   --env        environment description to deploy (default: envs/build-debian12.sh's, cached)
 #   --fail-one   then deploy again and power NODE (default node2, the middle of the chain) off
@@ -19,6 +20,8 @@
 #   --boot       kexec: the cluster's `boot: kexec` (BootNewEnv kexecs the deployed kernel from
 #                the deploy initrd); each node must then have said `kexec ok` and (BIOS) booted
 #                its firmware once only (one SeaBIOS banner on its console)
+#   --probe      the cluster's probe_delay and probe_interval (default kd-lab's 20 and 5 s):
+#                1 measures BootNewEnv to the second
 #
 # Needs: kd-coord and kd-lab in $KD_BIN_DIR (default target/debug), the deploy initrd in
 # $KD_INITRD_DIR (default build/initrd): `./dev.sh build` makes them; openssh-client.
@@ -35,6 +38,7 @@ FAIL_AFTER=5
 LIMIT=1800
 FIRMWARE=
 BOOT_METHOD=reboot
+PROBE=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--nodes) NODES=$2; shift 2 ;;
@@ -47,7 +51,8 @@ while [ $# -gt 0 ]; do
 	--limit) LIMIT=$2; shift 2 ;;
 	--firmware) FIRMWARE=$2; shift 2 ;;
 	--boot) BOOT_METHOD=$2; shift 2 ;;
-	-h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	--probe) PROBE=$2; shift 2 ;;
+	-h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "lab-deploy: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
@@ -62,6 +67,7 @@ command -v ssh-keygen >/dev/null && command -v ssh >/dev/null || { echo "lab-dep
 case "$FIRMWARE" in "" | bios | uefi) ;; *) echo "lab-deploy: --firmware bios|uefi" >&2; exit 2 ;; esac
 [ "$FIRMWARE" = bios ] && FIRMWARE=
 case "$BOOT_METHOD" in reboot | kexec) ;; *) echo "lab-deploy: --boot reboot|kexec" >&2; exit 2 ;; esac
+case "$PROBE" in "" | [1-9] | [1-9][0-9]) ;; *) echo "lab-deploy: --probe 1..99 (seconds)" >&2; exit 2 ;; esac
 if [ -n "$FAIL_ONE" ] && [ "$NODES" -lt 2 ]; then echo "lab-deploy: --fail-one needs 2 nodes or more" >&2; exit 2; fi
 
 NET=${SUBNET%.0/24}
@@ -119,10 +125,22 @@ ip_of() { echo "$NET.$((10 + ${1#node}))"; }
 # bridge, its power commands reach the lab's BMCs); its API is the Unix socket $WORK/coord/kd.sock,
 # which the CLI below reaches from outside the namespace.
 CLUSTER_YAML=$STATE/cluster.yaml
-if [ "$BOOT_METHOD" = kexec ]; then
-	# kd-lab's cluster.yaml with the cluster's boot method (a top-level key kd-lab does not write).
+if [ "$BOOT_METHOD" = kexec ] || [ -n "$PROBE" ]; then
+	# kd-lab's cluster.yaml with the cluster's boot method (a top-level key kd-lab does not write)
+	# and probe timing (its workflow's two keys).
 	grep -q '^boot:' "$CLUSTER_YAML" && { echo "lab-deploy: $CLUSTER_YAML already has a boot: key" >&2; exit 2; }
-	{ cat "$CLUSTER_YAML"; echo "boot: kexec"; } >"$WORK/cluster.yaml"
+	{
+		if [ -n "$PROBE" ]; then
+			sed -e "s/^  probe_delay: .*/  probe_delay: $PROBE/" -e "s/^  probe_interval: .*/  probe_interval: $PROBE/" "$CLUSTER_YAML"
+		else
+			cat "$CLUSTER_YAML"
+		fi
+		[ "$BOOT_METHOD" = reboot ] || echo "boot: $BOOT_METHOD"
+	} >"$WORK/cluster.yaml"
+	if [ -n "$PROBE" ]; then
+		[ "$(grep -cE "^  probe_(delay|interval): $PROBE\$" "$WORK/cluster.yaml")" = 2 ] ||
+			{ echo "lab-deploy: no workflow.probe_delay/probe_interval in $CLUSTER_YAML to set" >&2; exit 2; }
+	fi
 	CLUSTER_YAML=$WORK/cluster.yaml
 fi
 say "kd-coord serve (state $WORK/coord), cluster add $CLUSTER_YAML (boot: $BOOT_METHOD)"
@@ -228,9 +246,10 @@ if [ "$BOOT_METHOD" = kexec ]; then
 	# Each node said its kexec was loaded, and (BIOS) its firmware ran once only: for the deploy
 	# initrd, not again for the deployed system.
 	for n in "${OK1[@]}"; do
-		line=$(grep -a -m1 "^$n:   kexec " "$WORK/phase1.err" || true)
+		# (progress lines: "kd-coord: [  T s] NODE:   kexec ok (MS ms): KERNEL with INITRD, command line: ...")
+		line=$(grep -a -m1 " $n:   kexec " "$WORK/phase1.err" || true)
 		case "$line" in
-		*"kexec ok"*) say "  $n: ${line#"$n":   }" ;;
+		*"kexec ok"*) say "  $n: ${line#*"$n":   }" ;;
 		*) fail "$n: no 'kexec ok' from its agent: ${line:-nothing about kexec}" ;;
 		esac
 		if [ -z "$FIRMWARE" ]; then
