@@ -284,6 +284,58 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    /// On a real ext4 partition (a loop device): the deploy partition is mounted read-only,
+    /// the kernel found through its symlink, and a missing initrd ends the load with the path
+    /// named and the partition unmounted, before `kexec` runs.
+    #[test]
+    fn load_fails_cleanly_on_a_missing_initrd() {
+        if kd_disk::testenv::skip_without_loop_devices() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("part.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let lo = kd_disk::loopdev::LoopDevice::attach(&img, None, false).unwrap();
+        kd_disk::fs::mkfs(kd_disk::FsType::Ext4, lo.path(), None).unwrap();
+        let m = Mount::new(
+            lo.path(),
+            &dir.path().join("fill"),
+            Some("ext4"),
+            MsFlags::empty(),
+            None,
+        )
+        .unwrap();
+        std::fs::create_dir(m.path().join("boot")).unwrap();
+        std::fs::write(m.path().join("boot/vmlinuz-6.1"), b"not a kernel").unwrap();
+        std::os::unix::fs::symlink("boot/vmlinuz-6.1", m.path().join("vmlinuz")).unwrap();
+        m.unmount().unwrap();
+        let work = dir.path().join("work");
+        let k = Kexec {
+            kernel: "/vmlinuz".into(),
+            initrd: Some("/initrd.img".into()),
+            params: "console=ttyS0".into(),
+        };
+        let e = load(&work, lo.path(), &k).unwrap_err();
+        assert!(e.contains("/initrd.img in the deployed tree"), "{e}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(&*work.join("kexec-root").to_string_lossy()),
+            "left mounted"
+        );
+        // A kernel that is not there is named too.
+        let k = Kexec {
+            kernel: "/boot/vmlinuz-9".into(),
+            initrd: None,
+            params: String::new(),
+        };
+        let e = load(&work, lo.path(), &k).unwrap_err();
+        assert!(e.contains("/boot/vmlinuz-9 in the deployed tree"), "{e}");
+        lo.detach().unwrap();
+    }
+
     #[test]
     fn kexec_load_arguments() {
         let a = load_args(
