@@ -8,7 +8,7 @@
 #   scripts/lab-deploy.sh [--nodes N] [--subnet 10.77.0.0/24] [--arity chain|star|K]
 #                         [--env ENV.yaml] [--fail-one] [--fail-node NODE] [--fail-after S]
 #                         [--limit S] [--firmware bios|uefi] [--boot reboot|kexec]
-#                         [--probe S]
+#                         [--probe S] [--kexec-fail]
 #
 #   --env        environment description to deploy (default: envs/build-debian12.sh's, cached)
 #   --fail-one   then deploy again and power NODE (default node2, the middle of the chain) off
@@ -20,6 +20,9 @@
 #   --boot       kexec: the cluster's `boot: kexec` (BootNewEnv kexecs the deployed kernel from
 #                the deploy initrd); each node must then have said `kexec ok` and (BIOS) booted
 #                its firmware once only (one SeaBIOS banner on its console)
+#   --kexec-fail --boot kexec on deploy kernels that refuse kexec_load (their command line gets
+#                sysctl.kernel.kexec_load_disabled=1): each agent must say why its kexec failed
+#                and reboot instead (two SeaBIOS banners), the nodes deploy all the same
 #   --probe      the cluster's probe_delay and probe_interval (default kd-lab's 20 and 5 s):
 #                1 measures BootNewEnv to the second
 #
@@ -39,6 +42,7 @@ LIMIT=1800
 FIRMWARE=
 BOOT_METHOD=reboot
 PROBE=
+KEXEC_FAIL=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--nodes) NODES=$2; shift 2 ;;
@@ -52,7 +56,8 @@ while [ $# -gt 0 ]; do
 	--firmware) FIRMWARE=$2; shift 2 ;;
 	--boot) BOOT_METHOD=$2; shift 2 ;;
 	--probe) PROBE=$2; shift 2 ;;
-	-h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	--kexec-fail) KEXEC_FAIL=1; BOOT_METHOD=kexec; shift ;;
+	-h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "lab-deploy: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
@@ -136,6 +141,11 @@ if [ "$BOOT_METHOD" = kexec ] || [ -n "$PROBE" ]; then
 			cat "$CLUSTER_YAML"
 		fi
 		[ "$BOOT_METHOD" = reboot ] || echo "boot: $BOOT_METHOD"
+		if [ -n "$KEXEC_FAIL" ]; then
+			# kd-lab writes no deploy_kernel: the defaults, plus the sysctl that refuses kexec_load.
+			grep -q '^deploy_kernel:' "$CLUSTER_YAML" && { echo "lab-deploy: $CLUSTER_YAML already has deploy_kernel:" >&2; exit 2; }
+			printf 'deploy_kernel:\n  vmlinuz: boot/vmlinuz\n  initrd: boot/initramfs.img\n  params: console=ttyS0 sysctl.kernel.kexec_load_disabled=1\n'
+		fi
 	} >"$WORK/cluster.yaml"
 	if [ -n "$PROBE" ]; then
 		[ "$(grep -cE "^  probe_(delay|interval): $PROBE\$" "$WORK/cluster.yaml")" = 2 ] ||
@@ -248,13 +258,18 @@ if [ "$BOOT_METHOD" = kexec ]; then
 	for n in "${OK1[@]}"; do
 		# (progress lines: "kd-coord: [  T s] NODE:   kexec ok (MS ms): KERNEL with INITRD, command line: ...")
 		line=$(grep -a -m1 " $n:   kexec " "$WORK/phase1.err" || true)
+		want=1
 		case "$line" in
-		*"kexec ok"*) say "  $n: ${line#*"$n":   }" ;;
-		*) fail "$n: no 'kexec ok' from its agent: ${line:-nothing about kexec}" ;;
+		*"kexec ok"*) [ -z "$KEXEC_FAIL" ] || fail "$n: kexec worked although kexec_load is disabled: $line"
+			say "  $n: ${line#*"$n":   }" ;;
+		*"kexec FAILED"*) [ -n "$KEXEC_FAIL" ] || fail "$n: ${line#*"$n":   }"
+			# The agent's own fallback: a firmware reboot into the deployed system.
+			say "  $n (falls back): ${line#*"$n":   }"; want=2 ;;
+		*) fail "$n: no 'kexec ok' or 'kexec FAILED' from its agent: ${line:-nothing about kexec}" ;;
 		esac
 		if [ -z "$FIRMWARE" ]; then
 			banners=$(tr -d '\r' <"$STATE/${n}.log" | grep -ac 'SeaBIOS (version' || true)
-			[ "$banners" = 1 ] || fail "$n: $banners SeaBIOS banners on the console (1 expected: the deployed kernel came by kexec)"
+			[ "$banners" = "$want" ] || fail "$n: $banners SeaBIOS banners on the console ($want expected: the deploy boot's$([ "$want" = 2 ] && echo ", the fallback reboot's"))"
 		fi
 	done
 fi

@@ -160,7 +160,7 @@ pub fn load(work_dir: &Path, device: &Path, k: &Kexec) -> Result<Loaded, String>
             &cmdline,
         );
         kd_disk::cmd::run(Command::new("kexec").args(&args), Duration::from_secs(120))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| one_line(&format!("kexec -l {}", kernel_real.display()), e))?;
         Ok(Loaded {
             kernel: kernel.display().to_string(),
             initrd: initrd.map(|(inside, _)| inside.display().to_string()),
@@ -173,11 +173,27 @@ pub fn load(work_dir: &Path, device: &Path, k: &Kexec) -> Result<Loaded, String>
     Ok(loaded)
 }
 
+/// A failed kexec command in one line: its status and the first line of its output (on a
+/// refusal, kexec-tools follows the reason with a dump of its segments).
+fn one_line(what: &str, e: kd_disk::DiskError) -> String {
+    match e {
+        kd_disk::DiskError::Command { status, output, .. } => format!(
+            "{what} failed ({status}): {}",
+            output
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("no output")
+        ),
+        e => e.to_string(),
+    }
+}
+
 /// `kexec -e`: starts the staged kernel. Returns only when that failed.
 pub fn exec() -> String {
     match kd_disk::cmd::run(Command::new("kexec").arg("-e"), Duration::from_secs(60)) {
         Ok(out) => format!("kexec -e returned: {}", out.trim()),
-        Err(e) => e.to_string(),
+        Err(e) => one_line("kexec -e", e),
     }
 }
 

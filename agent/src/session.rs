@@ -300,7 +300,10 @@ async fn kexec_load(ctx: &Ctx, device: Option<&std::path::Path>, k: &Kexec) -> b
         step: "kexec".into(),
         millis: t.elapsed().as_millis() as u64,
         output: r.as_ref().map(|l| l.to_string()).unwrap_or_default(),
-        error: r.as_ref().err().map(|e| format!("{e}; rebooting instead")),
+        error: r
+            .as_ref()
+            .err()
+            .map(|e| format!("{}; rebooting instead", e.trim_end())),
     };
     match &r {
         Ok(l) => tracing::info!(millis = step.millis, "kexec loaded: {l}"),

@@ -5,7 +5,8 @@
 //! `root=UUID=… ro` command line, and `kexec -e`s it: the deployed system comes up without the
 //! firmware (one SeaBIOS banner on the console: the deploy boot's), and accepts
 //! `ssh -i KEY root@node1 true` on the kexec'd kernel.
-//! Runs `scripts/lab-deploy.sh --nodes 1 --boot kexec --probe 1` on its own subnet (10.84).
+//! Runs `scripts/lab-deploy.sh --nodes 1 --boot kexec --probe 1` on its own subnet (10.84),
+//! then `--kexec-fail` (the agent's fallback to the reboot).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -65,5 +66,54 @@ fn deploy_one_node_that_kexecs_into_the_deployed_kernel() {
         .unwrap_or_else(|| panic!("no ssh check for node1:\n{out}"));
     assert!(ssh.contains("/ on /dev/vda3"), "{ssh}");
     // The lab is gone.
+    assert!(r.left_behind.is_none(), "{:?}", r.left_behind);
+}
+
+/// The agent's fallback: deploy kernels that refuse `kexec_load`
+/// (`sysctl.kernel.kexec_load_disabled=1` on their command line, `lab-deploy.sh --kexec-fail`):
+/// the agent tells the coordinator why its kexec failed and reboots the node instead, which then
+/// boots its disk through the firmware (two SeaBIOS banners) and answers ssh. (Both tests of
+/// this file: 159 s here, one after the other.)
+#[test]
+fn a_refused_kexec_falls_back_to_the_reboot() {
+    let Some(initrd) = kd_tests::initrd_dir() else {
+        return;
+    };
+    let _g = kd_tests::heavy();
+    let r = kd_tests::lab_deploy(
+        &initrd,
+        "10.84.0.0/24",
+        &[
+            "--nodes",
+            "1",
+            "--kexec-fail",
+            "--probe",
+            "1",
+            "--limit",
+            "900",
+        ],
+        Duration::from_secs(20 * 60),
+    );
+    let out = &r.out;
+    assert!(
+        r.status.success(),
+        "lab-deploy.sh failed ({}).\nstdout:\n{out}\nstderr (last lines):\n{}",
+        r.status,
+        r.err_tail
+    );
+    assert!(out.contains("\n  | 1/1 nodes deployed"), "{out}");
+    let failed = out
+        .lines()
+        .find(|l| l.contains("  node1 (falls back): kexec FAILED ("))
+        .unwrap_or_else(|| panic!("no kexec failure for node1:\n{out}"));
+    assert!(
+        failed.contains("kexec_load failed: Operation not permitted; rebooting instead"),
+        "{failed}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("  node1 (") && l.contains("ssh with the key ok")),
+        "no ssh check for node1:\n{out}"
+    );
     assert!(r.left_behind.is_none(), "{:?}", r.left_behind);
 }
