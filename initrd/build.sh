@@ -290,7 +290,7 @@ if [ -s "$WORK/ldd-missing" ]; then
 	die "the slimmed root lacks libraries (see above)"
 fi
 for tool in sfdisk wipefs blkid blockdev partx mkfs.ext4 mkfs.xfs mkfs.vfat grub-install grub-mkimage \
-	grub-probe zstd tar ip modprobe busybox bash mount setsid; do
+	grub-probe zstd tar ip modprobe busybox bash mount setsid kexec; do
 	chroot "$ROOT" /bin/bash -c "command -v $tool" >/dev/null || die "tool $tool missing from the root"
 done
 # grub-install's two platforms: BIOS (i386-pc) and UEFI (x86_64-efi, onto the ESP)

@@ -7,7 +7,8 @@
 #
 #   scripts/lab-deploy.sh [--nodes N] [--subnet 10.77.0.0/24] [--arity chain|star|K]
 #                         [--env ENV.yaml] [--fail-one] [--fail-node NODE] [--fail-after S]
-#                         [--limit S] [--firmware bios|uefi]
+#                         [--limit S] [--firmware bios|uefi] [--boot reboot|kexec]
+#                         [--probe S] [--kexec-fail]
 #
 #   --env        environment description to deploy (default: envs/build-debian12.sh's, cached)
 #   --fail-one   then deploy again and power NODE (default node2, the middle of the chain) off
@@ -16,6 +17,14 @@
 #   --limit      bound of each kd-coord deploy run in seconds (default 1800)
 #   --firmware   uefi: OVMF nodes (kd-lab up --firmware uefi, a disk layout with an ESP); each
 #                node must then also have booted by UEFI with GRUB in the ESP's removable path
+#   --boot       kexec: the cluster's `boot: kexec` (BootNewEnv kexecs the deployed kernel from
+#                the deploy initrd); each node must then have said `kexec ok` and (BIOS) booted
+#                its firmware once only (one SeaBIOS banner on its console)
+#   --kexec-fail --boot kexec on deploy kernels that refuse kexec_load (their command line gets
+#                sysctl.kernel.kexec_load_disabled=1): each agent must say why its kexec failed
+#                and reboot instead (two SeaBIOS banners), the nodes deploy all the same
+#   --probe      the cluster's probe_delay and probe_interval (default kd-lab's 20 and 5 s):
+#                1 measures BootNewEnv to the second
 #
 # Needs: kd-coord and kd-lab in $KD_BIN_DIR (default target/debug), the deploy initrd in
 # $KD_INITRD_DIR (default build/initrd): `./dev.sh build` makes them; openssh-client.
@@ -31,6 +40,9 @@ FAIL_NODE=node2
 FAIL_AFTER=5
 LIMIT=1800
 FIRMWARE=
+BOOT_METHOD=reboot
+PROBE=
+KEXEC_FAIL=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--nodes) NODES=$2; shift 2 ;;
@@ -42,7 +54,10 @@ while [ $# -gt 0 ]; do
 	--fail-after) FAIL_AFTER=$2; shift 2 ;;
 	--limit) LIMIT=$2; shift 2 ;;
 	--firmware) FIRMWARE=$2; shift 2 ;;
-	-h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	--boot) BOOT_METHOD=$2; shift 2 ;;
+	--probe) PROBE=$2; shift 2 ;;
+	--kexec-fail) KEXEC_FAIL=1; BOOT_METHOD=kexec; shift ;;
+	-h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "lab-deploy: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
@@ -56,6 +71,8 @@ command -v ssh-keygen >/dev/null && command -v ssh >/dev/null || { echo "lab-dep
 [ "$(id -u)" = 0 ] || { echo "lab-deploy: must run as root (namespaces, QEMU taps)" >&2; exit 2; }
 case "$FIRMWARE" in "" | bios | uefi) ;; *) echo "lab-deploy: --firmware bios|uefi" >&2; exit 2 ;; esac
 [ "$FIRMWARE" = bios ] && FIRMWARE=
+case "$BOOT_METHOD" in reboot | kexec) ;; *) echo "lab-deploy: --boot reboot|kexec" >&2; exit 2 ;; esac
+case "$PROBE" in "" | [1-9] | [1-9][0-9]) ;; *) echo "lab-deploy: --probe 1..99 (seconds)" >&2; exit 2 ;; esac
 if [ -n "$FAIL_ONE" ] && [ "$NODES" -lt 2 ]; then echo "lab-deploy: --fail-one needs 2 nodes or more" >&2; exit 2; fi
 
 NET=${SUBNET%.0/24}
@@ -112,7 +129,31 @@ ip_of() { echo "$NET.$((10 + ${1#node}))"; }
 # kd-coord serve runs in the lab's network namespace (its QUIC endpoint listens on the lab's
 # bridge, its power commands reach the lab's BMCs); its API is the Unix socket $WORK/coord/kd.sock,
 # which the CLI below reaches from outside the namespace.
-say "kd-coord serve (state $WORK/coord), cluster add $STATE/cluster.yaml"
+CLUSTER_YAML=$STATE/cluster.yaml
+if [ "$BOOT_METHOD" = kexec ] || [ -n "$PROBE" ]; then
+	# kd-lab's cluster.yaml with the cluster's boot method (a top-level key kd-lab does not write)
+	# and probe timing (its workflow's two keys).
+	grep -q '^boot:' "$CLUSTER_YAML" && { echo "lab-deploy: $CLUSTER_YAML already has a boot: key" >&2; exit 2; }
+	{
+		if [ -n "$PROBE" ]; then
+			sed -e "s/^  probe_delay: .*/  probe_delay: $PROBE/" -e "s/^  probe_interval: .*/  probe_interval: $PROBE/" "$CLUSTER_YAML"
+		else
+			cat "$CLUSTER_YAML"
+		fi
+		[ "$BOOT_METHOD" = reboot ] || echo "boot: $BOOT_METHOD"
+		if [ -n "$KEXEC_FAIL" ]; then
+			# kd-lab writes no deploy_kernel: the defaults, plus the sysctl that refuses kexec_load.
+			grep -q '^deploy_kernel:' "$CLUSTER_YAML" && { echo "lab-deploy: $CLUSTER_YAML already has deploy_kernel:" >&2; exit 2; }
+			printf 'deploy_kernel:\n  vmlinuz: boot/vmlinuz\n  initrd: boot/initramfs.img\n  params: console=ttyS0 sysctl.kernel.kexec_load_disabled=1\n'
+		fi
+	} >"$WORK/cluster.yaml"
+	if [ -n "$PROBE" ]; then
+		[ "$(grep -cE "^  probe_(delay|interval): $PROBE\$" "$WORK/cluster.yaml")" = 2 ] ||
+			{ echo "lab-deploy: no workflow.probe_delay/probe_interval in $CLUSTER_YAML to set" >&2; exit 2; }
+	fi
+	CLUSTER_YAML=$WORK/cluster.yaml
+fi
+say "kd-coord serve (state $WORK/coord), cluster add $CLUSTER_YAML (boot: $BOOT_METHOD)"
 "$BIN/kd-lab" exec --state "$STATE" -- "$BIN/kd-coord" --state "$WORK/coord" serve 2>"$WORK/daemon.log" &
 DAEMON_PID=$!
 for _ in $(seq 1 100); do
@@ -120,7 +161,7 @@ for _ in $(seq 1 100); do
 	kill -0 "$DAEMON_PID" 2>/dev/null || fail "kd-coord serve exited: $(tail -n 5 "$WORK/daemon.log")"
 	sleep 0.1
 done
-"$BIN/kd-coord" --state "$WORK/coord" cluster add "$STATE/cluster.yaml" | sed 's/^/  /'
+"$BIN/kd-coord" --state "$WORK/coord" cluster add "$CLUSTER_YAML" | sed 's/^/  /'
 
 # deploy PHASE: runs kd-coord deploy through the daemon (bounded by LIMIT), progress on stderr;
 # sets RC.
@@ -211,6 +252,27 @@ for i in $(seq 1 "$NODES"); do
 		fail "node$i: the deploy initrd's console has no 'eth0: up, qdisc fq_codel'; its lines about eth0: $(tr -d '\r' <"$STATE/node$i.log" | grep -a 'eth0' | head -5 | tr '\n' '|')"
 done
 mapfile -t OK1 <"$WORK/phase1.ok"
+if [ "$BOOT_METHOD" = kexec ]; then
+	# Each node said its kexec was loaded, and (BIOS) its firmware ran once only: for the deploy
+	# initrd, not again for the deployed system.
+	for n in "${OK1[@]}"; do
+		# (progress lines: "kd-coord: [  T s] NODE:   kexec ok (MS ms): KERNEL with INITRD, command line: ...")
+		line=$(grep -a -m1 " $n:   kexec " "$WORK/phase1.err" || true)
+		want=1
+		case "$line" in
+		*"kexec ok"*) [ -z "$KEXEC_FAIL" ] || fail "$n: kexec worked although kexec_load is disabled: $line"
+			say "  $n: ${line#*"$n":   }" ;;
+		*"kexec FAILED"*) [ -n "$KEXEC_FAIL" ] || fail "$n: ${line#*"$n":   }"
+			# The agent's own fallback: a firmware reboot into the deployed system.
+			say "  $n (falls back): ${line#*"$n":   }"; want=2 ;;
+		*) fail "$n: no 'kexec ok' or 'kexec FAILED' from its agent: ${line:-nothing about kexec}" ;;
+		esac
+		if [ -z "$FIRMWARE" ]; then
+			banners=$(tr -d '\r' <"$STATE/${n}.log" | grep -ac 'SeaBIOS (version' || true)
+			[ "$banners" = "$want" ] || fail "$n: $banners SeaBIOS banners on the console ($want expected: the deploy boot's$([ "$want" = 2 ] && echo ", the fallback reboot's"))"
+		fi
+	done
+fi
 check_ssh "${OK1[@]}"
 say "phase 1 ok: ssh ok on $NODES/$NODES nodes"
 

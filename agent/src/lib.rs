@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod inventory;
+pub mod kexec;
 mod session;
 mod sink;
 mod store;

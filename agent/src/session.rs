@@ -13,8 +13,8 @@ use kd_proto::manifest::{verify_chunk, Manifest};
 use kd_proto::msg::Digest;
 use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
-    DataFrame, DataRequest, DeployImage, DeployJob, ErrorCode, Hello, Job, PeerIdentity, PeerInfo,
-    Plan, Progress, Report, StepReport, ToAgent, ToCoord, Upstream, Welcome,
+    DataFrame, DataRequest, DeployImage, DeployJob, ErrorCode, Hello, Job, Kexec, PeerIdentity,
+    PeerInfo, Plan, Progress, Report, StepReport, ToAgent, ToCoord, Upstream, Welcome,
 };
 use kd_proto::piece::{check_piece_hashes, piece_count, piece_ok, piece_range};
 use kd_proto::upstream::{Judgement, Policy, Problem, Verdict, Watch};
@@ -124,7 +124,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
                     staged = Some((job, p));
                 }
             }
-            ToAgent::Reboot => {
+            ToAgent::Reboot { .. } => {
+                // No deployed system to kexec into before the plan: a plain reboot.
                 drop(staged.take());
                 coord.close(kd_net::close::DONE.into(), b"rebooting");
                 reboot_or_exit(&cfg);
@@ -182,6 +183,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     // whose disk cannot be prepared still relays to its children, then reports the failure.
     let mut prepare_error = None;
     let mut prepared = None;
+    // The deploy partition, for a kexec at the end.
+    let mut deploy_device = None;
     let sink = match &job {
         Job::LocalSink => crate::sink::open(&cfg.sink).unwrap_or_else(|e| {
             prepare_error = Some(e);
@@ -190,6 +193,10 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         Job::Deploy(d) => match take_or_prepare(&cfg, d, staged.take(), &to_coord).await {
             Ok(p) => match p.sink() {
                 Ok(s) => {
+                    deploy_device = p
+                        .plan()
+                        .and_then(|plan| plan.deploy())
+                        .map(|d| kd_disk::partition::partition_node(p.disk(), d.number));
                     prepared = Some(p);
                     Some(s)
                 }
@@ -255,8 +262,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         };
         match msg {
             Some(ToAgent::Adopt(p)) => ctx.allowed.allow(p.cert_sha256, p.node),
-            Some(ToAgent::Finish) => break Ok(false),
-            Some(ToAgent::Reboot) => break Ok(true),
+            Some(ToAgent::Finish) => break Ok(None),
+            Some(ToAgent::Reboot { kexec }) => break Ok(Some(kexec)),
             Some(ToAgent::Abort { reason }) => {
                 break Err(anyhow!("aborted by the coordinator: {reason}"))
             }
@@ -268,17 +275,76 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
             }
         }
     };
+    // A kexec is staged while the coordinator still listens: it hears why one cannot be.
+    let mut kexec_loaded = false;
+    if let (Ok(Some(Some(k))), None) = (&end, &report.error) {
+        kexec_loaded = kexec_load(&ctx, deploy_device.as_deref(), k).await;
+    }
     ctx.coord.close(kd_net::close::DONE.into(), b"done");
     ctx.endpoint.close(kd_net::close::DONE.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(2), ctx.endpoint.wait_idle()).await;
     if let Some(e) = &report.error {
         bail!("{e}");
     }
-    let reboot = end?;
+    let reboot = end?.is_some();
     if reboot || matches!(job, Job::Deploy(_)) {
+        if kexec_loaded {
+            kexec_or_fall_back(&ctx.cfg);
+        }
         reboot_or_exit(&ctx.cfg);
     }
     Ok(AgentOutcome { report })
+}
+
+/// Stages the deployed kernel (`kexec -l`, see [`crate::kexec`]) and tells the coordinator how
+/// that went (a `kexec` step); `false` when it cannot be (the caller reboots instead).
+async fn kexec_load(ctx: &Ctx, device: Option<&std::path::Path>, k: &Kexec) -> bool {
+    if !ctx.cfg.reboot_on_finish {
+        tracing::info!("kexec asked, but this agent does not reboot (not the deploy initrd)");
+        return false;
+    }
+    let t = Instant::now();
+    let r = match device {
+        None => Err("no deploy partition to kexec from (a whole-disk image)".to_string()),
+        Some(dev) => {
+            let (work_dir, dev, k) = (ctx.cfg.work_dir.clone(), dev.to_path_buf(), k.clone());
+            tokio::task::spawn_blocking(move || crate::kexec::load(&work_dir, &dev, &k))
+                .await
+                .unwrap_or_else(|e| Err(format!("kexec thread: {e}")))
+        }
+    };
+    let step = StepReport {
+        step: "kexec".into(),
+        millis: t.elapsed().as_millis() as u64,
+        output: r.as_ref().map(|l| l.to_string()).unwrap_or_default(),
+        error: r
+            .as_ref()
+            .err()
+            .map(|e| format!("{}; rebooting instead", e.trim_end())),
+    };
+    match &r {
+        Ok(l) => tracing::info!(millis = step.millis, "kexec loaded: {l}"),
+        Err(e) => tracing::error!("kexec: {e}; falling back to a reboot"),
+    }
+    let _ = ctx.to_coord.send(ToCoord::Step(step)).await;
+    // Let the report leave before the connection closes (bounded: the node reboots anyway).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while ctx.to_coord.capacity() < ctx.to_coord.max_capacity() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.is_ok()
+}
+
+/// `kexec -e` into the staged kernel; returns (to the caller's reboot) only when that failed.
+fn kexec_or_fall_back(cfg: &AgentConfig) {
+    if !cfg.reboot_on_finish {
+        return;
+    }
+    tracing::info!("deployment finished: kexec into the deployed kernel");
+    nix::unistd::sync();
+    let why = crate::kexec::exec();
+    tracing::error!("kexec -e failed: {why}; rebooting instead");
 }
 
 /// Tells the coordinator that a staged deployment step ended (and logs it).

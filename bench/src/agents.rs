@@ -277,7 +277,7 @@ fn kind(m: &ToAgent) -> &'static str {
         ToAgent::ChildGone(_) => "ChildGone",
         ToAgent::Finish => "Finish",
         ToAgent::Prepare(_) => "Prepare",
-        ToAgent::Reboot => "Reboot",
+        ToAgent::Reboot { .. } => "Reboot",
         ToAgent::Abort { .. } => "Abort",
         ToAgent::Error(_) => "Error",
     }

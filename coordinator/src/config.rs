@@ -55,6 +55,12 @@
 //!   finish:             { timeout: 300, retries: 1 }
 //!   boot_new_env:       { timeout: 300, retries: 2 }   # timeout = reboot to port open
 //! check_port: 22                     # optional, the deployed OS answers here
+//! boot: reboot                       # optional; how nodes leave the deploy initrd for the
+//!                                    # deployed system (BootNewEnv): reboot (default: the
+//!                                    # firmware boots the disk) or kexec (the agent kexecs the
+//!                                    # environment's kernel, Kadeploy's fast path; a failed
+//!                                    # kexec falls back to the reboot, a node that does not
+//!                                    # answer after it gets the reboot commands, soft first)
 //! ```
 //!
 //! Short forms (what `kd-lab` writes) are accepted too: `name:` for `cluster:`,
@@ -140,10 +146,48 @@ pub struct ClusterConfig {
     /// TCP port on which the deployed OS answers (22 by default).
     #[serde(default = "default_check_port")]
     pub check_port: u16,
+    /// How nodes boot the deployed system at the end (BootNewEnv): `reboot` (default) or
+    /// `kexec`.
+    #[serde(default, skip_serializing_if = "NewEnvBoot::is_reboot")]
+    pub boot: NewEnvBoot,
 }
 
 fn default_check_port() -> u16 {
     22
+}
+
+/// How a deployed node leaves the deploy initrd for the deployed system (`boot:` in the
+/// cluster configuration).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NewEnvBoot {
+    /// The agent reboots the node; the firmware boots the local disk (GRUB).
+    #[default]
+    Reboot,
+    /// The agent kexecs into the environment's kernel (no firmware, no PXE); when that fails
+    /// it reboots, and a node that does not answer gets the reboot commands.
+    Kexec,
+}
+
+impl NewEnvBoot {
+    /// The YAML name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NewEnvBoot::Reboot => "reboot",
+            NewEnvBoot::Kexec => "kexec",
+        }
+    }
+
+    /// Parses the YAML name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [NewEnvBoot::Reboot, NewEnvBoot::Kexec]
+            .into_iter()
+            .find(|b| b.as_str() == s)
+    }
+
+    fn is_reboot(&self) -> bool {
+        *self == NewEnvBoot::Reboot
+    }
 }
 
 /// What [`ClusterConfig::parse`] reads: the canonical form plus `kd-lab`'s short forms.
@@ -166,6 +210,9 @@ struct RawClusterConfig {
     workflow: WorkflowConfig,
     #[serde(default = "default_check_port")]
     check_port: u16,
+    /// Read as text: a bad value gets kd's own message (field, line, the allowed values).
+    #[serde(default)]
+    boot: Option<serde_norway::Value>,
 }
 
 /// One node of the cluster.
@@ -608,6 +655,25 @@ impl ClusterConfig {
                 })
             }
         };
+        let boot = match &raw.boot {
+            None | Some(serde_norway::Value::Null) => NewEnvBoot::default(),
+            Some(v) => v.as_str().and_then(NewEnvBoot::parse).ok_or_else(|| {
+                let shown = v
+                    .as_str()
+                    .map(|s| format!("{s:?}"))
+                    .or_else(|| {
+                        serde_norway::to_string(v)
+                            .ok()
+                            .map(|t| t.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                ConfigError::invalid(
+                    text,
+                    "boot",
+                    format!("unknown boot method {shown}: reboot (the default) or kexec"),
+                )
+            })?,
+        };
         let mut cfg = ClusterConfig {
             cluster: raw.cluster,
             nodes: raw.nodes,
@@ -618,6 +684,7 @@ impl ClusterConfig {
             disk: raw.disk,
             workflow: raw.workflow,
             check_port: raw.check_port,
+            boot,
         };
         cfg.validate(text)?;
         Ok(cfg)
@@ -1418,6 +1485,40 @@ commands:
         );
         let e = err(&KD_LAB.replace("coordinator_address: 10.77.0.1\n", ""));
         assert!(e.starts_with("coordinator: missing"), "{e}");
+    }
+
+    /// `boot:` is reboot by default, kexec when asked; anything else is refused with the field,
+    /// its line and the allowed values; only a non-default value is written back.
+    #[test]
+    fn boot_method_kexec_or_reboot() {
+        assert_eq!(lab().boot, NewEnvBoot::Reboot);
+        assert!(!lab().to_yaml().unwrap().contains("\nboot:"));
+        let c = ClusterConfig::parse(&format!("{LAB}boot: kexec\n")).unwrap();
+        assert_eq!(c.boot, NewEnvBoot::Kexec);
+        let yaml = c.to_yaml().unwrap();
+        assert!(yaml.contains("\nboot: kexec\n"), "{yaml}");
+        assert_eq!(ClusterConfig::parse(&yaml).unwrap(), c);
+        assert_eq!(
+            ClusterConfig::parse(&format!("{LAB}boot: reboot\n"))
+                .unwrap()
+                .boot,
+            NewEnvBoot::Reboot
+        );
+        // kd-lab's short form takes it too.
+        let c = ClusterConfig::parse(&format!("{KD_LAB}boot: kexec\n")).unwrap();
+        assert_eq!(c.boot, NewEnvBoot::Kexec);
+        assert_eq!(
+            err(&format!("{LAB}boot: kexek\n")),
+            "line 37: boot: unknown boot method \"kexek\": reboot (the default) or kexec"
+        );
+        assert_eq!(
+            err(&format!("{LAB}boot: [kexec]\n")),
+            "line 37: boot: unknown boot method - kexec: reboot (the default) or kexec"
+        );
+        assert_eq!(
+            err(&format!("{LAB}boot: 1\n")),
+            "line 37: boot: unknown boot method 1: reboot (the default) or kexec"
+        );
     }
 
     #[test]

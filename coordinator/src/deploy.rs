@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use kd_proto::msg::{
-    AgentStep, DeployJob, Job, PeerInfo, Progress, Report, ToAgent, ToCoord, Upstream,
+    AgentStep, DeployJob, Job, Kexec, PeerInfo, Progress, Report, StepReport, ToAgent, ToCoord,
+    Upstream,
 };
 use kd_proto::tree::Arity;
 use tokio::sync::mpsc;
@@ -87,8 +88,13 @@ struct Setup {
 
 impl Setup {
     fn deploy(cfg: DeployConfig) -> Self {
+        let mut settings = Settings::from_config(&cfg.cluster, cfg.arity);
+        if cfg.job.boot.is_none() {
+            // No kernel in the environment: nothing to kexec into.
+            settings.boot = crate::config::NewEnvBoot::Reboot;
+        }
         Setup {
-            settings: Settings::from_config(&cfg.cluster, cfg.arity),
+            settings,
             nodes: cfg.nodes,
             deployment: cfg.deployment,
             arity: cfg.arity,
@@ -713,7 +719,7 @@ impl Driver {
                 op,
                 level,
             } => self.run_command(node, id, op, level),
-            Action::RebootAgent { node, id } => {
+            Action::RebootAgent { node, id, kexec } => {
                 if !self.agents.contains_key(&node) {
                     return vec![Event::CommandDone {
                         node,
@@ -722,7 +728,7 @@ impl Driver {
                     }];
                 }
                 vec![Event::CommandDone {
-                    status: self.send_reboot(&node),
+                    status: self.send_reboot(&node, kexec),
                     node,
                     id,
                 }]
@@ -910,9 +916,29 @@ impl Driver {
         Vec::new()
     }
 
-    fn send_reboot(&mut self, node: &str) -> CommandStatus {
+    /// Tells the node's agent to reboot, or to kexec into the deployed kernel (the job's boot
+    /// settings: paths in the deployed tree, the environment's kernel parameters).
+    fn send_reboot(&mut self, node: &str, kexec: bool) -> CommandStatus {
+        let kexec = match (&self.setup.job, kexec) {
+            (Job::Deploy(job), true) => job.boot.as_ref().map(|b| Kexec {
+                kernel: b.kernel.clone(),
+                initrd: b.initrd.clone(),
+                params: b.params.clone(),
+            }),
+            _ => None,
+        };
+        if let Some(k) = &kexec {
+            self.note(format!(
+                "{node}: kexec into {}{} (falls back to a reboot)",
+                k.kernel,
+                k.initrd
+                    .as_deref()
+                    .map(|i| format!(" with {i}"))
+                    .unwrap_or_default()
+            ));
+        }
         match self.agents.remove(node) {
-            Some(a) => match a.tx.try_send(ToAgent::Reboot) {
+            Some(a) => match a.tx.try_send(ToAgent::Reboot { kexec }) {
                 Ok(()) => CommandStatus::Exited(0),
                 Err(e) => CommandStatus::Failed(format!("cannot tell the agent: {e}")),
             },
@@ -1120,6 +1146,14 @@ impl Driver {
             }
             Inbound::Msg { node, msg } => {
                 if !self.agents.contains_key(&node) {
+                    // An agent told to reboot may still say how its kexec went (a note).
+                    if let ToCoord::Step(s) = &msg {
+                        if s.step == "kexec"
+                            && matches!(self.wf.node_step(&node), Some((Step::BootNewEnv, _)))
+                        {
+                            self.step_note(&node, s);
+                        }
+                    }
                     return Vec::new();
                 }
                 self.agent_message(node, msg).await
@@ -1297,17 +1331,29 @@ impl Driver {
                 Vec::new()
             }
             ToCoord::Step(s) => {
-                match &s.error {
-                    None => self.note(format!("{node}:   {} ok ({} ms)", s.step, s.millis)),
-                    Some(e) => self.note(format!(
-                        "{node}:   {} FAILED ({} ms): {e}",
-                        s.step, s.millis
-                    )),
-                }
+                self.step_note(&node, &s);
                 self.event(broadcast::Event::Step { node, step: s });
                 Vec::new()
             }
             ToCoord::Hello(_) => Vec::new(),
+        }
+    }
+}
+
+impl Driver {
+    /// One line for an agent's step report (kexec's with its output: what it loaded).
+    fn step_note(&self, node: &str, s: &StepReport) {
+        let out = if s.step != "kexec" || s.output.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.output)
+        };
+        match &s.error {
+            None => self.note(format!("{node}:   {} ok ({} ms){out}", s.step, s.millis)),
+            Some(e) => self.note(format!(
+                "{node}:   {} FAILED ({} ms): {e}",
+                s.step, s.millis
+            )),
         }
     }
 }

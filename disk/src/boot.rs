@@ -68,6 +68,18 @@ pub fn fstab(entries: &[FstabEntry]) -> String {
     s
 }
 
+/// The deployed kernel's command line: its root file system by UUID, mounted read-only first
+/// (the system remounts it), then the environment's parameters. What the GRUB entry kd writes
+/// passes, and what a kexec into the deployed kernel passes.
+pub fn kernel_cmdline(root_uuid: &str, params: &str) -> String {
+    let params = params.trim();
+    if params.is_empty() {
+        format!("root=UUID={root_uuid} ro")
+    } else {
+        format!("root=UUID={root_uuid} ro {params}")
+    }
+}
+
 /// grub.cfg text for the environment on the root file system `root_uuid` of type `fs`.
 pub fn grub_cfg(boot: &BootConfig, root_uuid: &str, fs: FsType) -> String {
     let fsmod = match fs {
@@ -86,10 +98,10 @@ pub fn grub_cfg(boot: &BootConfig, root_uuid: &str, fs: FsType) -> String {
          insmod {fsmod}\n\
          search --no-floppy --fs-uuid --set=root {root_uuid}\n\
          menuentry '{}' {{\n\
-         \tlinux {} root=UUID={root_uuid} ro {}\n",
+         \tlinux {} {}\n",
         boot.title.replace('\'', ""),
         boot.kernel,
-        boot.params
+        kernel_cmdline(root_uuid, &boot.params)
     );
     if let Some(i) = &boot.initrd {
         s.push_str(&format!("\tinitrd {i}\n"));
@@ -230,5 +242,24 @@ mod tests {
         assert!(c.contains("\tlinux /vmlinuz root=UUID=1234-abcd ro console=ttyS0\n"));
         assert!(c.contains("\tinitrd /initrd.img\n"));
         assert!(c.contains("menuentry 'debian12' {"));
+        // No parameters: no trailing blank.
+        let c = grub_cfg(
+            &BootConfig {
+                params: " ".into(),
+                ..b
+            },
+            "u",
+            FsType::Xfs,
+        );
+        assert!(c.contains("\tlinux /vmlinuz root=UUID=u ro\n"), "{c}");
+    }
+
+    #[test]
+    fn kernel_cmdline_is_grubs() {
+        assert_eq!(
+            kernel_cmdline("1234-abcd", "console=tty0 console=ttyS0,115200n8 rw"),
+            "root=UUID=1234-abcd ro console=tty0 console=ttyS0,115200n8 rw"
+        );
+        assert_eq!(kernel_cmdline("1234-abcd", ""), "root=UUID=1234-abcd ro");
     }
 }

@@ -247,6 +247,11 @@ impl Prepared {
         self.target.sink()
     }
 
+    /// The disk written.
+    pub fn disk(&self) -> &Path {
+        &self.disk
+    }
+
     /// The resolved layout (none for whole-disk raw images).
     pub fn plan(&self) -> Option<&Plan> {
         self.plan.as_ref()

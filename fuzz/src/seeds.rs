@@ -151,7 +151,14 @@ pub fn frames() -> Vec<Vec<u8>> {
         ToAgent::Adopt(peer(5)),
         ToAgent::Finish,
         ToAgent::Prepare(Box::new(deploy_job())),
-        ToAgent::Reboot,
+        ToAgent::Reboot { kexec: None },
+        ToAgent::Reboot {
+            kexec: Some(kd_proto::msg::Kexec {
+                kernel: "/vmlinuz".into(),
+                initrd: Some("/initrd.img".into()),
+                params: "console=ttyS0 rw".into(),
+            }),
+        },
         ToAgent::Abort {
             reason: "operator".into(),
         },

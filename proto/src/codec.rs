@@ -266,6 +266,32 @@ mod tests {
         assert_eq!(parse_chunk_prefix(&p, f.len() - HEADER_LEN).unwrap(), None);
     }
 
+    /// `Reboot` with and without a kexec survives the codec as it was sent.
+    #[test]
+    fn reboot_with_kexec_roundtrips() {
+        for m in [
+            ToAgent::Reboot { kexec: None },
+            ToAgent::Reboot {
+                kexec: Some(Kexec {
+                    kernel: "/vmlinuz".into(),
+                    initrd: Some("/initrd.img".into()),
+                    params: "console=ttyS0,115200n8 rw".into(),
+                }),
+            },
+            ToAgent::Reboot {
+                kexec: Some(Kexec {
+                    kernel: "/boot/vmlinuz-6.1.0-18-amd64".into(),
+                    initrd: None,
+                    params: String::new(),
+                }),
+            },
+        ] {
+            let f = encode(&m).unwrap();
+            let back: ToAgent = decode(&f[HEADER_LEN..]).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
     #[test]
     fn over_limit_header_is_refused() {
         let err = frame_len((MAX_FRAME + 1).to_le_bytes(), MAX_FRAME).unwrap_err();

@@ -27,4 +27,4 @@ pub mod upstream;
 /// ALPN protocol identifier of every kd QUIC connection.
 pub const ALPN: &[u8] = b"kd/1";
 /// Version of the wire protocol carried in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;

@@ -199,8 +199,14 @@ pub enum ToAgent {
     /// it finishes the disk (`StepEnd` with [`AgentStep::Finish`]).
     Prepare(Box<DeployJob>),
     /// The deployment is over for this node: stop serving and reboot into the deployed system
-    /// (an agent outside the deploy initrd just exits).
-    Reboot,
+    /// (an agent outside the deploy initrd just exits). With `kexec`, the agent first tries to
+    /// boot the deployed kernel at once (`kexec -l` then `kexec -e`: no firmware, no PXE) and
+    /// falls back to the plain reboot when that fails (saying why in a [`ToCoord::Step`]
+    /// named `kexec`, when it still can).
+    Reboot {
+        /// The deployed kernel to kexec into; `None`: a firmware reboot.
+        kexec: Option<Kexec>,
+    },
     /// Stop now, with a reason.
     Abort {
         /// Why.
@@ -335,6 +341,20 @@ pub struct BootSpec {
     pub bios: bool,
     /// Install GRUB for UEFI on the ESP.
     pub efi: bool,
+}
+
+/// The deployed system's kernel, for [`ToAgent::Reboot`]'s kexec: paths inside the deployed
+/// root file system (symlinks such as Debian's `/vmlinuz` are followed inside that tree). The
+/// agent builds the command line as the GRUB entry it wrote: `root=UUID=<deploy partition> ro`
+/// then `params`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kexec {
+    /// Kernel path in the deployed tree (the environment's `boot.kernel`).
+    pub kernel: String,
+    /// Initrd path in the deployed tree (the environment's `boot.initrd`).
+    pub initrd: Option<String>,
+    /// Kernel parameters besides `root=UUID=… ro` (the environment's `boot.kernel_params`).
+    pub params: String,
 }
 
 /// One post-install archive, carried inline (bounded by the frame size).

@@ -10,7 +10,7 @@
 //! | [`Step::Prepare`] | `SendPrepare` | `StepDone{Prepare}` |
 //! | [`Step::Broadcast`] | `StartBroadcast{round, nodes, parents}` (a barrier and a tree, see below), `Reparent` | `StepDone{Broadcast}` |
 //! | [`Step::Finish`] | nothing: the agent finishes its disk by itself after its report | `StepDone{Finish}` |
-//! | [`Step::BootNewEnv`] | `WritePxe{LocalDisk}`, `RebootAgent` (soft), then `RunCommand{Reboot}` (hard, very_hard); `ProbePort` every `probe_interval` | `PortOpen` |
+//! | [`Step::BootNewEnv`] | `WritePxe{LocalDisk}`, `RebootAgent` (soft; with the cluster's `boot: kexec`, a kexec), then `RunCommand{Reboot}` (hard, very_hard; after a kexec: soft first); `ProbePort` every `probe_interval` | `PortOpen` |
 //!
 //! Nodes move independently: a node that passes a step goes on at once, a node that fails
 //! retries or drops out ([`Action::NodeDone`] with the reason), and the deployment ends
@@ -29,6 +29,11 @@
 //!   deploy profile and token, a reboot, a new agent, Prepare) and puts it in the next round;
 //!   the attempt counts against the retries of the step that failed. A node that fails for good
 //!   on the way back names both (`... (retrying Broadcast after: ...)`);
+//! * with the cluster's `boot: kexec`, BootNewEnv's reboot through the agent is a kexec into
+//!   the deployed kernel (the agent falls back to a plain reboot by itself when the kexec
+//!   fails to load or to start). A node that does not answer within `boot_new_env`'s timeout
+//!   after it (or whose agent could not be told) gets the reboot commands at once, in the same
+//!   attempt, from soft up; then timeouts and retries go on as for a reboot;
 //! * an agent lost during Prepare, Broadcast or Finish fails that step's attempt (and is
 //!   retried as above); `NodeFailed` (a cause no retry can mend) ends the node at once;
 //! * the deployment always ends by [`Deployment::time_bound`] after its start.
@@ -66,7 +71,8 @@
 //! * `RunCommand{node, id, op, level}`: run `ClusterConfig::command(op, level, node)` in the
 //!   background; answer `CommandDone{node, id, status}`. `KillCommand{id}` asks to kill it
 //!   (no answer needed; a late `CommandDone` is ignored).
-//! * `RebootAgent{node, id}`: tell the node's agent to reboot; answer `CommandDone` with
+//! * `RebootAgent{node, id, kexec}`: tell the node's agent to reboot (with `kexec`: to kexec
+//!   into the deployed kernel, falling back to a reboot); answer `CommandDone` with
 //!   `Exited(0)` once sent, `Failed(..)` if the agent is not connected.
 //! * `SendPrepare{node}`: send the agent its disk preparation; answer
 //!   `StepDone{node, Prepare, result}` when it reports.
@@ -95,7 +101,7 @@ use std::time::{Duration, Instant};
 
 use kd_proto::tree::Arity;
 
-use crate::config::{ClusterConfig, Level, Operation, StepPolicy, WorkflowConfig};
+use crate::config::{ClusterConfig, Level, NewEnvBoot, Operation, StepPolicy, WorkflowConfig};
 
 #[cfg(test)]
 mod sim;
@@ -285,6 +291,8 @@ pub enum Action {
         node: String,
         /// Id to answer with.
         id: CommandId,
+        /// Kexec into the deployed kernel (the agent reboots if that fails), not a reboot.
+        kexec: bool,
     },
     /// Kill a command that ran too long (no answer needed).
     KillCommand {
@@ -381,6 +389,9 @@ pub struct StepRecord {
     pub ok: bool,
     /// Reboots issued during the step, in order (soft in BootNewEnv = through the agent).
     pub reboots: Vec<Level>,
+    /// The node was asked to kexec into the deployed kernel during the step (its first soft
+    /// reboot in BootNewEnv, through the agent).
+    pub kexec: bool,
 }
 
 /// Result and timings of one node.
@@ -463,6 +474,8 @@ pub struct Settings {
     /// Each node's rack or switch (`rack:` in the cluster configuration): a round's tree
     /// enters each rack once ([`kd_proto::tree::plan_grouped`]). Empty: the plain plan.
     pub racks: std::collections::BTreeMap<String, String>,
+    /// How BootNewEnv's reboot through the agent boots the deployed system.
+    pub boot: NewEnvBoot,
 }
 
 /// What a run of the machine does with its nodes.
@@ -504,6 +517,7 @@ impl Settings {
                 .iter()
                 .filter_map(|n| Some((n.name.clone(), n.rack.clone()?)))
                 .collect(),
+            boot: cfg.boot,
         }
     }
 
@@ -533,6 +547,7 @@ impl Settings {
                 from,
             },
             racks: Default::default(),
+            boot: NewEnvBoot::Reboot,
         }
     }
 
@@ -581,6 +596,7 @@ impl Settings {
             arity,
             profile: Profile::BroadcastOnly,
             racks: Default::default(),
+            boot: NewEnvBoot::Reboot,
         }
     }
 
@@ -615,6 +631,18 @@ impl Settings {
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
     }
+
+    /// BootNewEnv's reboot through the agent is a kexec.
+    fn kexec(&self) -> bool {
+        self.boot == NewEnvBoot::Kexec && self.operating().is_none()
+    }
+}
+
+/// A BootNewEnv reboot asked of the node's agent (not a command).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentBoot {
+    Reboot,
+    Kexec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -665,6 +693,10 @@ struct Node {
     redo: Option<(Step, String)>,
     /// The agent's Finish result, when it came before the node entered Finish.
     early_finish: Option<Result<(), String>>,
+    /// The reboot under way (`Rebooting`, `WaitingBoot`) was asked of the agent, and how.
+    agent_boot: Option<AgentBoot>,
+    /// A kexec was asked in the current step (its soft reboots are commands from then on).
+    kexec_asked: bool,
 }
 
 fn step_index(step: Step) -> usize {
@@ -774,6 +806,8 @@ impl Deployment {
                 starts: [0; 5],
                 redo: None,
                 early_finish: None,
+                agent_boot: None,
+                kexec_asked: false,
             });
         }
         let n = list.len();
@@ -1053,16 +1087,24 @@ impl Deployment {
             .saturating_mul(attempts(p.broadcast));
         let finish = p.finish.timeout().saturating_mul(attempts(p.finish));
         let once = |s: StepPolicy| s.retries.saturating_add(1);
+        // A kexec that does not bring the node up: one more wait and a soft command, once.
+        let kexec = if settings.kexec() {
+            c.saturating_mul(2).saturating_add(p.boot_new_env.timeout())
+        } else {
+            Duration::ZERO
+        };
         let boot = c
             .saturating_mul(1 + boot_levels)
             .saturating_add(p.boot_new_env.timeout())
             .saturating_mul(once(p.boot_new_env))
+            .saturating_add(kexec)
             // A soft reboot held while the last round runs.
             .saturating_add(p.broadcast.timeout());
         let commands = (nodes as u64).saturating_mul(u64::from(
             set_levels
                 .saturating_mul(attempts(p.set_deployment_env))
-                .saturating_add(boot_levels.saturating_mul(once(p.boot_new_env))),
+                .saturating_add(boot_levels.saturating_mul(once(p.boot_new_env)))
+                .saturating_add(u32::from(settings.kexec())),
         ));
         let windows = commands.div_ceil(p.reboot_window.max(1) as u64);
         let queue = c.saturating_mul(u32::try_from(windows).unwrap_or(u32::MAX));
@@ -1193,7 +1235,14 @@ impl Deployment {
                         id,
                     });
                     if let Phase::Rebooting { level, id: cur } = self.nodes[c.node].phase {
-                        if cur == id {
+                        if cur == id && self.nodes[c.node].agent_boot == Some(AgentBoot::Kexec) {
+                            let secs = self.settings.policy.command_timeout;
+                            self.after_kexec(
+                                c.node,
+                                format!("the kexec through the agent did not end in {secs} s"),
+                                out,
+                            );
+                        } else if cur == id {
                             let secs = self.settings.policy.command_timeout;
                             self.escalate(
                                 c.node,
@@ -1230,6 +1279,14 @@ impl Deployment {
             (Phase::WaitingBoot, Step::SetDeploymentEnv) => {
                 format!("no agent Hello within {secs} s after a {last} reboot")
             }
+            (Phase::WaitingBoot, Step::BootNewEnv) if n.agent_boot == Some(AgentBoot::Kexec) => {
+                // The kexec did not bring the system up (hung, or the agent's own fallback
+                // reboot did not either): the reboot commands, in this attempt.
+                let reason =
+                    format!("the deployed system did not answer within {secs} s after a kexec");
+                self.after_kexec(i, reason, out);
+                return;
+            }
             (Phase::WaitingBoot, _) if self.settings.operating().is_some() => {
                 format!("the node did not answer within {secs} s after a {last} reboot")
             }
@@ -1254,6 +1311,7 @@ impl Deployment {
         n.step_started = now;
         n.level_max = None;
         n.reboots.clear();
+        n.kexec_asked = false;
         self.begin_attempt(i, out);
     }
 
@@ -1261,6 +1319,7 @@ impl Deployment {
         let n = &mut self.nodes[i];
         n.deadline = None;
         n.next_probe = None;
+        n.agent_boot = None;
         let step = n.step;
         n.starts[step_index(step)] += 1;
         let node = n.name.clone();
@@ -1343,9 +1402,12 @@ impl Deployment {
         n.deadline = None;
         n.level_max = Some(n.level_max.map_or(level, |m| m.max(level)));
         n.reboots.push(level);
+        n.agent_boot = None;
         let step = n.step;
         let operating = self.settings.operating().is_some();
-        if step == Step::BootNewEnv && level == Level::Soft && !operating {
+        // After a kexec, a soft reboot is the soft command.
+        let via_agent = !n.kexec_asked;
+        if step == Step::BootNewEnv && level == Level::Soft && !operating && via_agent {
             let held = self
                 .round
                 .as_ref()
@@ -1425,16 +1487,28 @@ impl Deployment {
                 }
             }
             Some(why) => {
-                let what = if self.nodes[i].step == Step::BootNewEnv
-                    && level == Level::Soft
-                    && self.settings.operating().is_none()
-                {
-                    "reboot through the agent".to_string()
-                } else {
-                    format!("{level} {} command", self.settings.op_name())
+                let what = match self.nodes[i].agent_boot {
+                    Some(AgentBoot::Kexec) => {
+                        let reason = format!("kexec through the agent failed: {why}");
+                        self.after_kexec(i, reason, out);
+                        return;
+                    }
+                    Some(AgentBoot::Reboot) => "reboot through the agent".to_string(),
+                    None => format!("{level} {} command", self.settings.op_name()),
                 };
                 self.escalate(i, level, format!("{what} failed: {why}"), out);
             }
+        }
+    }
+
+    /// The kexec asked of the node's agent did not bring it up: the reboot commands from soft
+    /// (the agent path is not taken again in this step), or the attempt fails when there are
+    /// none.
+    fn after_kexec(&mut self, i: usize, reason: String, out: &mut Vec<Action>) {
+        self.nodes[i].agent_boot = None;
+        match self.settings.reboot_levels.first().copied() {
+            Some(first) => self.issue_reboot(i, first, out),
+            None => self.fail_attempt(i, reason, false, out),
         }
     }
 
@@ -1511,6 +1585,7 @@ impl Deployment {
                 r.duration = r.duration.saturating_add(duration);
                 r.ok = ok;
                 r.reboots.extend(reboots);
+                r.kexec |= n.kexec_asked;
             }
             None => n.records.push(StepRecord {
                 step: n.step,
@@ -1518,6 +1593,7 @@ impl Deployment {
                 duration,
                 ok,
                 reboots,
+                kexec: n.kexec_asked,
             }),
         }
     }
@@ -1590,16 +1666,25 @@ impl Deployment {
         self.round_gone(i, out);
     }
 
-    /// Soft reboot of a BootNewEnv node through its agent.
+    /// Soft reboot of a BootNewEnv node through its agent (a kexec with `boot: kexec`).
     fn reboot_through_agent(&mut self, i: usize, out: &mut Vec<Action>) {
         let id = self.new_command(i, false);
-        self.nodes[i].phase = Phase::Rebooting {
+        let kexec = self.settings.kexec();
+        let n = &mut self.nodes[i];
+        n.phase = Phase::Rebooting {
             level: Level::Soft,
             id,
         };
+        n.agent_boot = Some(if kexec {
+            AgentBoot::Kexec
+        } else {
+            AgentBoot::Reboot
+        });
+        n.kexec_asked |= kexec;
         out.push(Action::RebootAgent {
             node: self.nodes[i].name.clone(),
             id,
+            kexec,
         });
         self.agent_gone(i, out);
     }
@@ -2143,6 +2228,7 @@ impl Summary {
                         "attempts": s.attempts,
                         "secs": s.duration.as_secs_f64(),
                         "reboots": s.reboots.iter().map(|l| l.as_str()).collect::<Vec<_>>(),
+                        "kexec": s.kexec,
                     })).collect::<Vec<_>>(),
                 })
             })

@@ -33,6 +33,19 @@ struct Script {
     finish_fails: u32,
     /// From reboot into the local disk to the port open; `None`: never answers.
     os_boot: Option<u64>,
+    /// What a kexec asked of the agent does.
+    kexec: KexecSim,
+}
+
+/// What a simulated node does when its agent is asked to kexec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KexecSim {
+    /// The deployed kernel starts; its port opens this long after (no firmware, no PXE).
+    Boots(u64),
+    /// Loading fails: the agent reboots the node as without kexec.
+    FallsBack,
+    /// `kexec -e` starts a kernel that hangs: nothing answers until a reboot command.
+    Hangs,
 }
 
 impl Default for Script {
@@ -53,6 +66,7 @@ impl Default for Script {
             finish: 5,
             finish_fails: 0,
             os_boot: Some(45),
+            kexec: KexecSim::Boots(20),
         }
     }
 }
@@ -62,6 +76,11 @@ enum SimEvent {
     Deliver(Event),
     /// The node finished booting whatever its PXE profile said (if `gen` is still current).
     Booted {
+        node: usize,
+        gen: u64,
+    },
+    /// The kexec'd deployed kernel is up (if `gen` is still current), whatever the profile.
+    Kexeced {
         node: usize,
         gen: u64,
     },
@@ -126,6 +145,15 @@ fn settings(policy: WorkflowConfig) -> Settings {
         arity: Arity::Kary(2),
         profile: Profile::Deploy,
         racks: Default::default(),
+        boot: NewEnvBoot::Reboot,
+    }
+}
+
+/// [`settings`] with the cluster's `boot: kexec`.
+fn kexec_settings(policy: WorkflowConfig) -> Settings {
+    Settings {
+        boot: NewEnvBoot::Kexec,
+        ..settings(policy)
     }
 }
 
@@ -215,7 +243,7 @@ impl SimCluster {
                 };
                 self.at(done, deliver(e));
             }
-            Action::RebootAgent { node, id } => {
+            Action::RebootAgent { node, id, kexec } => {
                 let i = self.idx(node);
                 // A relay reboots only when no node still receiving reads from it.
                 let mut above = HashSet::new();
@@ -231,8 +259,26 @@ impl SimCluster {
                     }
                 }
                 let status = if self.nodes[i].agent {
-                    if self.scripts[i].agent_reboot_works {
-                        self.reboot(i, now);
+                    match (*kexec, self.scripts[i].kexec) {
+                        (true, KexecSim::Boots(took)) => {
+                            let n = &mut self.nodes[i];
+                            n.gen += 1;
+                            n.os_up = false;
+                            n.agent = false;
+                            let gen = n.gen;
+                            self.at(now + secs(took), SimEvent::Kexeced { node: i, gen });
+                        }
+                        (true, KexecSim::Hangs) => {
+                            let n = &mut self.nodes[i];
+                            n.gen += 1;
+                            n.os_up = false;
+                            n.agent = false;
+                        }
+                        (true, KexecSim::FallsBack) | (false, _) => {
+                            if self.scripts[i].agent_reboot_works {
+                                self.reboot(i, now);
+                            }
+                        }
                     }
                     CommandStatus::Exited(0)
                 } else {
@@ -395,6 +441,13 @@ impl SimCluster {
                     None => None,
                 }
             }
+            SimEvent::Kexeced { node, gen } => {
+                let n = &mut self.nodes[node];
+                if n.gen == gen && !n.dead {
+                    n.os_up = true;
+                }
+                None
+            }
         }
     }
 
@@ -476,7 +529,11 @@ fn ok_scripts(n: usize) -> Vec<Script> {
 }
 
 fn check_bound(out: &Outcome, policy: &WorkflowConfig, n: usize) {
-    let bound = Deployment::time_bound(&settings(policy.clone()), n);
+    check_bound_with(out, &settings(policy.clone()), n)
+}
+
+fn check_bound_with(out: &Outcome, settings: &Settings, n: usize) {
+    let bound = Deployment::time_bound(settings, n);
     assert!(
         out.summary.elapsed <= bound,
         "elapsed {:?} > bound {:?}",
@@ -1488,6 +1545,277 @@ fn boot_new_env_escalates_when_the_agent_reboot_does_nothing() {
     assert_eq!(
         r.steps[4].reboots,
         vec![Level::Soft, Level::Hard, Level::VeryHard]
+    );
+}
+
+/// The BootNewEnv actions of one node, as words: `kexec`/`agent reboot` through the agent,
+/// `LEVEL command` for a reboot command (after the local-disk profile was written).
+fn boot_new_env_actions(out: &Outcome, node: &str) -> Vec<String> {
+    let start = out
+        .actions
+        .iter()
+        .position(|(_, a)| {
+            matches!(a, Action::WritePxe { node: n, profile: PxeKind::LocalDisk } if n == node)
+        })
+        .expect("no local-disk profile");
+    out.actions[start..]
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::RebootAgent { node: n, kexec, .. } if n == node => {
+                Some(if *kexec { "kexec" } else { "agent reboot" }.to_string())
+            }
+            Action::RunCommand { node: n, level, .. } if n == node => {
+                Some(format!("{level} command"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn kexec_boots_the_deployed_kernel_without_the_firmware() {
+    let p = WorkflowConfig::default();
+    let settings = kexec_settings(p.clone());
+    let out = SimCluster::new(ok_scripts(2), settings.clone()).run(None);
+    check_bound_with(&out, &settings, 2);
+    assert_eq!(out.summary.ok, vec!["node1", "node2"]);
+    for node in ["node1", "node2"] {
+        let r = out.report(node);
+        let b = &r.steps[4];
+        assert_eq!(b.step, Step::BootNewEnv);
+        assert!(b.ok && b.kexec, "{b:?}");
+        assert_eq!(b.attempts, 1);
+        assert_eq!(b.reboots, vec![Level::Soft]);
+        // The kernel answers 20 s after the kexec; probes at +10, +15, +20 s.
+        assert_eq!(b.duration, secs(20));
+        assert_eq!(boot_new_env_actions(&out, node), vec!["kexec"]);
+        // SetDeploymentEnv's reboot is a reboot whatever `boot` says.
+        assert!(!r.steps[0].kexec);
+    }
+    // The same cluster with `boot: reboot` takes the firmware's 45 s.
+    let out = run(ok_scripts(2), p);
+    let b = &out.report("node1").steps[4];
+    assert!(!b.kexec);
+    assert_eq!(b.duration, secs(45));
+    assert_eq!(boot_new_env_actions(&out, "node1"), vec!["agent reboot"]);
+    // The record says so in JSON.
+    let settings_json = SimCluster::new(ok_scripts(1), settings).run(None);
+    let j = settings_json.summary.to_json();
+    assert_eq!(j["nodes"][0]["steps"][4]["kexec"], true);
+    assert_eq!(j["nodes"][0]["steps"][0]["kexec"], false);
+}
+
+#[test]
+fn a_kexec_that_fails_to_load_is_the_agents_own_reboot() {
+    let p = WorkflowConfig::default();
+    let settings = kexec_settings(p);
+    let mut s = ok_scripts(1);
+    s[0].kexec = KexecSim::FallsBack;
+    let out = SimCluster::new(s, settings.clone()).run(None);
+    check_bound_with(&out, &settings, 1);
+    let b = &out.report("node1").steps[4];
+    assert!(b.ok && b.kexec);
+    // The firmware's boot, and no command: the agent rebooted by itself.
+    assert_eq!(b.duration, secs(45));
+    assert_eq!(boot_new_env_actions(&out, "node1"), vec!["kexec"]);
+}
+
+/// A kexec'd kernel that never answers gets the reboot commands from soft up, in the same
+/// attempt (no BootNewEnv retry needed), after `boot_new_env`'s timeout.
+#[test]
+fn a_hung_kexec_gets_the_reboot_commands_from_soft() {
+    let p = WorkflowConfig {
+        boot_new_env: StepPolicy {
+            timeout: 300,
+            retries: 0,
+        },
+        ..WorkflowConfig::default()
+    };
+    let settings = kexec_settings(p.clone());
+    let mut s = ok_scripts(2);
+    s[0].kexec = KexecSim::Hangs;
+    s[1].kexec = KexecSim::Hangs;
+    s[1].min_level = Some(Level::Hard); // the soft command does not help node2
+    s[1].cmd_fails = vec![Level::Soft];
+    let out = SimCluster::new(s, settings.clone()).run(None);
+    check_bound_with(&out, &settings, 2);
+    assert_eq!(out.summary.ok, vec!["node1", "node2"]);
+    let b = &out.report("node1").steps[4];
+    assert!(b.ok && b.kexec);
+    assert_eq!(b.attempts, 1);
+    assert_eq!(b.reboots, vec![Level::Soft, Level::Soft]);
+    // 300 s waiting for the kexec'd kernel, the 1 s soft command, the firmware's 45 s.
+    assert_eq!(b.duration, secs(300 + 1 + 45));
+    assert_eq!(
+        boot_new_env_actions(&out, "node1"),
+        vec!["kexec", "soft command"]
+    );
+    // node2: the soft command fails, hard at once.
+    let b = &out.report("node2").steps[4];
+    assert!(b.ok);
+    assert_eq!(b.reboots, vec![Level::Soft, Level::Soft, Level::Hard]);
+    assert_eq!(b.duration, secs(300 + 1 + 1 + 45));
+    assert_eq!(
+        boot_new_env_actions(&out, "node2"),
+        vec!["kexec", "soft command", "hard command"]
+    );
+
+    // Every level hangs: the node fails with the last reboot named, in bounded time.
+    let mut s = ok_scripts(1);
+    s[0].kexec = KexecSim::Hangs;
+    s[0].os_boot = None;
+    let out = SimCluster::new(s, settings.clone()).run(None);
+    check_bound_with(&out, &settings, 1);
+    let r = out.report("node1");
+    assert_eq!(
+        r.result,
+        NodeResult::Failed {
+            step: Step::BootNewEnv,
+            reason: "the deployed system did not answer within 300 s after a soft reboot".into()
+        }
+    );
+    assert_eq!(
+        boot_new_env_actions(&out, "node1"),
+        vec!["kexec", "soft command"]
+    );
+
+    // With retries, the retry goes on above soft (hard, very_hard): the kexec is not asked again.
+    let settings = kexec_settings(WorkflowConfig::default());
+    let mut s = ok_scripts(1);
+    s[0].kexec = KexecSim::Hangs;
+    s[0].os_boot = None;
+    let out = SimCluster::new(s, settings.clone()).run(None);
+    check_bound_with(&out, &settings, 1);
+    assert!(!out.report("node1").is_ok());
+    assert_eq!(
+        boot_new_env_actions(&out, "node1"),
+        vec!["kexec", "soft command", "hard command", "very_hard command"]
+    );
+}
+
+/// No soft command in the cluster: after a hung kexec, hard; an agent that cannot be told
+/// (gone before its kexec) gets the commands at once.
+#[test]
+fn after_a_kexec_without_a_soft_command_hard_comes_first() {
+    let p = WorkflowConfig::default();
+    let settings = Settings {
+        reboot_levels: vec![Level::Hard, Level::VeryHard],
+        ..kexec_settings(p)
+    };
+    let mut s = ok_scripts(1);
+    s[0].kexec = KexecSim::Hangs;
+    let out = SimCluster::new(s, settings.clone()).run(None);
+    check_bound_with(&out, &settings, 1);
+    let b = &out.report("node1").steps[4];
+    assert!(b.ok);
+    assert_eq!(b.reboots, vec![Level::Soft, Level::Hard]);
+    assert_eq!(
+        boot_new_env_actions(&out, "node1"),
+        vec!["kexec", "hard command"]
+    );
+
+    // The driver could not tell the agent: the commands at once, no wait.
+    let t0 = Instant::now();
+    let mut d = Deployment::new(
+        vec!["n".into()],
+        kexec_settings(WorkflowConfig::default()),
+        t0,
+    );
+    d.start(t0);
+    let id = |a: &[Action]| {
+        a.iter().find_map(|a| match a {
+            Action::RunCommand { id, .. } | Action::RebootAgent { id, .. } => Some(*id),
+            _ => None,
+        })
+    };
+    let mut now = t0;
+    let a = d.handle(
+        Event::PxeWritten {
+            node: "n".into(),
+            result: Ok(()),
+        },
+        now,
+    );
+    let c = id(&a).unwrap();
+    d.handle(
+        Event::CommandDone {
+            node: "n".into(),
+            id: c,
+            status: CommandStatus::Exited(0),
+        },
+        now,
+    );
+    d.handle(Event::AgentHello { node: "n".into() }, now);
+    now += secs(5);
+    // Nobody else to wait for: the round starts at once.
+    let a = d.handle(
+        Event::StepDone {
+            node: "n".into(),
+            step: Step::Prepare,
+            result: Ok(()),
+        },
+        now,
+    );
+    assert!(
+        a.iter().any(|a| matches!(a, Action::StartBroadcast { .. })),
+        "{a:?}"
+    );
+    d.handle(
+        Event::StepDone {
+            node: "n".into(),
+            step: Step::Broadcast,
+            result: Ok(()),
+        },
+        now,
+    );
+    let a = d.handle(
+        Event::StepDone {
+            node: "n".into(),
+            step: Step::Finish,
+            result: Ok(()),
+        },
+        now,
+    );
+    assert!(
+        a.contains(&Action::WritePxe {
+            node: "n".into(),
+            profile: PxeKind::LocalDisk
+        }),
+        "{a:?}"
+    );
+    let a = d.handle(
+        Event::PxeWritten {
+            node: "n".into(),
+            result: Ok(()),
+        },
+        now,
+    );
+    let Some(Action::RebootAgent {
+        id, kexec: true, ..
+    }) = a
+        .iter()
+        .find(|a| matches!(a, Action::RebootAgent { .. }))
+        .cloned()
+    else {
+        panic!("no kexec asked: {a:?}");
+    };
+    let a = d.handle(
+        Event::CommandDone {
+            node: "n".into(),
+            id,
+            status: CommandStatus::Failed("no agent connection to reboot".into()),
+        },
+        now,
+    );
+    assert!(
+        a.iter().any(|a| matches!(
+            a,
+            Action::RunCommand {
+                level: Level::Soft,
+                ..
+            }
+        )),
+        "{a:?}"
     );
 }
 
