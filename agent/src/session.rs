@@ -1271,31 +1271,17 @@ async fn fetch_one(
     }
 }
 
+/// How long a repair tries to reach the peer the coordinator named.
+const PEER_REPAIR_CONNECT: Duration = Duration::from_secs(3);
+
 /// Chunk `index` from `peer`, which the coordinator told to accept us: a connection of its
 /// own (retried briefly: the peer may learn about us a moment after we learn about it), one
 /// request, closed after.
 async fn fetch_from_peer(ctx: &Ctx, peer: &PeerInfo, index: u32) -> Result<bytes::Bytes> {
-    let client = kd_net::tls::child_to_parent(
-        peer.cert_sha256,
-        ctx.identity.cert_der.clone(),
-        ctx.identity.key_der.clone(),
-    )?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    let conn = loop {
-        let attempt = ctx
-            .endpoint
-            .connect_with(client.clone(), peer.addr, "kd-peer")?;
-        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
-            Ok(Ok(c)) => break c,
-            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
-                bail!("cannot connect to {} at {}: {e}", peer.node, peer.addr)
-            }
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                bail!("{} at {} does not answer", peer.node, peer.addr)
-            }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
+    // The same connection as to a parent (the peer's certificate pinned, ours presented),
+    // retried for a few seconds.
+    let (conn, _) =
+        connect_upstream(ctx, &Upstream::Peer(peer.clone()), PEER_REPAIR_CONNECT).await?;
     let ask = DataRequest::One {
         deployment: ctx.deployment,
         index,

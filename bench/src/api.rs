@@ -130,14 +130,19 @@ fn file_size(p: &Path) -> u64 {
 }
 
 pub(crate) fn kd_coord_bin() -> Result<PathBuf> {
+    sibling_bin("kd-coord")
+}
+
+/// kd's binary `name`, next to this one (the same cargo profile).
+pub(crate) fn sibling_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
     let dir = exe
         .parent()
         .with_context(|| format!("{} has no parent directory", exe.display()))?;
-    let bin = dir.join("kd-coord");
+    let bin = dir.join(name);
     if !bin.is_file() {
         bail!(
-            "{} not found: build it first (cargo build -p kd-coord --bins, with the same profile)",
+            "{} not found: build it first (cargo build -p {name} --bins, with the same profile)",
             bin.display()
         );
     }

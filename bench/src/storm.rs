@@ -8,13 +8,12 @@
 //! and the coordinator's peak memory (VmHWM) and CPU time. Every process is stopped by its PID
 //! and the temp directory removed by a guard, also on errors; the run is bounded.
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::api::{kd_coord_bin, log_tail, status_kib};
+use crate::api::{kd_coord_bin, log_tail, sibling_bin, status_kib};
 
 /// Options of `kd-bench storm`.
 #[derive(clap::Args)]
@@ -64,17 +63,6 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-fn agent_bin(coord: &Path) -> Result<PathBuf> {
-    let bin = coord.with_file_name("kd-agent");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: build it first (cargo build -p kd-agent, same profile)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 pub(crate) fn run(a: StormArgs) -> Result<()> {
     if a.agents == 0 || a.agents > 2_000 {
         bail!("--agents must be between 1 and 2000");
@@ -83,7 +71,7 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
         bail!("--size-mib must be between 1 and 1024");
     }
     let coord_bin = kd_coord_bin()?;
-    let agent = agent_bin(&coord_bin)?;
+    let agent = sibling_bin("kd-agent")?;
     let limit = Duration::from_secs(a.limit_secs.clamp(30, 3600));
     let mut run = Run {
         dir: tempfile::Builder::new().prefix("kd-storm-").tempdir()?,

@@ -871,17 +871,28 @@ impl Db {
         Ok(self.conn.last_insert_rowid())
     }
 
-    /// The user whose token has this hash (and notes its use), if any.
+    /// The user whose token has this hash, if any. Its use is noted at most once a minute (a
+    /// remote client's every request must not be a database write).
     pub fn token_user(&mut self, hash: &str) -> Result<Option<String>> {
-        let user: Option<String> = self
+        let found: Option<(String, Option<i64>)> = self
             .conn
             .query_row(
-                "UPDATE api_tokens SET last_used = ?2 WHERE hash = ?1 RETURNING user",
-                params![hash, now()],
-                |r| r.get(0),
+                "SELECT user, last_used FROM api_tokens WHERE hash = ?1",
+                params![hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(user)
+        let Some((user, last_used)) = found else {
+            return Ok(None);
+        };
+        let t = now();
+        if last_used.is_none_or(|u| t - u >= 60) {
+            self.conn.execute(
+                "UPDATE api_tokens SET last_used = ?2 WHERE hash = ?1",
+                params![hash, t],
+            )?;
+        }
+        Ok(Some(user))
     }
 
     /// The tokens (of `user` if given), without their secrets.

@@ -1070,10 +1070,7 @@ impl Driver {
         let parents = self.wf.round_parents();
         // The asker's parent relayed everything before `index` and usually `index` itself
         // (a corrupt copy): it holds at least index + 1 chunks, whatever its last report says.
-        let parent = parents
-            .iter()
-            .find(|(n, _)| *n == node)
-            .and_then(|(_, p)| *p);
+        let parent = self.wf.round_parent(node);
         let candidates: Vec<(&str, u32)> = parents
             .iter()
             .map(|(n, _)| *n)
@@ -1182,13 +1179,7 @@ impl Driver {
                 }
                 self.agents.remove(&node);
                 // Its parent's window may be waiting for it: tell the parent at once.
-                let parent = self
-                    .wf
-                    .round_parents()
-                    .into_iter()
-                    .find(|(n, _)| *n == node)
-                    .and_then(|(_, p)| p.map(str::to_string));
-                if let Some(a) = parent.and_then(|p| self.agents.get(&p)) {
+                if let Some(a) = self.wf.round_parent(&node).and_then(|p| self.agents.get(p)) {
                     let _ = a.tx.try_send(ToAgent::ChildGone(node.clone()));
                 }
                 vec![Event::NodeLost {

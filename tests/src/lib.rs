@@ -268,6 +268,19 @@ pub struct LabDeploy {
     pub left_behind: Option<String>,
 }
 
+impl LabDeploy {
+    /// Fails the test unless the script succeeded, with its stdout and the end of its stderr.
+    pub fn assert_ok(&self) {
+        assert!(
+            self.status.success(),
+            "lab-deploy.sh failed ({}).\nstdout:\n{}\nstderr (last lines):\n{}",
+            self.status,
+            self.out,
+            self.err_tail
+        );
+    }
+}
+
 /// Runs `scripts/lab-deploy.sh --subnet SUBNET ARGS` (a /24 such as `10.83.0.0/24`, which names
 /// the lab: namespace `kdlab-83`, state `/var/lib/kd-lab/83`) with this build's binaries and the
 /// deploy initrd in `initrd`, within `limit`. Prints its stdout (per-step times, for `--nocapture`),

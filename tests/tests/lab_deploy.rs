@@ -20,11 +20,7 @@ fn deploy_to_three_pxe_nodes_then_lose_one_during_the_broadcast() {
         Duration::from_secs(40 * 60),
     );
     let (out, err, tail) = (&r.out, &r.err, &r.err_tail);
-    assert!(
-        r.status.success(),
-        "lab-deploy.sh failed ({}).\nstdout:\n{out}\nstderr (last lines):\n{tail}",
-        r.status
-    );
+    r.assert_ok();
     // Phase 1: every node deployed, its sshd takes the key.
     assert!(out.contains("\n  | 3/3 nodes deployed"), "{out}");
     assert!(out.contains("phase 1 ok: ssh ok on 3/3 nodes"), "{out}");

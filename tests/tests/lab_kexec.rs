@@ -26,12 +26,7 @@ fn deploy_one_node_that_kexecs_into_the_deployed_kernel() {
         Duration::from_secs(20 * 60),
     );
     let out = &r.out;
-    assert!(
-        r.status.success(),
-        "lab-deploy.sh failed ({}).\nstdout:\n{out}\nstderr (last lines):\n{}",
-        r.status,
-        r.err_tail
-    );
+    r.assert_ok();
     assert!(out.contains("(boot: kexec)"), "{out}");
     assert!(out.contains("\n  | 1/1 nodes deployed"), "{out}");
     // The agent staged the deployed kernel, by its real name, with the root by UUID and the
@@ -95,12 +90,7 @@ fn a_refused_kexec_falls_back_to_the_reboot() {
         Duration::from_secs(20 * 60),
     );
     let out = &r.out;
-    assert!(
-        r.status.success(),
-        "lab-deploy.sh failed ({}).\nstdout:\n{out}\nstderr (last lines):\n{}",
-        r.status,
-        r.err_tail
-    );
+    r.assert_ok();
     assert!(out.contains("\n  | 1/1 nodes deployed"), "{out}");
     let failed = out
         .lines()

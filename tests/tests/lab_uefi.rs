@@ -22,12 +22,7 @@ fn deploy_to_a_uefi_node_that_boots_grub_from_its_esp() {
         Duration::from_secs(25 * 60),
     );
     let out = &r.out;
-    assert!(
-        r.status.success(),
-        "lab-deploy.sh failed ({}).\nstdout:\n{out}\nstderr (last lines):\n{}",
-        r.status,
-        r.err_tail
-    );
+    r.assert_ok();
     // The lab ran OVMF nodes.
     assert!(out.contains("firmware uefi (OVMF)"), "{out}");
     // Deployed, and its sshd takes the key.

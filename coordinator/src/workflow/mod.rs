@@ -1998,6 +1998,13 @@ impl Deployment {
         v.into_iter().map(|i| self.nodes[i].name.as_str()).collect()
     }
 
+    /// The parent of `node` in the running round, if it has one (not the coordinator).
+    pub fn round_parent(&self, node: &str) -> Option<&str> {
+        let r = self.round.as_ref()?;
+        let p = (*r.parent.get(self.index.get(node)?)?)?;
+        Some(self.nodes[p].name.as_str())
+    }
+
     /// Each member still serving and its current parent in the running round (`None`: the
     /// coordinator), in configuration order.
     pub fn round_parents(&self) -> Vec<(&str, Option<&str>)> {
