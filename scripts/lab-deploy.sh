@@ -5,7 +5,7 @@
 # SSH key, they boot it, and every node must answer `ssh -i KEY root@NODE true`. The lab is torn
 # down on every exit.
 #
-#   scripts/lab-deploy.sh [--nodes N] [--subnet 10.77.0.0/24] [--arity chain|star|K]
+#   scripts/lab-deploy.sh [--nodes N] [--subnet 10.77.0.0/24] [--arity auto|chain|star|K]
 #                         [--env ENV.yaml] [--fail-one] [--fail-node NODE] [--fail-after S]
 #                         [--limit S] [--firmware bios|uefi] [--boot reboot|kexec]
 #                         [--probe S] [--kexec-fail]
@@ -33,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 NODES=3
 SUBNET=10.77.0.0/24
-ARITY=chain
+ARITY=auto
 ENV_YAML=
 FAIL_ONE=
 FAIL_NODE=node2

@@ -91,6 +91,8 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// Reboot the machine once the coordinator says the deployment is over (deploy initrd only).
     pub reboot_on_finish: bool,
+    /// Bytes per second the image is written at most (a slow disk, for benches).
+    pub write_rate: Option<u64>,
 }
 
 impl AgentConfig {
@@ -118,6 +120,7 @@ impl AgentConfig {
             disk: None,
             work_dir: PathBuf::from("/run/kd"),
             reboot_on_finish: false,
+            write_rate: None,
         }
     }
 }

@@ -51,6 +51,10 @@ struct Args {
     /// deploy initrd; never on a host).
     #[arg(long)]
     reboot_on_finish: bool,
+    /// Write the image no faster than this many bytes per second (suffixes k, M, G: powers of
+    /// 1000): a slow disk for benches (`kd-bench arity --slow-disk`), as tc makes slow links.
+    #[arg(long, value_parser = parse_bytes_per_sec)]
+    write_rate: Option<u64>,
     /// Fault injection for tests: corrupt:N, die-after:N, stop-after:N.
     #[arg(long, hide = true)]
     fault: Vec<Fault>,
@@ -126,6 +130,7 @@ fn real_main() -> Result<()> {
     // A floor above the timeout is the timeout (a short --stall-timeout alone stays valid).
     cfg.stall_floor = std::time::Duration::from_secs(a.stall_floor.max(1)).min(cfg.stall_timeout);
     cfg.faults = a.fault;
+    cfg.write_rate = a.write_rate;
     cfg.disk = a.disk;
     cfg.work_dir = a.work_dir;
     // Started by the deploy initrd (identity from the kernel's own command line): the node is
@@ -149,4 +154,21 @@ fn real_main() -> Result<()> {
         r.image_hash.map(|h| kd_proto::manifest::hex(&h)).unwrap_or_default()
     );
     Ok(())
+}
+
+/// `30M` → 30,000,000 (suffixes k, M, G; powers of 1000); at least 1.
+fn parse_bytes_per_sec(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1_000),
+        Some((i, 'M')) => (&t[..i], 1_000_000),
+        Some((i, 'G')) => (&t[..i], 1_000_000_000),
+        _ => (t, 1),
+    };
+    match num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)) {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "bad rate {s:?}: expected bytes per second, like 30M"
+        )),
+    }
 }

@@ -20,7 +20,7 @@ use kd_proto::piece::{check_piece_hashes, piece_count, piece_ok, piece_range};
 use kd_proto::upstream::{Judgement, Policy, Problem, Verdict, Watch};
 use tokio::sync::mpsc;
 
-use crate::config::{AgentConfig, Fault};
+use crate::config::{AgentConfig, Fault, SinkSpec};
 use crate::store::{Get, Store};
 
 /// How an agent's run ended.
@@ -102,6 +102,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
 
     // Before the plan: a staged deployment prepares the disk when asked.
     let mut staged: Option<(Box<DeployJob>, kd_disk::Prepared)> = None;
+    // An `auto` broadcast's probe keeps serving its peers until the plan.
+    let mut probe_server = None;
     let plan_deadline = tokio::time::Instant::now() + cfg.plan_timeout;
     let plan = loop {
         let msg = match tokio::time::timeout_at(plan_deadline, ctl.recv()).await {
@@ -114,6 +116,24 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         };
         match msg {
             ToAgent::Plan(p) => break p,
+            ToAgent::Probe(p) => {
+                let disk = match (&staged, &cfg.sink) {
+                    (Some((_, prepared)), _) => match prepared.target() {
+                        kd_disk::Target::Dir(d) => crate::probe::DiskProbe::for_dir(d),
+                        kd_disk::Target::Raw { device, .. } => {
+                            crate::probe::DiskProbe::Device(device.clone())
+                        }
+                    },
+                    (None, SinkSpec::Raw(p)) => crate::probe::DiskProbe::for_raw(p),
+                    (None, SinkSpec::Dir(p)) => crate::probe::DiskProbe::for_dir(p),
+                    (None, SinkSpec::Null) => crate::probe::DiskProbe::Nowhere,
+                };
+                // A second probe replaces the first (its server first: one accept loop).
+                drop(probe_server.take());
+                let (probed, server) = crate::probe::run(&endpoint, *p, disk, cfg.write_rate).await;
+                probe_server = server;
+                let _ = to_coord.send(ToCoord::Probed(probed)).await;
+            }
             ToAgent::Prepare(job) => {
                 // A second Prepare (a retry) starts over: the previous mounts go first.
                 drop(staged.take());
@@ -157,7 +177,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     };
     tracing::debug!(?stall, "upstream patience");
 
-    // Serve children.
+    // Serve children (the probe's server, if any, stops first: one accept loop).
+    drop(probe_server);
     for c in &children {
         allowed.allow(c.cert_sha256, c.node.clone());
     }
@@ -664,7 +685,7 @@ async fn receive_all(
     children: usize,
 ) -> Report {
     let count = ctx.manifest.chunk_count();
-    let writer = match crate::sink::spawn(sink, &ctx.manifest, 4) {
+    let writer = match crate::sink::spawn(sink, &ctx.manifest, 4, ctx.cfg.write_rate) {
         Ok(w) => w,
         Err(e) => {
             return Report {
@@ -1384,6 +1405,7 @@ async fn serve_stream(
         | DataRequest::Repair {
             deployment, index, ..
         } => (deployment, index, index.saturating_add(1).min(count), false),
+        DataRequest::Probe { .. } => bail!("a probe request after the plan"),
     };
     if d != deployment {
         wire::send(

@@ -40,10 +40,41 @@ pub(crate) fn open(spec: &SinkSpec) -> Result<Option<Box<dyn kd_disk::ImageSink>
 
 /// Starts the writer thread feeding `sink` (`None`: discard without decompressing).
 /// Queue depth: `depth` chunks.
+/// Keeps writes under a rate (bytes per second) by sleeping the writer thread: what a slow
+/// disk does to the pipeline (the writer's queue fills, the receive loop waits on it).
+pub(crate) struct RateLimit {
+    rate: Option<u64>,
+    start: std::time::Instant,
+    bytes: u64,
+}
+
+impl RateLimit {
+    pub(crate) fn new(rate: Option<u64>) -> Self {
+        Self {
+            rate,
+            start: std::time::Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// `n` more bytes were written: sleeps until the average is back under the rate.
+    pub(crate) fn wrote(&mut self, n: u64) {
+        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+            return;
+        };
+        self.bytes += n;
+        let due = std::time::Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 pub(crate) fn spawn(
     sink: Option<Box<dyn kd_disk::ImageSink>>,
     manifest: &Manifest,
     depth: usize,
+    write_rate: Option<u64>,
 ) -> std::io::Result<Writer> {
     let (tx, mut rx) = mpsc::channel::<(u32, Vec<Piece>)>(depth.max(1));
     let written = Arc::new(AtomicU64::new(0));
@@ -53,6 +84,7 @@ pub(crate) fn spawn(
         .name("kd-writer".into())
         .spawn(move || {
             let mut sink = sink;
+            let mut limit = RateLimit::new(write_rate);
             let mut error: Option<String> = None;
             let decompress = sink.is_some();
             let mut hasher = blake3::Hasher::new();
@@ -67,7 +99,13 @@ pub(crate) fn spawn(
             let mut joined = Vec::new();
             // Keep draining after an error so that the relay to children is never blocked.
             while let Some((i, pieces)) = rx.blocking_recv() {
-                if error.is_some() || !decompress {
+                if error.is_some() {
+                    continue;
+                }
+                if !decompress {
+                    // A null sink under a write rate still takes the time a disk would.
+                    let raw = manifest.chunks.get(i as usize).map_or(0, |c| c.raw_len);
+                    limit.wrote(u64::from(raw));
                     continue;
                 }
                 // zstd wants the frame in one buffer: join the pieces (one copy) unless it is one.
@@ -109,6 +147,7 @@ pub(crate) fn spawn(
                         continue;
                     }
                 }
+                limit.wrote(buf.len() as u64);
                 w.fetch_add(buf.len() as u64, Ordering::Relaxed);
             }
             if error.is_none() {

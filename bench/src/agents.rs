@@ -277,6 +277,7 @@ fn kind(m: &ToAgent) -> &'static str {
         ToAgent::ChildGone(_) => "ChildGone",
         ToAgent::Finish => "Finish",
         ToAgent::Prepare(_) => "Prepare",
+        ToAgent::Probe(_) => "Probe",
         ToAgent::Reboot { .. } => "Reboot",
         ToAgent::Abort { .. } => "Abort",
         ToAgent::Error(_) => "Error",

@@ -108,6 +108,8 @@ pub enum Event {
     Planned {
         /// (node, parent) pairs; parent `None` is the coordinator.
         edges: Vec<(String, Option<String>)>,
+        /// The tree's shape in words (`chain`, `auto: chain of 15 at 11.8 MB/s, ...`).
+        shape: String,
     },
     /// Progress of a node.
     Progress {
@@ -223,8 +225,11 @@ pub(crate) struct Source {
     pub(crate) chunks: crate::chunks::ChunkCache,
     /// Data requests must name this deployment.
     pub(crate) deployment: u64,
-    /// The root streams move in step (see `kd_net::pace`).
+    /// The root streams move in step (see `kd_net::pace`), each with the streams of its pace
+    /// group: a node's speed class in an `auto` tree (`pace_groups`, set at each plan; a node
+    /// not in it is in group 0).
     pub(crate) pacer: kd_net::pace::Pacer,
+    pub(crate) pace_groups: std::sync::Mutex<HashMap<String, u64>>,
     /// How that deployment judges silence.
     pub(crate) liveness: Liveness,
     /// Repairs served here, and sent to a peer instead.
@@ -239,6 +244,7 @@ impl Source {
             chunks: crate::chunks::ChunkCache::new(image),
             deployment,
             pacer: Default::default(),
+            pace_groups: Default::default(),
             liveness,
             repairs_served: Default::default(),
             repairs_redirected: Default::default(),
@@ -838,6 +844,11 @@ async fn serve_data(
         | DataRequest::Repair {
             deployment, index, ..
         } => (deployment, index..index.saturating_add(1).min(count), false),
+        DataRequest::Probe { .. } => {
+            let e = WireError::new(ErrorCode::Unexpected, "the coordinator serves no probe");
+            let _ = send_frame(&mut send, &DataFrame::Error(e)).await;
+            return;
+        }
     };
     if deployment != source.deployment {
         let e = WireError::new(
@@ -858,7 +869,14 @@ async fn serve_data(
     if !paced {
         source.repairs_served.fetch_add(1, Ordering::Relaxed);
     }
-    let pace = paced.then(|| source.pacer.register(range.start));
+    let group = source
+        .pace_groups
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&asker.node)
+        .copied()
+        .unwrap_or(0);
+    let pace = paced.then(|| source.pacer.register_in(range.start, group));
     serve_range(&mut send, &source, range, pace, &conn).await;
     if let Some(id) = pace {
         source.pacer.unregister(id);

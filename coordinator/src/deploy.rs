@@ -74,7 +74,6 @@ struct Setup {
     settings: Settings,
     nodes: Vec<String>,
     deployment: u64,
-    arity: Arity,
     /// The job every plan carries (`Job::Deploy` for a deployment: also what `Prepare` sends).
     job: Job,
     /// PXE profiles, reboot commands, probes; `None` for the broadcast alone.
@@ -97,7 +96,6 @@ impl Setup {
             settings,
             nodes: cfg.nodes,
             deployment: cfg.deployment,
-            arity: cfg.arity,
             job: Job::Deploy(Box::new(cfg.job)),
             cluster: Some(cfg.cluster),
             tokens: None,
@@ -372,7 +370,6 @@ pub async fn broadcast(
         },
         nodes: cfg.nodes.clone(),
         deployment: cfg.deployment,
-        arity: cfg.arity,
         job: cfg.job.clone(),
         cluster: None,
         tokens: Some(cfg.tokens.clone()),
@@ -427,7 +424,6 @@ pub async fn operate(
         settings: Settings::operate(&cfg.cluster, cfg.op, cfg.local_profile, cfg.check, cfg.from),
         nodes: cfg.nodes,
         deployment: 0,
-        arity: Arity::Chain,
         job: Job::LocalSink,
         cluster: Some(cfg.cluster),
         tokens: None,
@@ -625,8 +621,17 @@ impl Driver {
         notes: mpsc::UnboundedSender<String>,
         now: Instant,
     ) -> Result<Self> {
+        let mut settings = setup.settings.clone();
+        if let Some(src) = &source {
+            let m = &src.chunks.image().manifest;
+            settings.image = kd_proto::auto::ImageShape {
+                compressed: m.compressed_size(),
+                raw: m.chunks.iter().map(|c| u64::from(c.raw_len)).sum(),
+                chunk: u64::from(m.chunk_size),
+            };
+        }
         Ok(Driver {
-            wf: Deployment::new(setup.nodes.clone(), setup.settings.clone(), now),
+            wf: Deployment::new(setup.nodes.clone(), settings, now),
             pin_hex: kd_proto::manifest::hex(&identity.pin()),
             ca: DeploymentCa::new(setup.deployment)?,
             source,
@@ -758,11 +763,26 @@ impl Driver {
                     }],
                 }
             }
+            Action::ProbeRates {
+                round,
+                nodes,
+                fetch,
+                bytes,
+            } => self.probe_rates(round, nodes, fetch, bytes),
             Action::StartBroadcast {
                 round,
                 nodes,
                 parents,
-            } => self.start_round(round, nodes, parents),
+                pace_groups,
+                shape,
+            } => {
+                if let Some(src) = &self.source {
+                    let mut g = src.pace_groups.lock().unwrap_or_else(|p| p.into_inner());
+                    g.clear();
+                    g.extend(nodes.iter().cloned().zip(pace_groups));
+                }
+                self.start_round(round, nodes, parents, &shape)
+            }
             Action::Reparent {
                 round,
                 node,
@@ -984,11 +1004,86 @@ impl Driver {
         }
     }
 
+    /// Sends each node its probe order (see `Action::ProbeRates`); a node that cannot be
+    /// told answers nothing at once.
+    fn probe_rates(
+        &mut self,
+        round: u32,
+        nodes: Vec<String>,
+        fetch: Vec<Option<usize>>,
+        bytes: u32,
+    ) -> Vec<Event> {
+        let Some(deployment) = self.source.as_ref().map(|s| s.deployment) else {
+            return Vec::new();
+        };
+        let unmeasured = |node: &String| Event::RatesMeasured {
+            node: node.clone(),
+            link: None,
+            disk: None,
+        };
+        let mut ids = HashMap::new();
+        let mut info: HashMap<usize, PeerInfo> = HashMap::new();
+        for (k, name) in nodes.iter().enumerate() {
+            let Some(a) = self.agents.get(name) else {
+                continue;
+            };
+            let Ok(id) = self.ca.issue(name) else {
+                continue;
+            };
+            info.insert(
+                k,
+                PeerInfo {
+                    node: name.clone(),
+                    addr: SocketAddr::new(a.conn.remote_address().ip(), a.data_port),
+                    cert_sha256: kd_net::cert_sha256(&id.cert_der),
+                },
+            );
+            ids.insert(k, id);
+        }
+        let mut events = Vec::new();
+        for (k, name) in nodes.iter().enumerate() {
+            let Some(identity) = ids.remove(&k) else {
+                events.push(unmeasured(name));
+                continue;
+            };
+            let serve = fetch
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| **f == Some(k))
+                .filter_map(|(j, _)| info.get(&j).cloned())
+                .collect();
+            let probe = kd_proto::msg::Probe {
+                deployment,
+                identity,
+                serve,
+                fetch: fetch
+                    .get(k)
+                    .copied()
+                    .flatten()
+                    .and_then(|j| info.get(&j).cloned()),
+                bytes,
+            };
+            let sent = self
+                .agents
+                .get(name)
+                .is_some_and(|a| a.tx.try_send(ToAgent::Probe(Box::new(probe))).is_ok());
+            if !sent {
+                events.push(unmeasured(name));
+            }
+        }
+        self.note(format!(
+            "round {round}: {} nodes measure their link and disk rates for an auto tree",
+            nodes.len()
+        ));
+        events
+    }
+
     fn start_round(
         &mut self,
         number: u32,
         nodes: Vec<String>,
         parents: Vec<Option<usize>>,
+        shape: &str,
     ) -> Vec<Event> {
         let Some(source) = self.source.clone() else {
             return nodes
@@ -1025,14 +1120,14 @@ impl Driver {
             }
         };
         self.note(format!(
-            "broadcast round {number} started: {} ({}, {:.1} MiB in {} chunks)",
+            "broadcast round {number} started: {} ({shape}, {:.1} MiB in {} chunks)",
             nodes.join(" "),
-            self.setup.arity,
             source.chunks.image().manifest.compressed_size() as f64 / 1048576.0,
             source.chunks.image().manifest.chunk_count()
         ));
         self.first_round.get_or_insert_with(Instant::now);
         self.event(broadcast::Event::Planned {
+            shape: shape.to_string(),
             edges: nodes
                 .iter()
                 .map(|n| (n.clone(), planned.parent.get(n).cloned().flatten()))
@@ -1327,6 +1422,22 @@ impl Driver {
                 Vec::new()
             }
             ToCoord::Hello(_) => Vec::new(),
+            ToCoord::Probed(p) => {
+                let rate = |r: Option<u64>| {
+                    r.map_or("-".to_string(), |v| format!("{:.1} MB/s", v as f64 / 1e6))
+                };
+                self.note(format!(
+                    "{node}: measured link {}, disk {}{}",
+                    rate(p.link),
+                    rate(p.disk),
+                    p.error.map(|e| format!(" ({e})")).unwrap_or_default()
+                ));
+                vec![Event::RatesMeasured {
+                    node,
+                    link: p.link,
+                    disk: p.disk,
+                }]
+            }
         }
     }
 }

@@ -258,8 +258,8 @@ struct DeployCli {
     /// Public SSH key file to put in root's authorized_keys on the deployed system.
     #[arg(short = 'k', long = "key")]
     ssh_key: Option<PathBuf>,
-    /// Tree: chain, star, or a fan-out k.
-    #[arg(long, default_value = "chain")]
+    /// Tree: auto (from the nodes' measured link and disk rates), chain, star, or a fan-out k.
+    #[arg(long, default_value = "auto")]
     arity: Arity,
     /// Deploy on partition N of the cluster's layout instead of its deploy partition (which
     /// is kept); the disk must already carry the layout's partition table.
@@ -328,8 +328,8 @@ struct BroadcastArgs {
     /// Nodes, in node-set syntax (node[1-8,10]).
     #[arg(short = 'm', long)]
     nodes: String,
-    /// Tree: chain, star, or a fan-out k.
-    #[arg(long, default_value = "chain")]
+    /// Tree: auto (from the nodes' measured link and disk rates), chain, star, or a fan-out k.
+    #[arg(long, default_value = "auto")]
     arity: Arity,
     /// UDP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7000")]
@@ -727,6 +727,7 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
         let task = tokio::spawn(async move { broadcast::run(img, cfg, &identity, tx).await });
         let mut progress: BTreeMap<String, u32> = BTreeMap::new();
         let mut plan: Vec<(String, Option<String>)> = Vec::new();
+        let mut shape = String::new();
         let mut done = 0usize;
         let mut t0: Option<Instant> = None;
         let mut last = Instant::now();
@@ -735,12 +736,13 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
                 Event::Listening(addr) => eprintln!("kd-coord: listening on {addr}, waiting for {} agents", nodes.len()),
                 Event::Connected { node, addr } => eprintln!("kd-coord: {node} connected from {addr}"),
                 Event::Refused { addr, reason } => eprintln!("kd-coord: refused {addr}: {reason}"),
-                Event::Planned { edges } => {
+                Event::Planned { edges, shape: s } => {
                     t0 = Some(Instant::now());
                     let roots = edges.iter().filter(|(_, p)| p.is_none()).count();
-                    eprintln!("kd-coord: planned a tree of {} nodes with {roots} root(s); sending", edges.len());
+                    eprintln!("kd-coord: planned a tree of {} nodes with {roots} root(s) ({s}); sending", edges.len());
                     if plan.is_empty() {
                         plan = edges;
+                        shape = s;
                     }
                 }
                 Event::Step { node, step } => match step.error {
@@ -776,9 +778,9 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
                 }
             }
         }
-        task.await.context("broadcast task")?.map(|o| (o, plan))
+        task.await.context("broadcast task")?.map(|o| (o, plan, shape))
     })?;
-    let (outcome, plan) = outcome;
+    let (outcome, plan, shape) = outcome;
     if a.json {
         // The outcome, and the first round's tree as planned (who read from whom at first).
         let mut v = serde_json::to_value(&outcome)?;
@@ -786,6 +788,7 @@ fn broadcast_cmd(state: &Path, a: BroadcastArgs) -> Result<i32> {
             .iter()
             .map(|(n, p)| serde_json::json!({ "node": n, "parent": p }))
             .collect();
+        v["shape"] = shape.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(

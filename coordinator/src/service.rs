@@ -70,7 +70,7 @@ pub struct DeployRequest {
 }
 
 fn default_arity() -> String {
-    "chain".into()
+    "auto".into()
 }
 
 /// How a request came in: the Unix socket (the kernel names the uid) or the HTTPS API (the

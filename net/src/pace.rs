@@ -6,6 +6,10 @@
 //! because its own uplink is then the limit. So a stream may not be given a chunk more than
 //! [`LEAD`] chunks ahead of its slowest live sibling; a sibling that has not moved for
 //! [`GRACE`] (stalled, dying) no longer holds the others back.
+//!
+//! Streams move in step within their **group** only: the coordinator serves each speed class
+//! of an `auto` tree ([`kd_proto::auto`]) as its own group, so that a class of slow nodes does
+//! not hold the fast class back.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,6 +24,8 @@ pub const LEAD: u32 = 2;
 pub const GRACE: Duration = Duration::from_secs(5);
 
 struct Pos {
+    /// The streams this one moves in step with share its group.
+    group: u64,
     /// Next chunk the stream will be given.
     next: u32,
     /// When `next` last moved (or the stream registered).
@@ -51,12 +57,18 @@ impl Pacer {
 
     /// A stream starts at chunk `from`; returns its id.
     pub fn register(&self, from: u32) -> u64 {
+        self.register_in(from, 0)
+    }
+
+    /// A stream of group `group` starts at chunk `from`; returns its id.
+    pub fn register_in(&self, from: u32, group: u64) -> u64 {
         let mut g = self.lock();
         let id = g.next_id;
         g.next_id += 1;
         g.streams.insert(
             id,
             Pos {
+                group,
                 next: from,
                 moved: Instant::now(),
             },
@@ -83,10 +95,15 @@ impl Pacer {
     fn may_send(&self, id: u64, index: u32) -> bool {
         let g = self.lock();
         let now = Instant::now();
+        let Some(group) = g.streams.get(&id).map(|p| p.group) else {
+            return true;
+        };
         let slowest = g
             .streams
             .iter()
-            .filter(|(&sid, p)| sid != id && now.duration_since(p.moved) < GRACE)
+            .filter(|(&sid, p)| {
+                sid != id && p.group == group && now.duration_since(p.moved) < GRACE
+            })
             .map(|(_, p)| p.next)
             .min();
         slowest.is_none_or(|s| index < s.saturating_add(LEAD))
@@ -147,5 +164,18 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(50), p.pace(a, 100))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn groups_move_apart() {
+        let p = Pacer::new();
+        let fast = p.register_in(0, 0);
+        let _slow = p.register_in(0, 1);
+        // The slow stream of another group holds nobody back.
+        tokio::time::timeout(Duration::from_millis(50), p.pace(fast, 50))
+            .await
+            .unwrap();
+        let _twin = p.register_in(0, 0);
+        assert!(!p.may_send(fast, LEAD));
     }
 }

@@ -5,6 +5,7 @@
 //!   length-prefixed frames).
 //! * [`nodeset`]: ClusterShell-style node sets (`node[1-8,10]`).
 //! * [`tree`]: the broadcast tree planner (chain, k-ary, star).
+//! * [`auto`]: automatic arity: the tree chosen from the nodes' measured link and disk rates.
 //! * [`manifest`]: the image manifest (chunk sizes, blake3 per chunk, image hash).
 //! * [`bounds`]: the limits of every timeout and retry count an operator sets.
 //! * [`piece`]: the pieces a relay verifies and forwards before it has the whole chunk.
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod auto;
 pub mod bounds;
 pub mod codec;
 pub mod manifest;
@@ -27,4 +29,4 @@ pub mod upstream;
 /// ALPN protocol identifier of every kd QUIC connection.
 pub const ALPN: &[u8] = b"kd/1";
 /// Version of the wire protocol carried in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;

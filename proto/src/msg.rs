@@ -44,6 +44,37 @@ pub enum ToCoord {
     Report(Report),
     /// A deployment step the coordinator asked for (or that follows the image) ended.
     StepEnd(StepEnd),
+    /// What the agent measured for a [`ToAgent::Probe`].
+    Probed(Probed),
+}
+
+/// Rates an agent measured before an `auto` broadcast (see [`crate::auto`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probed {
+    /// Bytes per second fetched from the probe's `fetch` peer; `None`: not measured.
+    pub link: Option<u64>,
+    /// Bytes per second written and synced where the image goes; `None`: nowhere to write
+    /// (a null sink) or not measured.
+    pub disk: Option<u64>,
+    /// Why a rate is missing, when it failed.
+    pub error: Option<String>,
+}
+
+/// Measure the node's rates (for automatic arity): serve `bytes` to each of `serve` that asks,
+/// fetch `bytes` from `fetch` and time it, time a write of `bytes` where the image will go;
+/// answer [`ToCoord::Probed`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Deployment identifier.
+    pub deployment: u64,
+    /// This agent's TLS identity towards its peers for the probe.
+    pub identity: PeerIdentity,
+    /// The peers that fetch their probe from this node.
+    pub serve: Vec<PeerInfo>,
+    /// The peer to fetch from; `None`: measure the disk only.
+    pub fetch: Option<PeerInfo>,
+    /// Bytes of each probe.
+    pub bytes: u32,
 }
 
 /// The end of an agent-side deployment step.
@@ -207,6 +238,8 @@ pub enum ToAgent {
         /// The deployed kernel to kexec into; `None`: a firmware reboot.
         kexec: Option<Kexec>,
     },
+    /// Measure this node's link and disk rates now, before the plan (an `auto` broadcast).
+    Probe(Box<Probe>),
     /// Stop now, with a reason.
     Abort {
         /// Why.
@@ -394,6 +427,13 @@ pub enum DataRequest {
         index: u32,
         /// A node known not to hold it any more (the upstream that answered `Unavailable`).
         avoid: Option<String>,
+    },
+    /// Send `bytes` bytes of filler and finish the stream (a link probe, [`Probe`]).
+    Probe {
+        /// Deployment the prober belongs to.
+        deployment: u64,
+        /// How many bytes.
+        bytes: u32,
     },
 }
 

@@ -41,13 +41,16 @@ pub enum Arity {
     Kary(u32),
     /// Every node is a child of the source.
     Star,
+    /// Chosen per broadcast from the nodes' measured link and disk rates
+    /// ([`crate::auto::plan_auto`]); planned as a chain where no rates are known.
+    Auto,
 }
 
 impl Arity {
     /// Most children of any sender (the source included) in a planned tree of `n` nodes.
     pub fn fan_out(self, n: usize) -> usize {
         match self {
-            Arity::Chain => 1,
+            Arity::Chain | Arity::Auto => 1,
             Arity::Kary(k) => usize::try_from(k.max(1)).unwrap_or(usize::MAX),
             Arity::Star => n.max(1),
         }
@@ -60,21 +63,25 @@ impl fmt::Display for Arity {
             Arity::Chain => f.write_str("chain"),
             Arity::Kary(k) => write!(f, "{k}"),
             Arity::Star => f.write_str("star"),
+            Arity::Auto => f.write_str("auto"),
         }
     }
 }
 
 /// A string that names no [`Arity`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad tree arity {0:?}: expected \"chain\", \"star\" or a positive integer")]
+#[error("bad tree arity {0:?}: expected \"auto\", \"chain\", \"star\" or a positive integer")]
 pub struct ParseArityError(pub String);
 
 impl FromStr for Arity {
     type Err = ParseArityError;
 
-    /// Accepts `chain`, `star` (any case) or a positive integer `k`.
+    /// Accepts `auto`, `chain`, `star` (any case) or a positive integer `k`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
+        if t.eq_ignore_ascii_case("auto") {
+            return Ok(Arity::Auto);
+        }
         if t.eq_ignore_ascii_case("chain") {
             return Ok(Arity::Chain);
         }
@@ -106,6 +113,9 @@ pub enum TreeError {
     /// The parent is not a live node.
     #[error("parent {0} is not in the tree")]
     BadParent(usize),
+    /// Some node is its own ancestor: not reachable from the source.
+    #[error("the parents make a cycle")]
+    Cycle,
 }
 
 /// A broadcast tree over nodes `0..len()`, rooted at the source.
@@ -240,6 +250,32 @@ impl Tree {
             roots,
             live: vec![true; n],
         }
+    }
+
+    /// The tree whose node `i` has parent `parents[i]` (`None`: the source); children keep
+    /// the order of their indices. Fails on a parent out of range, a node its own ancestor.
+    pub fn from_parents(parents: &[Option<usize>]) -> Result<Tree, TreeError> {
+        let n = parents.len();
+        let mut children = vec![Vec::new(); n];
+        let mut roots = Vec::new();
+        for (i, p) in parents.iter().enumerate() {
+            match *p {
+                None => roots.push(i),
+                Some(p) if p < n && p != i => children[p].push(i),
+                Some(p) => return Err(TreeError::BadParent(p)),
+            }
+        }
+        let t = Tree {
+            parent: parents.to_vec(),
+            children,
+            roots,
+            live: vec![true; n],
+        };
+        // Every node reachable from the source: no cycle.
+        if t.check().is_err() {
+            return Err(TreeError::Cycle);
+        }
+        Ok(t)
     }
 
     /// Number of node indices, removed nodes included.
@@ -708,19 +744,34 @@ mod tests {
             ("Star", Arity::Star),
             (" 1 ", Arity::Kary(1)),
             ("4", Arity::Kary(4)),
+            ("AUTO", Arity::Auto),
         ] {
             assert_eq!(s.parse::<Arity>(), Ok(a));
         }
         for s in ["0", "-2", "+2", "", "k=3", "two", "99999999999"] {
             assert!(s.parse::<Arity>().is_err(), "{s}");
         }
-        for a in [Arity::Chain, Arity::Star, Arity::Kary(3)] {
+        for a in [Arity::Chain, Arity::Star, Arity::Kary(3), Arity::Auto] {
             assert_eq!(a.to_string().parse::<Arity>(), Ok(a));
         }
         assert_eq!(
             "x".parse::<Arity>().unwrap_err().to_string(),
-            "bad tree arity \"x\": expected \"chain\", \"star\" or a positive integer"
+            "bad tree arity \"x\": expected \"auto\", \"chain\", \"star\" or a positive integer"
         );
+    }
+
+    #[test]
+    fn trees_from_parents() {
+        let t = Tree::from_parents(&[None, Some(0), Some(0), None]).unwrap();
+        assert_eq!(t.roots(), &[0, 3]);
+        assert_eq!(t.children(0), &[1, 2]);
+        t.check().unwrap();
+        assert_eq!(
+            Tree::from_parents(&[Some(1), Some(0)]),
+            Err(TreeError::Cycle)
+        );
+        assert_eq!(Tree::from_parents(&[Some(5)]), Err(TreeError::BadParent(5)));
+        assert_eq!(Tree::from_parents(&[Some(0)]), Err(TreeError::BadParent(0)));
     }
 
     fn arity() -> impl Strategy<Value = Arity> {

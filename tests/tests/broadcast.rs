@@ -34,7 +34,10 @@ fn broadcast_raw(
         let mut extra = Vec::new();
         for (node, f) in faults {
             if node == n {
-                extra.push("--fault");
+                // `--flag=value` goes as it is; anything else is a `--fault`.
+                if !f.starts_with("--") {
+                    extra.push("--fault");
+                }
                 extra.push(*f);
             }
         }
@@ -88,6 +91,46 @@ fn every_arity_delivers_identical_copies() {
             );
         }
     }
+}
+
+#[test]
+fn auto_arity_measures_the_nodes_and_keeps_a_slow_disk_out_of_the_others_way() {
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 6 * 1024 * 1024, 5);
+    // node5 writes at 2 MB/s (a slow disk): in a chain in name order it would hold node6..8
+    // (and, by backpressure, node1..4) to its pace.
+    let (v, out, outs, _c, _) = broadcast_raw(&input, "auto", &[("node5", "--write-rate=2M")]);
+    for (i, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "agent {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["ok"], true, "{n}");
+        let name = n["node"].as_str().unwrap();
+        assert!(
+            same_file(&input, &out.path().join(format!("{name}.raw"))),
+            "{name} differs"
+        );
+    }
+    let shape = v["shape"].as_str().unwrap();
+    assert!(shape.starts_with("auto: "), "{shape}");
+    assert!(
+        shape.contains(" of 1 at "),
+        "node5 is a class of its own: {shape}"
+    );
+    // node5 reads from the coordinator and relays to no one.
+    let plan = v["plan"].as_array().unwrap();
+    let parent = |n: &str| plan.iter().find(|e| e["node"] == n).unwrap()["parent"].clone();
+    assert!(parent("node5").is_null(), "{plan:?}");
+    assert!(
+        plan.iter().all(|e| e["parent"] != "node5"),
+        "no node reads from node5: {plan:?}"
+    );
 }
 
 #[test]

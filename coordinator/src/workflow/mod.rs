@@ -99,6 +99,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use kd_proto::auto::{ImageShape, NodeRates};
 use kd_proto::tree::Arity;
 
 use crate::config::{ClusterConfig, Level, NewEnvBoot, Operation, StepPolicy, WorkflowConfig};
@@ -246,6 +247,15 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A node answered a `ProbeRates`: what it measured (`None`: not measured).
+    RatesMeasured {
+        /// Node.
+        node: String,
+        /// Bytes per second it fetched from its probe peer.
+        link: Option<u64>,
+        /// Bytes per second it wrote where the image goes.
+        disk: Option<u64>,
+    },
     /// A `ProbePort` connected.
     PortOpen {
         /// Node.
@@ -315,6 +325,24 @@ pub enum Action {
         nodes: Vec<String>,
         /// Each node's parent, as an index in `nodes` (`None`: the coordinator).
         parents: Vec<Option<usize>>,
+        /// Each node's pace group: the coordinator feeds its children in step within a group
+        /// only (an `auto` tree's speed classes; 0 for every node otherwise).
+        pace_groups: Vec<u64>,
+        /// The tree's shape in words (`chain`, `auto: chain of 15 at 11.8 MB/s, ...`).
+        shape: String,
+    },
+    /// Before an `auto` round: each node measures its rates (fetches `bytes` from
+    /// `nodes[fetch[i]]`, serves them to whoever fetches from it, times a disk write); answer
+    /// `RatesMeasured` per node (or nothing: the round starts without it after a while).
+    ProbeRates {
+        /// Round number the probe is for.
+        round: u32,
+        /// The nodes, in configuration order.
+        nodes: Vec<String>,
+        /// Whom each node fetches its probe from, as an index in `nodes`.
+        fetch: Vec<Option<usize>>,
+        /// Bytes of each probe.
+        bytes: u32,
     },
     /// A node of the round reads from a new parent from now on (no answer).
     Reparent {
@@ -476,6 +504,8 @@ pub struct Settings {
     pub racks: std::collections::BTreeMap<String, String>,
     /// How BootNewEnv's reboot through the agent boots the deployed system.
     pub boot: NewEnvBoot,
+    /// The image's sizes, for an `auto` tree's model ([`kd_proto::auto`]); set by the driver.
+    pub image: ImageShape,
 }
 
 /// What a run of the machine does with its nodes.
@@ -518,6 +548,7 @@ impl Settings {
                 .filter_map(|n| Some((n.name.clone(), n.rack.clone()?)))
                 .collect(),
             boot: cfg.boot,
+            image: ImageShape::default(),
         }
     }
 
@@ -548,6 +579,7 @@ impl Settings {
             },
             racks: Default::default(),
             boot: NewEnvBoot::Reboot,
+            image: ImageShape::default(),
         }
     }
 
@@ -597,6 +629,7 @@ impl Settings {
             profile: Profile::BroadcastOnly,
             racks: Default::default(),
             boot: NewEnvBoot::Reboot,
+            image: ImageShape::default(),
         }
     }
 
@@ -697,6 +730,8 @@ struct Node {
     agent_boot: Option<AgentBoot>,
     /// A kexec was asked in the current step (its soft reboots are commands from then on).
     kexec_asked: bool,
+    /// Rates the node measured for an `auto` tree (kept for later rounds).
+    rates: Option<NodeRates>,
 }
 
 fn step_index(step: Step) -> usize {
@@ -713,6 +748,8 @@ fn step_index(step: Step) -> usize {
 enum Timer {
     Deadline(usize, u64),
     Probe(usize, u64),
+    /// The rate probe before round `.0` is over, answered or not.
+    RateProbe(u32),
     Command(CommandId),
     Barrier,
 }
@@ -743,7 +780,31 @@ struct Round {
     /// heir (the tree keeps its shape whichever learns of the loss first, the orphans or the
     /// coordinator).
     heirs: HashMap<usize, usize>,
+    /// Most children the plan gives a sender (a repair gives at most one more).
+    fan_out: usize,
 }
+
+/// The rate probe before an `auto` round.
+#[derive(Debug)]
+struct Probing {
+    /// The round it is for.
+    round: u32,
+    /// The nodes measured, in order.
+    members: Vec<usize>,
+    /// Whom each fetches from (index in `members`).
+    fetch: Vec<Option<usize>>,
+    /// What each fetched (bytes per second) and wrote, once answered.
+    link: Vec<Option<u64>>,
+    disk: Vec<Option<u64>>,
+    answered: Vec<bool>,
+    deadline: Instant,
+}
+
+/// Bytes each node fetches in the rate probe: a few round trips' worth at 10 Gbit/s, 0.17 s
+/// at 100 Mbit/s.
+pub const PROBE_BYTES: u32 = 2 << 20;
+/// Longest the round waits for the probe's answers.
+pub const PROBE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a node that lost its upstream counts as starving: long enough for its new
 /// upstream to feed it again and for its children's stall timers to fire meanwhile.
@@ -769,6 +830,8 @@ pub struct Deployment {
     /// Nodes waiting for a round, in order of readiness (may hold nodes that left since).
     ready: VecDeque<usize>,
     round: Option<Round>,
+    /// The rate probe before the next round, while it runs.
+    probing: Option<Probing>,
     rounds: u32,
     barrier_deadline: Option<Instant>,
     remaining: usize,
@@ -808,6 +871,7 @@ impl Deployment {
                 early_finish: None,
                 agent_boot: None,
                 kexec_asked: false,
+                rates: None,
             });
         }
         let n = list.len();
@@ -827,6 +891,7 @@ impl Deployment {
             pre_broadcast: n,
             ready: VecDeque::new(),
             round: None,
+            probing: None,
             rounds: 0,
             barrier_deadline: None,
             remaining: n,
@@ -964,6 +1029,23 @@ impl Deployment {
                     let n = &self.nodes[i];
                     if n.step == Step::BootNewEnv && n.phase == Phase::WaitingBoot {
                         self.step_ok(i, &mut out);
+                    }
+                }
+            }
+            Event::RatesMeasured { node, link, disk } => {
+                if let (Some(i), Some(p)) = (self.lookup(&node), self.probing.as_mut()) {
+                    if let Some(k) = p.members.iter().position(|&m| m == i) {
+                        p.link[k] = link;
+                        p.disk[k] = disk;
+                        p.answered[k] = true;
+                    }
+                    let all = p
+                        .members
+                        .iter()
+                        .zip(&p.answered)
+                        .all(|(&m, &a)| a || self.nodes[m].phase != Phase::Ready);
+                    if all {
+                        self.probe_done(&mut out);
                     }
                 }
             }
@@ -1203,6 +1285,10 @@ impl Deployment {
             Timer::Probe(i, g) => self.nodes[i].next_probe == Some((t, g)),
             Timer::Command(id) => self.commands.get(&id).is_some_and(|c| c.deadline == t),
             Timer::Barrier => self.round.is_none() && self.barrier_deadline == Some(t),
+            Timer::RateProbe(r) => self
+                .probing
+                .as_ref()
+                .is_some_and(|p| p.round == r && p.deadline == t),
         }
     }
 
@@ -1261,6 +1347,7 @@ impl Deployment {
                 self.barrier_deadline = None;
                 self.start_round(out);
             }
+            Timer::RateProbe(_) => self.probe_done(out),
         }
     }
 
@@ -1776,11 +1863,7 @@ impl Deployment {
         let Some(r) = &self.round else {
             return;
         };
-        let cap = self
-            .settings
-            .arity
-            .fan_out(r.parent.len())
-            .saturating_add(1);
+        let cap = r.fan_out.saturating_add(1);
         let usable = |c: usize| {
             r.serving.contains(&c)
                 && !r.suspect.contains(&c)
@@ -1867,7 +1950,7 @@ impl Deployment {
     }
 
     fn maybe_start_round(&mut self, out: &mut Vec<Action>) {
-        if self.round.is_some() {
+        if self.round.is_some() || self.probing.is_some() {
             return;
         }
         // The oldest node still ready (entries are in order of readiness).
@@ -1892,8 +1975,29 @@ impl Deployment {
         }
     }
 
+    /// Each member's rack as a small number (racks numbered in order of first appearance;
+    /// nodes without one share a group); empty when no node has a rack.
+    fn groups_of(&self, members: &[usize]) -> Vec<usize> {
+        if self.settings.racks.is_empty() {
+            return Vec::new();
+        }
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        members
+            .iter()
+            .map(|&i| {
+                let rack = self
+                    .settings
+                    .racks
+                    .get(&self.nodes[i].name)
+                    .map_or("", String::as_str);
+                let next = ids.len();
+                *ids.entry(rack).or_insert(next)
+            })
+            .collect()
+    }
+
     fn start_round(&mut self, out: &mut Vec<Action>) {
-        if self.round.is_some() {
+        if self.round.is_some() || self.probing.is_some() {
             return;
         }
         let mut members: Vec<usize> = std::mem::take(&mut self.ready)
@@ -1906,25 +2010,112 @@ impl Deployment {
         members.sort_unstable();
         members.dedup();
         self.barrier_deadline = None;
+        // An `auto` tree needs every member's rates: the nodes not measured yet (in an earlier
+        // round of this deployment) measure them first.
+        if self.settings.arity == Arity::Auto
+            && members.len() > 1
+            && members.iter().any(|&i| self.nodes[i].rates.is_none())
+        {
+            let groups = self.groups_of(&members);
+            let groups = if groups.is_empty() {
+                vec![0; members.len()]
+            } else {
+                groups
+            };
+            let fetch = kd_proto::auto::ring(&groups);
+            let n = members.len();
+            let deadline = later(self.now, PROBE_WAIT);
+            let round = self.rounds + 1;
+            out.push(Action::ProbeRates {
+                round,
+                nodes: members
+                    .iter()
+                    .map(|&i| self.nodes[i].name.clone())
+                    .collect(),
+                fetch: fetch.clone(),
+                bytes: PROBE_BYTES,
+            });
+            self.probing = Some(Probing {
+                round,
+                members,
+                fetch,
+                link: vec![None; n],
+                disk: vec![None; n],
+                answered: vec![false; n],
+                deadline,
+            });
+            self.schedule(deadline, Timer::RateProbe(round));
+            return;
+        }
+        self.launch_round(members, out);
+    }
+
+    /// The rate probe is over (every node answered, or its time is up): the nodes keep their
+    /// rates and the round starts with those still ready.
+    fn probe_done(&mut self, out: &mut Vec<Action>) {
+        let Some(p) = self.probing.take() else {
+            return;
+        };
+        let links = kd_proto::auto::node_links(&p.fetch, &p.link);
+        for (k, &i) in p.members.iter().enumerate() {
+            self.nodes[i].rates = Some(NodeRates {
+                link: links.get(k).copied().flatten(),
+                disk: p.disk.get(k).copied().flatten(),
+            });
+        }
+        let mut members: Vec<usize> = p
+            .members
+            .into_iter()
+            .filter(|&i| self.nodes[i].phase == Phase::Ready)
+            .collect();
+        // Nodes that became ready meanwhile join (unmeasured: taken as typical).
+        while let Some(i) = self.ready.pop_front() {
+            if self.nodes[i].phase == Phase::Ready {
+                members.push(i);
+            }
+        }
+        members.sort_unstable();
+        members.dedup();
+        if members.is_empty() {
+            self.maybe_start_round(out);
+            return;
+        }
+        self.launch_round(members, out);
+    }
+
+    fn launch_round(&mut self, members: Vec<usize>, out: &mut Vec<Action>) {
         self.rounds += 1;
-        let tree = if self.settings.racks.is_empty() {
-            kd_proto::tree::plan(members.len(), self.settings.arity)
-        } else {
-            // Racks numbered in order of first appearance; nodes without one share a group.
-            let mut ids: HashMap<&str, usize> = HashMap::new();
-            let groups: Vec<usize> = members
+        let groups = self.groups_of(&members);
+        let (tree, fan_out, pace_groups, shape) = if self.settings.arity == Arity::Auto {
+            let rates: Vec<NodeRates> = members
                 .iter()
-                .map(|&i| {
-                    let rack = self
-                        .settings
-                        .racks
-                        .get(&self.nodes[i].name)
-                        .map_or("", String::as_str);
-                    let next = ids.len();
-                    *ids.entry(rack).or_insert(next)
-                })
+                .map(|&i| self.nodes[i].rates.unwrap_or_default())
                 .collect();
-            kd_proto::tree::plan_grouped(&groups, self.settings.arity)
+            let plan = kd_proto::auto::plan_auto(&rates, &groups, self.settings.image);
+            let mut pace = vec![0u64; members.len()];
+            for (c, class) in plan.classes.iter().enumerate() {
+                for &k in &class.nodes {
+                    if let Some(g) = pace.get_mut(k) {
+                        *g = c as u64;
+                    }
+                }
+            }
+            let shape = format!("auto: {}", plan.describe());
+            let fan_out = plan.fan_out();
+            (plan.tree, fan_out, pace, shape)
+        } else {
+            let tree = if groups.is_empty() {
+                kd_proto::tree::plan(members.len(), self.settings.arity)
+            } else {
+                kd_proto::tree::plan_grouped(&groups, self.settings.arity)
+            };
+            let fan_out = self.settings.arity.fan_out(members.len());
+            (
+                tree,
+                fan_out,
+                vec![0; members.len()],
+                self.settings.arity.to_string(),
+            )
         };
         let parents: Vec<Option<usize>> = (0..members.len()).map(|k| tree.parent(k)).collect();
         let timeout = self.settings.policy.broadcast.timeout();
@@ -1949,6 +2140,7 @@ impl Deployment {
             suspect: HashSet::new(),
             starving: HashMap::new(),
             heirs: HashMap::new(),
+            fan_out,
         });
         out.push(Action::StartBroadcast {
             round: self.rounds,
@@ -1957,6 +2149,8 @@ impl Deployment {
                 .map(|&i| self.nodes[i].name.clone())
                 .collect(),
             parents,
+            pace_groups,
+            shape,
         });
     }
 

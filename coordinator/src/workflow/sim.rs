@@ -146,6 +146,7 @@ fn settings(policy: WorkflowConfig) -> Settings {
         profile: Profile::Deploy,
         racks: Default::default(),
         boot: NewEnvBoot::Reboot,
+        image: Default::default(),
     }
 }
 
@@ -311,6 +312,21 @@ impl SimCluster {
                     result,
                 };
                 self.at(now + secs(self.scripts[i].prepare), deliver(e));
+            }
+            Action::ProbeRates { nodes, .. } => {
+                // Every live node measures its link in a second (no disk: a null sink).
+                for node in nodes {
+                    let i = self.idx(node);
+                    if self.nodes[i].dead {
+                        continue;
+                    }
+                    let e = Event::RatesMeasured {
+                        node: node.clone(),
+                        link: Some(12_000_000),
+                        disk: None,
+                    };
+                    self.at(now + secs(1), deliver(e));
+                }
             }
             Action::StartBroadcast { nodes, parents, .. } => {
                 assert_eq!(nodes.len(), parents.len());
@@ -941,7 +957,9 @@ fn the_broadcast_alone_waits_for_hellos_then_ends_each_node_with_its_report() {
         a.contains(&Action::StartBroadcast {
             round: 1,
             nodes: vec!["n1".into(), "n2".into()],
-            parents: vec![None, Some(0)]
+            parents: vec![None, Some(0)],
+            pace_groups: vec![0, 0],
+            shape: "chain".into(),
         }),
         "{a:?}"
     );
@@ -1129,6 +1147,126 @@ fn power_off_is_done_when_a_command_succeeds_and_escalates_when_one_fails() {
             "very_hard power off command failed: exit status 3".to_string()
         )]
     );
+}
+
+/// A deployment of `n` nodes driven by hand up to the end of Prepare (the first round, or
+/// an `auto` round's probe, starts then).
+fn prepared(n: usize, settings: Settings) -> (Deployment, Instant, Vec<Action>) {
+    let t0 = Instant::now();
+    let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+    let mut d = Deployment::new(names.clone(), settings, t0);
+    d.start(t0);
+    for n in &names {
+        d.handle(
+            Event::PxeWritten {
+                node: n.clone(),
+                result: Ok(()),
+            },
+            t0,
+        );
+    }
+    for id in 1..=n as u64 {
+        d.handle(
+            Event::CommandDone {
+                node: String::new(),
+                id: CommandId(id),
+                status: CommandStatus::Exited(0),
+            },
+            t0,
+        );
+    }
+    for n in &names {
+        d.handle(Event::AgentHello { node: n.clone() }, t0);
+    }
+    let mut last = Vec::new();
+    for n in &names {
+        last = d.handle(
+            Event::StepDone {
+                node: n.clone(),
+                step: Step::Prepare,
+                result: Ok(()),
+            },
+            t0,
+        );
+    }
+    (d, t0, last)
+}
+
+fn measured(node: &str, link: u64) -> Event {
+    Event::RatesMeasured {
+        node: node.into(),
+        link: Some(link),
+        disk: None,
+    }
+}
+
+#[test]
+fn an_auto_round_measures_the_nodes_then_plans_from_their_rates() {
+    let mut s = settings(WorkflowConfig::default());
+    s.arity = Arity::Auto;
+    s.image = kd_proto::auto::ImageShape {
+        compressed: 256 << 20,
+        raw: 256 << 20,
+        chunk: 1 << 20,
+    };
+    let (mut d, t0, a) = prepared(4, s.clone());
+    // No round yet: the probe, over a ring n1 <- n2 <- n3 <- n4 <- n1.
+    assert_eq!(d.current_round(), None);
+    assert_eq!(
+        a.last(),
+        Some(&Action::ProbeRates {
+            round: 1,
+            nodes: vec!["n1".into(), "n2".into(), "n3".into(), "n4".into()],
+            fetch: vec![Some(1), Some(2), Some(3), Some(0)],
+            bytes: PROBE_BYTES,
+        })
+    );
+    // n4's link is slow both ways: n3 fetched slowly from it, n4 slowly from n1.
+    let fast = 12_000_000;
+    assert!(d.handle(measured("n1", fast), t0 + secs(1)).is_empty());
+    d.handle(measured("n2", fast), t0 + secs(1));
+    d.handle(measured("n3", 3_000_000), t0 + secs(1));
+    let a = d.handle(measured("n4", 3_000_000), t0 + secs(1));
+    let Some(Action::StartBroadcast {
+        round,
+        parents,
+        pace_groups,
+        shape,
+        ..
+    }) = a
+        .iter()
+        .find(|a| matches!(a, Action::StartBroadcast { .. }))
+    else {
+        panic!("no round: {a:?}");
+    };
+    assert_eq!(*round, 1);
+    // The fast three in a chain; n4 alone under the coordinator, in its own pace group.
+    assert_eq!(parents, &vec![None, Some(0), Some(1), None]);
+    assert_eq!(pace_groups, &vec![0, 0, 0, 1]);
+    assert!(shape.starts_with("auto: chain of 3"), "{shape}");
+    assert_eq!(d.current_round(), Some(1));
+
+    // A node that never answers: the round starts without its rates after PROBE_WAIT.
+    let (mut d, t0, _) = prepared(3, s);
+    d.handle(measured("n1", fast), t0 + secs(1));
+    d.handle(measured("n2", fast), t0 + secs(1));
+    assert_eq!(d.current_round(), None);
+    assert_eq!(d.poll_timeout(), Some(t0 + PROBE_WAIT));
+    let a = d.handle_timeout(t0 + PROBE_WAIT);
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::StartBroadcast { parents, .. } if parents == &vec![None, Some(0), Some(1)])),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn a_whole_auto_deployment_runs() {
+    let mut s = settings(WorkflowConfig::default());
+    s.arity = Arity::Auto;
+    let out = SimCluster::new(vec![Script::default(); 6], s).run(None);
+    assert_eq!(out.summary.ok.len(), 6, "{:?}", out.summary.ko);
+    assert_eq!(out.count(|a| matches!(a, Action::ProbeRates { .. })), 1);
 }
 
 /// A deployment of `n` nodes driven by hand up to its first broadcast round.
