@@ -116,6 +116,62 @@ pub(crate) struct ArityArgs {
     /// counts as verified when every other node verified; the survivors' time is reported.
     #[arg(long, value_parser = parse_kill)]
     kill: Vec<Kill>,
+    /// A slower link for some hosts: NODES=RATE (NODES: `3`, `2,5`, `4-6` or `all`; RATE in tc
+    /// syntax), both directions; repeatable.
+    #[arg(long, value_parser = parse_slow)]
+    slow_link: Vec<Slow>,
+    /// A slow disk for some agents: NODES=BYTES_PER_S (`all=4M`; suffixes k, M, G are powers
+    /// of 1000): they write the image no faster (`kd-agent --write-rate`), with or without
+    /// `--sink raw`; repeatable.
+    #[arg(long, value_parser = parse_slow)]
+    slow_disk: Vec<Slow>,
+}
+
+/// Some nodes and a rate for them (`--slow-link`, `--slow-disk`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Slow {
+    /// Node indices, 1-based; empty: all.
+    pub(crate) nodes: Vec<usize>,
+    /// The rate as given.
+    pub(crate) rate: String,
+}
+
+impl Slow {
+    fn covers(&self, i: usize) -> bool {
+        self.nodes.is_empty() || self.nodes.contains(&i)
+    }
+}
+
+/// `NODES=RATE`: NODES is `all` or a comma list of indices and ranges (`1,3-5`).
+pub(crate) fn parse_slow(s: &str) -> Result<Slow, String> {
+    let (nodes, rate) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NODES=RATE, like 5=25mbit or all=4M"))?;
+    if rate.trim().is_empty() {
+        return Err(format!("{s:?}: no rate"));
+    }
+    let mut v = Vec::new();
+    if nodes.trim() != "all" {
+        for part in nodes.split(',') {
+            let bad = || format!("{s:?}: bad node list {nodes:?}");
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (a, b),
+                None => (part, part),
+            };
+            let (a, b): (usize, usize) = (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            );
+            if a == 0 || b < a || b - a > 1000 {
+                return Err(bad());
+            }
+            v.extend(a..=b);
+        }
+    }
+    Ok(Slow {
+        nodes: v,
+        rate: rate.trim().to_string(),
+    })
 }
 
 /// A node to power off during a run (`--kill NODE@FRACTION`).
@@ -568,7 +624,7 @@ struct Racks {
 fn build_network(
     lab: &mut Lab,
     hosts: usize,
-    tbf: Tbf,
+    host_tbf: &dyn Fn(usize) -> Tbf,
     sparse: bool,
     gro: bool,
     mtu: u32,
@@ -611,7 +667,7 @@ fn build_network(
             ],
         );
     }
-    let shape = |ns: &str, dev: &str| -> Result<()> {
+    let shape = |ns: &str, dev: &str, tbf: Tbf| -> Result<()> {
         for c in shaper_commands(dev, tbf, sparse) {
             let mut args = vec!["-n", ns];
             args.extend(c.iter().map(String::as_str));
@@ -676,8 +732,8 @@ fn build_network(
         };
         cmd("ip", &["-n", &br, "link", "set", &port, "master", &master])?;
         cmd("ip", &["-n", &br, "link", "set", &port, "up"])?;
-        shape(&ns, "eth0")?;
-        shape(&br, &port)?;
+        shape(&ns, "eth0", host_tbf(i))?;
+        shape(&br, &port, host_tbf(i))?;
         if gro {
             cmd(
                 "ip",
@@ -796,7 +852,7 @@ fn write_random(path: &Path, bytes: u64) -> Result<()> {
 // Runs
 
 /// One row of the table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub(crate) struct Row {
     /// Agents.
     pub(crate) nodes: usize,
@@ -845,6 +901,12 @@ pub(crate) struct Row {
     pub(crate) survivor_ratio: f64,
     /// The nodes powered off (`--kill`), with what the coordinator said of them.
     pub(crate) killed: Vec<Killed>,
+    /// Median `seconds` over the nodes not killed that verified: when most nodes are done.
+    pub(crate) median_seconds: f64,
+    /// Of `seconds`, the rate probe's before an `auto` tree (0 without one).
+    pub(crate) probe_seconds: f64,
+    /// The coordinator's words for the tree (`auto: chain of 15 at 11.8 MB/s, ...`).
+    pub(crate) shape: String,
 }
 
 /// A node powered off during a run and the coordinator's verdict on it.
@@ -900,6 +962,10 @@ struct Outcome {
     nodes: Vec<NodeOut>,
     transfer_seconds: f64,
     compressed_bytes: u64,
+    #[serde(default)]
+    probe_seconds: f64,
+    #[serde(default)]
+    shape: String,
 }
 
 struct Env {
@@ -1056,6 +1122,13 @@ fn run_one(
             ])
             .args(["--sink", &sink])
             .args(["--listen", &format!("{}:0", host_addr(i))])
+            .args(
+                a.slow_disk
+                    .iter()
+                    .rev()
+                    .find(|sd| sd.covers(i))
+                    .map(|sd| format!("--write-rate={}", sd.rate)),
+            )
             .args(&a.agent_arg)
             .env("KD_LOG", &a.log)
             .stdin(Stdio::null())
@@ -1182,6 +1255,7 @@ fn run_one(
     let mut per_gib = Vec::new();
     let mut agent_cpu = 0.0;
     let mut survivor_seconds = 0.0f64;
+    let mut done_at = Vec::new();
     let mut killed = Vec::new();
     for nd in &out.nodes {
         if let Some(k) = a.kill.iter().find(|k| format!("node{}", k.node) == nd.node) {
@@ -1196,6 +1270,7 @@ fn run_one(
         }
         if nd.ok {
             survivor_seconds = survivor_seconds.max(nd.seconds.unwrap_or(f64::NAN));
+            done_at.extend(nd.seconds);
         } else {
             failures.push(format!(
                 "{}: {}",
@@ -1255,7 +1330,43 @@ fn run_one(
         survivor_seconds,
         survivor_ratio: survivor_seconds / s_over_b,
         killed,
+        median_seconds: median(&mut done_at),
+        probe_seconds: out.probe_seconds,
+        shape: out.shape,
     })
+}
+
+/// The median of `v` (NaN when empty).
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The table of trees: per run, the last and the median node's time, the rate probe's part,
+/// and the tree the coordinator chose.
+pub(crate) fn shape_table(rows: &[Row], s_over_b: f64) -> String {
+    let w = rows.iter().map(|r| r.arity.len()).max().unwrap_or(0).max(6);
+    let mut s = format!(
+        "{:>w$} {:>8} {:>6} {:>8} {:>6} {:>7}  tree\n",
+        "arity", "seconds", "ratio", "median s", "ratio", "probe s"
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{:>w$} {:>8.1} {:>6.3} {:>8.1} {:>6.3} {:>7.2}  {}\n",
+            r.arity,
+            r.seconds,
+            r.seconds / s_over_b,
+            r.median_seconds,
+            r.median_seconds / s_over_b,
+            r.probe_seconds,
+            if r.shape.is_empty() { "-" } else { &r.shape }
+        ));
+    }
+    s
 }
 
 /// "Powers off" agent `i`: its link down first (nothing it sends leaves any more, not even the
@@ -1406,7 +1517,9 @@ fn run_tcp_chain(
         failures,
         survivor_seconds: seconds,
         survivor_ratio: seconds / s_over_b,
-        killed: Vec::new(),
+        median_seconds: seconds,
+        shape: "plain TCP chain".into(),
+        ..Default::default()
     })
 }
 
@@ -1587,10 +1700,32 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     );
     check_stop()?;
 
+    let mut slow_tbf: Vec<Tbf> = vec![tbf; a.nodes + 1];
+    for sl in &a.slow_link {
+        let t = tbf_params(parse_rate(&sl.rate)?, a.burst_ms, a.queue_ms);
+        for (i, st) in slow_tbf.iter_mut().enumerate().skip(1) {
+            if sl.covers(i) {
+                *st = t;
+            }
+        }
+    }
+    for (i, t) in slow_tbf.iter().enumerate().skip(1) {
+        if t.rate_bps != tbf.rate_bps {
+            eprintln!("kd-bench: node{i}'s link is {}", rate_label(t.rate_bps));
+        }
+    }
+    for sd in &a.slow_disk {
+        let nodes = if sd.nodes.is_empty() {
+            "every node".to_string()
+        } else {
+            format!("node {:?}", sd.nodes)
+        };
+        eprintln!("kd-bench: {nodes} writes at most {} bytes/s", sd.rate);
+    }
     build_network(
         &mut lab,
         a.nodes + 1,
-        tbf,
+        &|i| slow_tbf[i],
         a.qdisc == "sparse",
         a.gro,
         a.mtu,
@@ -1699,6 +1834,8 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
         text.push('\n');
         text.push_str(&kill_table(&rows, s_over_b));
     }
+    text.push('\n');
+    text.push_str(&shape_table(&rows, s_over_b));
     let res = Results {
         nodes: a.nodes,
         rate: rate_label(rate_bps),
@@ -1928,16 +2065,16 @@ mod tests {
         assert!(check_kills(&[k(1, 0.3)], 2).is_ok());
     }
 
-    #[test]
-    fn kill_table_shows_survivors_and_reasons() {
-        let r = Row {
+    /// A verified chain run of 16 nodes at 100 Mbit/s.
+    fn sample_row(seconds: f64, ratio: f64) -> Row {
+        Row {
             nodes: 16,
             rate_bps: 100_000_000,
             arity: "chain".into(),
             fan_out: 1,
-            seconds: 30.0,
-            wall_seconds: 32.0,
-            ratio: 1.4,
+            seconds,
+            wall_seconds: seconds + 2.0,
+            ratio,
             ideal_ratio: 1.0,
             cpu_s_per_gib_mean: 2.0,
             cpu_s_per_gib_max: 3.0,
@@ -1950,7 +2087,16 @@ mod tests {
             tbf_drops: 3,
             tbf_packets: 1000,
             verified: true,
-            failures: vec![],
+            survivor_seconds: seconds,
+            survivor_ratio: ratio,
+            median_seconds: seconds,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kill_table_shows_survivors_and_reasons() {
+        let r = Row {
             survivor_seconds: 24.0,
             survivor_ratio: 1.2,
             killed: vec![Killed {
@@ -1960,6 +2106,7 @@ mod tests {
                 ok: false,
                 reason: Some("silent for 6 s".into()),
             }],
+            ..sample_row(30.0, 1.4)
         };
         let t = kill_table(&[r], 20.0);
         assert_eq!(t.lines().count(), 3);
@@ -1989,34 +2136,43 @@ mod tests {
 
     #[test]
     fn table_has_a_line_per_row() {
-        let r = Row {
-            nodes: 16,
-            rate_bps: 100_000_000,
-            arity: "chain".into(),
-            fan_out: 1,
-            seconds: 23.0,
-            wall_seconds: 25.0,
-            ratio: 1.07,
-            ideal_ratio: 1.0,
-            cpu_s_per_gib_mean: 2.0,
-            cpu_s_per_gib_max: 3.0,
-            agent_cores: 0.5,
-            coord_cpu_seconds: 1.0,
-            agent_user_s_per_gib: 1.0,
-            agent_sys_s_per_gib: 1.0,
-            machine_busy: 0.6,
-            machine_softirq: 0.1,
-            tbf_drops: 3,
-            tbf_packets: 1000,
-            verified: true,
-            failures: vec![],
-            survivor_seconds: 23.0,
-            survivor_ratio: 1.07,
-            killed: vec![],
-        };
+        let r = sample_row(23.0, 1.07);
         let t = table(&[r.clone(), r], 21.5);
         assert_eq!(t.lines().count(), 4);
         assert!(t.contains("chain"));
         assert!(t.contains("1.070"));
+    }
+
+    #[test]
+    fn shape_table_shows_median_probe_and_tree() {
+        let r = Row {
+            arity: "auto".into(),
+            median_seconds: 21.5,
+            probe_seconds: 0.42,
+            shape: "auto: chain of 15 at 11.8 MB/s, chain of 1 at 3.0 MB/s".into(),
+            ..sample_row(86.0, 4.0)
+        };
+        let t = shape_table(&[r], 21.5);
+        assert_eq!(t.lines().count(), 2);
+        assert!(t.contains(" 1.000    0.42  auto: chain of 15"), "{t}");
+        assert!(median(&mut []).is_nan());
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn slow_specs_parse() {
+        assert_eq!(
+            parse_slow("2,5-6=25mbit").unwrap(),
+            Slow {
+                nodes: vec![2, 5, 6],
+                rate: "25mbit".into()
+            }
+        );
+        let all = parse_slow("all=4M").unwrap();
+        assert!(all.covers(1) && all.covers(999));
+        for bad in ["5", "x=1", "0=1M", "3-2=1M", "4="] {
+            assert!(parse_slow(bad).is_err(), "{bad}");
+        }
     }
 }

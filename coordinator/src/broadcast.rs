@@ -150,7 +150,8 @@ pub struct NodeOutcome {
     pub ok: bool,
     /// Why not.
     pub reason: Option<String>,
-    /// Seconds from the plan to the node's report.
+    /// Seconds from the plan (an `auto` tree: from the start of its rate probe) to the
+    /// node's report.
     pub seconds: Option<f64>,
     /// The node's final report.
     #[serde(skip)]
@@ -170,8 +171,11 @@ pub struct NodeOutcome {
 pub struct Outcome {
     /// Per node, in the configured order.
     pub nodes: Vec<NodeOutcome>,
-    /// Seconds from the plan to the last report.
+    /// Seconds from the plan (an `auto` tree: from the start of its rate probe) to the last
+    /// report.
     pub transfer_seconds: f64,
+    /// Of those, the rate probe's (0 without one).
+    pub probe_seconds: f64,
     /// Compressed image size.
     pub compressed_bytes: u64,
     /// The image hash.

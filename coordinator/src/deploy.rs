@@ -111,6 +111,8 @@ struct Driven {
     reports: HashMap<String, (Report, Instant)>,
     /// When the first round started.
     first_round: Option<Instant>,
+    /// When the first rate probe (an `auto` tree's) started.
+    first_probe: Option<Instant>,
     /// Progress counters last heard of each node.
     progress: HashMap<String, Progress>,
 }
@@ -134,6 +136,7 @@ struct Driver {
     updates: Option<mpsc::UnboundedSender<Update>>,
     reports: HashMap<String, (Report, Instant)>,
     first_round: Option<Instant>,
+    first_probe: Option<Instant>,
 }
 
 /// What a driver reports besides its notes.
@@ -439,7 +442,12 @@ pub async fn operate(
 
 /// `kd-coord broadcast`'s result from what the driver left.
 fn outcome(nodes: &[String], d: &Driven, source: &Source) -> broadcast::Outcome {
-    let started = d.first_round;
+    // An `auto` tree's time counts its rate probe.
+    let started = d.first_probe.or(d.first_round);
+    let probe_seconds = match (d.first_probe, d.first_round) {
+        (Some(p), Some(r)) => r.saturating_duration_since(p).as_secs_f64(),
+        _ => 0.0,
+    };
     let since = |t: Instant| started.map(|s| t.saturating_duration_since(s).as_secs_f64());
     let mut out = Vec::new();
     let mut last: Option<f64> = None;
@@ -474,6 +482,7 @@ fn outcome(nodes: &[String], d: &Driven, source: &Source) -> broadcast::Outcome 
     broadcast::Outcome {
         nodes: out,
         transfer_seconds: last.unwrap_or(0.0),
+        probe_seconds,
         compressed_bytes: manifest.compressed_size(),
         image_hash: kd_proto::manifest::hex(&manifest.image_hash()),
         repairs_served: source
@@ -608,6 +617,7 @@ async fn drive(
         summary,
         reports: std::mem::take(&mut d.reports),
         first_round: d.first_round,
+        first_probe: d.first_probe,
         progress: std::mem::take(&mut d.progress),
     })
 }
@@ -647,6 +657,7 @@ impl Driver {
             updates: None,
             reports: HashMap::new(),
             first_round: None,
+            first_probe: None,
             setup,
         })
     }
@@ -1071,6 +1082,7 @@ impl Driver {
                 events.push(unmeasured(name));
             }
         }
+        self.first_probe.get_or_insert_with(Instant::now);
         self.note(format!(
             "round {round}: {} nodes measure their link and disk rates for an auto tree",
             nodes.len()
