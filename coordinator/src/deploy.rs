@@ -637,7 +637,8 @@ impl Driver {
             settings.image = kd_proto::auto::ImageShape {
                 compressed: m.compressed_size(),
                 raw: m.chunks.iter().map(|c| u64::from(c.raw_len)).sum(),
-                chunk: u64::from(m.chunk_size),
+                // A relay forwards each piece as soon as it is verified: a hop's delay.
+                step: kd_proto::piece::PIECE_LEN as u64,
             };
         }
         Ok(Driver {
@@ -1435,15 +1436,10 @@ impl Driver {
             }
             ToCoord::Hello(_) => Vec::new(),
             ToCoord::Probed(p) => {
-                let rate = |r: Option<u64>| {
-                    r.map_or("-".to_string(), |v| format!("{:.1} MB/s", v as f64 / 1e6))
-                };
-                self.note(format!(
-                    "{node}: measured link {}, disk {}{}",
-                    rate(p.link),
-                    rate(p.disk),
-                    p.error.map(|e| format!(" ({e})")).unwrap_or_default()
-                ));
+                tracing::info!(%node, link = ?p.link, disk = ?p.disk, "rates measured (bytes per second)");
+                if let Some(e) = &p.error {
+                    self.note(format!("{node}: rate probe: {e}"));
+                }
                 vec![Event::RatesMeasured {
                     node,
                     link: p.link,

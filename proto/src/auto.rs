@@ -16,10 +16,13 @@
 //!   class's fastest; at most [`MAX_CLASSES`]), and each class gets a subtree of its own under
 //!   the coordinator: a slow link or a slow disk then slows only its own class.
 //! * Each class's shape: the `k` in `1..=`[`MAX_AUTO_FANOUT`] with the least estimated time
-//!   `S/rate_k + depth_k × chunk/rate_k` (`rate_k = min(class receive rate, class relay rate
-//!   / k, coordinator share / k)`): a chain when links are all alike (one copy per link, the
-//!   pipeline fills in N chunk times), a k-ary tree when disks are slower than links by k or
-//!   more (the same rate with a shallower tree).
+//!   `S/rate_k + depth_k × step/rate_k` (`rate_k = min(class receive rate, class relay rate
+//!   / k, coordinator share / k)`; `step`: what a hop holds before forwarding, a 128 KiB piece
+//!   in kd): a chain when links are all alike (one copy per link; the pipeline fills in N
+//!   steps), a k-ary tree when disks are slower than links by k or more and the chain is deep
+//!   enough for its fill to matter (the same rate with a shallower tree). Ties (within 1 %) go
+//!   to the smaller fan-out: with full-duplex links of equal speed that is a chain, as
+//!   Kascade found.
 //! * The coordinator's uplink is taken as fast as the fastest node's link; the slower classes
 //!   take their share first, the fastest class has what is left.
 //!
@@ -51,8 +54,9 @@ pub struct ImageShape {
     pub compressed: u64,
     /// Bytes written (raw).
     pub raw: u64,
-    /// Bytes per chunk sent (the pipeline's step).
-    pub chunk: u64,
+    /// Bytes a hop holds before it forwards them (the pipeline's step: a chunk for a
+    /// store-and-forward relay, a piece for kd's, which forwards each piece once verified).
+    pub step: u64,
 }
 
 /// One class: nodes of similar speed under one subtree of the coordinator.
@@ -245,7 +249,7 @@ pub fn plan_auto(rates: &[NodeRates], groups: &[usize], image: ImageShape) -> Au
         source = unbounded;
     }
     let s = image.compressed.max(1) as f64;
-    let chunk = image.chunk.max(1) as f64;
+    let step = image.step.max(1) as f64;
     let mut planned: Vec<Class> = Vec::with_capacity(classes.len());
     let mut parent: Vec<Option<usize>> = vec![None; n];
     // Slowest class first: it takes its share of the coordinator's uplink.
@@ -264,7 +268,7 @@ pub fn plan_auto(rates: &[NodeRates], groups: &[usize], image: ImageShape) -> Au
             if !rate.is_finite() || rate <= 0.0 {
                 continue;
             }
-            let t = s / rate + depth(m, k) as f64 * chunk / rate;
+            let t = s / rate + depth(m, k) as f64 * step / rate;
             // Ties (within 1 %) go to the smaller fan-out.
             if best.is_none_or(|(bt, _, _)| t < bt * 0.99) {
                 best = Some((t, k, rate));
@@ -309,11 +313,11 @@ mod tests {
     const MB: u64 = 1_000_000;
 
     fn shape() -> ImageShape {
-        // 256 MiB incompressible in 1 MiB chunks.
+        // 256 MiB incompressible, forwarded 1 MiB at a time.
         ImageShape {
             compressed: 256 << 20,
             raw: 256 << 20,
-            chunk: 1 << 20,
+            step: 1 << 20,
         }
     }
 
@@ -370,7 +374,7 @@ mod tests {
     fn slow_disks_everywhere_make_a_shallow_tree_at_the_disk_rate() {
         // Links 12 MB/s, disks 3.5 MB/s: a chain is disk-bound; a binary tree sends 6 MB/s per
         // child, still more than the disks take, with 4 levels instead of 16 (a 3-ary tree
-        // would save one more chunk time: less than the 1 % a tie needs).
+        // would save one more step: less than the 1 % a tie needs).
         let r: Vec<NodeRates> = (0..16)
             .map(|_| NodeRates {
                 link: Some(12 * MB),

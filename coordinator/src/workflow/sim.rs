@@ -1207,7 +1207,7 @@ fn an_auto_round_measures_the_nodes_then_plans_from_their_rates() {
     s.image = kd_proto::auto::ImageShape {
         compressed: 256 << 20,
         raw: 256 << 20,
-        chunk: 1 << 20,
+        step: 1 << 20,
     };
     let (mut d, t0, a) = prepared(4, s.clone());
     // No round yet: the probe, over a ring n1 <- n2 <- n3 <- n4 <- n1.
