@@ -248,54 +248,49 @@ pub fn plan_auto(rates: &[NodeRates], groups: &[usize], image: ImageShape) -> Au
     if source == 0.0 {
         source = unbounded;
     }
-    let s = image.compressed.max(1) as f64;
-    let step = image.step.max(1) as f64;
-    let mut planned: Vec<Class> = Vec::with_capacity(classes.len());
-    let mut parent: Vec<Option<usize>> = vec![None; n];
-    // Slowest class first: it takes its share of the coordinator's uplink.
-    for (ci, members) in classes.iter().enumerate().rev() {
-        let fastest = ci == 0;
-        let r_in = members.iter().map(|&i| recv[i]).fold(unbounded, f64::min);
-        let r_out = members.iter().map(|&i| send[i]).fold(unbounded, f64::min);
-        let m = members.len();
-        let mut best: Option<(f64, usize, f64)> = None;
-        for k in 1..=MAX_AUTO_FANOUT.min(m.max(1)) {
-            let relays = m > k;
-            let mut rate = r_in.min(source / k as f64);
-            if relays {
-                rate = rate.min(r_out / k as f64);
-            }
-            if !rate.is_finite() || rate <= 0.0 {
-                continue;
-            }
-            let t = s / rate + depth(m, k) as f64 * step / rate;
-            // Ties (within 1 %) go to the smaller fan-out.
-            if best.is_none_or(|(bt, _, _)| t < bt * 0.99) {
-                best = Some((t, k, rate));
-            }
-        }
-        let (seconds, k, rate) = best.unwrap_or((unbounded, 1, unbounded));
-        if !fastest && source.is_finite() {
-            source = (source - rate * k as f64).max(source * 0.1);
-        }
-        let arity = if k == 1 {
-            Arity::Chain
-        } else {
-            Arity::Kary(k as u32)
+    let model = Model {
+        recv: &recv,
+        send: &send,
+        s: image.compressed.max(1) as f64,
+        step: image.step.max(1) as f64,
+        source,
+    };
+    // Splitting costs the coordinator's uplink (each class is fed on its own): try keeping
+    // the first c-1 classes apart and the rest together, for each c, and take the plan whose
+    // last node is done first (within 2 %: the one whose nodes are done first on average,
+    // then the one with fewer classes).
+    let mut best: Option<(f64, f64, Vec<Class>)> = None;
+    for c in 1..=classes.len() {
+        let mut cand: Vec<Vec<usize>> = classes[..c - 1].to_vec();
+        let mut rest: Vec<usize> = classes[c - 1..].concat();
+        rest.sort_unstable();
+        cand.push(rest);
+        let planned = model.plan(&cand);
+        let last = planned.iter().map(|k| k.seconds).fold(0.0f64, f64::max);
+        let mean = planned
+            .iter()
+            .map(|k| k.seconds * k.nodes.len() as f64)
+            .sum::<f64>()
+            / n as f64;
+        let better = match &best {
+            None => true,
+            Some((bl, bm, _)) => last < bl * 0.98 || (last <= bl * 1.02 && mean < bm * 0.98),
         };
-        let sub_groups: Vec<usize> = members.iter().map(|&i| groups[i]).collect();
-        let sub = plan_grouped(&sub_groups, arity);
-        for (j, &i) in members.iter().enumerate() {
-            parent[i] = sub.parent(j).map(|p| members[p]);
+        if better {
+            best = Some((last, mean, planned));
         }
-        planned.push(Class {
-            nodes: members.clone(),
-            arity,
-            rate,
-            seconds,
-        });
     }
-    planned.reverse();
+    let Some((_, _, planned)) = best else {
+        return chain();
+    };
+    let mut parent: Vec<Option<usize>> = vec![None; n];
+    for class in &planned {
+        let sub_groups: Vec<usize> = class.nodes.iter().map(|&i| groups[i]).collect();
+        let sub = plan_grouped(&sub_groups, class.arity);
+        for (j, &i) in class.nodes.iter().enumerate() {
+            parent[i] = sub.parent(j).map(|p| class.nodes[p]);
+        }
+    }
     match Tree::from_parents(&parent) {
         Ok(tree) => AutoPlan {
             tree,
@@ -303,6 +298,71 @@ pub fn plan_auto(rates: &[NodeRates], groups: &[usize], image: ImageShape) -> Au
         },
         // Never: each class's subtree is a tree and the classes are disjoint.
         Err(_) => chain(),
+    }
+}
+
+/// The time model over the nodes' rates (see the module documentation).
+struct Model<'a> {
+    /// Receive rate of each node (bytes of compressed image per second).
+    recv: &'a [f64],
+    /// Send rate of each node.
+    send: &'a [f64],
+    /// Compressed image bytes.
+    s: f64,
+    /// A hop's step, bytes.
+    step: f64,
+    /// The coordinator's uplink.
+    source: f64,
+}
+
+impl Model<'_> {
+    /// Shapes each class (fastest first) as a subtree of the coordinator: the slower classes
+    /// take their share of the uplink first, the fastest has what is left.
+    fn plan(&self, classes: &[Vec<usize>]) -> Vec<Class> {
+        let mut source = self.source;
+        let mut planned: Vec<Class> = Vec::with_capacity(classes.len());
+        for (ci, members) in classes.iter().enumerate().rev() {
+            let r_in = members
+                .iter()
+                .map(|&i| self.recv[i])
+                .fold(f64::INFINITY, f64::min);
+            let r_out = members
+                .iter()
+                .map(|&i| self.send[i])
+                .fold(f64::INFINITY, f64::min);
+            let m = members.len();
+            let mut best: Option<(f64, usize, f64)> = None;
+            for k in 1..=MAX_AUTO_FANOUT.min(m.max(1)) {
+                let mut rate = r_in.min(source / k as f64);
+                if m > k {
+                    rate = rate.min(r_out / k as f64);
+                }
+                if !rate.is_finite() || rate <= 0.0 {
+                    continue;
+                }
+                let t = self.s / rate + depth(m, k) as f64 * self.step / rate;
+                // Ties (within 1 %) go to the smaller fan-out.
+                if best.is_none_or(|(bt, _, _)| t < bt * 0.99) {
+                    best = Some((t, k, rate));
+                }
+            }
+            let (seconds, k, rate) = best.unwrap_or((f64::INFINITY, 1, f64::INFINITY));
+            if ci > 0 && source.is_finite() {
+                source = (source - rate * k as f64).max(source * 0.1);
+            }
+            planned.push(Class {
+                nodes: members.clone(),
+                arity: if k == 1 {
+                    Arity::Chain
+                } else {
+                    Arity::Kary(k as u32)
+                },
+                rate,
+                seconds,
+            });
+        }
+        planned.reverse();
+        planned
     }
 }
 
@@ -424,6 +484,18 @@ mod tests {
         for i in (0..16).step_by(2) {
             assert!(p.tree.parent(i).is_none_or(|q| q % 2 == 0));
         }
+    }
+
+    #[test]
+    fn links_a_little_apart_stay_one_class() {
+        // Two groups 35 % apart: apart, the fast class would get what the slow one leaves
+        // of the uplink (12 - 7.8): one chain at 7.8 MB/s is done first.
+        let v: Vec<u64> = (0..16)
+            .map(|i| if i < 8 { 12 * MB } else { 7_800_000 })
+            .collect();
+        let p = plan_auto(&links(&v), &[], shape());
+        assert_eq!(p.classes.len(), 1, "{}", p.describe());
+        assert_eq!(p.tree, crate::tree::plan(16, Arity::Chain));
     }
 
     #[test]

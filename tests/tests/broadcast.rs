@@ -118,6 +118,13 @@ fn auto_arity_measures_the_nodes_and_keeps_a_slow_disk_out_of_the_others_way() {
         );
     }
     let shape = v["shape"].as_str().unwrap();
+    let secs = |n: &str| node(&v, n)["seconds"].as_f64().unwrap();
+    eprintln!(
+        "{shape}: node5 {:.2} s, node8 {:.2} s, probe {:.2} s",
+        secs("node5"),
+        secs("node8"),
+        v["probe_seconds"].as_f64().unwrap()
+    );
     assert!(shape.starts_with("auto: "), "{shape}");
     assert!(
         shape.contains(" of 1 at "),
