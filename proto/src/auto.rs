@@ -45,6 +45,9 @@ pub struct NodeRates {
     pub link: Option<u64>,
     /// Disk write rate, bytes per second of raw image.
     pub disk: Option<u64>,
+    /// The node answered the probe: a disk rate it did not give is no limit (it writes
+    /// nowhere); the rates of a node that did not answer are taken as typical.
+    pub answered: bool,
 }
 
 /// The image as the model needs it.
@@ -210,10 +213,11 @@ pub fn plan_auto(rates: &[NodeRates], groups: &[usize], image: ImageShape) -> Au
     let recv: Vec<f64> = rates
         .iter()
         .map(|r| {
-            let disk = r
-                .disk
-                .or(typical_disk)
-                .map_or(unbounded, |d| d as f64 * ratio);
+            let disk = match (r.disk, r.answered) {
+                (Some(d), _) => d as f64 * ratio,
+                (None, true) => unbounded,
+                (None, false) => typical_disk.map_or(unbounded, |d| d as f64 * ratio),
+            };
             link_of(r).min(disk)
         })
         .collect();
@@ -386,6 +390,7 @@ mod tests {
             .map(|&l| NodeRates {
                 link: Some(l),
                 disk: None,
+                answered: true,
             })
             .collect()
     }
@@ -439,6 +444,7 @@ mod tests {
             .map(|_| NodeRates {
                 link: Some(12 * MB),
                 disk: Some(3_500_000),
+                answered: true,
             })
             .collect();
         let p = plan_auto(&r, &[], shape());
@@ -459,6 +465,7 @@ mod tests {
             .map(|_| NodeRates {
                 link: Some(12 * MB),
                 disk: Some(50 * MB),
+                answered: true,
             })
             .collect();
         assert_eq!(
@@ -473,6 +480,7 @@ mod tests {
             .map(|i| NodeRates {
                 link: Some(12 * MB),
                 disk: Some(if i % 2 == 0 { 100 * MB } else { 3 * MB }),
+                answered: true,
             })
             .collect();
         let p = plan_auto(&r, &[], shape());
@@ -499,9 +507,26 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_writes_nowhere_has_no_disk_limit() {
+        // One slow disk among null sinks: the others are not slow for it.
+        let mut r = links(&[12 * MB; 8]);
+        r[1].disk = Some(2 * MB);
+        let p = plan_auto(&r, &[], shape());
+        assert_eq!(p.classes.len(), 2, "{}", p.describe());
+        assert_eq!(p.classes[1].nodes, vec![1]);
+        // ... but one that did not answer is taken as typical.
+        r[1].disk = None;
+        r[1].answered = false;
+        r[2].disk = Some(2 * MB);
+        let p = plan_auto(&r, &[], shape());
+        assert_eq!(p.classes[1].nodes, vec![1, 2], "{}", p.describe());
+    }
+
+    #[test]
     fn unmeasured_nodes_count_as_typical() {
         let mut r = links(&[12 * MB; 8]);
         r[3].link = None;
+        r[3].answered = false;
         let p = plan_auto(&r, &[], shape());
         assert_eq!(p.classes.len(), 1);
         assert_eq!(p.tree, crate::tree::plan(8, Arity::Chain));

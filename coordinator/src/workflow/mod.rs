@@ -2061,6 +2061,7 @@ impl Deployment {
             self.nodes[i].rates = Some(NodeRates {
                 link: links.get(k).copied().flatten(),
                 disk: p.disk.get(k).copied().flatten(),
+                answered: p.answered.get(k).copied().unwrap_or(false),
             });
         }
         let mut members: Vec<usize> = p
