@@ -141,6 +141,48 @@ fn auto_arity_measures_the_nodes_and_keeps_a_slow_disk_out_of_the_others_way() {
 }
 
 #[test]
+fn a_slow_disk_in_its_own_class_holds_no_one_back() {
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    // More than a node buffers (its window, writer queue and QUIC receive window: ~21 MiB),
+    // so that node2's disk holds its stream back.
+    make_raw_input(&input, 40 * 1024 * 1024, 9);
+    let c = Cluster::new(&input, 6, "1M").unwrap();
+    let mut reaper = Reaper::default();
+    let mut coord = c.start_coordinator("auto", &[]).unwrap();
+    for n in &c.nodes {
+        let extra: &[&str] = if n == "node2" {
+            &["--write-rate=8M"]
+        } else {
+            &[]
+        };
+        reaper.0.push(
+            c.start_agent(n, &format!("tok-{n}"), "null", extra)
+                .unwrap(),
+        );
+    }
+    let co = wait_child(&mut coord, LIMIT).unwrap();
+    let stderr = String::from_utf8_lossy(&co.stderr).to_string();
+    let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["ok"], true, "{n}");
+    }
+    let secs = |n: &str| node(&v, n)["seconds"].as_f64().unwrap();
+    let shape = v["shape"].as_str().unwrap();
+    eprintln!(
+        "{shape}: node2 {:.2} s, node6 {:.2} s",
+        secs("node2"),
+        secs("node6")
+    );
+    // node2 writes 40 MiB at 8 MB/s (5 s); in a class of its own it slows no one.
+    assert!(secs("node2") > 4.0, "{shape}");
+    for n in ["node1", "node3", "node4", "node5", "node6"] {
+        assert!(secs(n) < secs("node2") / 2.0, "{n}: {shape}\n{stderr}");
+    }
+}
+
+#[test]
 fn corrupt_chunk_is_refused_refetched_and_never_written() {
     let _g = heavy();
     let tmp = tempfile::tempdir().unwrap();
