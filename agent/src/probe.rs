@@ -93,6 +93,16 @@ pub(crate) async fn run(
             None
         }
     };
+    // The disk is timed while the link is: the probe takes the longer of the two.
+    let disk_probe = match disk {
+        DiskProbe::Nowhere if write_rate.is_none() => None,
+        d => {
+            let n = u64::from(bytes);
+            Some(tokio::task::spawn_blocking(move || {
+                write_probe(&d, n, write_rate)
+            }))
+        }
+    };
     let link = match &p.fetch {
         None => None,
         Some(peer) => {
@@ -112,22 +122,19 @@ pub(crate) async fn run(
             }
         }
     };
-    let disk = match disk {
-        DiskProbe::Nowhere if write_rate.is_none() => None,
-        d => {
-            let n = u64::from(bytes);
-            match tokio::task::spawn_blocking(move || write_probe(&d, n, write_rate)).await {
-                Ok(Ok(rate)) => Some(rate),
-                Ok(Err(e)) => {
-                    errors.push(format!("disk probe: {e:#}"));
-                    None
-                }
-                Err(e) => {
-                    errors.push(format!("disk probe: {e}"));
-                    None
-                }
+    let disk = match disk_probe {
+        None => None,
+        Some(h) => match h.await {
+            Ok(Ok(rate)) => Some(rate),
+            Ok(Err(e)) => {
+                errors.push(format!("disk probe: {e:#}"));
+                None
             }
-        }
+            Err(e) => {
+                errors.push(format!("disk probe: {e}"));
+                None
+            }
+        },
     };
     tracing::info!(?link, ?disk, "probe measured (bytes per second)");
     let error = (!errors.is_empty()).then(|| errors.join("; "));
