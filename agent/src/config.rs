@@ -91,6 +91,9 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// Reboot the machine once the coordinator says the deployment is over (deploy initrd only).
     pub reboot_on_finish: bool,
+    /// Threads for QUIC: 1 (everything on the session's thread) or 2 (the children's endpoint
+    /// and streams on a relay thread of their own).
+    pub net_threads: usize,
 }
 
 impl AgentConfig {
@@ -118,6 +121,7 @@ impl AgentConfig {
             disk: None,
             work_dir: PathBuf::from("/run/kd"),
             reboot_on_finish: false,
+            net_threads: 2,
         }
     }
 }

@@ -82,10 +82,23 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 /// Binds a UDP socket with a large receive buffer and a small send buffer (see [`SEND_BUFFER`])
-/// and wraps it in a quinn endpoint (tokio runtime).
+/// and wraps it in a quinn endpoint (the caller's tokio runtime).
 pub fn bind(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    bind_on(addr, server, None)
+}
+
+/// Like [`bind`], on the tokio runtime of `on` (the caller's when `None`): the endpoint's
+/// driver, its connections' drivers, their timers and the socket's readiness all run there,
+/// whichever runtime later connects, accepts or reads. A relay keeps its children's endpoint
+/// on a thread of its own this way (kd-agent's `--net-threads`): the upstream's packets and
+/// the children's are then handled on two cores.
+pub fn bind_on(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    on: Option<tokio::runtime::Handle>,
 ) -> std::io::Result<quinn::Endpoint> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
@@ -101,8 +114,11 @@ pub fn bind(
     }
     sock.bind(&addr.into())?;
     let udp: UdpSocket = sock.into();
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    let runtime: Arc<dyn quinn::Runtime> = match on {
+        Some(h) => Arc::new(OnRuntime(h)),
+        None => quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?,
+    };
     let mut config = quinn::EndpointConfig::default();
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
@@ -112,6 +128,31 @@ pub fn bind(
         largest_segment: AtomicUsize::new(0),
     });
     quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+}
+
+/// quinn's tokio runtime bound to one tokio runtime by its handle (quinn's own spawns on
+/// whatever runtime the caller of `connect` or `accept` is on).
+#[derive(Debug)]
+struct OnRuntime(tokio::runtime::Handle);
+
+impl quinn::Runtime for OnRuntime {
+    fn new_timer(&self, t: std::time::Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        let _on = self.0.enter();
+        quinn::TokioRuntime.new_timer(t)
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(&self, t: UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let _on = self.0.enter();
+        quinn::TokioRuntime.wrap_udp_socket(t)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        quinn::TokioRuntime.now()
+    }
 }
 
 /// Largest UDP payload of one `sendmsg` with segmentation offload (the IPv4 total length is 16
