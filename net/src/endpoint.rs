@@ -244,6 +244,69 @@ impl quinn::AsyncUdpSocket for GsoLimit {
 mod tests {
     use super::*;
 
+    /// An endpoint pinned to runtime B (its own thread) accepts and sends while the client, on
+    /// runtime A, connects and reads: the relay thread's arrangement in kd-agent.
+    #[test]
+    fn an_endpoint_pinned_to_another_runtime_serves_from_there() {
+        let b = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let on_b = b.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread_b = std::thread::Builder::new()
+            .name("runtime-b".into())
+            .spawn(move || {
+                b.block_on(async {
+                    let _ = stopped.await;
+                })
+            })
+            .unwrap();
+        let a = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        a.block_on(async {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["kd".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            let der = cert.der().to_vec();
+            let server = crate::tls::coordinator_server(der.clone(), key.serialize_der()).unwrap();
+            // Bound from runtime A, driven by B.
+            let ep = bind_on(
+                "127.0.0.1:0".parse().unwrap(),
+                Some(server),
+                Some(on_b.clone()),
+            )
+            .unwrap();
+            let addr = ep.local_addr().unwrap();
+            let data = bytes::Bytes::from(vec![7u8; 1 << 20]);
+            let sent = data.clone();
+            let served = on_b.spawn(async move {
+                let conn = ep.accept().await.unwrap().await.unwrap();
+                let (mut s, _r) = conn.accept_bi().await.unwrap();
+                let served_on = std::thread::current().name().map(String::from);
+                crate::wire::send_bytes(&mut s, sent).await.unwrap();
+                s.finish().unwrap();
+                let _ = s.stopped().await;
+                served_on
+            });
+            let client = bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+            let cc = crate::tls::agent_to_coordinator(crate::cert_sha256(&der)).unwrap();
+            let conn = client.connect_with(cc, addr, "kd").unwrap().await.unwrap();
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            s.write_all(b"hi").await.unwrap();
+            let got = crate::wire::recv_bytes(&mut r, data.len()).await.unwrap();
+            assert_eq!(got, data);
+            conn.close(0u32.into(), b"done");
+            assert_eq!(served.await.unwrap().as_deref(), Some("runtime-b"));
+        });
+        stop.send(()).unwrap();
+        thread_b.join().unwrap();
+    }
+
     #[test]
     fn batches_stay_under_64k() {
         // Jumbo datagrams: 7 per batch; full-size Ethernet ones: quinn's 10; never 0.
