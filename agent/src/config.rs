@@ -93,6 +93,9 @@ pub struct AgentConfig {
     pub reboot_on_finish: bool,
     /// Bytes per second the image is written at most (a slow disk, for benches).
     pub write_rate: Option<u64>,
+    /// Threads for QUIC: 1 (everything on the session's thread) or 2 (the children's endpoint
+    /// and streams on a relay thread of their own).
+    pub net_threads: usize,
 }
 
 impl AgentConfig {
@@ -121,6 +124,7 @@ impl AgentConfig {
             work_dir: PathBuf::from("/run/kd"),
             reboot_on_finish: false,
             write_rate: None,
+            net_threads: 2,
         }
     }
 }

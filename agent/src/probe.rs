@@ -60,11 +60,12 @@ impl Drop for ProbeServer {
     }
 }
 
-/// Runs a probe: serves it to `p.serve`, fetches from `p.fetch`, measures the disk at `disk`
+/// Runs a probe: serves it to `p.serve` on `serve_ep` (the endpoint children reach, at the
+/// Hello's data port), fetches from `p.fetch` through `endpoint`, measures the disk at `disk`
 /// (through the `write_rate` limit, as the image would be). The server keeps answering (a
 /// slower peer may still be fetching) until the returned handle is dropped, at the plan.
 pub(crate) async fn run(
-    endpoint: &quinn::Endpoint,
+    (serve_ep, endpoint): (&quinn::Endpoint, &quinn::Endpoint),
     p: Probe,
     disk: DiskProbe,
     write_rate: Option<u64>,
@@ -81,9 +82,9 @@ pub(crate) async fn run(
         allowed,
     ) {
         Ok(cfg) => {
-            endpoint.set_server_config(Some(cfg));
+            serve_ep.set_server_config(Some(cfg));
             Some(ProbeServer(tokio::spawn(serve(
-                endpoint.clone(),
+                serve_ep.clone(),
                 p.deployment,
                 MAX_PROBE,
             ))))

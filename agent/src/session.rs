@@ -33,7 +33,11 @@ pub struct AgentOutcome {
 struct Ctx {
     cfg: AgentConfig,
     coord: quinn::Connection,
+    /// The endpoint this node connects from (coordinator, parent, repairs).
     endpoint: quinn::Endpoint,
+    /// The endpoint children and repairing peers connect to (`data_port`): the same one with
+    /// `--net-threads 1`, else one on the relay thread.
+    children_ep: quinn::Endpoint,
     to_coord: mpsc::Sender<ToCoord>,
     ctl: mpsc::Receiver<ToAgent>,
     allowed: AllowedPeers,
@@ -48,8 +52,22 @@ struct Ctx {
 
 /// Runs the agent until the broadcast is over. Errors are what the operator must read.
 pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
-    let endpoint = kd_net::endpoint::bind(cfg.listen, None).context("cannot open a UDP socket")?;
-    let data_port = endpoint.local_addr()?.port();
+    // Declared first, dropped last: its runtime outlives the children's endpoint.
+    let relay = match cfg.net_threads {
+        0 | 1 => None,
+        _ => Some(RelayThread::start().context("cannot start the relay thread")?),
+    };
+    let children_ep =
+        kd_net::endpoint::bind_on(cfg.listen, None, relay.as_ref().map(|r| r.handle.clone()))
+            .context("cannot open a UDP socket")?;
+    let data_port = children_ep.local_addr()?.port();
+    // With a relay thread, the upstream side has an endpoint of its own (any port, the same
+    // address) on this thread: each endpoint's packets are handled by its own runtime.
+    let endpoint = match relay {
+        None => children_ep.clone(),
+        Some(_) => kd_net::endpoint::bind(std::net::SocketAddr::new(cfg.listen.ip(), 0), None)
+            .context("cannot open a UDP socket")?,
+    };
     let hello = Hello {
         version: kd_proto::PROTOCOL_VERSION,
         node: cfg.node.clone(),
@@ -130,7 +148,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
                 };
                 // A second probe replaces the first (its server first: one accept loop).
                 drop(probe_server.take());
-                let (probed, server) = crate::probe::run(&endpoint, *p, disk, cfg.write_rate).await;
+                let (probed, server) =
+                    crate::probe::run((&children_ep, &endpoint), *p, disk, cfg.write_rate).await;
                 probe_server = server;
                 let _ = to_coord.send(ToCoord::Probed(probed)).await;
             }
@@ -182,21 +201,25 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     for c in &children {
         allowed.allow(c.cert_sha256, c.node.clone());
     }
-    endpoint.set_server_config(Some(kd_net::tls::parent_server(
+    children_ep.set_server_config(Some(kd_net::tls::parent_server(
         identity.cert_der.clone(),
         identity.key_der.clone(),
         allowed.clone(),
     )?));
     let store = Arc::new(Store::new(cfg.window));
     let manifest = Arc::new(manifest);
-    tokio::spawn(serve_children(
-        endpoint.clone(),
+    let serving = serve_children(
+        children_ep.clone(),
         store.clone(),
         manifest.clone(),
         deployment,
         (allowed.clone(), child_conns.clone()),
         to_coord.clone(),
-    ));
+    );
+    match &relay {
+        Some(r) => drop(r.handle.spawn(serving)),
+        None => drop(tokio::spawn(serving)),
+    }
 
     let cpu0 = cpu_seconds();
     let was_staged = staged.is_some();
@@ -236,6 +259,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         cfg,
         coord,
         endpoint,
+        children_ep,
         to_coord,
         ctl,
         allowed,
@@ -303,7 +327,12 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     }
     ctx.coord.close(kd_net::close::DONE.into(), b"done");
     ctx.endpoint.close(kd_net::close::DONE.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), ctx.endpoint.wait_idle()).await;
+    ctx.children_ep.close(kd_net::close::DONE.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        ctx.endpoint.wait_idle().await;
+        ctx.children_ep.wait_idle().await;
+    })
+    .await;
     if let Some(e) = &report.error {
         bail!("{e}");
     }
@@ -1312,6 +1341,49 @@ async fn fetch_from_peer(ctx: &Ctx, peer: &PeerInfo, index: u32) -> Result<bytes
     match got? {
         Fetched::Chunk(d) => Ok(d),
         Fetched::Redirect(_) => bail!("a peer answered with a redirect"),
+    }
+}
+
+/// The thread of `--net-threads 2`: a current-thread runtime of its own that runs the children's
+/// endpoint and their streams, while the session's runtime receives from the upstream. A relay
+/// at a link rate one core cannot carry (~1.2 Gbit/s of QUIC at MTU 1500) then uses two; each
+/// runtime stays single-threaded (no work stealing: a multi-thread runtime's two workers cost
+/// 38 % more CPU per GiB). Pieces cross between the two through the store's notifications.
+/// Dropping it stops the runtime (the thread ends on its own).
+struct RelayThread {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl RelayThread {
+    fn start() -> Result<Self> {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("kd-relay".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        let _ = handle_tx.send(Ok(rt.handle().clone()));
+                        rt.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                    }
+                }
+            })?;
+        let handle = handle_rx
+            .recv()
+            .map_err(|_| anyhow!("the relay thread ended at once"))??;
+        Ok(Self {
+            handle,
+            _stop: stop,
+        })
     }
 }
 

@@ -878,6 +878,9 @@ pub(crate) struct Row {
     pub(crate) agent_cores: f64,
     /// Coordinator CPU seconds (user+sys, last reading before it exited).
     pub(crate) coord_cpu_seconds: f64,
+    /// The busiest single thread of any agent: its user+sys CPU seconds per GiB (from
+    /// /proc/PID/task, whole thread life). What one core must carry for that node to keep up.
+    pub(crate) thread_s_per_gib_max: f64,
     /// Agents' user CPU seconds per GiB, mean, sampled from /proc (whole process life).
     pub(crate) agent_user_s_per_gib: f64,
     /// Agents' system CPU seconds per GiB, mean, sampled from /proc (whole process life).
@@ -986,6 +989,25 @@ fn sample_ticks(pids: &[u32], ticks: &mut [(u64, u64)]) {
             .and_then(|s| parse_pid_ticks(&s))
         {
             *t = (t.0.max(u), t.1.max(s));
+        }
+    }
+}
+
+/// Raises `busiest[k]` to the user+sys ticks of the busiest thread of `pids[k]` now (kd-agent
+/// relays on two threads with `--net-threads 2`: what one core must carry is its busiest
+/// thread's share, not the process's).
+fn sample_thread_max(pids: &[u32], busiest: &mut [u64]) {
+    for (b, pid) in busiest.iter_mut().zip(pids) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            if let Some((u, s)) = std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| parse_pid_ticks(&s))
+            {
+                *b = (*b).max(u + s);
+            }
         }
     }
 }
@@ -1144,6 +1166,7 @@ fn run_one(
     // Last (user, sys) ticks seen per process: index 0 the coordinator, i agent i.
     let pids: Vec<u32> = lab.procs.iter().map(|c| c.id()).collect();
     let mut ticks = vec![(0u64, 0u64); pids.len()];
+    let mut busiest = vec![0u64; pids.len()];
     let mut last_sample = Instant::now() - Duration::from_secs(1);
     // The plan's moment (seen in coord.log) and, per node index, when it was powered off.
     let mut planned: Option<Instant> = None;
@@ -1152,6 +1175,7 @@ fn run_one(
         if last_sample.elapsed() >= Duration::from_millis(250) {
             last_sample = Instant::now();
             sample_ticks(&pids, &mut ticks);
+            sample_thread_max(&pids, &mut busiest);
         }
         if !a.kill.is_empty() {
             match planned {
@@ -1309,6 +1333,11 @@ fn run_one(
             0.0
         },
         coord_cpu_seconds: (ticks[0].0 + ticks[0].1) as f64 / tck,
+        thread_s_per_gib_max: if gib > 0.0 {
+            busiest[1..].iter().copied().max().unwrap_or(0) as f64 / tck / gib
+        } else {
+            f64::NAN
+        },
         agent_user_s_per_gib: if gib > 0.0 {
             ticks[1..].iter().map(|t| t.0).sum::<u64>() as f64 / tck / n as f64 / gib
         } else {
@@ -1507,6 +1536,8 @@ fn run_tcp_chain(
         cpu_s_per_gib_max: max,
         agent_cores: relay_cpu / seconds,
         coord_cpu_seconds: (ticks[n].0 + ticks[n].1) as f64 / tck,
+        // One thread per relay.
+        thread_s_per_gib_max: max,
         agent_user_s_per_gib: relays.iter().map(|t| t.0).sum::<u64>() as f64 / tck / n as f64 / gib,
         agent_sys_s_per_gib: relays.iter().map(|t| t.1).sum::<u64>() as f64 / tck / n as f64 / gib,
         machine_busy: busy,
@@ -1527,18 +1558,19 @@ fn run_tcp_chain(
 pub(crate) fn table(rows: &[Row], s_over_b: f64) -> String {
     // The arity column fits its longest label (`chain/racks`).
     let w = rows.iter().map(|r| r.arity.len()).max().unwrap_or(0).max(6);
-    let line = |c: [&str; 15]| {
+    let line = |c: [&str; 16]| {
         format!(
-            "{:>4} {:>8} {:>w$} {:>8} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>8} {:>8}\n",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14]
+            "{:>4} {:>8} {:>w$} {:>8} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>8} {:>8}\n",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]
         )
     };
     let mut s = line([
-        "N", "B", "arity", "seconds", "S/B", "ratio", "ideal", "cpu/GiB", "cpu/GiB", "usr+sys",
-        "agent", "busy", "softirq", "tc drops", "verified",
+        "N", "B", "arity", "seconds", "S/B", "ratio", "ideal", "cpu/GiB", "cpu/GiB", "thread",
+        "usr+sys", "agent", "busy", "softirq", "tc drops", "verified",
     ]);
     s.push_str(&line([
-        "", "", "", "", "s", "", "", "mean s", "max s", "s/GiB", "cores", "%", "%", "per 10k", "",
+        "", "", "", "", "s", "", "", "mean s", "max s", "max s", "s/GiB", "cores", "%", "%",
+        "per 10k", "",
     ]));
     for r in rows {
         s.push_str(&line([
@@ -1551,6 +1583,7 @@ pub(crate) fn table(rows: &[Row], s_over_b: f64) -> String {
             &format!("{:.0}", r.ideal_ratio),
             &format!("{:.2}", r.cpu_s_per_gib_mean),
             &format!("{:.2}", r.cpu_s_per_gib_max),
+            &format!("{:.2}", r.thread_s_per_gib_max),
             &format!("{:.1}+{:.1}", r.agent_user_s_per_gib, r.agent_sys_s_per_gib),
             &format!("{:.2}", r.agent_cores),
             &format!("{:.0}", r.machine_busy * 100.0),
@@ -1858,7 +1891,7 @@ pub(crate) fn run(a: ArityArgs) -> Result<()> {
     } else {
         print!("{text}");
         println!(
-            "S = {} bytes, S/B = {:.2} s; cpu/GiB: agent user+sys CPU seconds per GiB received; agent cores: sum of agents' CPU / transfer time; busy, softirq: share of all {} cores of the machine over the run.",
+            "S = {} bytes, S/B = {:.2} s; cpu/GiB: agent user+sys CPU seconds per GiB received; thread: the busiest single thread of any agent, the same per GiB; agent cores: sum of agents' CPU / transfer time; busy, softirq: share of all {} cores of the machine over the run.",
             s_final, s_over_b, res.cores
         );
     }
@@ -2080,6 +2113,7 @@ mod tests {
             cpu_s_per_gib_max: 3.0,
             agent_cores: 0.5,
             coord_cpu_seconds: 1.0,
+            thread_s_per_gib_max: 2.0,
             agent_user_s_per_gib: 1.0,
             agent_sys_s_per_gib: 1.0,
             machine_busy: 0.6,

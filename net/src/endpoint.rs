@@ -82,10 +82,23 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 /// Binds a UDP socket with a large receive buffer and a small send buffer (see [`SEND_BUFFER`])
-/// and wraps it in a quinn endpoint (tokio runtime).
+/// and wraps it in a quinn endpoint (the caller's tokio runtime).
 pub fn bind(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    bind_on(addr, server, None)
+}
+
+/// Like [`bind`], on the tokio runtime of `on` (the caller's when `None`): the endpoint's
+/// driver, its connections' drivers, their timers and the socket's readiness all run there,
+/// whichever runtime later connects, accepts or reads. A relay keeps its children's endpoint
+/// on a thread of its own this way (kd-agent's `--net-threads`): the upstream's packets and
+/// the children's are then handled on two cores.
+pub fn bind_on(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    on: Option<tokio::runtime::Handle>,
 ) -> std::io::Result<quinn::Endpoint> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
@@ -101,8 +114,11 @@ pub fn bind(
     }
     sock.bind(&addr.into())?;
     let udp: UdpSocket = sock.into();
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    let runtime: Arc<dyn quinn::Runtime> = match on {
+        Some(h) => Arc::new(OnRuntime(h)),
+        None => quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?,
+    };
     let mut config = quinn::EndpointConfig::default();
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
@@ -112,6 +128,31 @@ pub fn bind(
         largest_segment: AtomicUsize::new(0),
     });
     quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+}
+
+/// quinn's tokio runtime bound to one tokio runtime by its handle (quinn's own spawns on
+/// whatever runtime the caller of `connect` or `accept` is on).
+#[derive(Debug)]
+struct OnRuntime(tokio::runtime::Handle);
+
+impl quinn::Runtime for OnRuntime {
+    fn new_timer(&self, t: std::time::Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        let _on = self.0.enter();
+        quinn::TokioRuntime.new_timer(t)
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(&self, t: UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let _on = self.0.enter();
+        quinn::TokioRuntime.wrap_udp_socket(t)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        quinn::TokioRuntime.now()
+    }
 }
 
 /// Largest UDP payload of one `sendmsg` with segmentation offload (the IPv4 total length is 16
@@ -202,6 +243,69 @@ impl quinn::AsyncUdpSocket for GsoLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint pinned to runtime B (its own thread) accepts and sends while the client, on
+    /// runtime A, connects and reads: the relay thread's arrangement in kd-agent.
+    #[test]
+    fn an_endpoint_pinned_to_another_runtime_serves_from_there() {
+        let b = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let on_b = b.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread_b = std::thread::Builder::new()
+            .name("runtime-b".into())
+            .spawn(move || {
+                b.block_on(async {
+                    let _ = stopped.await;
+                })
+            })
+            .unwrap();
+        let a = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        a.block_on(async {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["kd".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            let der = cert.der().to_vec();
+            let server = crate::tls::coordinator_server(der.clone(), key.serialize_der()).unwrap();
+            // Bound from runtime A, driven by B.
+            let ep = bind_on(
+                "127.0.0.1:0".parse().unwrap(),
+                Some(server),
+                Some(on_b.clone()),
+            )
+            .unwrap();
+            let addr = ep.local_addr().unwrap();
+            let data = bytes::Bytes::from(vec![7u8; 1 << 20]);
+            let sent = data.clone();
+            let served = on_b.spawn(async move {
+                let conn = ep.accept().await.unwrap().await.unwrap();
+                let (mut s, _r) = conn.accept_bi().await.unwrap();
+                let served_on = std::thread::current().name().map(String::from);
+                crate::wire::send_bytes(&mut s, sent).await.unwrap();
+                s.finish().unwrap();
+                let _ = s.stopped().await;
+                served_on
+            });
+            let client = bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+            let cc = crate::tls::agent_to_coordinator(crate::cert_sha256(&der)).unwrap();
+            let conn = client.connect_with(cc, addr, "kd").unwrap().await.unwrap();
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            s.write_all(b"hi").await.unwrap();
+            let got = crate::wire::recv_bytes(&mut r, data.len()).await.unwrap();
+            assert_eq!(got, data);
+            conn.close(0u32.into(), b"done");
+            assert_eq!(served.await.unwrap().as_deref(), Some("runtime-b"));
+        });
+        stop.send(()).unwrap();
+        thread_b.join().unwrap();
+    }
 
     #[test]
     fn batches_stay_under_64k() {
