@@ -30,8 +30,10 @@
 
 use crate::tree::{plan_grouped, Arity, Tree};
 
-/// A class holds nodes at least this fraction of its fastest node's rate.
-pub const CLASS_SPREAD: f64 = 0.7;
+/// A class holds nodes at least this fraction of its fastest node's rate: a node worth a
+/// class of its own is twice as slow (a 1 Gbit/s link among 10 Gbit/s ones, a failing disk),
+/// not one the probe's noise (±30 % on a busy host) set apart.
+pub const CLASS_SPREAD: f64 = 0.5;
 /// Most classes (subtrees of the coordinator); slower nodes join the last class.
 pub const MAX_CLASSES: usize = 3;
 /// Largest fan-out `auto` picks.

@@ -1223,8 +1223,10 @@ impl Lab {
         let child = self
             .kd_cmd(
                 Some(uid),
+                // Chains: the metrics below count what the second node of each relayed.
                 &[
                     "deploy", "-e", &env, "-m", nodeset, "-k", &key, "-o", &oks, "-n", &kos,
+                    "--arity", "chain",
                 ],
             )
             .spawn()
