@@ -153,7 +153,7 @@ fn a_slow_disk_in_its_own_class_holds_no_one_back() {
     let mut coord = c.start_coordinator("auto", &[]).unwrap();
     for n in &c.nodes {
         let extra: &[&str] = if n == "node2" {
-            &["--write-rate=8M"]
+            &["--write-rate=6M"]
         } else {
             &[]
         };
@@ -175,10 +175,11 @@ fn a_slow_disk_in_its_own_class_holds_no_one_back() {
         secs("node2"),
         secs("node6")
     );
-    // node2 writes 40 MiB at 8 MB/s (5 s); in a class of its own it slows no one.
-    assert!(secs("node2") > 4.0, "{shape}");
+    // node2 writes 40 MiB at 6 MB/s (7 s); in a class of its own it slows no one (held back
+    // by it, the others would end with it; alone, well before even on a busy machine).
+    assert!(secs("node2") > 6.0, "{shape}");
     for n in ["node1", "node3", "node4", "node5", "node6"] {
-        assert!(secs(n) < secs("node2") / 2.0, "{n}: {shape}\n{stderr}");
+        assert!(secs(n) < secs("node2") * 0.75, "{n}: {shape}\n{stderr}");
     }
 }
 
