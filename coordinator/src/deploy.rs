@@ -1168,33 +1168,18 @@ impl Driver {
     }
 
     /// A peer to serve chunk `index` to `node` (swarm repair), told to accept it; `None`: the
-    /// coordinator serves it. The choice is [`crate::workflow::repair_holder`]'s, over the
-    /// nodes of this round still receiving (they read their control stream) by their last
-    /// progress.
+    /// coordinator serves it. The choice is the workflow's (`Deployment::repair_peer`), from
+    /// the nodes' last progress and the agents connected.
     fn repair_holder(&mut self, node: &str, index: u32, avoid: Option<&str>) -> Option<PeerInfo> {
         let r = self.round.as_ref()?;
         let asker = r.info.get(node)?.clone();
-        let total = self.source.as_ref()?.chunks.image().manifest.chunk_count();
-        let parents = self.wf.round_parents();
-        // The asker's parent relayed everything before `index` and usually `index` itself
-        // (a corrupt copy): it holds at least index + 1 chunks, whatever its last report says.
-        let parent = self.wf.round_parent(node);
-        let candidates: Vec<(&str, u32)> = parents
-            .iter()
-            .map(|(n, _)| *n)
-            .filter(|n| *n != node && Some(*n) != avoid && self.agents.contains_key(*n))
-            .map(|n| {
-                let reported = self.progress.get(n).map_or(0, |p| p.chunks);
-                let known = if Some(n) == parent { index + 1 } else { 0 };
-                (n, reported.max(known))
-            })
-            // A node still receiving reads its control stream at once (a finished one may be
-            // busy finishing its disk, and would take the Adopt too late).
-            .filter(|(n, have)| *have < total || Some(*n) == parent)
-            .collect();
-        let holder =
-            crate::workflow::repair_holder(index, candidates, crate::workflow::REPAIR_WINDOW)?
-                .to_string();
+        let holder = self.wf.repair_peer(
+            node,
+            index,
+            avoid,
+            |n| self.progress.get(n).map_or(0, |p| p.chunks),
+            |n| self.agents.contains_key(n),
+        )?;
         let info = r.info.get(&holder)?.clone();
         let a = self.agents.get(&holder)?;
         a.tx.try_send(ToAgent::Adopt(asker)).ok()?;

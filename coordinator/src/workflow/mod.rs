@@ -2193,6 +2193,39 @@ impl Deployment {
         v.into_iter().map(|i| self.nodes[i].name.as_str()).collect()
     }
 
+    /// Swarm repair in the running round: the member `node` should fetch chunk `index` from
+    /// (it is then told to accept `node`), or `None` (the coordinator serves it). Candidates:
+    /// the members still serving but `node` and `avoid` for which `reachable` holds (the
+    /// driver has their control stream), with `chunks` received as last reported; `node`'s
+    /// parent relayed everything before `index` and usually `index` itself (a corrupt copy),
+    /// so it counts as holding `index + 1` whatever its report says. Members done receiving are
+    /// left out but for that parent (busy finishing their disk, they would take the request
+    /// to accept `node` too late). The pick is [`repair_holder`]'s.
+    pub fn repair_peer(
+        &self,
+        node: &str,
+        index: u32,
+        avoid: Option<&str>,
+        chunks: impl Fn(&str) -> u32,
+        reachable: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let r = self.round.as_ref()?;
+        let parent = self.round_parent(node);
+        let mut members: Vec<usize> = r.serving.iter().copied().collect();
+        members.sort_unstable();
+        let candidates: Vec<(&str, u32)> = members
+            .into_iter()
+            .map(|m| (m, self.nodes[m].name.as_str()))
+            .filter(|&(_, n)| n != node && Some(n) != avoid && reachable(n))
+            .filter(|&(m, n)| r.receiving.contains(&m) || Some(n) == parent)
+            .map(|(_, n)| {
+                let known = if Some(n) == parent { index + 1 } else { 0 };
+                (n, chunks(n).max(known))
+            })
+            .collect();
+        repair_holder(index, candidates, REPAIR_WINDOW).map(str::to_string)
+    }
+
     /// The parent of `node` in the running round, if it has one (not the coordinator).
     pub fn round_parent(&self, node: &str) -> Option<&str> {
         let r = self.round.as_ref()?;

@@ -1269,6 +1269,40 @@ fn a_whole_auto_deployment_runs() {
     assert_eq!(out.count(|a| matches!(a, Action::ProbeRates { .. })), 1);
 }
 
+#[test]
+fn a_repair_goes_to_a_member_that_likely_holds_the_chunk() {
+    // n1 -> n2 -> n3 -> n4.
+    let (d, _) = in_round(4, Arity::Chain);
+    let progress = |n: &str| match n {
+        "n1" => 10,
+        "n4" => 2,
+        _ => 0,
+    };
+    let all = |_: &str| true;
+    // n3's parent n2 reported nothing yet but relayed chunk 5 to it: the closest holder.
+    assert_eq!(
+        d.repair_peer("n3", 5, None, progress, all).as_deref(),
+        Some("n2")
+    );
+    // n2 just said it no longer holds it: n1 (5 chunks past it, within the window).
+    assert_eq!(
+        d.repair_peer("n3", 5, Some("n2"), progress, all).as_deref(),
+        Some("n1")
+    );
+    // Too far past it (n1 at 10, chunk 1): nobody likely holds it; nor does an agent the
+    // driver cannot reach.
+    assert_eq!(d.repair_peer("n4", 1, Some("n3"), progress, all), None);
+    assert_eq!(
+        d.repair_peer("n3", 5, Some("n2"), progress, |n: &str| n != "n1"),
+        None
+    );
+    // Never the asker itself.
+    assert_eq!(
+        d.repair_peer("n1", 5, None, |_: &str| 9, all).as_deref(),
+        Some("n2")
+    );
+}
+
 /// A deployment of `n` nodes driven by hand up to its first broadcast round.
 fn in_round(n: usize, arity: Arity) -> (Deployment, Instant) {
     let mut settings = settings(WorkflowConfig::default());
