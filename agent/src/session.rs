@@ -157,7 +157,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     };
     tracing::debug!(?stall, "upstream patience");
 
-    // Serve children.
+    // Serve children (a silent one is dropped after the plan's limit).
+    child_conns.set_quiet(stall.child_quiet());
     for c in &children {
         allowed.allow(c.cert_sha256, c.node.clone());
     }
@@ -718,15 +719,22 @@ async fn receive_all(
                         break 'outer;
                     }
                     watch.reading(Instant::now());
-                    let frame = tokio::select! {
-                        f = judged(&watch, &up, wire::recv_data(&mut recv, MAX_FRAME)) => f,
-                        m = ctx.ctl.recv() => {
-                            match m {
-                                Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
-                                Some(ToAgent::Adopt(p)) => { ctx.allowed.allow(p.cert_sha256, p.node); continue; }
-                                Some(ToAgent::Abort { reason }) => { fatal = Some(format!("aborted by the coordinator: {reason}")); break 'outer; }
-                                Some(_) => continue,
-                                None => { fatal = Some("the coordinator connection was lost".into()); break 'outer; }
+                    // One read per frame, kept across the control messages handled meanwhile:
+                    // dropping it for an `Adopt` would lose a frame header half read and break
+                    // the stream's framing. Only a new upstream or the end abandons it.
+                    let frame = {
+                        let read = judged(&watch, &up, wire::recv_data(&mut recv, MAX_FRAME));
+                        tokio::pin!(read);
+                        loop {
+                            tokio::select! {
+                                f = &mut read => break f,
+                                m = ctx.ctl.recv() => match m {
+                                    Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
+                                    Some(ToAgent::Adopt(p)) => ctx.allowed.allow(p.cert_sha256, p.node),
+                                    Some(ToAgent::Abort { reason }) => { fatal = Some(format!("aborted by the coordinator: {reason}")); break 'outer; }
+                                    Some(_) => {}
+                                    None => { fatal = Some("the coordinator connection was lost".into()); break 'outer; }
+                                },
                             }
                         }
                     };
@@ -902,8 +910,11 @@ enum ChunkFail {
 
 /// Waits for `read` (a read from the upstream on connection `up`) while `watch` judges the
 /// upstream alive: past its patience, a read is abandoned once the connection has also brought
-/// no packet for a while ([`Watch::judge`]). The read is never cancelled and resumed (a frame
-/// half read would be lost).
+/// no packet for a while ([`Watch::judge`]). The connection's packet count is looked at every
+/// [`Watch::sample_every`], so that the time of its last packet is known to within that; time
+/// this task itself did not run (the agent starved of CPU, packets waiting unread) is not the
+/// upstream's silence. The read is never cancelled and resumed (a frame half read would be
+/// lost).
 async fn judged<T>(
     watch: &Watch,
     up: &quinn::Connection,
@@ -911,15 +922,21 @@ async fn judged<T>(
 ) -> Result<T, Problem> {
     tokio::pin!(read);
     let start = Instant::now();
+    let tick = watch.sample_every();
     let mut seen = up.stats().udp_rx.datagrams;
     let mut heard = start;
-    let mut wait = watch.patience();
+    let mut woke = start;
+    let mut wait = watch.patience().min(tick);
     loop {
         tokio::select! {
             r = &mut read => return Ok(r),
             _ = tokio::time::sleep(wait) => {}
         }
         let now = Instant::now();
+        if now.saturating_duration_since(woke) > wait + tick.saturating_mul(2) {
+            heard = heard.max(now - tick);
+        }
+        woke = now;
         let rx = up.stats().udp_rx.datagrams;
         if rx != seen {
             seen = rx;
@@ -927,7 +944,7 @@ async fn judged<T>(
         }
         let (silent, quiet) = (now - start, now - heard);
         match watch.judge(silent, quiet) {
-            Judgement::Wait(d) => wait = d.max(Duration::from_millis(50)),
+            Judgement::Wait(d) => wait = d.min(tick).max(Duration::from_millis(50)),
             Judgement::Dead => return Err(Problem::Silent { silent, quiet }),
         }
     }
@@ -1297,12 +1314,34 @@ async fn fetch_from_peer(ctx: &Ctx, peer: &PeerInfo, index: u32) -> Result<bytes
 /// Accepts children's connections and streams chunks to them.
 /// The children's connections by node, so that one the coordinator says is gone can be
 /// closed at once.
+/// Each connection is also watched: one that brings no packet for the plan's
+/// [`Policy::child_quiet`] (a child sends keep-alives every 250 ms) is a dead or frozen child,
+/// dropped at once (its window and pacing hold on this node end) without waiting for the
+/// coordinator's `ChildGone`.
 #[derive(Clone, Default)]
-struct ChildConns(Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>>);
+struct ChildConns {
+    conns: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>>,
+    /// [`Policy::child_quiet`] in ms (0: not watched, before the plan).
+    quiet_ms: Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl ChildConns {
+    /// Children's connections are dropped after `limit` without a packet.
+    fn set_quiet(&self, limit: Duration) {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        self.quiet_ms.store(ms, Ordering::Relaxed);
+    }
+
     fn add(&self, node: &str, conn: &quinn::Connection) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let quiet = self.quiet_ms.load(Ordering::Relaxed);
+        if quiet > 0 {
+            tokio::spawn(drop_when_silent(
+                conn.clone(),
+                node.to_string(),
+                Duration::from_millis(quiet),
+            ));
+        }
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let v = m.entry(node.to_string()).or_default();
         v.retain(|c| c.close_reason().is_none());
         v.push(conn.clone());
@@ -1310,7 +1349,7 @@ impl ChildConns {
 
     fn close(&self, node: &str) {
         let gone = self
-            .0
+            .conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(node)
@@ -1320,6 +1359,36 @@ impl ChildConns {
         }
         for c in gone {
             c.close(kd_net::close::DONE.into(), b"gone");
+        }
+    }
+}
+
+/// Closes a child's connection once it has brought no packet for `limit` (time this task did
+/// not run excluded); returns when the connection ends.
+async fn drop_when_silent(conn: quinn::Connection, node: String, limit: Duration) {
+    let tick = (limit / 4).max(Duration::from_millis(50));
+    let mut seen = conn.stats().udp_rx.datagrams;
+    let mut heard = Instant::now();
+    let mut woke = heard;
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(woke) > tick.saturating_mul(3) {
+            heard = heard.max(now - tick);
+        }
+        woke = now;
+        let rx = conn.stats().udp_rx.datagrams;
+        if rx != seen {
+            seen = rx;
+            heard = now;
+        } else if now.saturating_duration_since(heard) >= limit {
+            let quiet = now.saturating_duration_since(heard);
+            tracing::warn!(child = %node, "no packet from this child for {:.1} s: dropping it", quiet.as_secs_f64());
+            conn.close(kd_net::close::DONE.into(), b"silent");
+            return;
         }
     }
 }
@@ -1504,6 +1573,8 @@ mod tests {
         // A parent with nothing to send still sends QUIC keep-alives: the watch must not take
         // their interval for death (nor the coordinator's silence limit).
         assert!(kd_net::endpoint::KEEP_ALIVE < kd_proto::upstream::PEER_QUIET);
+        // Between agents: at least three keep-alives in the shortest quiet limit.
+        assert!(kd_net::endpoint::DATA_KEEP_ALIVE * 3 < kd_proto::upstream::MIN_QUIET);
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub(crate) struct StormArgs {
     /// Seconds the whole run may take.
     #[arg(long, default_value_t = 600)]
     limit_secs: u64,
+    /// Keep the coordinator's log and each agent's (at `warn`, `nodeI.log`) in this directory.
+    #[arg(long)]
+    keep_logs: Option<std::path::PathBuf>,
 }
 
 /// Everything the run started; stopped and removed when dropped.
@@ -129,7 +132,14 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
         .args(["--arity", &a.arity, "--listen", &addr, "--tokens"])
         .arg(&tokens)
         .args(["--json", "--hello-timeout", "300", "--timeout", "300"])
-        .env("KD_LOG", "warn")
+        .env(
+            "KD_LOG",
+            if a.keep_logs.is_some() {
+                "warn,kd_coord::broadcast=debug"
+            } else {
+                "warn"
+            },
+        )
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&coord_out)?)
         .stderr(std::fs::File::create(&coord_log)?)
@@ -150,6 +160,15 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if let Some(d) = &a.keep_logs {
+        std::fs::create_dir_all(d).with_context(|| format!("{}", d.display()))?;
+    }
+    let agent_log = |i: usize| -> Result<Stdio> {
+        Ok(match &a.keep_logs {
+            Some(d) => std::fs::File::create(d.join(format!("node{i}.log")))?.into(),
+            None => Stdio::null(),
+        })
+    };
     let t_start = Instant::now();
     for i in 1..=a.agents {
         let c = Command::new(&agent)
@@ -161,10 +180,17 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
                 &format!("storm-{i}"),
             ])
             .args(["--sink", "null", "--listen", "127.0.0.1:0"])
-            .env("KD_LOG", "error")
+            .env(
+                "KD_LOG",
+                if a.keep_logs.is_some() {
+                    "warn"
+                } else {
+                    "error"
+                },
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(agent_log(i)?)
             .spawn()
             .with_context(|| format!("start agent {i} (ulimit -u?)"))?;
         run.agents.push(c);
@@ -189,6 +215,9 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let wall = t_start.elapsed();
+    if let Some(d) = &a.keep_logs {
+        std::fs::copy(&coord_log, d.join("coord.log"))?;
+    }
     // When the round was planned (every agent in), from the coordinator's log.
     let log = std::fs::File::open(&coord_log)?;
     let (mut refused, mut connected) = (0usize, 0usize);

@@ -7,8 +7,13 @@ use std::time::Duration;
 
 /// Idle time after which a silent peer is declared gone.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Keep-alive interval (well under [`IDLE_TIMEOUT`]).
+/// Keep-alive interval (well under [`IDLE_TIMEOUT`]) of the control connections (agent and
+/// coordinator: few packets for a coordinator with thousands of agents).
 pub const KEEP_ALIVE: Duration = Duration::from_millis(2000);
+/// Keep-alive interval of the data connections between agents (parent and child): a dead
+/// parent or child is told from a live one with nothing to send after a second without a
+/// packet (`kd_proto::upstream::MIN_QUIET`), not seconds.
+pub const DATA_KEEP_ALIVE: Duration = Duration::from_millis(250);
 /// UDP receive buffer size asked of the kernel (the default loses packets on loopback).
 pub const RECV_BUFFER: usize = 4 * 1024 * 1024;
 /// UDP send buffer size asked of the kernel (which doubles it for its bookkeeping). It bounds
@@ -53,9 +58,14 @@ pub const INITIAL_WINDOW: u64 = 2 * ACK_THRESHOLD as u64 * INITIAL_MTU as u64;
 /// kd's QUIC transport parameters: windows large enough for a chunk in flight per stream,
 /// a short idle timeout so that dead peers are found within seconds.
 pub fn transport() -> Arc<quinn::TransportConfig> {
+    transport_with(KEEP_ALIVE)
+}
+
+/// [`transport`] with keep-alives every `keep_alive` ([`DATA_KEEP_ALIVE`] between agents).
+pub fn transport_with(keep_alive: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.keep_alive_interval(Some(keep_alive));
     t.initial_rtt(INITIAL_RTT);
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
