@@ -846,9 +846,17 @@ async fn receive_all(
                 (problem, conn)
             }
         };
+        // A parent that took this node for a dead child (it heard nothing from it for a
+        // while) closed the connection: this node is alive, so that is not a lost parent.
+        let problem = match (&problem, &conn) {
+            (Problem::Broken(_), Some(c)) if dropped_as_silent(c) => Problem::Dropped,
+            _ => problem,
+        };
         match watch.failed(Instant::now(), problem) {
             Verdict::RetrySame { pause } => {
-                tracing::info!("new upstream closed at once; retrying it");
+                tracing::info!(
+                    "new upstream closed at once, or dropped this node as silent; retrying it"
+                );
                 tokio::time::sleep(pause).await;
             }
             Verdict::Lost(reason) => {
@@ -1363,8 +1371,20 @@ impl ChildConns {
     }
 }
 
+/// The reason a parent gives when it closes a silent child's connection.
+const SILENT_CHILD: &[u8] = b"silent child";
+
+/// Whether `conn` (to a parent) was closed by the parent as a silent child's.
+fn dropped_as_silent(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.reason.as_ref() == SILENT_CHILD
+    )
+}
+
 /// Closes a child's connection once it has brought no packet for `limit` (time this task did
-/// not run excluded); returns when the connection ends.
+/// not run excluded); returns when the connection ends. A live child (stalled, or its packets
+/// lost) sees why and reconnects at once ([`Problem::Dropped`]).
 async fn drop_when_silent(conn: quinn::Connection, node: String, limit: Duration) {
     let tick = (limit / 4).max(Duration::from_millis(50));
     let mut seen = conn.stats().udp_rx.datagrams;
@@ -1387,7 +1407,7 @@ async fn drop_when_silent(conn: quinn::Connection, node: String, limit: Duration
         } else if now.saturating_duration_since(heard) >= limit {
             let quiet = now.saturating_duration_since(heard);
             tracing::warn!(child = %node, "no packet from this child for {:.1} s: dropping it", quiet.as_secs_f64());
-            conn.close(kd_net::close::DONE.into(), b"silent");
+            conn.close(kd_net::close::DONE.into(), SILENT_CHILD);
             return;
         }
     }

@@ -178,6 +178,10 @@ pub enum Problem {
     },
     /// The stream broke, ended early, or sent something wrong (what the agent saw).
     Broken(String),
+    /// The upstream closed the connection because it heard nothing from this node for its
+    /// child limit ([`Policy::child_quiet`]): this node is alive (it stalled, or its packets
+    /// were lost), so the same upstream is tried again at once, a few times.
+    Dropped,
     /// The upstream could not be reached at all.
     Unreachable(String),
 }
@@ -346,6 +350,15 @@ impl Watch {
                 }
             }
             Problem::Unreachable(e) => return Verdict::Lost(e),
+            Problem::Dropped => {
+                if self.quick_retries < QUICK_RETRIES {
+                    self.quick_retries += 1;
+                    return Verdict::RetrySame {
+                        pause: Duration::ZERO,
+                    };
+                }
+                "dropped by the upstream as silent, again and again".to_string()
+            }
             Problem::Broken(e) => {
                 let refused_at_once = stream.is_some_and(|s| {
                     s.from_peer
@@ -553,6 +566,42 @@ mod tests {
             w.failed(t + ms(100), Problem::Broken("closed".into())),
             Verdict::RetrySame { .. }
         ));
+    }
+
+    #[test]
+    fn a_child_dropped_as_silent_goes_back_to_the_same_parent() {
+        // Its parent heard nothing from it for a while (it stalled, or its packets were lost)
+        // and closed its connection: it is alive, so it reconnects at once, not elsewhere.
+        let t0 = Instant::now();
+        let mut w = watch(1000, 30_000);
+        w.opened(t0, true);
+        let t = chunks(&mut w, t0, 10, ms(85));
+        for _ in 0..QUICK_RETRIES {
+            assert_eq!(
+                w.failed(t, Problem::Dropped),
+                Verdict::RetrySame {
+                    pause: Duration::ZERO
+                }
+            );
+            w.opened(t, true);
+        }
+        // Dropped again and again with no data in between: that parent is lost after all.
+        assert!(matches!(w.failed(t, Problem::Dropped), Verdict::Lost(_)));
+        // Data in between starts the count over.
+        w.opened(t, true);
+        assert!(matches!(
+            w.failed(t, Problem::Dropped),
+            Verdict::RetrySame { .. }
+        ));
+        w.opened(t, true);
+        w.data(t + ms(10));
+        for _ in 0..QUICK_RETRIES {
+            assert!(matches!(
+                w.failed(t, Problem::Dropped),
+                Verdict::RetrySame { .. }
+            ));
+            w.opened(t, true);
+        }
     }
 
     #[test]
