@@ -142,7 +142,10 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
     }
     // `nice` execs the coordinator: the child's PID is the coordinator's.
     let mut coord = Command::new("nice");
-    coord.arg("-n").arg(a.coord_nice.to_string()).arg(&coord_bin);
+    coord
+        .arg("-n")
+        .arg(a.coord_nice.to_string())
+        .arg(&coord_bin);
     let coord = coord
         .arg("--state")
         .arg(&state)
