@@ -39,7 +39,7 @@ struct Args {
     stall_timeout: u64,
     /// Shortest wait, in seconds, for a silent upstream (1 to --stall-timeout; TCG nodes need
     /// longer than a LAN's default).
-    #[arg(long, default_value_t = 2, value_parser = kd_proto::bounds::parse_timeout_secs)]
+    #[arg(long, default_value_t = 1, value_parser = kd_proto::bounds::parse_timeout_secs)]
     stall_floor: u64,
     /// Deployments: write this disk instead of the layout's device.
     #[arg(long)]

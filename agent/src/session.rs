@@ -196,8 +196,10 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     };
     tracing::debug!(?stall, "upstream patience");
 
-    // Serve children (the probe's server, if any, stops first: one accept loop).
+    // Serve children (the probe's server, if any, stops first: one accept loop; a silent
+    // child is dropped after the plan's limit).
     drop(probe_server);
+    child_conns.set_quiet(stall.child_quiet());
     for c in &children {
         allowed.allow(c.cert_sha256, c.node.clone());
     }
@@ -554,8 +556,13 @@ enum JoinFailure {
     Retry(String),
 }
 
-/// How long an agent waits for the Welcome once its Hello is sent.
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an agent waits for the Welcome once its Hello is sent. Under a storm the
+/// coordinator may take long to finish a handshake while being silent: its socket, on a
+/// saturated machine, dropped this agent's last handshake packet, which QUIC sends again only
+/// after a backoff that grows with the slow first round trip (measured: 13–27 s for a few
+/// agents of 1000 on 2 cores). A coordinator that is gone is found by QUIC's idle timeout
+/// (30 s without a packet) before this.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
 /// Shortest pause between two attempts to join the coordinator.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 /// Longest pause between two attempts.
@@ -768,15 +775,22 @@ async fn receive_all(
                         break 'outer;
                     }
                     watch.reading(Instant::now());
-                    let frame = tokio::select! {
-                        f = judged(&watch, &up, wire::recv_data(&mut recv, MAX_FRAME)) => f,
-                        m = ctx.ctl.recv() => {
-                            match m {
-                                Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
-                                Some(ToAgent::Adopt(p)) => { ctx.allowed.allow(p.cert_sha256, p.node); continue; }
-                                Some(ToAgent::Abort { reason }) => { fatal = Some(format!("aborted by the coordinator: {reason}")); break 'outer; }
-                                Some(_) => continue,
-                                None => { fatal = Some("the coordinator connection was lost".into()); break 'outer; }
+                    // One read per frame, kept across the control messages handled meanwhile:
+                    // dropping it for an `Adopt` would lose a frame header half read and break
+                    // the stream's framing. Only a new upstream or the end abandons it.
+                    let frame = {
+                        let read = judged(&watch, &up, wire::recv_data(&mut recv, MAX_FRAME));
+                        tokio::pin!(read);
+                        loop {
+                            tokio::select! {
+                                f = &mut read => break f,
+                                m = ctx.ctl.recv() => match m {
+                                    Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
+                                    Some(ToAgent::Adopt(p)) => ctx.allowed.allow(p.cert_sha256, p.node),
+                                    Some(ToAgent::Abort { reason }) => { fatal = Some(format!("aborted by the coordinator: {reason}")); break 'outer; }
+                                    Some(_) => {}
+                                    None => { fatal = Some("the coordinator connection was lost".into()); break 'outer; }
+                                },
                             }
                         }
                     };
@@ -888,9 +902,17 @@ async fn receive_all(
                 (problem, conn)
             }
         };
+        // A parent that took this node for a dead child (it heard nothing from it for a
+        // while) closed the connection: this node is alive, so that is not a lost parent.
+        let problem = match (&problem, &conn) {
+            (Problem::Broken(_), Some(c)) if dropped_as_silent(c) => Problem::Dropped,
+            _ => problem,
+        };
         match watch.failed(Instant::now(), problem) {
             Verdict::RetrySame { pause } => {
-                tracing::info!("new upstream closed at once; retrying it");
+                tracing::info!(
+                    "new upstream closed at once, or dropped this node as silent; retrying it"
+                );
                 tokio::time::sleep(pause).await;
             }
             Verdict::Lost(reason) => {
@@ -952,8 +974,11 @@ enum ChunkFail {
 
 /// Waits for `read` (a read from the upstream on connection `up`) while `watch` judges the
 /// upstream alive: past its patience, a read is abandoned once the connection has also brought
-/// no packet for a while ([`Watch::judge`]). The read is never cancelled and resumed (a frame
-/// half read would be lost).
+/// no packet for a while ([`Watch::judge`]). The connection's packet count is looked at every
+/// [`Watch::sample_every`], so that the time of its last packet is known to within that; time
+/// this task itself did not run (the agent starved of CPU, packets waiting unread) is not the
+/// upstream's silence. The read is never cancelled and resumed (a frame half read would be
+/// lost).
 async fn judged<T>(
     watch: &Watch,
     up: &quinn::Connection,
@@ -961,15 +986,21 @@ async fn judged<T>(
 ) -> Result<T, Problem> {
     tokio::pin!(read);
     let start = Instant::now();
+    let tick = watch.sample_every();
     let mut seen = up.stats().udp_rx.datagrams;
     let mut heard = start;
-    let mut wait = watch.patience();
+    let mut woke = start;
+    let mut wait = watch.patience().min(tick);
     loop {
         tokio::select! {
             r = &mut read => return Ok(r),
             _ = tokio::time::sleep(wait) => {}
         }
         let now = Instant::now();
+        if now.saturating_duration_since(woke) > wait + tick.saturating_mul(2) {
+            heard = heard.max(now - tick);
+        }
+        woke = now;
         let rx = up.stats().udp_rx.datagrams;
         if rx != seen {
             seen = rx;
@@ -977,7 +1008,7 @@ async fn judged<T>(
         }
         let (silent, quiet) = (now - start, now - heard);
         match watch.judge(silent, quiet) {
-            Judgement::Wait(d) => wait = d.max(Duration::from_millis(50)),
+            Judgement::Wait(d) => wait = d.min(tick).max(Duration::from_millis(50)),
             Judgement::Dead => return Err(Problem::Silent { silent, quiet }),
         }
     }
@@ -1390,12 +1421,34 @@ impl RelayThread {
 /// Accepts children's connections and streams chunks to them.
 /// The children's connections by node, so that one the coordinator says is gone can be
 /// closed at once.
+/// Each connection is also watched: one that brings no packet for the plan's
+/// [`Policy::child_quiet`] (a child sends keep-alives every 250 ms) is a dead or frozen child,
+/// dropped at once (its window and pacing hold on this node end) without waiting for the
+/// coordinator's `ChildGone`.
 #[derive(Clone, Default)]
-struct ChildConns(Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>>);
+struct ChildConns {
+    conns: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>>,
+    /// [`Policy::child_quiet`] in ms (0: not watched, before the plan).
+    quiet_ms: Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl ChildConns {
+    /// Children's connections are dropped after `limit` without a packet.
+    fn set_quiet(&self, limit: Duration) {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        self.quiet_ms.store(ms, Ordering::Relaxed);
+    }
+
     fn add(&self, node: &str, conn: &quinn::Connection) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let quiet = self.quiet_ms.load(Ordering::Relaxed);
+        if quiet > 0 {
+            tokio::spawn(drop_when_silent(
+                conn.clone(),
+                node.to_string(),
+                Duration::from_millis(quiet),
+            ));
+        }
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let v = m.entry(node.to_string()).or_default();
         v.retain(|c| c.close_reason().is_none());
         v.push(conn.clone());
@@ -1403,7 +1456,7 @@ impl ChildConns {
 
     fn close(&self, node: &str) {
         let gone = self
-            .0
+            .conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(node)
@@ -1413,6 +1466,48 @@ impl ChildConns {
         }
         for c in gone {
             c.close(kd_net::close::DONE.into(), b"gone");
+        }
+    }
+}
+
+/// The reason a parent gives when it closes a silent child's connection.
+const SILENT_CHILD: &[u8] = b"silent child";
+
+/// Whether `conn` (to a parent) was closed by the parent as a silent child's.
+fn dropped_as_silent(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.reason.as_ref() == SILENT_CHILD
+    )
+}
+
+/// Closes a child's connection once it has brought no packet for `limit` (time this task did
+/// not run excluded); returns when the connection ends. A live child (stalled, or its packets
+/// lost) sees why and reconnects at once ([`Problem::Dropped`]).
+async fn drop_when_silent(conn: quinn::Connection, node: String, limit: Duration) {
+    let tick = (limit / 4).max(Duration::from_millis(50));
+    let mut seen = conn.stats().udp_rx.datagrams;
+    let mut heard = Instant::now();
+    let mut woke = heard;
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(woke) > tick.saturating_mul(3) {
+            heard = heard.max(now - tick);
+        }
+        woke = now;
+        let rx = conn.stats().udp_rx.datagrams;
+        if rx != seen {
+            seen = rx;
+            heard = now;
+        } else if now.saturating_duration_since(heard) >= limit {
+            let quiet = now.saturating_duration_since(heard);
+            tracing::warn!(child = %node, "no packet from this child for {:.1} s: dropping it", quiet.as_secs_f64());
+            conn.close(kd_net::close::DONE.into(), SILENT_CHILD);
+            return;
         }
     }
 }
@@ -1598,6 +1693,8 @@ mod tests {
         // A parent with nothing to send still sends QUIC keep-alives: the watch must not take
         // their interval for death (nor the coordinator's silence limit).
         assert!(kd_net::endpoint::KEEP_ALIVE < kd_proto::upstream::PEER_QUIET);
+        // Between agents: at least three keep-alives in the shortest quiet limit.
+        assert!(kd_net::endpoint::DATA_KEEP_ALIVE * 3 < kd_proto::upstream::MIN_QUIET);
     }
 
     #[test]

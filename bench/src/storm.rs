@@ -33,6 +33,13 @@ pub(crate) struct StormArgs {
     /// Seconds the whole run may take.
     #[arg(long, default_value_t = 600)]
     limit_secs: u64,
+    /// Run the coordinator at this nice value (e.g. -10: ahead of the agents, as on a machine
+    /// of its own; 0: sharing the cores with the N agents like any of them).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    coord_nice: i32,
+    /// Keep the coordinator's log and each agent's (at `warn`, `nodeI.log`) in this directory.
+    #[arg(long)]
+    keep_logs: Option<std::path::PathBuf>,
 }
 
 /// Everything the run started; stopped and removed when dropped.
@@ -51,6 +58,16 @@ impl Drop for Run {
             let _ = c.wait();
         }
     }
+}
+
+/// The host's UDP receive-buffer drops (`RcvbufErrors` of /proc/net/snmp: every socket of
+/// this network namespace, loopback included).
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = s.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 /// CPU seconds (user + system) of a live process, from /proc/PID/stat.
@@ -120,7 +137,16 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
     let coord_log = dir.join("coord.log");
     let coord_out = dir.join("coord.json");
     let t0 = Instant::now();
-    let coord = Command::new(&coord_bin)
+    if !(-20..=19).contains(&a.coord_nice) {
+        bail!("--coord-nice must be between -20 and 19");
+    }
+    // `nice` execs the coordinator: the child's PID is the coordinator's.
+    let mut coord = Command::new("nice");
+    coord
+        .arg("-n")
+        .arg(a.coord_nice.to_string())
+        .arg(&coord_bin);
+    let coord = coord
         .arg("--state")
         .arg(&state)
         .arg("broadcast")
@@ -129,7 +155,14 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
         .args(["--arity", &a.arity, "--listen", &addr, "--tokens"])
         .arg(&tokens)
         .args(["--json", "--hello-timeout", "300", "--timeout", "300"])
-        .env("KD_LOG", "warn")
+        .env(
+            "KD_LOG",
+            if a.keep_logs.is_some() {
+                "warn,kd_coord::broadcast=debug"
+            } else {
+                "warn"
+            },
+        )
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&coord_out)?)
         .stderr(std::fs::File::create(&coord_log)?)
@@ -150,6 +183,16 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if let Some(d) = &a.keep_logs {
+        std::fs::create_dir_all(d).with_context(|| format!("{}", d.display()))?;
+    }
+    let agent_log = |i: usize| -> Result<Stdio> {
+        Ok(match &a.keep_logs {
+            Some(d) => std::fs::File::create(d.join(format!("node{i}.log")))?.into(),
+            None => Stdio::null(),
+        })
+    };
+    let drops0 = udp_rcvbuf_errors();
     let t_start = Instant::now();
     for i in 1..=a.agents {
         let c = Command::new(&agent)
@@ -161,10 +204,17 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
                 &format!("storm-{i}"),
             ])
             .args(["--sink", "null", "--listen", "127.0.0.1:0"])
-            .env("KD_LOG", "error")
+            .env(
+                "KD_LOG",
+                if a.keep_logs.is_some() {
+                    "warn"
+                } else {
+                    "error"
+                },
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(agent_log(i)?)
             .spawn()
             .with_context(|| format!("start agent {i} (ulimit -u?)"))?;
         run.agents.push(c);
@@ -189,6 +239,16 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let wall = t_start.elapsed();
+    let drops = udp_rcvbuf_errors()
+        .zip(drops0)
+        .map_or_else(|| "?".to_string(), |(b, a)| b.saturating_sub(a).to_string());
+    eprintln!(
+        "kd-bench storm: coordinator CPU {cpu:.1} s, peak RSS {:.1} MiB, UDP receive-buffer drops on the host during the run: {drops}",
+        peak_rss as f64 / 1024.0
+    );
+    if let Some(d) = &a.keep_logs {
+        std::fs::copy(&coord_log, d.join("coord.log"))?;
+    }
     // When the round was planned (every agent in), from the coordinator's log.
     let log = std::fs::File::open(&coord_log)?;
     let (mut refused, mut connected) = (0usize, 0usize);

@@ -333,24 +333,27 @@ impl RouteTable {
 /// Accepts connections on `endpoint` until it closes; each one is handled by its own task that
 /// reports to its route. `events` receives the refusals made before a route is known.
 ///
-/// Connections are admitted [`handshake_slots`] at a time (in the order they arrived): a storm
-/// of agents (a whole cluster rebooted at once) is served at the rate the machine can handshake,
+/// Connections are admitted a few at a time ([`Slots`], in the order they arrived): a storm of
+/// agents (a whole cluster rebooted at once) is served at the rate the machine can handshake,
 /// and the others wait their turn unaccepted, which costs quinn their first packets only. The
-/// handshake and Hello timeouts count from admission, so no agent is refused for waiting.
+/// slots follow how long admitted handshakes take (fewer when they take long: a machine that
+/// cannot serve more gets no more at once). An admitted handshake and Hello fail only on the
+/// agent's own silence ([`HANDSHAKE_QUIET`], the coordinator's own lateness not counted), not
+/// on the wall time a saturated machine takes: no agent is refused for waiting.
 pub(crate) fn spawn_accept(
     endpoint: &quinn::Endpoint,
     routes: Routes,
     events: mpsc::UnboundedSender<Event>,
 ) -> tokio::task::JoinHandle<()> {
     let endpoint = endpoint.clone();
-    let admission = Arc::new(tokio::sync::Semaphore::new(handshake_slots()));
+    let admission = Admission::new(handshake_slots());
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
             let arrived = tokio::time::Instant::now();
             let admission = admission.clone();
             let (routes, events) = (routes.clone(), events.clone());
             tokio::spawn(async move {
-                if let Some(permit) = admit(&admission, &incoming, arrived).await {
+                if let Some(permit) = admission.admit(&incoming, arrived).await {
                     handle_connection(incoming, Some(permit), routes, events).await;
                 } else {
                     // The endpoint closed, or the peer stopped waiting: no answer is owed.
@@ -359,18 +362,153 @@ pub(crate) fn spawn_accept(
             });
         }
         // The endpoint is closed: connections still waiting are not admitted any more.
-        admission.close();
+        admission.sem.close();
     })
 }
 
-/// Connections in their handshake (QUIC and TLS, the control stream, the Hello) at once.
+/// Most connections in their handshake (QUIC and TLS, the control stream, the Hello) at once.
 /// A coordinator's share of a handshake is a signature and a key exchange (well under a
 /// millisecond); what takes time under a storm is each agent's own turn on a busy host, so
-/// enough are in flight to keep the machine busy, and few enough that each one, once admitted,
-/// finishes well within its timeouts.
+/// enough are in flight to keep the machine busy. [`Slots`] lowers it while handshakes take
+/// long.
 pub(crate) fn handshake_slots() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (32 * cores).clamp(64, 512)
+}
+
+/// Fewest handshake slots [`Slots`] goes down to.
+pub(crate) const MIN_SLOTS: usize = 8;
+/// A handshake (admission to Hello) that took longer than this was slow: one slot less.
+pub(crate) const SLOW_HANDSHAKE: Duration = Duration::from_secs(2);
+/// One that took less than this was quick: one slot more (up to the most).
+pub(crate) const QUICK_HANDSHAKE: Duration = Duration::from_millis(500);
+
+/// How many handshakes may run at once, adapted to how long they take (pure: durations in,
+/// slot changes out). Starts at the most; each slow handshake takes one slot away (down to
+/// [`MIN_SLOTS`]), each quick one gives one back: under a storm that saturates the machine,
+/// fewer handshakes share it and each one finishes sooner, instead of many crawling towards
+/// their limits together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slots {
+    target: usize,
+    max: usize,
+}
+
+/// What to do with a finished handshake's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotChange {
+    /// Give it back.
+    Keep,
+    /// Give it back, and one more.
+    Grow,
+    /// Do not give it back.
+    Shrink,
+}
+
+impl Slots {
+    /// At most `max` slots (at least [`MIN_SLOTS`]), all open.
+    pub(crate) fn new(max: usize) -> Self {
+        let max = max.max(MIN_SLOTS);
+        Self { target: max, max }
+    }
+
+    /// Slots now.
+    pub(crate) fn target(&self) -> usize {
+        self.target
+    }
+
+    /// A handshake ended `took` after its admission (Hello read, or failed).
+    pub(crate) fn done(&mut self, took: Duration) -> SlotChange {
+        if took >= SLOW_HANDSHAKE && self.target > MIN_SLOTS {
+            self.target -= 1;
+            SlotChange::Shrink
+        } else if took < QUICK_HANDSHAKE && self.target < self.max {
+            self.target += 1;
+            SlotChange::Grow
+        } else {
+            SlotChange::Keep
+        }
+    }
+}
+
+/// The admission of connections: a semaphore of [`Slots`].
+#[derive(Clone)]
+struct Admission {
+    sem: Arc<tokio::sync::Semaphore>,
+    slots: Arc<std::sync::Mutex<Slots>>,
+}
+
+/// A connection's handshake slot; given back (or not, see [`Slots`]) when dropped.
+pub(crate) struct Admitted {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    slots: Arc<std::sync::Mutex<Slots>>,
+    at: tokio::time::Instant,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let took = self.at.elapsed();
+        let change = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .done(took);
+        match change {
+            SlotChange::Keep => drop(permit),
+            SlotChange::Grow => {
+                let sem = permit.semaphore().clone();
+                drop(permit);
+                sem.add_permits(1);
+            }
+            SlotChange::Shrink => {
+                permit.forget();
+                tracing::debug!(
+                    took_ms = took.as_millis() as u64,
+                    "slow handshake: one handshake slot less"
+                );
+            }
+        }
+    }
+}
+
+impl Admission {
+    fn new(max: usize) -> Self {
+        let slots = Slots::new(max);
+        Self {
+            sem: Arc::new(tokio::sync::Semaphore::new(slots.target())),
+            slots: Arc::new(std::sync::Mutex::new(slots)),
+        }
+    }
+
+    /// Waits for a handshake slot for `incoming` (which arrived at `arrived`): `None` when the
+    /// endpoint closed or the peer has stopped waiting ([`ADMISSION_WAIT`]).
+    async fn admit(
+        &self,
+        incoming: &quinn::Incoming,
+        arrived: tokio::time::Instant,
+    ) -> Option<Admitted> {
+        let deadline = arrived + ADMISSION_WAIT;
+        let permit = tokio::time::timeout_at(deadline, self.sem.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        let waited = arrived.elapsed();
+        if waited >= Duration::from_secs(1) {
+            tracing::debug!(
+                peer = %incoming.remote_address(),
+                waited_ms = waited.as_millis() as u64,
+                "connection admitted after waiting its turn"
+            );
+        }
+        Some(Admitted {
+            permit: Some(permit),
+            slots: self.slots.clone(),
+            at: tokio::time::Instant::now(),
+        })
+    }
 }
 
 /// Longest a connection waits for admission. A client that has heard nothing for its idle
@@ -378,33 +516,31 @@ pub(crate) fn handshake_slots() -> usize {
 /// it arrived here) has given up and connects again: its old attempt is then ignored.
 const ADMISSION_WAIT: Duration = kd_net::endpoint::IDLE_TIMEOUT;
 
-/// Time limit of the QUIC handshake, counted from admission.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time limit of the control stream and then of the Hello on it, each counted from the end of
-/// the previous step.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// An admitted connection's handshake, control stream and Hello fail when the agent sent no
+/// packet for this long (a live agent's handshake packets are retransmitted within a second or
+/// two, and then come its keep-alives); time the coordinator itself did not run does not count
+/// ([`silent_for`]). Wall time does not count either: on a saturated machine an agent may wait
+/// seconds for its turn on a CPU while it still speaks.
+const HANDSHAKE_QUIET: Duration = Duration::from_secs(10);
+/// Each of those steps takes at most this long in all (a peer that keeps sending but never
+/// gets on).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(60);
 
-/// Waits for a handshake slot for `incoming` (which arrived at `arrived`): `None` when the
-/// endpoint closed or the peer has stopped waiting ([`ADMISSION_WAIT`]).
-async fn admit(
-    admission: &Arc<tokio::sync::Semaphore>,
-    incoming: &quinn::Incoming,
-    arrived: tokio::time::Instant,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    let deadline = arrived + ADMISSION_WAIT;
-    let permit = tokio::time::timeout_at(deadline, admission.clone().acquire_owned())
-        .await
-        .ok()?
-        .ok()?;
-    let waited = arrived.elapsed();
-    if waited >= Duration::from_secs(1) {
-        tracing::debug!(
-            peer = %incoming.remote_address(),
-            waited_ms = waited.as_millis() as u64,
-            "connection admitted after waiting its turn"
-        );
+/// Waits for `step` while the agent on `conn` speaks: `Err` with why once it has been silent
+/// for [`HANDSHAKE_QUIET`] or the step took [`HANDSHAKE_LIMIT`].
+async fn while_heard<T>(
+    conn: &quinn::Connection,
+    step: impl std::future::Future<Output = T>,
+) -> Result<T, String> {
+    tokio::select! {
+        r = step => Ok(r),
+        quiet = silent_for(conn, HANDSHAKE_QUIET) => {
+            Err(format!("no packet from the agent for {:.1} s", quiet.as_secs_f64()))
+        }
+        _ = tokio::time::sleep(HANDSHAKE_LIMIT) => {
+            Err(format!("not done in {} s", HANDSHAKE_LIMIT.as_secs()))
+        }
     }
-    Some(permit)
 }
 
 /// One round's tree: each node's parent (`None`: the coordinator), its peer address and
@@ -553,40 +689,64 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Hello is in), checks its Hello and routes it; then carries its control stream until it ends.
 pub(crate) async fn handle_connection(
     incoming: quinn::Incoming,
-    admitted: Option<tokio::sync::OwnedSemaphorePermit>,
+    admitted: Option<Admitted>,
     routes: Routes,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let remote = incoming.remote_address();
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let _ = events.send(Event::Refused {
-                addr: remote,
-                reason: format!("handshake failed: {e}"),
-            });
-            return;
-        }
-        Err(_) => {
-            let _ = events.send(Event::Refused {
-                addr: remote,
-                reason: "handshake timed out".into(),
-            });
-            return;
-        }
+    let refused = |reason: String| {
+        let _ = events.send(Event::Refused {
+            addr: remote,
+            reason,
+        });
     };
-    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => return refused(format!("handshake failed: {e}")),
+    };
+    // The connection as soon as it exists (a server's "0.5-RTT" connection: nothing is sent on
+    // it before the handshake is over), so that the agent's packets can be counted while the
+    // handshake goes on.
+    let conn = match connecting.into_0rtt() {
+        // It resolves when the handshake is over, either way (its value is about 0-RTT data,
+        // which a server's handshake never has): the connection's close reason tells.
+        Ok((conn, established)) => match while_heard(&conn, established).await {
+            Ok(_) => match conn.close_reason() {
+                None => conn,
+                Some(e) => return refused(format!("handshake failed: {e}")),
+            },
+            Err(why) => {
+                conn.close(kd_net::close::REFUSED.into(), b"handshake stalled");
+                return refused(format!("handshake stalled: {why}"));
+            }
+        },
+        // Not for a server (quinn always grants it); the plain handshake, bounded.
+        Err(connecting) => match tokio::time::timeout(HANDSHAKE_LIMIT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return refused(format!("handshake failed: {e}")),
+            Err(_) => return refused("handshake timed out".into()),
+        },
+    };
+    let (mut send, mut recv) = match while_heard(&conn, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
-        _ => {
-            let _ = events.send(Event::Refused {
-                addr: remote,
-                reason: "no control stream".into(),
-            });
+        Ok(Err(e)) => {
             conn.close(kd_net::close::REFUSED.into(), b"no control stream");
-            return;
+            return refused(format!("no control stream: {e}"));
+        }
+        Err(why) => {
+            conn.close(kd_net::close::REFUSED.into(), b"no control stream");
+            return refused(format!("no control stream: {why}"));
         }
     };
-    let hello = wire::recv::<ToCoord>(&mut recv, HELLO_TIMEOUT, "Hello").await;
+    let hello = match while_heard(
+        &conn,
+        wire::recv::<ToCoord>(&mut recv, HANDSHAKE_LIMIT, "Hello"),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(why) => Err(wire::WireError::Read(why)),
+    };
     // The handshake is over (a refusal below is quick): the next connection may start its own.
     drop(admitted);
     let hello = match hello {
@@ -968,6 +1128,30 @@ async fn send_frame(send: &mut quinn::SendStream, f: &DataFrame) -> Result<(), w
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_slots_shrink_while_handshakes_are_slow_and_come_back() {
+        let ms = Duration::from_millis;
+        let mut s = Slots::new(64);
+        assert_eq!(s.target(), 64);
+        // Ordinary handshakes change nothing; quick ones cannot grow past the most.
+        assert_eq!(s.done(ms(1000)), SlotChange::Keep);
+        assert_eq!(s.done(ms(10)), SlotChange::Keep);
+        assert_eq!(s.target(), 64);
+        // A saturated machine: each slow handshake takes a slot away, down to MIN_SLOTS.
+        for i in 1..=(64 - MIN_SLOTS) {
+            assert_eq!(s.done(SLOW_HANDSHAKE), SlotChange::Shrink);
+            assert_eq!(s.target(), 64 - i);
+        }
+        assert_eq!(s.done(Duration::from_secs(30)), SlotChange::Keep);
+        assert_eq!(s.target(), MIN_SLOTS);
+        // Quick ones give them back, one each.
+        assert_eq!(s.done(ms(100)), SlotChange::Grow);
+        assert_eq!(s.target(), MIN_SLOTS + 1);
+        assert_eq!(s.done(QUICK_HANDSHAKE), SlotChange::Keep);
+        // Never fewer than MIN_SLOTS, even when asked for fewer.
+        assert_eq!(Slots::new(2).target(), MIN_SLOTS);
+    }
 
     #[test]
     fn hello_checks() {

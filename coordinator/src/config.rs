@@ -44,7 +44,7 @@
 //!   probe_delay: 10                  # s after a final reboot before the first port probe
 //!   probe_interval: 5                # s between port probes
 //!   broadcast_wait: 120              # s the broadcast barrier waits for late nodes
-//!   stall_floor: 2                   # s an agent always waits on a silent upstream; beyond it
+//!   stall_floor: 1                   # s an agent always waits on a silent upstream; beyond it
 //!                                    # a silence of 4 recent chunk intervals counts as lost
 //!   stall_timeout: 30                # s it waits at most (and for the first data)
 //!   agent_silence: 6                 # s without a packet before an agent counts as lost
@@ -588,7 +588,7 @@ impl Default for WorkflowConfig {
             probe_delay: 10,
             probe_interval: 5,
             broadcast_wait: 120,
-            stall_floor: 2,
+            stall_floor: 1,
             stall_timeout: 30,
             agent_silence: 6,
             set_deployment_env: StepPolicy {
@@ -1616,7 +1616,7 @@ commands:
                 c.workflow.stall_timeout,
                 c.workflow.agent_silence
             ),
-            (2, 30, 6)
+            (1, 30, 6)
         );
         let with = |extra: &str| {
             LAB.replace(

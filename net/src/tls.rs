@@ -161,22 +161,28 @@ impl ClientCertVerifier for AllowedClients {
     handshake_signature_checks!();
 }
 
-fn quic_server(mut cfg: rustls::ServerConfig) -> Result<quinn::ServerConfig, TlsError> {
+fn quic_server(
+    mut cfg: rustls::ServerConfig,
+    keep_alive: std::time::Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
     cfg.alpn_protocols = vec![kd_proto::ALPN.to_vec()];
     cfg.max_early_data_size = 0;
     let q = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(q));
-    sc.transport_config(crate::endpoint::transport());
+    sc.transport_config(crate::endpoint::transport_with(keep_alive));
     Ok(sc)
 }
 
-fn quic_client(mut cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
+fn quic_client(
+    mut cfg: rustls::ClientConfig,
+    keep_alive: std::time::Duration,
+) -> Result<quinn::ClientConfig, TlsError> {
     cfg.alpn_protocols = vec![kd_proto::ALPN.to_vec()];
     let q = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(q));
-    cc.transport_config(crate::endpoint::transport());
+    cc.transport_config(crate::endpoint::transport_with(keep_alive));
     Ok(cc)
 }
 
@@ -185,7 +191,10 @@ pub fn coordinator_server(
     cert_der: Vec<u8>,
     key_der: Vec<u8>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    quic_server(coordinator_tls(cert_der, key_der)?)
+    quic_server(
+        coordinator_tls(cert_der, key_der)?,
+        crate::endpoint::KEEP_ALIVE,
+    )
 }
 
 /// The coordinator's certificate, TLS 1.3, no client certificates.
@@ -210,7 +219,7 @@ fn pinned_to_coordinator(pin: [u8; 32]) -> Result<rustls::ClientConfig, TlsError
 
 /// An agent's client side towards the coordinator (pinned, no client certificate).
 pub fn agent_to_coordinator(pin: [u8; 32]) -> Result<quinn::ClientConfig, TlsError> {
-    quic_client(pinned_to_coordinator(pin)?)
+    quic_client(pinned_to_coordinator(pin)?, crate::endpoint::KEEP_ALIVE)
 }
 
 /// A parent agent's server side: its deployment certificate; only allowed children get in.
@@ -230,7 +239,7 @@ pub fn parent_server(
             vec![CertificateDer::from(cert_der)],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
         )?;
-    quic_server(cfg)
+    quic_server(cfg, crate::endpoint::DATA_KEEP_ALIVE)
 }
 
 /// A child agent's client side towards its parent: the parent's certificate pinned, its own
@@ -248,7 +257,7 @@ pub fn child_to_parent(
             vec![CertificateDer::from(cert_der)],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
         )?;
-    quic_client(cfg)
+    quic_client(cfg, crate::endpoint::DATA_KEEP_ALIVE)
 }
 
 /// The certificate a peer presented on a connection, if any.

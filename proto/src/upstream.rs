@@ -16,12 +16,22 @@
 //! yet: the tree is still being wired, the first chunk crosses every hop) the ceiling holds.
 //!
 //! **Dead or starving** ([`Watch::judge`]): past its patience, a silent upstream counts as
-//! lost only if its connection has also brought no packet at all for [`PEER_QUIET`] (a live
-//! peer's QUIC keep-alives come every 2 s even when it has no data). A relay that lost its own
-//! upstream is alive and silent: its children keep waiting (up to the ceiling) while it finds
-//! another, instead of all of them reporting it at once — which would have the coordinator
-//! take the starving relay for a dead one. A killed or frozen upstream is found after
-//! max(patience, [`PEER_QUIET`]).
+//! lost only if its connection has also brought no packet at all for its quiet limit
+//! ([`Policy::quiet`]: a parent agent's data connection carries QUIC keep-alives every 250 ms
+//! even when it has no data, so [`MIN_QUIET`] at the default floor, half the floor in a lab
+//! with a longer one, at most [`PEER_QUIET`]; the coordinator's control connection, with its
+//! keep-alives every 2 s, [`PEER_QUIET`]). A relay that lost its own upstream is alive and
+//! silent: its children keep waiting (up to the ceiling) while it finds another, instead of
+//! all of them reporting it at once — which would have the coordinator take the starving relay
+//! for a dead one. A killed or frozen upstream is found after max(patience, quiet limit): about
+//! a second with the default floor. The driver samples the connection's packet count every
+//! [`Watch::sample_every`], so that "no packet since" is known to within a quarter of the
+//! limit.
+//!
+//! **A silent child** ([`Policy::child_quiet`]): the parent's side of the same judgement. A
+//! child's connection that brought no packet (no acknowledgement, no keep-alive) for the floor,
+//! and at least the quiet limit, is a dead or frozen child: the parent drops it, so that its
+//! window and its other children's pacing stop waiting for it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -32,8 +42,8 @@ use crate::msg::StallLimits;
 pub const FACTOR: u32 = 4;
 /// Chunk intervals remembered (the longest counts).
 pub const HISTORY: usize = 8;
-/// Default floor of the patience.
-pub const DEFAULT_FLOOR: Duration = Duration::from_secs(2);
+/// Default floor of the patience (`workflow.stall_floor`; a TCG lab sets a longer one).
+pub const DEFAULT_FLOOR: Duration = Duration::from_secs(1);
 /// Default ceiling of the patience (the stall timeout).
 pub const DEFAULT_CEILING: Duration = Duration::from_secs(30);
 /// Shortest floor accepted (a silence shorter than this is a scheduler hiccup, not a death).
@@ -47,8 +57,12 @@ pub const QUICK_RETRIES: u32 = 4;
 /// Pause before a quick retry.
 pub const QUICK_PAUSE: Duration = Duration::from_millis(500);
 /// A connection that brought no packet for this long is dead or frozen: kd's QUIC keep-alive
-/// (`kd_net::endpoint::KEEP_ALIVE`, 2 s) with a margin for the network and the scheduler.
+/// on the control connection (`kd_net::endpoint::KEEP_ALIVE`, 2 s) with a margin for the
+/// network and the scheduler. The longest quiet limit (a lab's; the coordinator's).
 pub const PEER_QUIET: Duration = Duration::from_millis(2500);
+/// The shortest quiet limit, for a parent agent's data connection: four of its keep-alives
+/// (`kd_net::endpoint::DATA_KEEP_ALIVE`, 250 ms) missed.
+pub const MIN_QUIET: Duration = Duration::from_millis(1000);
 
 /// What to do about an upstream silent past its patience ([`Watch::judge`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +144,26 @@ impl Policy {
     pub fn ceiling(&self) -> Duration {
         self.ceiling
     }
+
+    /// How long an upstream's connection may bring no packet at all before a silent upstream
+    /// counts as dead: a parent agent's (`from_peer`: keep-alives every 250 ms) half the floor,
+    /// between [`MIN_QUIET`] and [`PEER_QUIET`] (a lab's longer floor keeps the longer limit);
+    /// the coordinator's (keep-alives every 2 s) [`PEER_QUIET`].
+    pub fn quiet(&self, from_peer: bool) -> Duration {
+        if from_peer {
+            (self.floor / 2).clamp(MIN_QUIET, PEER_QUIET)
+        } else {
+            PEER_QUIET
+        }
+    }
+
+    /// How long a child's connection may bring no packet at all (no acknowledgement, no
+    /// keep-alive: it sends them every 250 ms) before its parent drops it as dead or frozen:
+    /// the floor, and at least the quiet limit. A lab's longer floor keeps its TCG guests'
+    /// pauses of seconds from costing them their parent.
+    pub fn child_quiet(&self) -> Duration {
+        self.floor.max(self.quiet(true))
+    }
 }
 
 /// What went wrong with the current upstream.
@@ -144,6 +178,10 @@ pub enum Problem {
     },
     /// The stream broke, ended early, or sent something wrong (what the agent saw).
     Broken(String),
+    /// The upstream closed the connection because it heard nothing from this node for its
+    /// child limit ([`Policy::child_quiet`]): this node is alive (it stalled, or its packets
+    /// were lost), so the same upstream is tried again at once, a few times.
+    Dropped,
     /// The upstream could not be reached at all.
     Unreachable(String),
 }
@@ -261,19 +299,33 @@ impl Watch {
         }
     }
 
+    /// The quiet limit of the current upstream ([`Policy::quiet`]; the coordinator's before
+    /// any stream).
+    pub fn quiet_limit(&self) -> Duration {
+        self.policy.quiet(self.stream.is_some_and(|s| s.from_peer))
+    }
+
+    /// How often the driver should look at the upstream connection's packet count while it
+    /// waits: a quarter of the quiet limit, so that "no packet for the limit" is known within
+    /// a quarter of it after the last packet.
+    pub fn sample_every(&self) -> Duration {
+        (self.quiet_limit() / 4).max(Duration::from_millis(50))
+    }
+
     /// The read under way has brought nothing for `silent`, and the upstream's connection no
     /// packet at all for `quiet` (it may have sent keep-alives or acknowledgements: it is alive).
     pub fn judge(&self, silent: Duration, quiet: Duration) -> Judgement {
         let patience = self.patience();
         let ceiling = self.policy.ceiling;
+        let limit = self.quiet_limit();
         if silent < patience {
             return Judgement::Wait(patience - silent);
         }
-        if silent >= ceiling || quiet >= PEER_QUIET {
+        if silent >= ceiling || quiet >= limit {
             return Judgement::Dead;
         }
         // Alive but with nothing to send (a starving relay): its own patience moves it.
-        Judgement::Wait((PEER_QUIET - quiet).min(ceiling - silent))
+        Judgement::Wait((limit - quiet).min(ceiling - silent))
     }
 
     /// The current stream failed at `now`: retry the same upstream, or report it lost. After
@@ -282,7 +334,8 @@ impl Watch {
         let stream = self.stream.take();
         let reason = match problem {
             Problem::Silent { silent, quiet } => {
-                let packets = if quiet >= PEER_QUIET {
+                let limit = self.policy.quiet(stream.is_some_and(|s| s.from_peer));
+                let packets = if quiet >= limit {
                     format!(", no packet for {:.1} s", quiet.as_secs_f64())
                 } else {
                     String::new()
@@ -297,6 +350,15 @@ impl Watch {
                 }
             }
             Problem::Unreachable(e) => return Verdict::Lost(e),
+            Problem::Dropped => {
+                if self.quick_retries < QUICK_RETRIES {
+                    self.quick_retries += 1;
+                    return Verdict::RetrySame {
+                        pause: Duration::ZERO,
+                    };
+                }
+                "dropped by the upstream as silent, again and again".to_string()
+            }
             Problem::Broken(e) => {
                 let refused_at_once = stream.is_some_and(|s| {
                     s.from_peer
@@ -507,6 +569,42 @@ mod tests {
     }
 
     #[test]
+    fn a_child_dropped_as_silent_goes_back_to_the_same_parent() {
+        // Its parent heard nothing from it for a while (it stalled, or its packets were lost)
+        // and closed its connection: it is alive, so it reconnects at once, not elsewhere.
+        let t0 = Instant::now();
+        let mut w = watch(1000, 30_000);
+        w.opened(t0, true);
+        let t = chunks(&mut w, t0, 10, ms(85));
+        for _ in 0..QUICK_RETRIES {
+            assert_eq!(
+                w.failed(t, Problem::Dropped),
+                Verdict::RetrySame {
+                    pause: Duration::ZERO
+                }
+            );
+            w.opened(t, true);
+        }
+        // Dropped again and again with no data in between: that parent is lost after all.
+        assert!(matches!(w.failed(t, Problem::Dropped), Verdict::Lost(_)));
+        // Data in between starts the count over.
+        w.opened(t, true);
+        assert!(matches!(
+            w.failed(t, Problem::Dropped),
+            Verdict::RetrySame { .. }
+        ));
+        w.opened(t, true);
+        w.data(t + ms(10));
+        for _ in 0..QUICK_RETRIES {
+            assert!(matches!(
+                w.failed(t, Problem::Dropped),
+                Verdict::RetrySame { .. }
+            ));
+            w.opened(t, true);
+        }
+    }
+
+    #[test]
     fn late_failures_silence_the_coordinator_and_unreachable_parents_are_lost_at_once() {
         let t0 = Instant::now();
         let mut w = watch(2000, 30_000);
@@ -540,23 +638,75 @@ mod tests {
         let mut w = watch(2000, 30_000);
         w.opened(t0, true);
         chunks(&mut w, t0, 10, ms(30));
+        // A parent agent's connection: keep-alives every 250 ms, judged quiet after MIN_QUIET.
+        assert_eq!(w.quiet_limit(), MIN_QUIET);
         // Within its patience: read on.
         assert_eq!(w.judge(ms(500), ms(500)), Judgement::Wait(ms(1500)));
-        // Past it, with no packet at all for PEER_QUIET: killed, frozen or cut off.
-        assert_eq!(w.judge(ms(2500), PEER_QUIET), Judgement::Dead);
-        // Past it but not yet PEER_QUIET without a packet: wait until that is known.
-        assert_eq!(w.judge(ms(2000), ms(2000)), Judgement::Wait(ms(500)));
+        // Past it, with no packet at all for the quiet limit: killed, frozen or cut off.
+        assert_eq!(w.judge(ms(2000), MIN_QUIET), Judgement::Dead);
+        // Past it but not yet that long without a packet: wait until that is known.
+        assert_eq!(w.judge(ms(2000), ms(600)), Judgement::Wait(ms(400)));
         // Its keep-alives still come: a relay that lost its own upstream. Wait (its own
-        // patience moves it), judging again within PEER_QUIET …
-        assert_eq!(w.judge(ms(4000), ms(300)), Judgement::Wait(ms(2200)));
-        assert_eq!(w.judge(ms(20_000), ms(0)), Judgement::Wait(PEER_QUIET));
+        // patience moves it), judging again within the quiet limit …
+        assert_eq!(w.judge(ms(4000), ms(300)), Judgement::Wait(ms(700)));
+        assert_eq!(w.judge(ms(20_000), ms(0)), Judgement::Wait(MIN_QUIET));
         // … but never past the ceiling.
-        assert_eq!(w.judge(ms(29_000), ms(0)), Judgement::Wait(ms(1000)));
+        assert_eq!(w.judge(ms(29_500), ms(0)), Judgement::Wait(ms(500)));
         assert_eq!(w.judge(ms(30_000), ms(0)), Judgement::Dead);
+        // The coordinator's control connection (keep-alives every 2 s) keeps PEER_QUIET.
+        w.opened(t0, false);
+        assert_eq!(w.quiet_limit(), PEER_QUIET);
+        assert_eq!(w.judge(ms(2000), ms(2000)), Judgement::Wait(ms(500)));
+        assert_eq!(w.judge(ms(2500), PEER_QUIET), Judgement::Dead);
         // Before the stream has shown its pace, the ceiling is the patience.
         let w = watch(2000, 30_000);
         assert_eq!(w.judge(ms(2500), ms(2500)), Judgement::Wait(ms(27_500)));
         assert_eq!(w.judge(ms(30_000), ms(30_000)), Judgement::Dead);
+    }
+
+    #[test]
+    fn a_dead_parent_is_found_in_about_a_second_at_the_default_floor() {
+        // 1 MiB chunks at 100 Mbit/s: one every ~85 ms.
+        let t0 = Instant::now();
+        let mut w = Watch::new(Policy::default());
+        w.opened(t0, true);
+        let t = chunks(&mut w, t0, 20, ms(85));
+        assert_eq!(w.patience(), DEFAULT_FLOOR);
+        assert_eq!(w.quiet_limit(), ms(1000));
+        // Sampled every 250 ms: the last packet is known to within that.
+        assert_eq!(w.sample_every(), ms(250));
+        // Killed at `t` (its last packet): dead once both the floor and the quiet limit have
+        // passed, 1 s later, not 2 s + 2.5 s as with the old limits.
+        assert_eq!(w.judge(ms(750), ms(750)), Judgement::Wait(ms(250)));
+        assert_eq!(w.judge(ms(1000), ms(1000)), Judgement::Dead);
+        match w.failed(t + ms(1000), silent(1000, 1000)) {
+            Verdict::Lost(r) => assert_eq!(
+                r,
+                "no data for 1.0 s, no packet for 1.0 s (recent chunk interval 0.09 s)"
+            ),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lab_keeps_its_longer_quiet_limits() {
+        // The TCG lab's floor of 10 s: half of it, capped at PEER_QUIET, for a parent's
+        // connection; its children are dropped only after the whole floor.
+        let lab = Policy::new(ms(10_000), ms(60_000)).unwrap();
+        assert_eq!(lab.quiet(true), PEER_QUIET);
+        assert_eq!(lab.child_quiet(), ms(10_000));
+        let mut w = Watch::new(lab);
+        w.opened(Instant::now(), true);
+        assert_eq!(w.sample_every(), ms(625));
+        // The default: a second both ways; a floor of 3 s: 1.5 s quiet, children after 3 s.
+        let d = Policy::default();
+        assert_eq!((d.quiet(true), d.child_quiet()), (MIN_QUIET, MIN_QUIET));
+        let p = Policy::new(ms(3000), ms(30_000)).unwrap();
+        assert_eq!((p.quiet(true), p.child_quiet()), (ms(1500), ms(3000)));
+        // The smallest floor still waits for MIN_QUIET without a packet.
+        let p = Policy::new(MIN_FLOOR, ms(30_000)).unwrap();
+        assert_eq!((p.quiet(true), p.child_quiet()), (MIN_QUIET, MIN_QUIET));
+        assert_eq!(p.quiet(false), PEER_QUIET);
     }
 
     #[test]
