@@ -58,6 +58,31 @@ fn broadcast_raw(
     (v, out, outs, c, ran)
 }
 
+/// Every agent exited 0 and every node reported a copy identical to `input`.
+fn assert_identical_copies(
+    v: &serde_json::Value,
+    input: &Path,
+    out: &Path,
+    outs: &[std::process::Output],
+    what: &str,
+) {
+    for (i, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "{what} agent {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["ok"], true, "{what}: {n}");
+        let name = n["node"].as_str().unwrap();
+        assert!(
+            same_file(input, &out.join(format!("{name}.raw"))),
+            "{what}: {name} differs"
+        );
+    }
+}
+
 fn node<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     v["nodes"]
         .as_array()
@@ -75,21 +100,7 @@ fn every_arity_delivers_identical_copies() {
     make_raw_input(&input, 6 * 1024 * 1024 + 12345, 7);
     for arity in ["chain", "2", "3", "star"] {
         let (v, out, outs, _c, _) = broadcast_raw(&input, arity, &[]);
-        for (i, o) in outs.iter().enumerate() {
-            assert!(
-                o.status.success(),
-                "arity {arity} agent {i}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        for n in v["nodes"].as_array().unwrap() {
-            assert_eq!(n["ok"], true, "arity {arity}: {n}");
-            let name = n["node"].as_str().unwrap();
-            assert!(
-                same_file(&input, &out.path().join(format!("{name}.raw"))),
-                "arity {arity}: {name} differs"
-            );
-        }
+        assert_identical_copies(&v, &input, out.path(), &outs, &format!("arity {arity}"));
     }
 }
 
@@ -102,21 +113,7 @@ fn auto_arity_measures_the_nodes_and_keeps_a_slow_disk_out_of_the_others_way() {
     // node5 writes at 2 MB/s (a slow disk): in a chain in name order it would hold node6..8
     // (and, by backpressure, node1..4) to its pace.
     let (v, out, outs, _c, _) = broadcast_raw(&input, "auto", &[("node5", "--write-rate=2M")]);
-    for (i, o) in outs.iter().enumerate() {
-        assert!(
-            o.status.success(),
-            "agent {i}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    for n in v["nodes"].as_array().unwrap() {
-        assert_eq!(n["ok"], true, "{n}");
-        let name = n["node"].as_str().unwrap();
-        assert!(
-            same_file(&input, &out.path().join(format!("{name}.raw"))),
-            "{name} differs"
-        );
-    }
+    assert_identical_copies(&v, &input, out.path(), &outs, "auto");
     let shape = v["shape"].as_str().unwrap();
     let secs = |n: &str| node(&v, n)["seconds"].as_f64().unwrap();
     eprintln!(

@@ -1312,42 +1312,7 @@ fn in_round(n: usize, arity: Arity) -> (Deployment, Instant) {
 
 /// The same with these settings.
 fn in_round_with(n: usize, settings: Settings) -> (Deployment, Instant) {
-    let t0 = Instant::now();
-    let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
-    let mut d = Deployment::new(names.clone(), settings, t0);
-    d.start(t0);
-    for n in &names {
-        d.handle(
-            Event::PxeWritten {
-                node: n.clone(),
-                result: Ok(()),
-            },
-            t0,
-        );
-    }
-    for id in 1..=n as u64 {
-        d.handle(
-            Event::CommandDone {
-                node: String::new(),
-                id: CommandId(id),
-                status: CommandStatus::Exited(0),
-            },
-            t0,
-        );
-    }
-    for n in &names {
-        d.handle(Event::AgentHello { node: n.clone() }, t0);
-    }
-    for n in &names {
-        d.handle(
-            Event::StepDone {
-                node: n.clone(),
-                step: Step::Prepare,
-                result: Ok(()),
-            },
-            t0,
-        );
-    }
+    let (d, t0, _) = prepared(n, settings);
     assert_eq!(d.current_round(), Some(1));
     (d, t0)
 }
