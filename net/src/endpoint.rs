@@ -189,12 +189,14 @@ fn gso_segments(segment: usize, max: usize) -> usize {
     (GSO_MAX_BYTES / segment.max(1)).clamp(1, max.max(1))
 }
 
-/// quinn's socket, with its send batches kept under 64 KiB. quinn hands up to 10 datagrams of
-/// one connection to one `sendmsg`; once 10 × the datagram size passes 64 KiB the kernel refuses
-/// it (EMSGSIZE, which quinn takes for a lost MTU probe): with jumbo datagrams every batch was
-/// lost, and quinn's black-hole detection fell back to 1200-byte datagrams. So the socket tells
-/// quinn how many datagrams of the largest size it has sent fit in a batch, and splits a batch
-/// built before it knew (the first one after the path's MTU grew) on datagram boundaries.
+/// quinn's socket, with its send batches kept under 64 KiB. quinn hands up to 64 datagrams of
+/// one connection to one `sendmsg` (kd's copy of quinn, `vendor/quinn`: upstream's 10 made a
+/// relay pay its per-batch costs 4.5 times as often); once the batch passes 64 KiB the kernel
+/// refuses it (EMSGSIZE, which quinn takes for a lost MTU probe): with jumbo datagrams every
+/// batch was lost, and quinn's black-hole detection fell back to 1200-byte datagrams. So the
+/// socket tells quinn how many datagrams of the largest size it has sent fit in a batch (45 of
+/// 1452 bytes, 7 of 8952), and splits a batch built before it knew (the first one, and the first
+/// after the path's MTU grew) on datagram boundaries.
 #[derive(Debug)]
 struct GsoLimit {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
