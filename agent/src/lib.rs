@@ -5,6 +5,7 @@
 pub mod config;
 pub mod inventory;
 pub mod kexec;
+mod peer;
 mod probe;
 mod session;
 mod sink;

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use kd_net::tls::AllowedPeers;
 use kd_net::wire;
 use kd_proto::msg::{DataRequest, PeerInfo, Probe, Probed};
@@ -15,6 +15,8 @@ use kd_proto::msg::{DataRequest, PeerInfo, Probe, Probed};
 const MAX_PROBE: u32 = 64 << 20;
 /// Longest a probe fetch may take, connection included.
 const FETCH_LIMIT: Duration = Duration::from_secs(8);
+/// How long a probe fetch tries to connect to its peer (which may not serve its probe yet).
+const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Where the disk probe writes: a file beside (or in) the target, or the target device itself
 /// (which the image overwrites next).
@@ -185,48 +187,29 @@ async fn serve(endpoint: quinn::Endpoint, deployment: u64, max: u32) {
 }
 
 /// Fetches `bytes` from `peer`; bytes per second from the request to the last byte. The peer
-/// may get its own probe order a moment after this node: connecting is retried briefly.
+/// may get its own probe order a moment after this node: connecting is retried for
+/// [`CONNECT_PATIENCE`].
 async fn fetch(endpoint: &quinn::Endpoint, p: &Probe, peer: &PeerInfo, bytes: u32) -> Result<u64> {
-    let client = kd_net::tls::child_to_parent(
-        peer.cert_sha256,
-        p.identity.cert_der.clone(),
-        p.identity.key_der.clone(),
-    )?;
-    let mut last = String::new();
-    for _ in 0..20 {
-        let attempt = async {
-            let conn = endpoint
-                .connect_with(client.clone(), peer.addr, "kd-peer")?
-                .await?;
-            let (mut s, mut r) = conn.open_bi().await?;
-            let t = Instant::now();
-            wire::send(
-                &mut s,
-                &DataRequest::Probe {
-                    deployment: p.deployment,
-                    bytes,
-                },
-            )
-            .await?;
-            let _ = s.finish();
-            let mut got = 0u64;
-            while let Some(c) = r.read_chunk(1 << 20, true).await? {
-                got += c.bytes.len() as u64;
-            }
-            let secs = t.elapsed().as_secs_f64();
-            conn.close(kd_net::close::DONE.into(), b"probed");
-            if got != u64::from(bytes) {
-                bail!("got {got} of {bytes} bytes");
-            }
-            anyhow::Ok((got as f64 / secs.max(1e-6)) as u64)
-        };
-        match attempt.await {
-            Ok(rate) => return Ok(rate),
-            Err(e) => last = format!("{e:#}"),
+    let conn = crate::peer::connect_peer(endpoint, &p.identity, peer, CONNECT_PATIENCE).await?;
+    let fetched = async {
+        let (mut s, mut r) = conn.open_bi().await?;
+        let t = Instant::now();
+        let deployment = p.deployment;
+        wire::send(&mut s, &DataRequest::Probe { deployment, bytes }).await?;
+        let _ = s.finish();
+        let mut got = 0u64;
+        while let Some(c) = r.read_chunk(1 << 20, true).await? {
+            got += c.bytes.len() as u64;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let secs = t.elapsed().as_secs_f64();
+        if got != u64::from(bytes) {
+            bail!("got {got} of {bytes} bytes");
+        }
+        anyhow::Ok((got as f64 / secs.max(1e-6)) as u64)
     }
-    Err(anyhow!("{last}"))
+    .await;
+    conn.close(kd_net::close::DONE.into(), b"probed");
+    fetched
 }
 
 /// Writes `bytes` at `d` (through the write-rate limit), syncs, and returns bytes per second;

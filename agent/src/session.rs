@@ -1,5 +1,11 @@
 //! One agent's life: connect, introduce itself, receive the plan, then receive, verify, relay
 //! and write the image until the coordinator says it is over.
+//!
+//! This is the driver of the session's decisions, which are made without I/O in
+//! [`kd_proto::session`] (each control message in each phase, each frame of the upstream's
+//! stream, refused pieces, repairs, joining the coordinator) and [`kd_proto::upstream`] (a
+//! silent or failed upstream): it reads the sockets and the clock, hands what it got to them
+//! and does what they answer.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,20 +13,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use kd_net::tls::AllowedPeers;
-use kd_net::wire::{self, DataIn, Whole};
+use kd_net::wire::{self, DataIn};
 use kd_proto::codec::MAX_FRAME;
 use kd_proto::manifest::{verify_chunk, Manifest};
 use kd_proto::msg::Digest;
 use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
-    DataFrame, DataRequest, DeployImage, DeployJob, ErrorCode, Hello, Job, Kexec, PeerIdentity,
-    PeerInfo, Plan, Progress, Report, StepReport, ToAgent, ToCoord, Upstream, Welcome,
+    DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, Kexec, PeerIdentity, PeerInfo,
+    Plan, Progress, Report, StallLimits, StepReport, ToAgent, ToCoord, Upstream, Welcome,
 };
-use kd_proto::piece::{check_piece_hashes, piece_count, piece_ok, piece_range};
-use kd_proto::upstream::{Judgement, Policy, Problem, Verdict, Watch};
+use kd_proto::piece::{piece_ok, piece_range};
+use kd_proto::session::{
+    control, parent, Answer, ChunkPieces, Control, ControlIn, FinishDisk, Incoming, JoinFailure,
+    Joining, Phase, Repair, Step, CHILDREN_WAIT, PROGRESS_EVERY, REPARENT_WAIT, WELCOME_TIMEOUT,
+};
+use kd_proto::upstream::{Heard, Judgement, Policy, Problem, Verdict, Watch};
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, Fault, SinkSpec};
+use crate::peer::connect_peer;
+use crate::probe::ProbeServer;
 use crate::store::{Get, Store};
 
 /// How an agent's run ended.
@@ -41,6 +53,7 @@ struct Ctx {
     to_coord: mpsc::Sender<ToCoord>,
     ctl: mpsc::Receiver<ToAgent>,
     allowed: AllowedPeers,
+    child_conns: ChildConns,
     deployment: u64,
     identity: PeerIdentity,
     manifest: Arc<Manifest>,
@@ -57,58 +70,124 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         0 | 1 => None,
         _ => Some(RelayThread::start().context("cannot start the relay thread")?),
     };
-    let children_ep =
-        kd_net::endpoint::bind_on(cfg.listen, None, relay.as_ref().map(|r| r.handle.clone()))
-            .context("cannot open a UDP socket")?;
-    let data_port = children_ep.local_addr()?.port();
-    // With a relay thread, the upstream side has an endpoint of its own (any port, the same
-    // address) on this thread: each endpoint's packets are handled by its own runtime.
+    let (children_ep, endpoint) = bind_endpoints(&cfg, relay.as_ref())?;
+    let hello = Hello {
+        version: kd_proto::PROTOCOL_VERSION,
+        node: cfg.node.clone(),
+        token: cfg.token.clone(),
+        data_port: children_ep.local_addr()?.port(),
+        inventory: crate::inventory::collect(),
+    };
+    let joined = join(&endpoint, &cfg, &hello).await?;
+    tracing::info!(
+        deployment = joined.welcome.deployment,
+        "welcomed by the coordinator"
+    );
+    let coord = joined.coord.clone();
+    let mut plumbing = Plumbing::start(joined);
+    let mut staging = Staging::default();
+    let plan = staging
+        .await_plan(&cfg, &coord, &mut plumbing, (&children_ep, &endpoint))
+        .await?;
+    let (plan, stall) = checked_plan(&cfg, plan)?;
+    // The probe's server, if any, stops first: one accept loop.
+    drop(staging.probe_server.take());
+    let mut ctx = Ctx {
+        cfg,
+        coord,
+        endpoint,
+        children_ep,
+        to_coord: plumbing.to_coord,
+        ctl: plumbing.ctl,
+        allowed: plumbing.allowed,
+        child_conns: plumbing.child_conns,
+        deployment: plan.deployment,
+        identity: plan.identity,
+        manifest: Arc::new(plan.manifest),
+        stall,
+        peer_repairs: std::sync::atomic::AtomicU32::new(0),
+    };
+    let store = serve_children(&ctx, relay.as_ref(), &plan.children)?;
+    let cpu0 = cpu_seconds();
+    let was_staged = staging.staged.is_some();
+    let target = open_target(&ctx, &plan.job, &mut staging.staged).await;
+    let deploy_device = target.deploy_device.clone();
+    let receipt = (plan.upstream, &store, plan.children.len());
+    let job = plan.job;
+    let report = receive_and_report(&mut ctx, &job, receipt, target, (cpu0, was_staged)).await;
+    let end = released(&mut ctx).await;
+    // A kexec is staged while the coordinator still listens: it hears why one cannot be.
+    let mut kexec_loaded = false;
+    if let (Ok(Some(Some(k))), None) = (&end, &report.error) {
+        kexec_loaded = kexec_load(&ctx, deploy_device.as_deref(), k).await;
+    }
+    shut_down(&ctx).await;
+    if let Some(e) = &report.error {
+        bail!("{e}");
+    }
+    let reboot = end?.is_some();
+    if reboot || matches!(job, Job::Deploy(_)) {
+        if kexec_loaded {
+            kexec_or_fall_back(&ctx.cfg);
+        }
+        reboot_or_exit(&ctx.cfg);
+    }
+    Ok(AgentOutcome { report })
+}
+
+/// The endpoint children connect to (`data_port`; on the relay thread's runtime when there is
+/// one), and the one this node connects from: the same one without a relay thread, else one of
+/// its own on this thread (any port, the same address): each endpoint's packets are handled by
+/// its own runtime.
+fn bind_endpoints(
+    cfg: &AgentConfig,
+    relay: Option<&RelayThread>,
+) -> Result<(quinn::Endpoint, quinn::Endpoint)> {
+    let children_ep = kd_net::endpoint::bind_on(cfg.listen, None, relay.map(|r| r.handle.clone()))
+        .context("cannot open a UDP socket")?;
     let endpoint = match relay {
         None => children_ep.clone(),
         Some(_) => kd_net::endpoint::bind(std::net::SocketAddr::new(cfg.listen.ip(), 0), None)
             .context("cannot open a UDP socket")?,
     };
-    let hello = Hello {
-        version: kd_proto::PROTOCOL_VERSION,
-        node: cfg.node.clone(),
-        token: cfg.token.clone(),
-        data_port,
-        inventory: crate::inventory::collect(),
-    };
-    let Joined {
-        coord,
-        mut send,
-        mut recv,
-        welcome,
-    } = join(&endpoint, &cfg, &hello).await?;
-    tracing::info!(
-        deployment = welcome.deployment,
-        "welcomed by the coordinator"
-    );
-    // Control plumbing: a writer task and a reader task around the control stream.
-    let (to_coord, mut out_rx) = mpsc::channel::<ToCoord>(256);
-    tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            if wire::send(&mut send, &m).await.is_err() {
-                break;
+    Ok((children_ep, endpoint))
+}
+
+/// The control stream's plumbing: a writer task (messages to the coordinator are queued) and a
+/// reader task (messages from it, to the session).
+struct Plumbing {
+    to_coord: mpsc::Sender<ToCoord>,
+    ctl: mpsc::Receiver<ToAgent>,
+    /// The children this node accepts.
+    allowed: AllowedPeers,
+    child_conns: ChildConns,
+}
+
+impl Plumbing {
+    fn start(joined: Joined) -> Self {
+        let Joined {
+            mut send, mut recv, ..
+        } = joined;
+        let (to_coord, mut out_rx) = mpsc::channel::<ToCoord>(256);
+        tokio::spawn(async move {
+            while let Some(m) = out_rx.recv().await {
+                if wire::send(&mut send, &m).await.is_err() {
+                    break;
+                }
             }
-        }
-    });
-    let (ctl_tx, mut ctl) = mpsc::channel::<ToAgent>(256);
-    // The children this node accepts. An `Adopt` takes effect here, the moment it arrives:
-    // the session reads its control messages only between chunks, and a relay whose window
-    // waits on a dead child would turn the orphan sent to it away meanwhile.
-    let allowed = AllowedPeers::default();
-    let child_conns = ChildConns::default();
-    {
-        let allowed = allowed.clone();
-        let child_conns = child_conns.clone();
+        });
+        let (ctl_tx, ctl) = mpsc::channel::<ToAgent>(256);
+        let (allowed, child_conns) = (AllowedPeers::default(), ChildConns::default());
+        // An `Adopt` takes effect here, the moment it arrives: the session reads its control
+        // messages only between chunks, and a relay whose window waits on a dead child would
+        // turn the orphan sent to it away meanwhile.
+        let (allow, conns) = (allowed.clone(), child_conns.clone());
         tokio::spawn(async move {
             while let Ok(Some(m)) = wire::recv_opt::<ToAgent>(&mut recv).await {
                 match &m {
-                    ToAgent::Adopt(p) => allowed.allow(p.cert_sha256, p.node.clone()),
+                    ToAgent::Adopt(p) => allow.allow(p.cert_sha256, p.node.clone()),
                     // Its streams end, and with them its hold on this node's window.
-                    ToAgent::ChildGone(node) => child_conns.close(node),
+                    ToAgent::ChildGone(node) => conns.close(node),
                     _ => {}
                 }
                 if ctl_tx.send(m).await.is_err() {
@@ -116,177 +195,215 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
                 }
             }
         });
+        Self {
+            to_coord,
+            ctl,
+            allowed,
+            child_conns,
+        }
+    }
+}
+
+/// Before the plan: a staged deployment prepares the disk when asked; an `auto` broadcast's
+/// probe keeps serving its peers until the plan.
+#[derive(Default)]
+struct Staging {
+    staged: Option<(Box<DeployJob>, kd_disk::Prepared)>,
+    probe_server: Option<ProbeServer>,
+}
+
+impl Staging {
+    /// Handles the control messages before the plan ([`Phase::BeforePlan`]) until it comes.
+    async fn await_plan(
+        &mut self,
+        cfg: &AgentConfig,
+        coord: &quinn::Connection,
+        plumbing: &mut Plumbing,
+        endpoints: (&quinn::Endpoint, &quinn::Endpoint),
+    ) -> Result<Box<Plan>> {
+        let timeout = cfg.plan_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let input = match tokio::time::timeout_at(deadline, plumbing.ctl.recv()).await {
+                Err(_) => ControlIn::TimedOut,
+                Ok(Some(m)) => ControlIn::Message(m),
+                Ok(None) => ControlIn::Ended {
+                    reason: coord.close_reason().map(|r| r.to_string()),
+                },
+            };
+            let to_coord = &plumbing.to_coord;
+            match control(Phase::BeforePlan { timeout }, input) {
+                Control::Plan(p) => return Ok(p),
+                Control::Probe(p) => {
+                    let disk = self.probe_target(&cfg.sink);
+                    // A second probe replaces the first (its server first: one accept loop).
+                    drop(self.probe_server.take());
+                    let (probed, server) =
+                        crate::probe::run(endpoints, *p, disk, cfg.write_rate).await;
+                    self.probe_server = server;
+                    let _ = to_coord.send(ToCoord::Probed(probed)).await;
+                }
+                Control::Prepare(job) => {
+                    // A second Prepare (a retry) starts over: the previous mounts go first.
+                    drop(self.staged.take());
+                    let t = Instant::now();
+                    let r = prepare_disk(cfg, &job, to_coord).await;
+                    report_step_end(to_coord, AgentStep::Prepare, t, r.as_ref().err()).await;
+                    self.staged = r.ok().map(|p| (job, p));
+                }
+                Control::Reboot(_) => {
+                    drop(self.staged.take());
+                    coord.close(kd_net::close::DONE.into(), b"rebooting");
+                    reboot_or_exit(cfg);
+                    bail!("the coordinator ended this deployment before the plan");
+                }
+                Control::Fail(e) => bail!("{e}"),
+                other => tracing::debug!(?other, "ignored before the plan"),
+            }
+        }
     }
 
-    // Before the plan: a staged deployment prepares the disk when asked.
-    let mut staged: Option<(Box<DeployJob>, kd_disk::Prepared)> = None;
-    // An `auto` broadcast's probe keeps serving its peers until the plan.
-    let mut probe_server = None;
-    let plan_deadline = tokio::time::Instant::now() + cfg.plan_timeout;
-    let plan = loop {
-        let msg = match tokio::time::timeout_at(plan_deadline, ctl.recv()).await {
-            Err(_) => bail!("no plan from the coordinator within {:?}", cfg.plan_timeout),
-            Ok(None) => match coord.close_reason() {
-                Some(r) => bail!("the coordinator closed the connection before the plan: {r}"),
-                None => bail!("the control stream ended before the plan"),
+    /// Where the disk probe writes: the disk a Prepare made ready, else the command line's sink.
+    fn probe_target(&self, sink: &SinkSpec) -> crate::probe::DiskProbe {
+        use crate::probe::DiskProbe;
+        match (&self.staged, sink) {
+            (Some((_, prepared)), _) => match prepared.target() {
+                kd_disk::Target::Dir(d) => DiskProbe::for_dir(d),
+                kd_disk::Target::Raw { device, .. } => DiskProbe::Device(device.clone()),
             },
-            Ok(Some(m)) => m,
-        };
-        match msg {
-            ToAgent::Plan(p) => break p,
-            ToAgent::Probe(p) => {
-                let disk = match (&staged, &cfg.sink) {
-                    (Some((_, prepared)), _) => match prepared.target() {
-                        kd_disk::Target::Dir(d) => crate::probe::DiskProbe::for_dir(d),
-                        kd_disk::Target::Raw { device, .. } => {
-                            crate::probe::DiskProbe::Device(device.clone())
-                        }
-                    },
-                    (None, SinkSpec::Raw(p)) => crate::probe::DiskProbe::for_raw(p),
-                    (None, SinkSpec::Dir(p)) => crate::probe::DiskProbe::for_dir(p),
-                    (None, SinkSpec::Null) => crate::probe::DiskProbe::Nowhere,
-                };
-                // A second probe replaces the first (its server first: one accept loop).
-                drop(probe_server.take());
-                let (probed, server) =
-                    crate::probe::run((&children_ep, &endpoint), *p, disk, cfg.write_rate).await;
-                probe_server = server;
-                let _ = to_coord.send(ToCoord::Probed(probed)).await;
-            }
-            ToAgent::Prepare(job) => {
-                // A second Prepare (a retry) starts over: the previous mounts go first.
-                drop(staged.take());
-                let t = Instant::now();
-                let r = prepare_disk(&cfg, &job, &to_coord).await;
-                report_step_end(&to_coord, AgentStep::Prepare, t, r.as_ref().err()).await;
-                if let Ok(p) = r {
-                    staged = Some((job, p));
-                }
-            }
-            ToAgent::Reboot { .. } => {
-                // No deployed system to kexec into before the plan: a plain reboot.
-                drop(staged.take());
-                coord.close(kd_net::close::DONE.into(), b"rebooting");
-                reboot_or_exit(&cfg);
-                bail!("the coordinator ended this deployment before the plan");
-            }
-            ToAgent::Abort { reason } => {
-                bail!("aborted by the coordinator before the plan: {reason}")
-            }
-            ToAgent::Finish => bail!("the coordinator finished without giving this node a plan"),
-            other => tracing::debug!(?other, "ignored before the plan"),
+            (None, SinkSpec::Raw(p)) => DiskProbe::for_raw(p),
+            (None, SinkSpec::Dir(p)) => DiskProbe::for_dir(p),
+            (None, SinkSpec::Null) => DiskProbe::Nowhere,
         }
-    };
-    let Plan {
-        deployment,
-        identity,
-        upstream,
-        children,
-        manifest,
-        job,
-        stall,
-    } = *plan;
-    manifest
+    }
+}
+
+/// The plan, its manifest checked, and the patience with a silent upstream (the plan's, else
+/// the agent's own).
+fn checked_plan(cfg: &AgentConfig, plan: Box<Plan>) -> Result<(Plan, Policy)> {
+    plan.manifest
         .validate()
         .map_err(|e| anyhow!("bad manifest from the coordinator: {e}"))?;
-    let stall = match stall {
-        Some(l) => Policy::from_limits(&l)
-            .map_err(|e| anyhow!("bad stall limits from the coordinator: {e}"))?,
+    let stall = match &plan.stall {
+        Some(l) => stall_limits(l)?,
         None => Policy::new(cfg.stall_floor, cfg.stall_timeout).map_err(|e| anyhow!(e))?,
     };
     tracing::debug!(?stall, "upstream patience");
+    Ok((*plan, stall))
+}
 
-    // Serve children (the probe's server, if any, stops first: one accept loop; a silent
-    // child is dropped after the plan's limit).
-    drop(probe_server);
-    child_conns.set_quiet(stall.child_quiet());
-    for c in &children {
-        allowed.allow(c.cert_sha256, c.node.clone());
+fn stall_limits(l: &StallLimits) -> Result<Policy> {
+    Policy::from_limits(l).map_err(|e| anyhow!("bad stall limits from the coordinator: {e}"))
+}
+
+/// Starts serving the plan's children (and those adopted later; a silent child is dropped
+/// after the plan's limit) from a window of its own, on the relay thread when there is one.
+fn serve_children(
+    ctx: &Ctx,
+    relay: Option<&RelayThread>,
+    children: &[PeerInfo],
+) -> Result<Arc<Store>> {
+    ctx.child_conns.set_quiet(ctx.stall.child_quiet());
+    for c in children {
+        ctx.allowed.allow(c.cert_sha256, c.node.clone());
     }
-    children_ep.set_server_config(Some(kd_net::tls::parent_server(
-        identity.cert_der.clone(),
-        identity.key_der.clone(),
-        allowed.clone(),
-    )?));
-    let store = Arc::new(Store::new(cfg.window));
-    let manifest = Arc::new(manifest);
-    let serving = serve_children(
-        children_ep.clone(),
+    ctx.children_ep
+        .set_server_config(Some(kd_net::tls::parent_server(
+            ctx.identity.cert_der.clone(),
+            ctx.identity.key_der.clone(),
+            ctx.allowed.clone(),
+        )?));
+    let store = Arc::new(Store::new(ctx.cfg.window));
+    let serving = accept_children(
+        ctx.children_ep.clone(),
         store.clone(),
-        manifest.clone(),
-        deployment,
-        (allowed.clone(), child_conns.clone()),
-        to_coord.clone(),
+        ctx.manifest.clone(),
+        ctx.deployment,
+        (ctx.allowed.clone(), ctx.child_conns.clone()),
+        ctx.to_coord.clone(),
     );
-    match &relay {
+    match relay {
         Some(r) => drop(r.handle.spawn(serving)),
         None => drop(tokio::spawn(serving)),
     }
+    Ok(store)
+}
 
-    let cpu0 = cpu_seconds();
-    let was_staged = staged.is_some();
-    // The target: the command line's sink, or the node's disk prepared for a deployment. A node
-    // whose disk cannot be prepared still relays to its children, then reports the failure.
-    let mut prepare_error = None;
-    let mut prepared = None;
-    // The deploy partition, for a kexec at the end.
-    let mut deploy_device = None;
-    let sink = match &job {
-        Job::LocalSink => crate::sink::open(&cfg.sink).unwrap_or_else(|e| {
-            prepare_error = Some(e);
-            None
-        }),
-        Job::Deploy(d) => match take_or_prepare(&cfg, d, staged.take(), &to_coord).await {
-            Ok(p) => match p.sink() {
-                Ok(s) => {
-                    deploy_device = p
-                        .plan()
-                        .and_then(|plan| plan.deploy())
-                        .map(|d| kd_disk::partition::partition_node(p.disk(), d.number));
-                    prepared = Some(p);
-                    Some(s)
-                }
-                Err(e) => {
-                    prepare_error = Some(format!("cannot open the deploy target: {e}"));
-                    None
-                }
-            },
-            Err(e) => {
-                prepare_error = Some(e);
-                None
+/// Where the image goes: the command line's sink, or the node's disk prepared for a
+/// deployment. A node whose disk cannot be prepared still relays to its children, then reports
+/// the failure (`error`).
+#[derive(Default)]
+struct Target {
+    sink: Option<Box<dyn kd_disk::ImageSink>>,
+    error: Option<String>,
+    prepared: Option<kd_disk::Prepared>,
+    /// The deploy partition, for a kexec at the end.
+    deploy_device: Option<std::path::PathBuf>,
+}
+
+async fn open_target(
+    ctx: &Ctx,
+    job: &Job,
+    staged: &mut Option<(Box<DeployJob>, kd_disk::Prepared)>,
+) -> Target {
+    let failed = |error| Target {
+        error: Some(error),
+        ..Target::default()
+    };
+    let d = match job {
+        Job::LocalSink => {
+            return match crate::sink::open(&ctx.cfg.sink) {
+                Ok(sink) => Target {
+                    sink,
+                    ..Target::default()
+                },
+                Err(e) => failed(e),
             }
+        }
+        Job::Deploy(d) => d,
+    };
+    let p = match take_or_prepare(&ctx.cfg, d, staged.take(), &ctx.to_coord).await {
+        Ok(p) => p,
+        Err(e) => return failed(e),
+    };
+    match p.sink() {
+        Ok(sink) => Target {
+            sink: Some(sink),
+            error: None,
+            deploy_device: p
+                .plan()
+                .and_then(|plan| plan.deploy())
+                .map(|d| kd_disk::partition::partition_node(p.disk(), d.number)),
+            prepared: Some(p),
         },
-    };
-    let mut ctx = Ctx {
-        cfg,
-        coord,
-        endpoint,
-        children_ep,
-        to_coord,
-        ctl,
-        allowed,
-        deployment,
-        identity,
-        manifest,
-        stall,
-        peer_repairs: std::sync::atomic::AtomicU32::new(0),
-    };
-    let mut report = receive_all(&mut ctx, upstream, &store, sink, children.len()).await;
-    if let Some(e) = prepare_error {
+        Err(e) => failed(format!("cannot open the deploy target: {e}")),
+    }
+}
+
+/// Receives the image into `target`, finishes a deployment's disk (before the report, or after
+/// it when the disk was staged: [`kd_proto::session::when_to_finish`]), and sends the report.
+async fn receive_and_report(
+    ctx: &mut Ctx,
+    job: &Job,
+    (upstream, store, children): (Upstream, &Arc<Store>, usize),
+    target: Target,
+    (cpu0, was_staged): (f64, bool),
+) -> Report {
+    let mut report = receive_all(ctx, upstream, store, target.sink, children).await;
+    if let Some(e) = target.error {
         report.error = Some(e);
         report.image_hash = None;
     }
-    // A staged deployment (the disk was prepared on the coordinator's Prepare) reports the image
-    // first, then finishes the disk and reports that step; otherwise finishing is part of the
-    // report.
     let mut finish_after = None;
-    if let (Job::Deploy(d), Some(p)) = (&job, prepared) {
-        if report.error.is_none() {
-            if was_staged {
-                finish_after = Some((d.clone(), p));
-            } else if let Err(e) = finish_disk(&ctx.cfg, d.as_ref(), p, &ctx.to_coord).await {
-                report.error = Some(e);
-                report.image_hash = None;
+    if let (Job::Deploy(d), Some(p)) = (job, target.prepared) {
+        match kd_proto::session::when_to_finish(report.error.is_none(), was_staged) {
+            FinishDisk::Never => {}
+            FinishDisk::AfterReport => finish_after = Some((d, p)),
+            FinishDisk::BeforeReport => {
+                if let Err(e) = finish_disk(&ctx.cfg, d.as_ref(), p, &ctx.to_coord).await {
+                    report.error = Some(e);
+                    report.image_hash = None;
+                }
             }
         }
     }
@@ -300,33 +417,29 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         let r = finish_disk(&ctx.cfg, d.as_ref(), p, &ctx.to_coord).await;
         report_step_end(&ctx.to_coord, AgentStep::Finish, t, r.as_ref().err()).await;
     }
+    report
+}
 
-    // Keep serving children until the coordinator releases us.
-    let end = loop {
+/// Keeps serving children until the coordinator releases this agent ([`Phase::Serving`]):
+/// `None` when the broadcast is over, `Some(kexec)` when the node is to reboot.
+async fn released(ctx: &mut Ctx) -> Result<Option<Option<Kexec>>> {
+    loop {
         let msg = tokio::select! {
             m = ctx.ctl.recv() => m,
             _ = ctx.coord.closed() => None,
         };
-        match msg {
-            Some(ToAgent::Adopt(p)) => ctx.allowed.allow(p.cert_sha256, p.node),
-            Some(ToAgent::Finish) => break Ok(None),
-            Some(ToAgent::Reboot { kexec }) => break Ok(Some(kexec)),
-            Some(ToAgent::Abort { reason }) => {
-                break Err(anyhow!("aborted by the coordinator: {reason}"))
-            }
-            Some(_) => {}
-            None => {
-                break Err(anyhow!(
-                    "the coordinator went away before releasing this agent"
-                ))
-            }
+        match control(Phase::Serving, msg.into()) {
+            Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
+            Control::Finish => return Ok(None),
+            Control::Reboot(kexec) => return Ok(Some(kexec)),
+            Control::Fail(e) => return Err(anyhow!(e)),
+            _ => {}
         }
-    };
-    // A kexec is staged while the coordinator still listens: it hears why one cannot be.
-    let mut kexec_loaded = false;
-    if let (Ok(Some(Some(k))), None) = (&end, &report.error) {
-        kexec_loaded = kexec_load(&ctx, deploy_device.as_deref(), k).await;
     }
+}
+
+/// Closes the connections and endpoints, and lets the last packets leave (2 s at most).
+async fn shut_down(ctx: &Ctx) {
     ctx.coord.close(kd_net::close::DONE.into(), b"done");
     ctx.endpoint.close(kd_net::close::DONE.into(), b"done");
     ctx.children_ep.close(kd_net::close::DONE.into(), b"done");
@@ -335,17 +448,6 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         ctx.children_ep.wait_idle().await;
     })
     .await;
-    if let Some(e) = &report.error {
-        bail!("{e}");
-    }
-    let reboot = end?.is_some();
-    if reboot || matches!(job, Job::Deploy(_)) {
-        if kexec_loaded {
-            kexec_or_fall_back(&ctx.cfg);
-        }
-        reboot_or_exit(&ctx.cfg);
-    }
-    Ok(AgentOutcome { report })
 }
 
 /// Stages the deployed kernel (`kexec -l`, see [`crate::kexec`]) and tells the coordinator how
@@ -548,56 +650,26 @@ struct Joined {
     welcome: Welcome,
 }
 
-/// Why one attempt to join the coordinator failed.
-enum JoinFailure {
-    /// Trying again cannot help (a wrong pinned certificate, a definitive refusal).
-    Fatal(anyhow::Error),
-    /// The connection was refused, cut or silent before the Welcome: worth another attempt.
-    Retry(String),
-}
-
-/// How long an agent waits for the Welcome once its Hello is sent. Under a storm the
-/// coordinator may take long to finish a handshake while being silent: its socket, on a
-/// saturated machine, dropped this agent's last handshake packet, which QUIC sends again only
-/// after a backoff that grows with the slow first round trip (measured: 13–27 s for a few
-/// agents of 1000 on 2 cores). A coordinator that is gone is found by QUIC's idle timeout
-/// (30 s without a packet) before this.
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
-/// Shortest pause between two attempts to join the coordinator.
-const RETRY_MIN: Duration = Duration::from_millis(200);
-/// Longest pause between two attempts.
-const RETRY_MAX: Duration = Duration::from_secs(2);
-
 /// Connects to the coordinator and says Hello until it answers Welcome, for at most
 /// `cfg.connect_timeout`. A connection refused, cut or silent before the Welcome (a coordinator
 /// not up yet, or busy with a storm of agents and timing out handshakes) is tried again after a
-/// short random pause; a definitive refusal ([`definitive`]) or a coordinator that is not the
-/// pinned one ends it at once.
+/// short random pause; a definitive refusal or a coordinator that is not the pinned one ends it
+/// at once (decided by [`kd_proto::session`]'s [`Joining`] and its functions).
 async fn join(endpoint: &quinn::Endpoint, cfg: &AgentConfig, hello: &Hello) -> Result<Joined> {
     let client = kd_net::tls::agent_to_coordinator(cfg.pin)?;
-    let start = tokio::time::Instant::now();
-    let deadline = start
-        .checked_add(cfg.connect_timeout)
-        .unwrap_or_else(|| start + Duration::from_secs(86_400));
-    let mut attempt = 0u32;
+    let mut joining = Joining::new(cfg.coord, Instant::now(), cfg.connect_timeout);
+    let deadline = tokio::time::Instant::from_std(joining.deadline());
     loop {
-        attempt += 1;
         let why = match join_once(endpoint, &client, cfg, hello, deadline).await {
             Ok(j) => return Ok(j),
-            Err(JoinFailure::Fatal(e)) => return Err(e),
+            Err(JoinFailure::Fatal(e)) => bail!("{e}"),
             Err(JoinFailure::Retry(why)) => why,
         };
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            bail!(
-                "could not join the coordinator at {} in {:?} ({attempt} attempts): {why}",
-                cfg.coord,
-                cfg.connect_timeout
-            );
-        }
-        let pause = retry_pause(attempt, random_fraction()).min(left);
+        let pause = joining
+            .failed(Instant::now(), &why, random_fraction())
+            .map_err(|e| anyhow!(e))?;
         tracing::warn!(
-            attempt,
+            attempt = joining.attempts(),
             pause_ms = pause.as_millis() as u64,
             "{why}; retrying"
         );
@@ -615,24 +687,20 @@ async fn join_once(
 ) -> Result<Joined, JoinFailure> {
     let connecting = endpoint
         .connect_with(client.clone(), cfg.coord, "kd-coord")
-        .map_err(|e| JoinFailure::Fatal(anyhow!("cannot connect to {}: {e}", cfg.coord)))?;
+        .map_err(|e| JoinFailure::Fatal(format!("cannot connect to {}: {e}", cfg.coord)))?;
     let coord = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            // A certificate that does not match the pin will not get better by retrying.
-            if let quinn::ConnectionError::TransportError(t) = &e {
-                let t = t.to_string();
-                if t.contains("pinned") || t.contains("certificate") {
-                    return Err(JoinFailure::Fatal(anyhow!(
-                        "the coordinator at {} is not the one pinned: {t}",
-                        cfg.coord
-                    )));
-                }
-            }
-            return Err(JoinFailure::Retry(format!(
-                "cannot connect to the coordinator at {}: {e}",
-                cfg.coord
-            )));
+            let transport = match &e {
+                quinn::ConnectionError::TransportError(t) => Some(t.to_string()),
+                _ => None,
+            };
+            let why = e.to_string();
+            return Err(kd_proto::session::handshake_failed(
+                cfg.coord,
+                &why,
+                transport.as_deref(),
+            ));
         }
         Err(_) => {
             return Err(JoinFailure::Retry(format!(
@@ -658,43 +726,18 @@ async fn join_once(
         return Err(cut(format!("cannot send the Hello: {e}")));
     }
     match wire::recv::<ToAgent>(&mut recv, WELCOME_TIMEOUT, "the Welcome").await {
-        Ok(ToAgent::Welcome(welcome)) => Ok(Joined {
-            coord,
-            send,
-            recv,
-            welcome,
-        }),
-        Ok(ToAgent::Error(e)) if definitive(e.code) => Err(JoinFailure::Fatal(anyhow!(
-            "the coordinator refused this agent: {e}"
-        ))),
-        Ok(ToAgent::Error(e)) => Err(cut(format!("the coordinator refused this attempt: {e}"))),
-        Ok(other) => Err(JoinFailure::Fatal(anyhow!(
-            "unexpected first message from the coordinator: {other:?}"
-        ))),
         Err(e) => Err(cut(format!("no Welcome from the coordinator: {e}"))),
+        Ok(m) => match kd_proto::session::welcome(m) {
+            Ok(welcome) => Ok(Joined {
+                coord,
+                send,
+                recv,
+                welcome,
+            }),
+            Err(JoinFailure::Retry(why)) => Err(cut(why)),
+            Err(fatal) => Err(fatal),
+        },
     }
-}
-
-/// Whether a coordinator's refusal of a Hello holds for any later attempt (the token, the node
-/// or the protocol is wrong) rather than for this connection (a Hello cut or late under load).
-fn definitive(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::BadToken
-            | ErrorCode::UnknownNode
-            | ErrorCode::VersionMismatch
-            | ErrorCode::Forbidden
-    )
-}
-
-/// The pause before attempt `attempt + 1`: between [`RETRY_MIN`] and a ceiling that doubles
-/// from twice it up to [`RETRY_MAX`], placed by `r` (in [0, 1)) so that agents cut at the same
-/// moment do not come back at the same moment.
-fn retry_pause(attempt: u32, r: f64) -> Duration {
-    let ceiling = RETRY_MIN
-        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-        .min(RETRY_MAX);
-    RETRY_MIN + (ceiling - RETRY_MIN).mul_f64(r.clamp(0.0, 1.0))
 }
 
 /// A number in [0, 1) that differs between processes and calls (std's hasher keys are random
@@ -709,18 +752,14 @@ fn random_fraction() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// How long a node waits for its children to attach before it asks for the image itself.
-const CHILDREN_WAIT: Duration = Duration::from_secs(3);
-
 /// Receives every chunk, switching upstream when told to or when the current one fails.
 async fn receive_all(
     ctx: &mut Ctx,
-    mut upstream: Upstream,
+    upstream: Upstream,
     store: &Arc<Store>,
     sink: Option<Box<dyn kd_disk::ImageSink>>,
     children: usize,
 ) -> Report {
-    let count = ctx.manifest.chunk_count();
     let writer = match crate::sink::spawn(sink, &ctx.manifest, 4, ctx.cfg.write_rate) {
         Ok(w) => w,
         Err(e) => {
@@ -730,15 +769,6 @@ async fn receive_all(
             }
         }
     };
-    let mut progress = Progress::default();
-    let mut refetched = 0u32;
-    let mut corrupted_once = false;
-    let mut last_progress = Instant::now();
-    let mut fatal: Option<String> = None;
-    // Who is silent, when to retry the same upstream and when to ask for another: decided by
-    // the pure `Watch` (kd_proto::upstream); this loop only reads, verifies and reports.
-    let mut watch = Watch::new(ctx.stall);
-
     // The tree is wired before data flows: this node asks its upstream for the image only once
     // its children have asked it (or after CHILDREN_WAIT). Bytes a node receives before its
     // child is attached stay queued ahead of everything it relays next, since its uplink runs
@@ -751,217 +781,371 @@ async fn receive_all(
             "not every child asked for the image within {CHILDREN_WAIT:?}; starting anyway"
         );
     }
-    'outer: while store.available() < count {
-        let next = store.available();
-        // The piece hashes of the next chunk, when its upstream sent them (and they check out).
-        let mut pending: Option<Arc<[Digest]>> = None;
-        let opened = open_upstream(ctx, &upstream, next, watch.patience()).await;
-        let (problem, conn) = match opened {
-            Err(OpenFail::Unreachable(e)) => (Problem::Unreachable(format!("{e:#}")), None),
+    let mut rx = Receipt {
+        count: ctx.manifest.chunk_count(),
+        // Who is silent, when to retry the same upstream and when to ask for another: decided
+        // by the pure `Watch` (kd_proto::upstream); the receipt reads, verifies and reports.
+        watch: Watch::new(ctx.stall),
+        ctx,
+        store,
+        writer,
+        progress: Progress::default(),
+        refetched: 0,
+        corrupted_once: false,
+        last_progress: Instant::now(),
+    };
+    let fatal = rx.receive(upstream).await.err();
+    rx.report(fatal).await
+}
+
+/// The receipt of the image under way.
+struct Receipt<'a> {
+    ctx: &'a mut Ctx,
+    store: &'a Arc<Store>,
+    writer: crate::sink::Writer,
+    watch: Watch,
+    progress: Progress,
+    /// Chunks fetched again (refused, or gone from the upstream's window).
+    refetched: u32,
+    /// Whether the `CorruptChunk` fault has been injected (once per run).
+    corrupted_once: bool,
+    last_progress: Instant,
+    count: u32,
+}
+
+/// How reading one stream from an upstream ended.
+enum StreamEnd {
+    /// Every chunk is in.
+    Done,
+    /// The coordinator moved this node to another upstream.
+    Moved(Upstream),
+    /// The upstream failed: see [`Watch::failed`].
+    Failed(Problem),
+    /// Nothing more can be done.
+    Fatal(String),
+}
+
+impl Receipt<'_> {
+    /// Reads streams from `upstream` (and its successors) until every chunk is in.
+    async fn receive(&mut self, mut upstream: Upstream) -> Result<(), String> {
+        while self.store.available() < self.count {
+            let (end, conn) = self.stream_from(&upstream).await;
+            upstream = match end {
+                StreamEnd::Done => return Ok(()),
+                StreamEnd::Moved(u) => u,
+                StreamEnd::Fatal(e) => return Err(e),
+                StreamEnd::Failed(p) => self.failed(upstream, p, conn).await?,
+            };
+        }
+        Ok(())
+    }
+
+    /// Opens a stream from `upstream` at the first chunk this node lacks and reads it; with
+    /// the connection (when it is this node's own), to judge and close.
+    async fn stream_from(&mut self, upstream: &Upstream) -> (StreamEnd, Option<quinn::Connection>) {
+        let from_peer = matches!(upstream, Upstream::Peer(_));
+        let next = self.store.available();
+        match open_upstream(self.ctx, upstream, next, self.watch.patience()).await {
+            Err(OpenFail::Unreachable(e)) => {
+                let p = Problem::Unreachable(format!("{e:#}"));
+                (StreamEnd::Failed(p), None)
+            }
             // Connected, then turned away (a new parent that has not had our `Adopt` yet
             // refuses our certificate once the handshake is over): the Watch's quick retries
             // of a stream that broke at once, not a lost upstream.
             Err(OpenFail::Refused(e)) => {
-                watch.opened(Instant::now(), matches!(upstream, Upstream::Peer(_)));
-                (Problem::Broken(format!("{e:#}")), None)
+                self.watch.opened(Instant::now(), from_peer);
+                (StreamEnd::Failed(Problem::Broken(format!("{e:#}"))), None)
             }
-            Ok((conn, mut recv)) => {
-                watch.opened(Instant::now(), matches!(upstream, Upstream::Peer(_)));
+            Ok((conn, recv)) => {
+                self.watch.opened(Instant::now(), from_peer);
                 // The connection the stream comes on: its packets tell a live upstream from a
                 // dead one.
-                let up = conn.clone().unwrap_or_else(|| ctx.coord.clone());
-                let problem = loop {
-                    if store.available() >= count {
-                        break 'outer;
+                let up = conn.clone().unwrap_or_else(|| self.ctx.coord.clone());
+                (self.read_stream(upstream, recv, &up).await, conn)
+            }
+        }
+    }
+
+    /// Reads frames from the stream and does what each asks ([`Incoming::frame`]).
+    async fn read_stream(
+        &mut self,
+        upstream: &Upstream,
+        mut recv: quinn::RecvStream,
+        up: &quinn::Connection,
+    ) -> StreamEnd {
+        let mut incoming = Incoming::default();
+        loop {
+            if self.store.available() >= self.count {
+                return StreamEnd::Done;
+            }
+            self.watch.reading(Instant::now());
+            let frame = match next_frame(self.ctx, &self.watch, &mut recv, up).await {
+                Ok(f) => f,
+                Err(end) => return end,
+            };
+            self.watch.data(Instant::now());
+            let step = incoming.frame(&self.ctx.manifest, self.store.available(), frame);
+            if let Err(end) = self.take(step, upstream, (&mut recv, up)).await {
+                return end;
+            }
+            if self.last_progress.elapsed() >= PROGRESS_EVERY {
+                self.last_progress = Instant::now();
+                self.progress.bytes_written = self.writer.written.load(Ordering::Relaxed);
+                let _ = self
+                    .ctx
+                    .to_coord
+                    .try_send(ToCoord::Progress(self.progress.clone()));
+            }
+        }
+    }
+
+    /// Does what a frame asks.
+    async fn take(
+        &mut self,
+        step: Step,
+        upstream: &Upstream,
+        stream: (&mut quinn::RecvStream, &quinn::Connection),
+    ) -> Result<(), StreamEnd> {
+        match step {
+            Step::Continue { warning } => {
+                if let Some(w) = warning {
+                    tracing::warn!("{w}");
+                }
+                Ok(())
+            }
+            Step::Receive { index, len, hashes } => {
+                match self.receive_chunk(stream, (index, len, hashes)).await {
+                    Ok(repaired) => {
+                        self.accepted(index, repaired).await;
+                        Ok(())
                     }
-                    watch.reading(Instant::now());
-                    // One read per frame, kept across the control messages handled meanwhile:
-                    // dropping it for an `Adopt` would lose a frame header half read and break
-                    // the stream's framing. Only a new upstream or the end abandons it.
-                    let frame = {
-                        let read = judged(&watch, &up, wire::recv_data(&mut recv, MAX_FRAME));
-                        tokio::pin!(read);
-                        loop {
-                            tokio::select! {
-                                f = &mut read => break f,
-                                m = ctx.ctl.recv() => match m {
-                                    Some(ToAgent::Reparent(u)) => { upstream = u; continue 'outer; }
-                                    Some(ToAgent::Adopt(p)) => ctx.allowed.allow(p.cert_sha256, p.node),
-                                    Some(ToAgent::Abort { reason }) => { fatal = Some(format!("aborted by the coordinator: {reason}")); break 'outer; }
-                                    Some(_) => {}
-                                    None => { fatal = Some("the coordinator connection was lost".into()); break 'outer; }
-                                },
-                            }
-                        }
-                    };
-                    let next = store.available();
-                    let p = match frame {
-                        Err(silent) => break silent,
-                        Ok(Err(e)) => break Problem::Broken(e.to_string()),
-                        Ok(Ok(None)) => {
-                            break Problem::Broken("the upstream ended the stream early".into())
-                        }
-                        Ok(Ok(Some(p))) => p,
-                    };
-                    watch.data(Instant::now());
-                    let broken = match p {
-                        DataIn::Other(DataFrame::Pieces { index, hashes }) if index == next => {
-                            let info = &ctx.manifest.chunks[index as usize];
-                            match check_piece_hashes(info.comp_len as usize, &hashes, &info.hash) {
-                                Ok(()) => pending = Some(hashes.into()),
-                                Err(e) => {
-                                    tracing::warn!("chunk {index}: {e}; it will be verified whole");
-                                    pending = None;
-                                }
-                            }
-                            None
-                        }
-                        DataIn::Other(DataFrame::Pieces { index, .. }) => Some(format!(
-                            "got the piece hashes of chunk {index}, expected {next}"
-                        )),
-                        DataIn::ChunkStart { index, len } if index == next => {
-                            let expected = ctx.manifest.chunks[index as usize].comp_len as usize;
-                            if len != expected {
-                                Some(format!(
-                                    "chunk {index} announces {len} bytes, the manifest says {expected}"
-                                ))
-                            } else {
-                                let hashes = pending.take();
-                                let got = receive_chunk(
-                                    ctx,
-                                    store,
-                                    (&mut recv, &up),
-                                    (index, len, hashes),
-                                    &mut corrupted_once,
-                                    &mut progress,
-                                    &mut watch,
-                                )
-                                .await;
-                                match got {
-                                    Ok(repaired) => {
-                                        refetched += u32::from(repaired);
-                                        accept(ctx, store, &writer, index, &mut progress).await;
-                                        watch.chunk_done();
-                                        None
-                                    }
-                                    Err(ChunkFail::Upstream(p)) => break p,
-                                    Err(ChunkFail::Fatal(e)) => {
-                                        fatal = Some(e);
-                                        break 'outer;
-                                    }
-                                }
-                            }
-                        }
-                        DataIn::ChunkStart { index, .. } => {
-                            Some(format!("got chunk {index}, expected {next}"))
-                        }
-                        DataIn::Other(DataFrame::Unavailable { index }) if index == next => {
-                            // That upstream no longer holds it: ask someone else.
-                            let gone = match &upstream {
-                                Upstream::Peer(p) => Some(p.node.as_str()),
-                                Upstream::Coordinator => None,
-                            };
-                            match repair(ctx, index, gone).await {
-                                Ok(d) => {
-                                    refetched += 1;
-                                    store.fill(index, d, grace(&watch)).await;
-                                    accept(ctx, store, &writer, index, &mut progress).await;
-                                    watch.chunk_done();
-                                    None
-                                }
-                                Err(e) => {
-                                    fatal =
-                                        Some(format!("chunk {index} could not be fetched: {e:#}"));
-                                    break 'outer;
-                                }
-                            }
-                        }
-                        DataIn::Other(DataFrame::Unavailable { index }) => {
-                            Some(format!("unexpected Unavailable({index})"))
-                        }
-                        DataIn::Other(DataFrame::Error(e)) => {
-                            Some(format!("the upstream refused: {e}"))
-                        }
-                        DataIn::Other(DataFrame::Chunk { index, .. }) => Some(format!(
-                            "bad frame from the upstream: chunk {index} mis-framed"
-                        )),
-                        DataIn::Other(DataFrame::Redirect(p)) => Some(format!(
-                            "the upstream redirected a stream to {} (only repairs are)",
-                            p.node
-                        )),
-                    };
-                    if let Some(b) = broken {
-                        break Problem::Broken(b);
+                    Err(ChunkFail::Upstream(p)) => Err(StreamEnd::Failed(p)),
+                    Err(ChunkFail::Fatal(e)) => Err(StreamEnd::Fatal(e)),
+                }
+            }
+            // That upstream no longer holds it: ask someone else.
+            Step::Repair { index } => match repair(self.ctx, index, parent(upstream)).await {
+                Ok(d) => {
+                    self.store.fill(index, d, self.watch.grace()).await;
+                    self.accepted(index, true).await;
+                    Ok(())
+                }
+                Err(e) => Err(StreamEnd::Fatal(format!(
+                    "chunk {index} could not be fetched: {e:#}"
+                ))),
+            },
+            Step::Broken(b) => Err(StreamEnd::Failed(Problem::Broken(b))),
+        }
+    }
+
+    /// Receives the data of chunk `index` (`len` bytes, the manifest's length) into the
+    /// window. With its piece hashes (checked against the manifest) it goes piece by piece
+    /// ([`receive_pieces`]); without them it is verified whole. A chunk refused is fetched
+    /// again from the coordinator. Returns whether the chunk had to be fetched again.
+    async fn receive_chunk(
+        &mut self,
+        (recv, up): (&mut quinn::RecvStream, &quinn::Connection),
+        (index, len, hashes): (u32, usize, Option<Arc<[Digest]>>),
+    ) -> Result<bool, ChunkFail> {
+        let grace = self.watch.grace();
+        let faulty = self.ctx.cfg.faults.contains(&Fault::CorruptChunk(index));
+        let mut fault = Corrupt {
+            armed: !self.corrupted_once && faulty,
+            fired: &mut self.corrupted_once,
+        };
+        let refused = match hashes {
+            None => {
+                let data = fault.apply(read_data((recv, up), len, &mut self.watch).await?);
+                match verify_chunk(&self.ctx.manifest, index, &data) {
+                    Ok(()) => {
+                        self.store.fill(index, data, grace).await;
+                        return Ok(false);
                     }
-                    if last_progress.elapsed() >= Duration::from_secs(1) {
-                        last_progress = Instant::now();
-                        progress.bytes_written = writer.written.load(Ordering::Relaxed);
-                        let _ = ctx.to_coord.try_send(ToCoord::Progress(progress.clone()));
-                    }
-                };
-                (problem, conn)
+                    Err(e) => e,
+                }
+            }
+            Some(hashes) => {
+                let chunk = (index, len, hashes, grace);
+                let stream = (recv, up, &mut self.watch);
+                match receive_pieces(self.store, stream, chunk, &mut fault).await? {
+                    Ok(()) => return Ok(false),
+                    Err(e) => e,
+                }
             }
         };
+        tracing::warn!("refused {refused}; fetching it again from the coordinator");
+        self.progress.corrupt_chunks += 1;
+        let data = repair(self.ctx, index, None)
+            .await
+            .map_err(|e| ChunkFail::Fatal(format!("chunk {index} could not be repaired: {e:#}")))?;
+        self.store.fill(index, data, grace).await;
+        Ok(true)
+    }
+
+    /// Chunk `index` is complete in the window (`repaired`: fetched again): to the writer.
+    async fn accepted(&mut self, index: u32, repaired: bool) {
+        self.refetched += u32::from(repaired);
+        accept(
+            self.ctx,
+            self.store,
+            &self.writer,
+            index,
+            &mut self.progress,
+        )
+        .await;
+        self.watch.chunk_done();
+    }
+
+    /// The stream failed: the same upstream again after a pause, or another one from the
+    /// coordinator ([`Watch::failed`]).
+    async fn failed(
+        &mut self,
+        upstream: Upstream,
+        problem: Problem,
+        conn: Option<quinn::Connection>,
+    ) -> Result<Upstream, String> {
         // A parent that took this node for a dead child (it heard nothing from it for a
         // while) closed the connection: this node is alive, so that is not a lost parent.
-        let problem = match (&problem, &conn) {
-            (Problem::Broken(_), Some(c)) if dropped_as_silent(c) => Problem::Dropped,
-            _ => problem,
-        };
-        match watch.failed(Instant::now(), problem) {
+        let problem = problem.or_dropped(conn.as_ref().is_some_and(dropped_as_silent));
+        match self.watch.failed(Instant::now(), problem) {
             Verdict::RetrySame { pause } => {
                 tracing::info!(
                     "new upstream closed at once, or dropped this node as silent; retrying it"
                 );
                 tokio::time::sleep(pause).await;
+                Ok(upstream)
             }
             Verdict::Lost(reason) => {
                 tracing::warn!("upstream problem: {reason}");
                 if let Some(c) = &conn {
                     c.close(kd_net::close::DONE.into(), b"lost");
                 }
-                match lost_upstream(ctx, &upstream, store.available(), reason).await {
-                    Ok(u) => upstream = u,
-                    Err(e) => {
-                        fatal = Some(e);
-                        break 'outer;
-                    }
-                }
+                lost_upstream(self.ctx, &upstream, self.store.available(), reason).await
             }
         }
     }
-    drop(writer.tx);
-    let result = tokio::task::spawn_blocking(move || writer.handle.join())
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .unwrap_or_default();
-    progress.bytes_written = writer.written.load(Ordering::Relaxed);
-    let mut error = fatal.or(result.error);
-    if error.is_none() {
-        if let Some(h) = result.content_hash {
-            if h != ctx.manifest.content_hash {
-                error = Some("the written content does not match the image's content hash".into());
-            }
+
+    /// The report once the writer is done ([`kd_proto::session::verdict`]).
+    async fn report(self, fatal: Option<String>) -> Report {
+        let Receipt {
+            ctx,
+            writer,
+            mut progress,
+            refetched,
+            ..
+        } = self;
+        drop(writer.tx);
+        let result = tokio::task::spawn_blocking(move || writer.handle.join())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
+        progress.bytes_written = writer.written.load(Ordering::Relaxed);
+        let error = kd_proto::session::verdict(
+            fatal,
+            result.error,
+            result.content_hash,
+            &ctx.manifest.content_hash,
+        );
+        Report {
+            image_hash: error.is_none().then(|| ctx.manifest.image_hash()),
+            content_hash: result.content_hash,
+            error,
+            progress,
+            cpu_seconds: 0.0,
+            refetched_chunks: refetched,
+            refetched_from_peers: ctx.peer_repairs.load(Ordering::Relaxed),
         }
-    }
-    Report {
-        image_hash: error.is_none().then(|| ctx.manifest.image_hash()),
-        content_hash: result.content_hash,
-        error,
-        progress,
-        cpu_seconds: 0.0,
-        refetched_chunks: refetched,
-        refetched_from_peers: ctx.peer_repairs.load(Ordering::Relaxed),
     }
 }
 
-/// How long a full window waits for a child that still needs its oldest chunk before that
-/// child is overtaken (it then gets `Unavailable` and repairs from the coordinator): a few
-/// times this node's own patience with a silent upstream, so that a frozen child holds its
-/// siblings and its parent's stream back about as long as a frozen parent would hold it.
-fn grace(watch: &Watch) -> Duration {
-    watch.patience().saturating_mul(3)
+/// The next frame of the stream, read while the upstream is judged alive ([`judged`]); the
+/// control messages that come meanwhile are handled ([`Phase::Receiving`]). One read per
+/// frame, kept across them: dropping it for an `Adopt` would lose a frame header half read and
+/// break the stream's framing. Only a new upstream or the end abandons it.
+async fn next_frame(
+    ctx: &mut Ctx,
+    watch: &Watch,
+    recv: &mut quinn::RecvStream,
+    up: &quinn::Connection,
+) -> Result<DataIn, StreamEnd> {
+    let read = judged(watch, up, wire::recv_data(recv, MAX_FRAME));
+    tokio::pin!(read);
+    let frame = loop {
+        tokio::select! {
+            f = &mut read => break f,
+            m = ctx.ctl.recv() => match control(Phase::Receiving, m.into()) {
+                Control::Reparent(u) => return Err(StreamEnd::Moved(u)),
+                Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
+                Control::Fail(e) => return Err(StreamEnd::Fatal(e)),
+                _ => {}
+            },
+        }
+    };
+    let broken = |why: String| Err(StreamEnd::Failed(Problem::Broken(why)));
+    match frame {
+        Err(silent) => Err(StreamEnd::Failed(silent)),
+        Ok(Err(e)) => broken(e.to_string()),
+        Ok(Ok(None)) => broken("the upstream ended the stream early".into()),
+        Ok(Ok(Some(f))) => Ok(f),
+    }
+}
+
+/// The `CorruptChunk` fault (tests): flips a byte of the first buffer it is given while armed,
+/// once per run.
+struct Corrupt<'a> {
+    armed: bool,
+    fired: &'a mut bool,
+}
+
+impl Corrupt<'_> {
+    fn apply(&mut self, b: bytes::Bytes) -> bytes::Bytes {
+        if !self.armed {
+            return b;
+        }
+        self.armed = false;
+        *self.fired = true;
+        let mut v = b.to_vec();
+        if let Some(x) = v.first_mut() {
+            *x ^= 0x5a;
+        }
+        v.into()
+    }
+}
+
+/// Receives chunk `index` piece by piece ([`ChunkPieces`]): each piece is verified, then at
+/// once available to the children's senders. Nothing that fails verification is kept or
+/// forwarded. Pieces already held (a new upstream resends the chunk from its start) are read
+/// and skipped. `Ok(Err(why))`: the chunk is refused.
+async fn receive_pieces(
+    store: &Store,
+    (recv, up, watch): (&mut quinn::RecvStream, &quinn::Connection, &mut Watch),
+    (index, len, hashes, grace): (u32, usize, Arc<[Digest]>, Duration),
+    fault: &mut Corrupt<'_>,
+) -> Result<Result<(), String>, ChunkFail> {
+    store.begin(index, len, hashes.clone(), grace).await;
+    let mut pieces = ChunkPieces::new(index, len, store.pieces_held(index));
+    let count = pieces.count();
+    for p in 0..count {
+        let piece = read_data((recv, up), piece_range(len, p).len(), watch).await?;
+        if !pieces.wants(p) {
+            continue;
+        }
+        // The injected fault hits the middle piece: the pieces before it have been
+        // forwarded already, the rest must come from the repair.
+        let piece = if p == count / 2 {
+            fault.apply(piece)
+        } else {
+            piece
+        };
+        let ok = piece_ok(len, p, &piece, &hashes[p]);
+        if ok {
+            store.push_piece(index, p, piece);
+        }
+        pieces.checked(p, ok);
+    }
+    Ok(pieces.outcome())
 }
 
 /// How receiving a chunk failed.
@@ -976,9 +1160,8 @@ enum ChunkFail {
 /// upstream alive: past its patience, a read is abandoned once the connection has also brought
 /// no packet for a while ([`Watch::judge`]). The connection's packet count is looked at every
 /// [`Watch::sample_every`], so that the time of its last packet is known to within that; time
-/// this task itself did not run (the agent starved of CPU, packets waiting unread) is not the
-/// upstream's silence. The read is never cancelled and resumed (a frame half read would be
-/// lost).
+/// this task itself did not run is not the upstream's silence ([`Heard`]). The read is never
+/// cancelled and resumed (a frame half read would be lost).
 async fn judged<T>(
     watch: &Watch,
     up: &quinn::Connection,
@@ -987,9 +1170,7 @@ async fn judged<T>(
     tokio::pin!(read);
     let start = Instant::now();
     let tick = watch.sample_every();
-    let mut seen = up.stats().udp_rx.datagrams;
-    let mut heard = start;
-    let mut woke = start;
+    let mut heard = Heard::new(start, up.stats().udp_rx.datagrams);
     let mut wait = watch.patience().min(tick);
     loop {
         tokio::select! {
@@ -997,16 +1178,8 @@ async fn judged<T>(
             _ = tokio::time::sleep(wait) => {}
         }
         let now = Instant::now();
-        if now.saturating_duration_since(woke) > wait + tick.saturating_mul(2) {
-            heard = heard.max(now - tick);
-        }
-        woke = now;
-        let rx = up.stats().udp_rx.datagrams;
-        if rx != seen {
-            seen = rx;
-            heard = now;
-        }
-        let (silent, quiet) = (now - start, now - heard);
+        let quiet = heard.sample(now, wait, tick, up.stats().udp_rx.datagrams);
+        let silent = now - start;
         match watch.judge(silent, quiet) {
             Judgement::Wait(d) => wait = d.min(tick).max(Duration::from_millis(50)),
             Judgement::Dead => return Err(Problem::Silent { silent, quiet }),
@@ -1029,84 +1202,6 @@ async fn read_data(
             Ok(b)
         }
     }
-}
-
-/// Receives the data of chunk `index` (`len` bytes, the manifest's length) into the window.
-/// With its piece hashes (checked against the manifest) it goes piece by piece: each piece is
-/// verified, then at once available to the children's senders. Without them it is verified
-/// whole. Nothing that fails verification is kept or forwarded: the chunk's missing pieces then
-/// come from the coordinator. Pieces already held (a new upstream resends the chunk from its
-/// start) are read and skipped. Returns whether the chunk had to be fetched again.
-async fn receive_chunk(
-    ctx: &Ctx,
-    store: &Store,
-    (recv, up): (&mut quinn::RecvStream, &quinn::Connection),
-    (index, len, hashes): (u32, usize, Option<Arc<[Digest]>>),
-    corrupted_once: &mut bool,
-    progress: &mut Progress,
-    watch: &mut Watch,
-) -> Result<bool, ChunkFail> {
-    let grace = grace(watch);
-    let mut inject = !*corrupted_once && ctx.cfg.faults.contains(&Fault::CorruptChunk(index));
-    let mut corrupt = |b: bytes::Bytes| {
-        if !inject {
-            return b;
-        }
-        inject = false;
-        *corrupted_once = true;
-        let mut v = b.to_vec();
-        if let Some(x) = v.first_mut() {
-            *x ^= 0x5a;
-        }
-        v.into()
-    };
-    let refused = match hashes {
-        None => {
-            let data = corrupt(read_data((recv, up), len, watch).await?);
-            match verify_chunk(&ctx.manifest, index, &data) {
-                Ok(()) => {
-                    store.fill(index, data, grace).await;
-                    return Ok(false);
-                }
-                Err(e) => e,
-            }
-        }
-        Some(hashes) => {
-            store.begin(index, len, hashes.clone(), grace).await;
-            let held = store.pieces_held(index);
-            let count = piece_count(len);
-            let mut bad = None;
-            for p in 0..count {
-                let piece = read_data((recv, up), piece_range(len, p).len(), watch).await?;
-                if p < held || bad.is_some() {
-                    continue;
-                }
-                // The injected fault hits the middle piece: the pieces before it have been
-                // forwarded already, the rest must come from the repair.
-                let piece = if p == count / 2 {
-                    corrupt(piece)
-                } else {
-                    piece
-                };
-                if piece_ok(len, p, &piece, &hashes[p]) {
-                    store.push_piece(index, p, piece);
-                } else {
-                    bad = Some(p);
-                }
-            }
-            match bad {
-                None => return Ok(false),
-                Some(p) => format!("chunk {index}: piece {p} does not match its hash"),
-            }
-        }
-    };
-    tracing::warn!("refused {refused}; fetching it again from the coordinator");
-    progress.corrupt_chunks += 1;
-    let data = repair(ctx, index, None)
-        .await
-        .map_err(|e| ChunkFail::Fatal(format!("chunk {index} could not be repaired: {e:#}")))?;
-    store.fill(index, data, grace).await;
-    Ok(true)
 }
 
 /// Chunk `index` is complete in the window: hand it to the writer.
@@ -1135,58 +1230,40 @@ async fn accept(
     }
 }
 
-/// Tells the coordinator the upstream is gone and waits for a new one.
+/// Tells the coordinator the upstream is gone and waits for a new one ([`Phase::Lost`]).
 async fn lost_upstream(
     ctx: &mut Ctx,
     upstream: &Upstream,
     next: u32,
     reason: String,
 ) -> Result<Upstream, String> {
-    let parent = match upstream {
-        Upstream::Coordinator => None,
-        Upstream::Peer(p) => Some(p.node.clone()),
-    };
+    let parent = parent(upstream).map(str::to_string);
     tracing::warn!(?parent, next, %reason, "upstream lost; asking the coordinator for another");
-    if ctx
-        .to_coord
-        .send(ToCoord::ParentLost {
-            parent,
-            next_chunk: next,
-            reason: reason.clone(),
-        })
-        .await
-        .is_err()
-    {
-        return Err(format!(
-            "upstream lost ({reason}) and the coordinator is gone"
-        ));
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let lost = ToCoord::ParentLost {
+        parent,
+        next_chunk: next,
+        reason: reason.clone(),
+    };
+    let gone = ctx.to_coord.send(lost).await.is_err();
+    let deadline = tokio::time::Instant::now() + REPARENT_WAIT;
     loop {
-        let m = tokio::time::timeout_at(deadline, ctx.ctl.recv()).await;
-        match m {
-            Err(_) => {
-                return Err(format!(
-                    "upstream lost ({reason}) and no new one within 60 s"
-                ))
+        let input = if gone {
+            ControlIn::Ended { reason: None }
+        } else {
+            match tokio::time::timeout_at(deadline, ctx.ctl.recv()).await {
+                Err(_) => ControlIn::TimedOut,
+                Ok(m) => m.into(),
             }
-            Ok(None) => {
-                return Err(format!(
-                    "upstream lost ({reason}) and the coordinator is gone"
-                ))
-            }
-            Ok(Some(ToAgent::Reparent(u))) => return Ok(u),
-            Ok(Some(ToAgent::Adopt(p))) => ctx.allowed.allow(p.cert_sha256, p.node),
-            Ok(Some(ToAgent::Abort { reason })) => {
-                return Err(format!("aborted by the coordinator: {reason}"))
-            }
-            Ok(Some(_)) => {}
+        };
+        match control(Phase::Lost { reason: &reason }, input) {
+            Control::Reparent(u) => return Ok(u),
+            Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
+            Control::Fail(e) => return Err(e),
+            _ => {}
         }
     }
 }
 
-/// Opens a data stream to `upstream` asking for every chunk from `from`, trying to connect for
-/// at most `patience` (a dead or frozen parent never answers).
 /// Why no stream came from an upstream.
 enum OpenFail {
     /// It could not be reached (within the patience).
@@ -1196,25 +1273,28 @@ enum OpenFail {
     Refused(anyhow::Error),
 }
 
+/// Opens a data stream to `upstream` asking for every chunk from `from`, trying to connect for
+/// at most `patience` (a dead or frozen parent never answers); with the connection when it is
+/// this node's own (a parent's: to close when done), not the coordinator's.
 async fn open_upstream(
     ctx: &Ctx,
     upstream: &Upstream,
     from: u32,
     patience: Duration,
 ) -> std::result::Result<(Option<quinn::Connection>, quinn::RecvStream), OpenFail> {
-    let (conn, own) = connect_upstream(ctx, upstream, patience)
-        .await
-        .map_err(OpenFail::Unreachable)?;
+    let (conn, own) = match upstream {
+        Upstream::Coordinator => (ctx.coord.clone(), false),
+        Upstream::Peer(p) => {
+            let c = connect_peer(&ctx.endpoint, &ctx.identity, p, patience)
+                .await
+                .map_err(OpenFail::Unreachable)?;
+            (c, true)
+        }
+    };
     let asked = async {
         let (mut s, r) = conn.open_bi().await.context("open data stream")?;
-        wire::send(
-            &mut s,
-            &DataRequest::Stream {
-                deployment: ctx.deployment,
-                from,
-            },
-        )
-        .await?;
+        let deployment = ctx.deployment;
+        wire::send(&mut s, &DataRequest::Stream { deployment, from }).await?;
         let _ = s.finish();
         anyhow::Ok(r)
     };
@@ -1222,156 +1302,73 @@ async fn open_upstream(
     Ok((own.then_some(conn), r))
 }
 
-/// The connection to `upstream` (the coordinator's, or a new one to a peer, retried within
-/// `patience`), and whether it is our own (to close when done).
-async fn connect_upstream(
-    ctx: &Ctx,
-    upstream: &Upstream,
-    patience: Duration,
-) -> Result<(quinn::Connection, bool)> {
-    let (conn, own) = match upstream {
-        Upstream::Coordinator => (ctx.coord.clone(), false),
-        Upstream::Peer(p) => {
-            let client = kd_net::tls::child_to_parent(
-                p.cert_sha256,
-                ctx.identity.cert_der.clone(),
-                ctx.identity.key_der.clone(),
-            )?;
-            // The parent may learn about us a moment after we learn about it: retry briefly,
-            // each attempt bounded (a dead parent never answers), all within the patience.
-            let mut last: Option<String> = None;
-            let mut conn = None;
-            let deadline = tokio::time::Instant::now() + patience;
-            while tokio::time::Instant::now() < deadline {
-                let attempt = ctx
-                    .endpoint
-                    .connect_with(client.clone(), p.addr, "kd-peer")?;
-                let t = Instant::now();
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                match tokio::time::timeout(left.min(Duration::from_secs(3)), attempt).await {
-                    Ok(Ok(c)) => {
-                        tracing::debug!(parent = %p.node, ms = t.elapsed().as_millis() as u64, "connected to the parent");
-                        conn = Some(c);
-                        break;
-                    }
-                    Ok(Err(e)) => last = Some(e.to_string()),
-                    Err(_) => last = Some("no answer".into()),
-                }
-                tracing::debug!(parent = %p.node, ms = t.elapsed().as_millis() as u64, error = ?last, "connection attempt failed");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            let conn = conn.ok_or_else(|| {
-                anyhow!(
-                    "cannot connect to parent {} at {}: {}",
-                    p.node,
-                    p.addr,
-                    last.unwrap_or_default()
-                )
-            })?;
-            (conn, true)
-        }
-    };
-    Ok((conn, own))
-}
-
-/// Fetches one chunk from the coordinator and verifies it.
-/// Fetches chunk `index` again (corrupt, or gone from a new parent's window). The coordinator
-/// is asked first; it may point at a peer that holds the chunk (swarm repair: the repair does
-/// not load the coordinator's uplink), which is asked next; the coordinator serves it when no
-/// peer can.
+/// Fetches chunk `index` again (corrupt, or gone from a new parent's window), not from node
+/// `avoid`. The coordinator is asked first; it may point at a peer that holds the chunk
+/// (swarm repair: the repair does not load the coordinator's uplink), which is asked next; the
+/// coordinator serves it when no peer can ([`Repair`]).
 async fn repair(ctx: &Ctx, index: u32, avoid: Option<&str>) -> Result<bytes::Bytes> {
+    let mut plan = Repair::new(ctx.deployment, index, avoid);
     let mut last = anyhow!("no attempt");
-    let mut peers_ok = true;
-    for _ in 0..3 {
-        let ask = if peers_ok {
-            DataRequest::Repair {
-                deployment: ctx.deployment,
-                index,
-                avoid: avoid.map(str::to_string),
-            }
-        } else {
-            DataRequest::One {
-                deployment: ctx.deployment,
-                index,
+    while let Some(ask) = plan.next_ask() {
+        let peer = match fetch_one(ctx, &ctx.coord, &ask, index).await {
+            Ok(Answer::Chunk(d)) => return Ok(d),
+            Ok(Answer::Redirect(peer)) => peer,
+            Err(e) => {
+                last = e;
+                continue;
             }
         };
-        match fetch_one(ctx, &ctx.coord, &ask, index).await {
-            Ok(Fetched::Chunk(d)) => return Ok(d),
-            Ok(Fetched::Redirect(peer)) => {
-                peers_ok = false;
-                match fetch_from_peer(ctx, &peer, index).await {
-                    Ok(d) => {
-                        ctx.peer_repairs.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(peer = %peer.node, "chunk {index} repaired by a peer");
-                        return Ok(d);
-                    }
-                    Err(e) => {
-                        tracing::info!(peer = %peer.node, "chunk {index} from a peer failed ({e:#}); asking the coordinator");
-                        last = e;
-                    }
-                }
+        plan.redirected();
+        match fetch_from_peer(ctx, &peer, &plan.peer_ask(), index).await {
+            Ok(d) => {
+                ctx.peer_repairs.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %peer.node, "chunk {index} repaired by a peer");
+                return Ok(d);
             }
-            Err(e) => last = e,
+            Err(e) => {
+                tracing::info!(peer = %peer.node, "chunk {index} from a peer failed ({e:#}); asking the coordinator");
+                last = e;
+            }
         }
     }
     Err(last)
 }
 
-/// What a repair request brought.
-enum Fetched {
-    Chunk(bytes::Bytes),
-    Redirect(PeerInfo),
-}
-
-/// One repair request on a new stream of `conn`, bounded.
+/// One repair request on a new stream of `conn`, bounded; its answer judged by
+/// [`kd_proto::session::answer`].
 async fn fetch_one(
     ctx: &Ctx,
     conn: &quinn::Connection,
     ask: &DataRequest,
     index: u32,
-) -> Result<Fetched> {
+) -> Result<Answer<bytes::Bytes>> {
     let (mut s, mut r) = conn.open_bi().await?;
     wire::send(&mut s, ask).await?;
     let _ = s.finish();
-    let p = tokio::time::timeout(Duration::from_secs(60), wire::recv_chunk(&mut r, MAX_FRAME))
+    let got = tokio::time::timeout(Duration::from_secs(60), wire::recv_chunk(&mut r, MAX_FRAME))
         .await
         .map_err(|_| anyhow!("timed out"))??
         .ok_or_else(|| anyhow!("empty answer"))?;
-    match p {
-        Whole::Chunk(i, data) if i == index => {
-            verify_chunk(&ctx.manifest, index, &data).map_err(|e| anyhow!(e))?;
-            Ok(Fetched::Chunk(data))
-        }
-        Whole::Other(DataFrame::Redirect(peer)) if matches!(ask, DataRequest::Repair { .. }) => {
-            Ok(Fetched::Redirect(peer))
-        }
-        Whole::Other(DataFrame::Unavailable { .. }) => Err(anyhow!("no longer held")),
-        Whole::Other(DataFrame::Error(e)) => Err(anyhow!("refused: {e}")),
-        Whole::Chunk(i, _) => Err(anyhow!("got chunk {i} instead")),
-        Whole::Other(f) => Err(anyhow!("unexpected answer {f:?}")),
-    }
+    kd_proto::session::answer(&ctx.manifest, ask, index, got).map_err(|e| anyhow!(e))
 }
 
 /// How long a repair tries to reach the peer the coordinator named.
 const PEER_REPAIR_CONNECT: Duration = Duration::from_secs(3);
 
 /// Chunk `index` from `peer`, which the coordinator told to accept us: a connection of its
-/// own (retried briefly: the peer may learn about us a moment after we learn about it), one
-/// request, closed after.
-async fn fetch_from_peer(ctx: &Ctx, peer: &PeerInfo, index: u32) -> Result<bytes::Bytes> {
-    // The same connection as to a parent (the peer's certificate pinned, ours presented),
-    // retried for a few seconds.
-    let (conn, _) =
-        connect_upstream(ctx, &Upstream::Peer(peer.clone()), PEER_REPAIR_CONNECT).await?;
-    let ask = DataRequest::One {
-        deployment: ctx.deployment,
-        index,
-    };
-    let got = fetch_one(ctx, &conn, &ask, index).await;
+/// own (as to a parent: [`connect_peer`]), one request `ask`, closed after.
+async fn fetch_from_peer(
+    ctx: &Ctx,
+    peer: &PeerInfo,
+    ask: &DataRequest,
+    index: u32,
+) -> Result<bytes::Bytes> {
+    let conn = connect_peer(&ctx.endpoint, &ctx.identity, peer, PEER_REPAIR_CONNECT).await?;
+    let got = fetch_one(ctx, &conn, ask, index).await;
     conn.close(kd_net::close::DONE.into(), b"repaired");
     match got? {
-        Fetched::Chunk(d) => Ok(d),
-        Fetched::Redirect(_) => bail!("a peer answered with a redirect"),
+        Answer::Chunk(d) => Ok(d),
+        Answer::Redirect(_) => bail!("a peer answered with a redirect"),
     }
 }
 
@@ -1418,7 +1415,6 @@ impl RelayThread {
     }
 }
 
-/// Accepts children's connections and streams chunks to them.
 /// The children's connections by node, so that one the coordinator says is gone can be
 /// closed at once.
 /// Each connection is also watched: one that brings no packet for the plan's
@@ -1486,25 +1482,14 @@ fn dropped_as_silent(conn: &quinn::Connection) -> bool {
 /// lost) sees why and reconnects at once ([`Problem::Dropped`]).
 async fn drop_when_silent(conn: quinn::Connection, node: String, limit: Duration) {
     let tick = (limit / 4).max(Duration::from_millis(50));
-    let mut seen = conn.stats().udp_rx.datagrams;
-    let mut heard = Instant::now();
-    let mut woke = heard;
+    let mut heard = Heard::new(Instant::now(), conn.stats().udp_rx.datagrams);
     loop {
         tokio::select! {
             _ = conn.closed() => return,
             _ = tokio::time::sleep(tick) => {}
         }
-        let now = Instant::now();
-        if now.saturating_duration_since(woke) > tick.saturating_mul(3) {
-            heard = heard.max(now - tick);
-        }
-        woke = now;
-        let rx = conn.stats().udp_rx.datagrams;
-        if rx != seen {
-            seen = rx;
-            heard = now;
-        } else if now.saturating_duration_since(heard) >= limit {
-            let quiet = now.saturating_duration_since(heard);
+        let quiet = heard.sample(Instant::now(), tick, tick, conn.stats().udp_rx.datagrams);
+        if quiet >= limit {
             tracing::warn!(child = %node, "no packet from this child for {:.1} s: dropping it", quiet.as_secs_f64());
             conn.close(kd_net::close::DONE.into(), SILENT_CHILD);
             return;
@@ -1512,7 +1497,8 @@ async fn drop_when_silent(conn: quinn::Connection, node: String, limit: Duration
     }
 }
 
-async fn serve_children(
+/// Accepts children's connections and streams chunks to them.
+async fn accept_children(
     endpoint: quinn::Endpoint,
     store: Arc<Store>,
     manifest: Arc<Manifest>,
@@ -1556,6 +1542,7 @@ async fn serve_children(
     }
 }
 
+/// Serves one stream a child (or a repairing peer) opened: its request, then the chunks.
 async fn serve_stream(
     mut s: quinn::SendStream,
     mut r: quinn::RecvStream,
@@ -1575,83 +1562,80 @@ async fn serve_stream(
         DataRequest::Probe { .. } => bail!("a probe request after the plan"),
     };
     if d != deployment {
-        wire::send(
-            &mut s,
-            &DataFrame::Error(kd_proto::msg::WireError::new(
-                kd_proto::msg::ErrorCode::Forbidden,
-                "another deployment",
-            )),
-        )
-        .await?;
+        let refused = kd_proto::msg::WireError::new(
+            kd_proto::msg::ErrorCode::Forbidden,
+            "another deployment",
+        );
+        wire::send(&mut s, &DataFrame::Error(refused)).await?;
         return Ok(());
     }
     let id = store.register(from, paced);
-    let result: Result<()> = async {
-        for i in from..to {
-            tokio::select! {
-                _ = async { store.wait_for_piece(i, 0).await; store.pace(id, i).await } => {}
-                _ = conn.closed() => bail!("connection closed"),
-            }
-            if tracing::enabled!(tracing::Level::DEBUG) && i % 8 == 0 {
-                let p = conn.stats().path;
-                tracing::debug!(
-                    index = i,
-                    rtt_us = p.rtt.as_micros() as u64,
-                    cwnd = p.cwnd,
-                    lost_packets = p.lost_packets,
-                    congestion_events = p.congestion_events,
-                    "serving a child"
-                );
-            }
-            match store.head(i) {
-                Get::Ready(len, hashes) => {
-                    // A stream gets the piece hashes first and each piece as soon as this node
-                    // has verified it; a one-chunk request (a repair) is verified whole.
-                    if paced {
-                        let f = DataFrame::Pieces {
-                            index: i,
-                            hashes: hashes.to_vec(),
-                        };
-                        wire::send(&mut s, &f).await?;
-                    }
-                    wire::send_chunk_header(&mut s, i, len).await?;
-                    for p in 0..piece_count(len) {
-                        tokio::select! {
-                            _ = store.wait_for_piece(i, p) => {}
-                            _ = conn.closed() => bail!("connection closed"),
-                        }
-                        let Some(piece) = store.piece(i, p) else {
-                            bail!("chunk {i} left the window while it was being sent (the child fell too far behind)");
-                        };
-                        wire::send_bytes(&mut s, piece).await?;
-                    }
-                }
-                Get::Evicted | Get::NotYet => {
-                    wire::send(&mut s, &DataFrame::Unavailable { index: i }).await?;
-                }
-            }
-            store.advance(id, i + 1);
-        }
-        let _ = s.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(30), s.stopped()).await;
-        if paced {
-            let p = conn.stats().path;
-            tracing::info!(
-                chunks = to - from,
-                rtt_us = p.rtt.as_micros() as u64,
-                cwnd = p.cwnd,
-                mtu = p.current_mtu,
-                sent_packets = p.sent_packets,
-                lost_packets = p.lost_packets,
-                congestion_events = p.congestion_events,
-                "stream to a child served"
-            );
-        }
-        Ok(())
-    }
-    .await;
+    let result = send_range(&mut s, store, (id, from..to, paced), conn).await;
     store.unregister(id);
     result
+}
+
+/// Sends chunks `range` on `s` as this node gets them (registered in the window as `id`; in
+/// step with its other streams when `paced`: a stream, not a repair).
+async fn send_range(
+    s: &mut quinn::SendStream,
+    store: &Store,
+    (id, range, paced): (u64, std::ops::Range<u32>, bool),
+    conn: &quinn::Connection,
+) -> Result<()> {
+    let chunks = range.len();
+    for i in range {
+        tokio::select! {
+            _ = async { store.wait_for_piece(i, 0).await; store.pace(id, i).await } => {}
+            _ = conn.closed() => bail!("connection closed"),
+        }
+        kd_net::endpoint::log_conn_stats(conn, i, "serving a child");
+        match store.head(i) {
+            Get::Ready(len, hashes) => send_chunk(s, store, (i, len, hashes, paced), conn).await?,
+            Get::Evicted | Get::NotYet => {
+                wire::send(s, &DataFrame::Unavailable { index: i }).await?;
+            }
+        }
+        store.advance(id, i + 1);
+    }
+    let _ = s.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.stopped()).await;
+    if paced {
+        let path = kd_net::endpoint::path_summary(conn);
+        tracing::info!(chunks, %path, "stream to a child served");
+    }
+    Ok(())
+}
+
+/// Sends chunk `i` (`len` bytes) piece by piece as this node verifies them. A stream gets the
+/// piece hashes first; a one-chunk request (a repair) is verified whole.
+async fn send_chunk(
+    s: &mut quinn::SendStream,
+    store: &Store,
+    (i, len, hashes, paced): (u32, usize, Arc<[Digest]>, bool),
+    conn: &quinn::Connection,
+) -> Result<()> {
+    if paced {
+        let f = DataFrame::Pieces {
+            index: i,
+            hashes: hashes.to_vec(),
+        };
+        wire::send(s, &f).await?;
+    }
+    wire::send_chunk_header(s, i, len).await?;
+    for p in 0..kd_proto::piece::piece_count(len) {
+        tokio::select! {
+            _ = store.wait_for_piece(i, p) => {}
+            _ = conn.closed() => bail!("connection closed"),
+        }
+        let Some(piece) = store.piece(i, p) else {
+            bail!(
+                "chunk {i} left the window while it was being sent (the child fell too far behind)"
+            );
+        };
+        wire::send_bytes(s, piece).await?;
+    }
+    Ok(())
 }
 
 fn cpu_seconds() -> f64 {
@@ -1667,23 +1651,9 @@ fn cpu_seconds() -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
-    fn retry_pauses_stay_between_200_ms_and_2_s_and_grow() {
-        for attempt in 1..40 {
-            for r in [0.0, 0.3, 0.999, 1.0, -1.0, 7.0] {
-                let p = retry_pause(attempt, r);
-                assert!(p >= RETRY_MIN && p <= RETRY_MAX, "{attempt} {r}: {p:?}");
-            }
-        }
-        assert_eq!(retry_pause(1, 0.0), RETRY_MIN);
-        assert_eq!(retry_pause(1, 1.0), Duration::from_millis(400));
-        assert_eq!(retry_pause(2, 1.0), Duration::from_millis(800));
-        assert_eq!(retry_pause(5, 1.0), RETRY_MAX);
-        assert_eq!(retry_pause(u32::MAX, 1.0), RETRY_MAX);
-        // Jitter: two calls differ.
-        let (a, b) = (random_fraction(), random_fraction());
+    fn jitter_differs_between_calls() {
+        let (a, b) = (super::random_fraction(), super::random_fraction());
         assert!((0.0..1.0).contains(&a) && (0.0..1.0).contains(&b));
         assert_ne!(a, b);
     }
@@ -1695,20 +1665,5 @@ mod tests {
         assert!(kd_net::endpoint::KEEP_ALIVE < kd_proto::upstream::PEER_QUIET);
         // Between agents: at least three keep-alives in the shortest quiet limit.
         assert!(kd_net::endpoint::DATA_KEEP_ALIVE * 3 < kd_proto::upstream::MIN_QUIET);
-    }
-
-    #[test]
-    fn only_refusals_of_the_node_itself_are_definitive() {
-        for c in [
-            ErrorCode::BadToken,
-            ErrorCode::UnknownNode,
-            ErrorCode::VersionMismatch,
-            ErrorCode::Forbidden,
-        ] {
-            assert!(definitive(c), "{c:?}");
-        }
-        // "bad Hello: timed out", "no control stream": this connection, not this node.
-        assert!(!definitive(ErrorCode::Unexpected));
-        assert!(!definitive(ErrorCode::Internal));
     }
 }

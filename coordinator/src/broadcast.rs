@@ -1064,17 +1064,7 @@ async fn serve_range(
         if let Some(id) = pace {
             source.pacer.pace(id, i).await;
         }
-        if debug && i % 8 == 0 {
-            let p = conn.stats().path;
-            tracing::debug!(
-                index = i,
-                rtt_us = p.rtt.as_micros() as u64,
-                cwnd = p.cwnd,
-                lost_packets = p.lost_packets,
-                congestion_events = p.congestion_events,
-                "serving a root stream"
-            );
-        }
+        kd_net::endpoint::log_conn_stats(conn, i, "serving a root stream");
         let chunk = match source.chunks.get(i).await {
             Ok(c) => c,
             Err(e) => {

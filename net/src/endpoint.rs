@@ -267,6 +267,40 @@ impl quinn::AsyncUdpSocket for GsoLimit {
     }
 }
 
+/// A connection's path for the logs: round trip, congestion window, MTU, packets sent and lost,
+/// congestion events.
+pub struct PathSummary(quinn::PathStats);
+
+/// The path of `conn` now, for the logs.
+pub fn path_summary(conn: &quinn::Connection) -> PathSummary {
+    PathSummary(conn.stats().path)
+}
+
+impl std::fmt::Display for PathSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = &self.0;
+        write!(
+            f,
+            "rtt {} us, cwnd {}, mtu {}, {} packets sent, {} lost, {} congestion events",
+            p.rtt.as_micros(),
+            p.cwnd,
+            p.current_mtu,
+            p.sent_packets,
+            p.lost_packets,
+            p.congestion_events
+        )
+    }
+}
+
+/// Logs the path of a connection that serves a stream of chunks ([`path_summary`]) at debug
+/// level, at every 8th chunk (`index`): `what` names the stream.
+pub fn log_conn_stats(conn: &quinn::Connection, index: u32, what: &str) {
+    if !index.is_multiple_of(8) || !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    tracing::debug!(index, path = %path_summary(conn), "{what}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use kd_proto::codec::{self, CodecError, CHUNK_PREFIX_LEN, HEADER_LEN};
-use kd_proto::msg::DataFrame;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// A message could not be sent or received.
@@ -60,22 +59,9 @@ pub async fn recv_payload(
     Ok(Some(buf))
 }
 
-/// A data-stream frame as a receiver gets it. A chunk's data is not read with its header: the
-/// receiver reads it with [`recv_bytes`], all at once ([`recv_chunk`]) or piece by piece, straight
-/// from QUIC's receive buffers into shared, reference-counted bytes (handed to the children's
-/// senders and the writer without copies).
-#[derive(Debug)]
-pub enum DataIn {
-    /// The start of a `DataFrame::Chunk`: `len` bytes of chunk data follow on the stream.
-    ChunkStart {
-        /// Chunk index.
-        index: u32,
-        /// Bytes of compressed chunk data that follow.
-        len: usize,
-    },
-    /// Any other data frame.
-    Other(DataFrame),
-}
+/// A data-stream frame as a receiver gets it (a chunk's header, then its data read with
+/// [`recv_bytes`], all at once ([`recv_chunk`]) or piece by piece).
+pub use kd_proto::codec::DataIn;
 
 fn read_err(e: quinn::ReadExactError, what: &str) -> WireError {
     match e {
@@ -140,12 +126,7 @@ pub async fn recv_bytes(r: &mut quinn::RecvStream, n: usize) -> Result<Bytes, Wi
 }
 
 /// A whole data frame: a chunk (index, data) or another frame.
-pub enum Whole {
-    /// `DataFrame::Chunk`, its data read whole (not verified yet).
-    Chunk(u32, Bytes),
-    /// Any other data frame.
-    Other(DataFrame),
-}
+pub type Whole = kd_proto::codec::Whole<Bytes>;
 
 /// Like [`recv_data`], reading a chunk's data whole.
 pub async fn recv_chunk(r: &mut quinn::RecvStream, limit: u32) -> Result<Option<Whole>, WireError> {

@@ -139,6 +139,32 @@ pub fn parse_chunk_prefix(
     Ok(Some((index, carried)))
 }
 
+/// A data-stream frame as a receiver gets it. A chunk's data is not read with its header: the
+/// receiver reads it separately (kd-net's `wire::recv_bytes`), all at once or piece by piece,
+/// straight from QUIC's receive buffers into shared, reference-counted bytes (handed to the
+/// children's senders and the writer without copies).
+#[derive(Debug)]
+pub enum DataIn {
+    /// The start of a `DataFrame::Chunk`: `len` bytes of chunk data follow on the stream.
+    ChunkStart {
+        /// Chunk index.
+        index: u32,
+        /// Bytes of compressed chunk data that follow.
+        len: usize,
+    },
+    /// Any other data frame.
+    Other(DataFrame),
+}
+
+/// A whole data frame: a chunk (index, data of type `T`) or another frame.
+#[derive(Debug)]
+pub enum Whole<T> {
+    /// `DataFrame::Chunk`, its data read whole (not verified yet).
+    Chunk(u32, T),
+    /// Any other data frame.
+    Other(DataFrame),
+}
+
 /// Decodes a data-stream payload (a whole frame in memory; streaming receivers use
 /// [`parse_chunk_prefix`] instead).
 pub fn decode_data_frame(payload: Vec<u8>) -> Result<DataFrame, CodecError> {

@@ -11,6 +11,8 @@
 //! * [`piece`]: the pieces a relay verifies and forwards before it has the whole chunk.
 //! * [`upstream`]: an agent's judgement of its upstream (how long a silence may last, when to
 //!   retry the same parent, when to ask for another), time passed in as values.
+//! * [`session`]: the agent session's other decisions (each control message in each phase,
+//!   each frame of the upstream's stream, refused pieces, repairs, joining the coordinator).
 //!
 //! Architecture invariant: no tokio, no sockets, no files in this crate.
 #![warn(missing_docs)]
@@ -23,6 +25,7 @@ pub mod manifest;
 pub mod msg;
 pub mod nodeset;
 pub mod piece;
+pub mod session;
 pub mod tree;
 pub mod upstream;
 

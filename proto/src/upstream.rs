@@ -186,6 +186,62 @@ pub enum Problem {
     Unreachable(String),
 }
 
+impl Problem {
+    /// The problem as judged: a stream that broke because the upstream closed the connection
+    /// as a silent child's (`dropped_as_silent`) is [`Problem::Dropped`] (this node is alive:
+    /// not a lost parent).
+    pub fn or_dropped(self, dropped_as_silent: bool) -> Problem {
+        match self {
+            Problem::Broken(_) if dropped_as_silent => Problem::Dropped,
+            p => p,
+        }
+    }
+}
+
+/// When a connection last brought a packet, known from its packet count sampled now and then
+/// by a task that may itself not run on time: time the sampler did not run (the agent starved
+/// of CPU, packets waiting unread) is not the peer's silence. Used by the judgement of an
+/// upstream ([`Watch::judge`]) and a parent's of its children ([`Policy::child_quiet`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Heard {
+    seen: u64,
+    heard: Instant,
+    woke: Instant,
+}
+
+impl Heard {
+    /// Starts at `now`, the connection having received `packets` so far.
+    pub fn new(now: Instant, packets: u64) -> Self {
+        Self {
+            seen: packets,
+            heard: now,
+            woke: now,
+        }
+    }
+
+    /// The sampler woke at `now` after asking to sleep `slept` (it samples every `tick`), the
+    /// connection having received `packets` so far: how long it has brought no packet. A wake
+    /// later than `slept` by more than two ticks counts as if a packet came a tick ago.
+    pub fn sample(
+        &mut self,
+        now: Instant,
+        slept: Duration,
+        tick: Duration,
+        packets: u64,
+    ) -> Duration {
+        if now.saturating_duration_since(self.woke) > slept + tick.saturating_mul(2) {
+            let recent = now.checked_sub(tick).unwrap_or(now);
+            self.heard = self.heard.max(recent);
+        }
+        self.woke = now;
+        if packets != self.seen {
+            self.seen = packets;
+            self.heard = now;
+        }
+        now.saturating_duration_since(self.heard)
+    }
+}
+
 /// What to do about a [`Problem`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -297,6 +353,14 @@ impl Watch {
                 .saturating_mul(FACTOR)
                 .clamp(self.policy.floor, self.policy.ceiling),
         }
+    }
+
+    /// How long a full window waits for a child that still needs its oldest chunk before that
+    /// child is overtaken (it then gets `Unavailable` and repairs it elsewhere): a few times
+    /// this node's own patience with a silent upstream, so that a frozen child holds its
+    /// siblings and its parent's stream back about as long as a frozen parent would hold it.
+    pub fn grace(&self) -> Duration {
+        self.patience().saturating_mul(3)
     }
 
     /// The quiet limit of the current upstream ([`Policy::quiet`]; the coordinator's before
@@ -416,6 +480,7 @@ mod tests {
         let t0 = Instant::now();
         let mut w = watch(2000, 30_000);
         assert_eq!(w.patience(), ms(30_000));
+        assert_eq!(w.grace(), ms(90_000));
         w.opened(t0, true);
         assert_eq!(w.patience(), ms(30_000));
         // One chunk: still no interval.
@@ -435,6 +500,8 @@ mod tests {
         chunks(&mut w, t0, 20, ms(30));
         // 4 × 30 ms is well under the floor.
         assert_eq!(w.patience(), ms(2000));
+        // A window waits for a child three times that.
+        assert_eq!(w.grace(), ms(6000));
     }
 
     #[test]
@@ -707,6 +774,33 @@ mod tests {
         let p = Policy::new(MIN_FLOOR, ms(30_000)).unwrap();
         assert_eq!((p.quiet(true), p.child_quiet()), (MIN_QUIET, MIN_QUIET));
         assert_eq!(p.quiet(false), PEER_QUIET);
+    }
+
+    #[test]
+    fn a_parent_that_dropped_this_node_as_silent_is_not_lost() {
+        let broken = Problem::Broken("closed".into());
+        assert_eq!(broken.clone().or_dropped(true), Problem::Dropped);
+        assert_eq!(broken.clone().or_dropped(false), broken);
+        // Only a broken stream: silence stays silence.
+        assert_eq!(silent(1, 2).or_dropped(true), silent(1, 2));
+    }
+
+    #[test]
+    fn packets_tell_when_a_connection_was_last_heard_and_a_late_sampler_is_not_silence() {
+        let t0 = Instant::now();
+        let tick = ms(250);
+        let mut h = Heard::new(t0, 10);
+        // No packet: the silence grows with the samples.
+        assert_eq!(h.sample(t0 + ms(250), tick, tick, 10), ms(250));
+        assert_eq!(h.sample(t0 + ms(500), tick, tick, 10), ms(500));
+        // A packet: heard now.
+        assert_eq!(h.sample(t0 + ms(750), tick, tick, 11), ms(0));
+        assert_eq!(h.sample(t0 + ms(1000), tick, tick, 11), ms(250));
+        // The sampler itself did not run for 3 s: counted as heard a tick ago.
+        assert_eq!(h.sample(t0 + ms(4000), tick, tick, 11), tick);
+        // A long sleep asked for is not lateness.
+        let mut h = Heard::new(t0, 0);
+        assert_eq!(h.sample(t0 + ms(2000), ms(2000), tick, 0), ms(2000));
     }
 
     #[test]
