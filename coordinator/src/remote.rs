@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use hyper::Method;
 use kd_coord::client::{Client, ClientError};
 use kd_coord::service::DeployRequest;
@@ -266,14 +266,7 @@ pub(crate) enum RightsCmd {
         partition: String,
     },
     /// List rights.
-    List {
-        /// Only this user's.
-        #[arg(short = 'u', long)]
-        user: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
     /// Remove USER's rights (all, or the one on NODESET).
     Rm {
         /// User name.
@@ -301,14 +294,8 @@ pub(crate) enum TokenCmd {
         json: bool,
     },
     /// List tokens (yours; an administrator's: everyone's, or USER's), without their secrets.
-    List {
-        /// Only this user's (administrators).
-        #[arg(short = 'u', long)]
-        user: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    #[command(mut_arg("user", |a| a.help("Only this user's (administrators)")))]
+    List(ListArgs),
     /// Revoke a token by its id (`token list`).
     Rm {
         /// Its id.
@@ -316,15 +303,26 @@ pub(crate) enum TokenCmd {
     },
 }
 
+/// The flags of `rights list` and `token list`.
+#[derive(Args)]
+pub(crate) struct ListArgs {
+    /// Only this user's.
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// `GET base[?user=USER]`; printed and `None` with `--json`, the answer otherwise (to print
 /// as a table).
-async fn listing(c: &Client, base: &str, user: Option<&str>, json: bool) -> Result<Option<Value>> {
-    let path = match user {
+async fn listing(c: &Client, base: &str, a: &ListArgs) -> Result<Option<Value>> {
+    let path = match &a.user {
         Some(u) => format!("{base}?user={}", enc(u)),
         None => base.to_string(),
     };
     let v = c.call(Method::GET, &path, None).await?;
-    if json {
+    if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(None);
     }
@@ -354,8 +352,8 @@ pub(crate) async fn token(c: &Client, cmd: TokenCmd) -> Result<i32> {
             }
             Ok(0)
         }
-        TokenCmd::List { user, json } => {
-            let Some(v) = listing(c, "/api/v1/tokens", user.as_deref(), json).await? else {
+        TokenCmd::List(a) => {
+            let Some(v) = listing(c, "/api/v1/tokens", &a).await? else {
                 return Ok(0);
             };
             let mut rows = vec![["id", "user", "name", "created", "last used"]
@@ -1306,8 +1304,8 @@ pub(crate) async fn rights(c: &Client, cmd: RightsCmd) -> Result<i32> {
             println!("{user} may deploy {nodes} (partition {partition})");
             Ok(0)
         }
-        RightsCmd::List { user, json } => {
-            let Some(v) = listing(c, "/api/v1/rights", user.as_deref(), json).await? else {
+        RightsCmd::List(a) => {
+            let Some(v) = listing(c, "/api/v1/rights", &a).await? else {
                 return Ok(0);
             };
             let mut rows = vec![["user", "nodes", "partition"].map(String::from).to_vec()];
