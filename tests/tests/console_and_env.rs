@@ -238,12 +238,6 @@ fn needs_root() -> bool {
     )
 }
 
-fn pid_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
-
 #[test]
 fn console_through_the_daemon_with_rights() {
     if needs_root() {
@@ -308,16 +302,16 @@ fn console_through_the_daemon_with_rights() {
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ping 1\n");
-    let pid: i32 = std::fs::read_to_string(lab.path("node1.console.pid"))
+    let pid: u32 = std::fs::read_to_string(lab.path("node1.console.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    assert!(pid_alive(pid));
+    assert!(kd_disk::procstat::alive(pid));
     child.kill().unwrap();
     child.wait().unwrap();
     let t0 = Instant::now();
-    while pid_alive(pid) {
+    while kd_disk::procstat::alive(pid) {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "the console command {pid} outlived its client"
@@ -411,7 +405,7 @@ fn console_through_the_daemon_with_rights() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "console of node1\n");
-    let pid: i32 = std::fs::read_to_string(lab.path("node1.console.pid"))
+    let pid: u32 = std::fs::read_to_string(lab.path("node1.console.pid"))
         .unwrap()
         .trim()
         .parse()
@@ -430,7 +424,7 @@ fn console_through_the_daemon_with_rights() {
         text(&o)
     );
     let t0 = Instant::now();
-    while pid_alive(pid) {
+    while kd_disk::procstat::alive(pid) {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "the console command {pid} outlived the daemon"
@@ -662,7 +656,7 @@ fn console_on_a_terminal_is_raw_and_tilde_dot_disconnects() {
     std::thread::sleep(Duration::from_millis(300));
     let s2 = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
     assert!(!s2.contains("abc\r\n"), "{s:?} then {s2:?}");
-    let pid: i32 = std::fs::read_to_string(lab.path("node1.console.pid"))
+    let pid: u32 = std::fs::read_to_string(lab.path("node1.console.pid"))
         .unwrap()
         .trim()
         .parse()
@@ -682,7 +676,7 @@ fn console_on_a_terminal_is_raw_and_tilde_dot_disconnects() {
     assert_eq!(after.input_flags, before.input_flags);
     assert_eq!(after.output_flags, before.output_flags);
     let t0 = Instant::now();
-    while pid_alive(pid) {
+    while kd_disk::procstat::alive(pid) {
         assert!(t0.elapsed() < Duration::from_secs(10), "{pid} lives on");
         std::thread::sleep(Duration::from_millis(20));
     }
