@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use kd_disk::procstat::ProcStat;
 
-use crate::api::{kd_coord_bin, log_tail, sibling_bin, status_kib};
+use crate::api::{kd_coord_bin, log_tail, sibling_bin, status_field};
 
 /// Options of `kd-bench storm`.
 #[derive(clap::Args)]
@@ -230,7 +230,7 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
                 log_tail(&coord_log)
             );
         }
-        peak_rss = peak_rss.max(status_kib(coord_pid, "VmHWM").unwrap_or(0));
+        peak_rss = peak_rss.max(status_field(coord_pid, "VmHWM").unwrap_or(0));
         cpu = cpu_secs(coord_pid).unwrap_or(cpu);
         std::thread::sleep(Duration::from_millis(100));
     };
