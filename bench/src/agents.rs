@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::api::{kd_coord_bin, log_tail, rss_kib, start_daemon, status_kib};
+use crate::api::{self, kd_coord_bin, log_tail, rss_kib, start_daemon, status_field, Nodes};
 
 /// Options of `kd-bench agents`.
 #[derive(clap::Args)]
@@ -135,37 +135,19 @@ fn read_profile(path: &Path) -> Result<Option<Profile>> {
 /// A cluster of `n` nodes node1..nodeN on 127.a.b.c that `ClusterConfig::parse` accepts;
 /// commands succeed at once; timeouts long enough for every agent to connect.
 fn cluster_yaml(n: usize, pxe: &Path, port: u16, check_port: u16) -> String {
-    let mut y = String::with_capacity(n * 72 + 2048);
-    y += "cluster: agents\nnodes:\n";
-    for i in 1..=n {
-        // 127.a.b.c with c in 1..=250: no .0 or .255 addresses.
-        let (a, b, c) = (i / 62_500 + 1, (i / 250) % 250, i % 250 + 1);
-        y += &format!(
-            "  - {{ name: node{i}, address: 127.{a}.{b}.{c}, mac: \"52:54:01:{:02x}:{:02x}:{:02x}\" }}\n",
-            (i >> 16) & 0xff,
-            (i >> 8) & 0xff,
-            i & 0xff
-        );
-    }
+    let nodes = Nodes {
+        n,
+        net: 127,
+        mac: "52:54:01",
+        profile_naming: "hostname",
+    };
+    let mut y = api::cluster_yaml("agents", &nodes, pxe, port);
     y += &format!(
-        "pxe:\n  tftp_root: {tftp}\n  http_root: {http}\n  http_base_url: http://127.0.0.1:9/\n  \
-         profile_naming: hostname\n  method: ipxe\n\
-         commands:\n  reboot:\n    soft: true HOSTNAME\n    hard: true HOSTNAME\n    \
-         very_hard: true HOSTNAME\n  power_on: {{ hard: true HOSTNAME }}\n  \
-         power_off: {{ hard: true HOSTNAME }}\n  power_status: true HOSTNAME\n\
-         coordinator: {{ address: 127.0.0.1, port: {port} }}\n\
-         disk:\n  block_device: /dev/kd-no-such-disk\n  layout:\n    device: /dev/kd-no-such-disk\n    label: gpt\n    partitions:\n\
-         \x20     - {{ number: 1, size: 1MiB, role: bios_grub }}\n\
-         \x20     - {{ number: 2, size: 8MiB, role: swap, fs: swap }}\n\
-         \x20     - {{ number: 3, size: 80MiB, role: deploy, fs: ext4 }}\n\
-         \x20     - {{ number: 4, size: rest, role: tmp, fs: ext4 }}\n\
-         workflow:\n  reboot_window: 50\n  command_timeout: 60\n  probe_delay: 1\n  probe_interval: 5\n  \
+        "workflow:\n  reboot_window: 50\n  command_timeout: 60\n  probe_delay: 1\n  probe_interval: 5\n  \
          broadcast_wait: 600\n  set_deployment_env: {{ timeout: 600, retries: 0 }}\n  \
          prepare: {{ timeout: 600, retries: 0 }}\n  broadcast: {{ timeout: 900, retries: 0 }}\n  \
          finish: {{ timeout: 600, retries: 0 }}\n  boot_new_env: {{ timeout: 600, retries: 0 }}\n\
          check_port: {check_port}\n",
-        tftp = pxe.join("tftp").display(),
-        http = pxe.join("http").display(),
     );
     y
 }
@@ -293,17 +275,6 @@ struct Row {
     threads: u64,
     bench_kib: u64,
     secs: f64,
-}
-
-fn threads(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Waits (polling, at most `limit`) until `done()`; whether it became true.
@@ -534,8 +505,8 @@ impl Recorder<'_> {
             phase,
             agents,
             daemon_kib: rss_kib(self.pid)?,
-            daemon_anon_kib: status_kib(self.pid, "RssAnon")?,
-            threads: threads(self.pid),
+            daemon_anon_kib: status_field(self.pid, "RssAnon")?,
+            threads: status_field(self.pid, "Threads").unwrap_or(0),
             bench_kib: rss_kib(me)?,
             secs: since.elapsed().as_secs_f64(),
         });

@@ -74,15 +74,27 @@ impl Drop for Daemon {
     }
 }
 
-/// A cluster of `n` nodes node1..nodeN that `ClusterConfig::parse` accepts; commands do nothing.
-fn cluster_yaml(n: usize, pxe: &Path, port: u16) -> String {
-    let mut y = String::with_capacity(n * 64 + 2048);
-    y += "cluster: bench\nnodes:\n";
-    for i in 1..=n {
-        // 10.a.b.c with c in 1..=250: no .0 or .255 addresses.
+/// The nodes of a [`cluster_yaml`]: how many, the first byte of their IPv4 addresses
+/// (`NET.a.b.c`), the first three bytes of their MACs, and how their PXE profiles are named.
+pub(crate) struct Nodes<'a> {
+    pub(crate) n: usize,
+    pub(crate) net: u8,
+    pub(crate) mac: &'a str,
+    pub(crate) profile_naming: &'a str,
+}
+
+/// A cluster `name` of nodes node1..nodeN that `ClusterConfig::parse` accepts; commands do
+/// nothing (`true`); its PXE files under `pxe`, its coordinator on 127.0.0.1:`port`.
+pub(crate) fn cluster_yaml(name: &str, nodes: &Nodes, pxe: &Path, port: u16) -> String {
+    let mut y = String::with_capacity(nodes.n * 72 + 2048);
+    y += &format!("cluster: {name}\nnodes:\n");
+    for i in 1..=nodes.n {
+        // NET.a.b.c with c in 1..=250: no .0 or .255 addresses.
         let (a, b, c) = (i / 62_500 + 1, (i / 250) % 250, i % 250 + 1);
         y += &format!(
-            "  - {{ name: node{i}, address: 10.{a}.{b}.{c}, mac: \"52:54:00:{:02x}:{:02x}:{:02x}\" }}\n",
+            "  - {{ name: node{i}, address: {}.{a}.{b}.{c}, mac: \"{}:{:02x}:{:02x}:{:02x}\" }}\n",
+            nodes.net,
+            nodes.mac,
             (i >> 16) & 0xff,
             (i >> 8) & 0xff,
             i & 0xff
@@ -90,7 +102,7 @@ fn cluster_yaml(n: usize, pxe: &Path, port: u16) -> String {
     }
     y += &format!(
         "pxe:\n  tftp_root: {tftp}\n  http_root: {http}\n  http_base_url: http://127.0.0.1:9/\n  \
-         profile_naming: mac\n  method: ipxe\n\
+         profile_naming: {naming}\n  method: ipxe\n\
          commands:\n  reboot:\n    soft: true HOSTNAME\n    hard: true HOSTNAME\n    \
          very_hard: true HOSTNAME\n  power_on: {{ hard: true HOSTNAME }}\n  \
          power_off: {{ hard: true HOSTNAME }}\n  power_status: true HOSTNAME\n\
@@ -102,17 +114,19 @@ fn cluster_yaml(n: usize, pxe: &Path, port: u16) -> String {
          \x20     - {{ number: 4, size: rest, role: tmp, fs: ext4 }}\n",
         tftp = pxe.join("tftp").display(),
         http = pxe.join("http").display(),
+        naming = nodes.profile_naming,
     );
     y
 }
 
 /// VmRSS of a process in KiB.
 pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
-    status_kib(pid, "VmRSS")
+    status_field(pid, "VmRSS")
 }
 
-/// A `KEY:  N kB` field of `/proc/PID/status` in KiB (`VmRSS`, `RssAnon`, ...).
-pub(crate) fn status_kib(pid: u32, key: &str) -> Result<u64> {
+/// The number of a `KEY:  N [kB]` field of `/proc/PID/status`: KiB for a size (`VmRSS`,
+/// `RssAnon`, ...), a count otherwise (`Threads`).
+pub(crate) fn status_field(pid: u32, key: &str) -> Result<u64> {
     let p = format!("/proc/{pid}/status");
     let s = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
     let line = s
@@ -244,7 +258,13 @@ async fn run_async(a: ApiArgs) -> Result<()> {
         .and_then(|s| s.local_addr())
         .context("finding a free UDP port")?
         .port();
-    let yaml = cluster_yaml(a.nodes, &pxe, port);
+    let nodes = Nodes {
+        n: a.nodes,
+        net: 10,
+        mac: "52:54:00",
+        profile_naming: "mac",
+    };
+    let yaml = cluster_yaml("bench", &nodes, &pxe, port);
     let t = Instant::now();
     let cfg = ClusterConfig::parse(&yaml).context("the bench's cluster YAML")?;
     let parse_secs = t.elapsed().as_secs_f64();
@@ -376,4 +396,29 @@ async fn run_async(a: ApiArgs) -> Result<()> {
         db_bytes_end as f64 / 1048576.0
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_bench_cluster_parses_with_its_addresses_and_macs() {
+        let nodes = Nodes {
+            n: 300,
+            net: 127,
+            mac: "52:54:01",
+            profile_naming: "hostname",
+        };
+        let y = cluster_yaml("agents", &nodes, Path::new("/nonexistent"), 9);
+        let cfg = ClusterConfig::parse(&y).unwrap();
+        assert_eq!(cfg.nodes.len(), 300);
+        assert!(y.starts_with("cluster: agents\n"), "{y}");
+        assert!(
+            y.contains("name: node251, address: 127.1.1.2, mac: \"52:54:01:00:00:fb\""),
+            "{y}"
+        );
+        assert!(y.contains("profile_naming: hostname\n"), "{y}");
+    }
 }

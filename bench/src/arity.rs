@@ -17,6 +17,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use kd_disk::procstat::ProcStat;
 use kd_proto::tree::Arity;
 use serde::Serialize;
 
@@ -433,14 +434,6 @@ pub(crate) fn cpu_busy(a: CpuTimes, b: CpuTimes) -> (f64, f64) {
     let idle = b.idle.saturating_sub(a.idle);
     let soft = b.softirq.saturating_sub(a.softirq);
     (1.0 - idle as f64 / total as f64, soft as f64 / total as f64)
-}
-
-/// (user, system) ticks of a /proc/PID/stat text.
-pub(crate) fn parse_pid_ticks(s: &str) -> Option<(u64, u64)> {
-    let rest = &s[s.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state(0) ppid(1) ... utime(11) stime(12).
-    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
 }
 
 /// (drops, packets) of the tbf qdiscs in `tc -s -j qdisc show` output.
@@ -984,11 +977,8 @@ struct Env {
 /// exited keeps its last reading).
 fn sample_ticks(pids: &[u32], ticks: &mut [(u64, u64)]) {
     for (t, pid) in ticks.iter_mut().zip(pids) {
-        if let Some((u, s)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| parse_pid_ticks(&s))
-        {
-            *t = (t.0.max(u), t.1.max(s));
+        if let Some(st) = ProcStat::of(*pid) {
+            *t = (t.0.max(st.utime), t.1.max(st.stime));
         }
     }
 }
@@ -1002,11 +992,8 @@ fn sample_thread_max(pids: &[u32], busiest: &mut [u64]) {
             continue;
         };
         for t in tasks.flatten() {
-            if let Some((u, s)) = std::fs::read_to_string(t.path().join("stat"))
-                .ok()
-                .and_then(|s| parse_pid_ticks(&s))
-            {
-                *b = (*b).max(u + s);
+            if let Some(st) = ProcStat::read(&t.path().join("stat")) {
+                *b = (*b).max(st.cpu_ticks());
             }
         }
     }
@@ -2042,13 +2029,6 @@ mod tests {
         assert!((soft - 100.0 / 700.0).abs() < 1e-9);
         assert_eq!(cpu_busy(a, a), (0.0, 0.0));
         assert!(parse_proc_stat("intr 1 2 3").is_none());
-    }
-
-    #[test]
-    fn pid_stat_ticks() {
-        let s = "1234 (kd coord) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 40 0 0 20 0 3 0 100";
-        assert_eq!(parse_pid_ticks(s), Some((250, 40)));
-        assert_eq!(parse_pid_ticks("garbage"), None);
     }
 
     #[test]

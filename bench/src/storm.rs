@@ -12,8 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kd_disk::procstat::ProcStat;
 
-use crate::api::{kd_coord_bin, log_tail, sibling_bin, status_kib};
+use crate::api::{kd_coord_bin, log_tail, sibling_bin, status_field};
 
 /// Options of `kd-bench storm`.
 #[derive(clap::Args)]
@@ -72,12 +73,7 @@ fn udp_rcvbuf_errors() -> Option<u64> {
 
 /// CPU seconds (user + system) of a live process, from /proc/PID/stat.
 fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name in parentheses: state is field 3, utime 14, stime 15.
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    Some(ProcStat::of(pid)?.cpu_ticks() as f64 / 100.0)
 }
 
 pub(crate) fn run(a: StormArgs) -> Result<()> {
@@ -234,7 +230,7 @@ pub(crate) fn run(a: StormArgs) -> Result<()> {
                 log_tail(&coord_log)
             );
         }
-        peak_rss = peak_rss.max(status_kib(coord_pid, "VmHWM").unwrap_or(0));
+        peak_rss = peak_rss.max(status_field(coord_pid, "VmHWM").unwrap_or(0));
         cpu = cpu_secs(coord_pid).unwrap_or(cpu);
         std::thread::sleep(Duration::from_millis(100));
     };

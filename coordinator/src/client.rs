@@ -250,18 +250,7 @@ impl Client {
     ) -> Result<Value> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .context("reading the daemon's answer")?
-            .to_bytes();
-        let v: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
+        let v = answer(resp).await?;
         if !status.is_success() {
             return Err(api_error(status, v).into());
         }
@@ -327,16 +316,7 @@ impl Client {
                 .with_context(|| format!("request {path} to the daemon"))?;
             let status = resp.status();
             if status != StatusCode::SWITCHING_PROTOCOLS {
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .context("reading the daemon's answer")?
-                    .to_bytes();
-                let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                });
-                return Err(api_error(status, v).into());
+                return Err(api_error(status, answer(resp).await?).into());
             }
             hyper::upgrade::on(resp)
                 .await
@@ -350,6 +330,22 @@ impl Client {
             ),
         }
     }
+}
+
+/// An answer's body: its JSON, `Null` when empty, a string when it is not JSON.
+async fn answer(resp: hyper::Response<hyper::body::Incoming>) -> Result<Value> {
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading the daemon's answer")?
+        .to_bytes();
+    Ok(if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    })
 }
 
 fn no_daemon(socket: &Path, e: std::io::Error) -> ClientError {

@@ -1324,6 +1324,18 @@ pub(crate) fn yaml_field_line(text: &str, path: &str) -> Option<usize> {
     None
 }
 
+/// The `yaml` example of a module's documentation, from its source text (for the tests that
+/// parse it).
+#[cfg(test)]
+pub(crate) fn documented_yaml(src: &str) -> String {
+    src.lines()
+        .skip_while(|l| *l != "//! ```yaml")
+        .skip(1)
+        .take_while(|l| *l != "//! ```")
+        .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1382,14 +1394,7 @@ workflow:
     /// The example in the module documentation parses.
     #[test]
     fn documented_example_parses() {
-        let src = include_str!("config.rs");
-        let yaml: String = src
-            .lines()
-            .skip_while(|l| *l != "//! ```yaml")
-            .skip(1)
-            .take_while(|l| *l != "//! ```")
-            .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
-            .collect();
+        let yaml = documented_yaml(include_str!("config.rs"));
         assert!(yaml.len() > 100);
         ClusterConfig::parse(&yaml).unwrap();
     }

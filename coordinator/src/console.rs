@@ -386,16 +386,13 @@ mod tests {
 
     /// The process whose pid is in `pidfile` ends (a zombie counts as ended) within 5 s.
     fn gone(pidfile: &std::path::Path) {
-        let pid: i32 = std::fs::read_to_string(pidfile)
+        let pid: u32 = std::fs::read_to_string(pidfile)
             .unwrap()
             .trim()
             .parse()
             .unwrap();
         let t0 = std::time::Instant::now();
-        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-        {
+        while kd_disk::procstat::alive(pid) {
             assert!(t0.elapsed() < Duration::from_secs(5), "{pid} lives on");
             std::thread::sleep(Duration::from_millis(20));
         }

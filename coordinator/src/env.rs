@@ -480,14 +480,7 @@ postinstalls:
     /// The example in the module documentation parses.
     #[test]
     fn documented_example_parses() {
-        let src = include_str!("env.rs");
-        let yaml: String = src
-            .lines()
-            .skip_while(|l| *l != "//! ```yaml")
-            .skip(1)
-            .take_while(|l| *l != "//! ```")
-            .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
-            .collect();
+        let yaml = crate::config::documented_yaml(include_str!("env.rs"));
         assert!(yaml.len() > 100);
         Environment::parse(&yaml).unwrap();
     }

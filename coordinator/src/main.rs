@@ -409,6 +409,8 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    // The daemon's client, for the commands that are its clients.
+    let daemon = || client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref());
     match cli.cmd {
         Cmd::Image(ImageCmd::Pack {
             input,
@@ -465,7 +467,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Broadcast(a) => broadcast_cmd(&cli.state, a),
         Cmd::Deploy(a) if a.standalone => deploy_cmd(&cli.state, a),
         Cmd::Deploy(a) => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             let opts = remote::DeployOpts {
                 env: a.env,
                 env_user: a.env_user,
@@ -480,7 +482,7 @@ fn run(cli: Cli) -> Result<i32> {
             remote::run_client(async { remote::deploy(&c, opts).await })
         }
         Cmd::Reboot(a) => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             let opts = remote::OpOpts {
                 op: "reboot",
                 kind: Some(a.kind),
@@ -493,7 +495,7 @@ fn run(cli: Cli) -> Result<i32> {
             remote::run_client(async { remote::operate(&c, opts).await })
         }
         Cmd::Power(cmd) => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             match cmd {
                 PowerCli::Status { targets, json } => {
                     let nodes = targets.resolve()?;
@@ -521,7 +523,7 @@ fn run(cli: Cli) -> Result<i32> {
             json,
         } => {
             let nodes = targets.resolve()?;
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             remote::run_client(async {
                 remote::nodes(&c, nodes.as_deref(), status.as_deref(), json).await
             })
@@ -543,7 +545,7 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             };
             let nodes = targets.resolve()?;
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             let o = remote::StatsOpts {
                 nodes,
                 since,
@@ -555,27 +557,27 @@ fn run(cli: Cli) -> Result<i32> {
             remote::run_client(async { remote::stats(&c, o).await })
         }
         Cmd::Deployments(cmd) => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             remote::run_client(async { remote::deployments(&c, cmd).await })
         }
         Cmd::Env(cmd) => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             remote::run_client(async { remote::env(&c, cmd).await })
         }
         Cmd::Cluster(cmd) => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             remote::run_client(async { remote::cluster(&c, cmd).await })
         }
         Cmd::Rights(cmd) => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             remote::run_client(async { remote::rights(&c, cmd).await })
         }
         Cmd::Token(cmd) => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             remote::run_client(async { remote::token(&c, cmd).await })
         }
         Cmd::Console { node } => {
-            let c = client(&cli.state, cli.api.as_deref(), cli.api_pin.as_deref())?;
+            let c = daemon()?;
             remote::run_client(async { remote::console(&c, &node).await })
         }
         Cmd::Completions { shell } => {

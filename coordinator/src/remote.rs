@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use hyper::Method;
 use kd_coord::client::{Client, ClientError};
 use kd_coord::service::DeployRequest;
@@ -129,14 +129,13 @@ fn env_query(name: &str, user: Option<&str>) -> Result<String> {
         ),
         None => (name, None),
     };
-    let mut q = format!("/api/v1/environments/{}?", enc(n));
-    if let Some(v) = v {
-        q.push_str(&format!("version={v}&"));
-    }
-    if let Some(u) = user {
-        q.push_str(&format!("user={}", enc(u)));
-    }
-    Ok(q)
+    Ok(api_path(
+        &format!("/api/v1/environments/{}", enc(n)),
+        &[
+            ("version", v.map(|v| v.to_string())),
+            ("user", user.map(String::from)),
+        ],
+    ))
 }
 
 pub(crate) async fn env(c: &Client, cmd: EnvCmd) -> Result<i32> {
@@ -166,15 +165,13 @@ pub(crate) async fn env(c: &Client, cmd: EnvCmd) -> Result<i32> {
             Ok(0)
         }
         EnvCmd::List { user, all, json } => {
-            let mut path = format!("/api/v1/environments?all={all}");
-            if let Some(u) = user {
-                path.push_str(&format!("&user={}", enc(&u)));
-            }
-            let v = c.call(Method::GET, &path, None).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+            let path = api_path(
+                "/api/v1/environments",
+                &[("all", Some(all.to_string())), ("user", user)],
+            );
+            let Some(v) = listing(c, &path, json).await? else {
                 return Ok(0);
-            }
+            };
             let mut rows = vec![["name", "version", "user", "visibility", "description"]
                 .map(String::from)
                 .to_vec()];
@@ -266,14 +263,7 @@ pub(crate) enum RightsCmd {
         partition: String,
     },
     /// List rights.
-    List {
-        /// Only this user's.
-        #[arg(short = 'u', long)]
-        user: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
     /// Remove USER's rights (all, or the one on NODESET).
     Rm {
         /// User name.
@@ -301,14 +291,8 @@ pub(crate) enum TokenCmd {
         json: bool,
     },
     /// List tokens (yours; an administrator's: everyone's, or USER's), without their secrets.
-    List {
-        /// Only this user's (administrators).
-        #[arg(short = 'u', long)]
-        user: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    #[command(mut_arg("user", |a| a.help("Only this user's (administrators)")))]
+    List(ListArgs),
     /// Revoke a token by its id (`token list`).
     Rm {
         /// Its id.
@@ -316,14 +300,35 @@ pub(crate) enum TokenCmd {
     },
 }
 
-/// `GET base[?user=USER]`; printed and `None` with `--json`, the answer otherwise (to print
-/// as a table).
-async fn listing(c: &Client, base: &str, user: Option<&str>, json: bool) -> Result<Option<Value>> {
-    let path = match user {
-        Some(u) => format!("{base}?user={}", enc(u)),
-        None => base.to_string(),
-    };
-    let v = c.call(Method::GET, &path, None).await?;
+/// The flags of `rights list` and `token list`.
+#[derive(Args)]
+pub(crate) struct ListArgs {
+    /// Only this user's.
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// An API path with its query: `base?k=v&...`, each value percent-encoded, the absent ones
+/// left out.
+fn api_path(base: &str, query: &[(&str, Option<String>)]) -> String {
+    let mut path = base.to_string();
+    for (i, (k, v)) in query
+        .iter()
+        .filter_map(|(k, v)| Some((k, v.as_deref()?)))
+        .enumerate()
+    {
+        path.push(if i == 0 { '?' } else { '&' });
+        path.push_str(&format!("{k}={}", enc(v)));
+    }
+    path
+}
+
+/// `GET path`; printed and `None` with `--json`, the answer otherwise (to print as a table).
+async fn listing(c: &Client, path: &str, json: bool) -> Result<Option<Value>> {
+    let v = c.call(Method::GET, path, None).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(None);
@@ -354,8 +359,9 @@ pub(crate) async fn token(c: &Client, cmd: TokenCmd) -> Result<i32> {
             }
             Ok(0)
         }
-        TokenCmd::List { user, json } => {
-            let Some(v) = listing(c, "/api/v1/tokens", user.as_deref(), json).await? else {
+        TokenCmd::List(a) => {
+            let path = api_path("/api/v1/tokens", &[("user", a.user)]);
+            let Some(v) = listing(c, &path, a.json).await? else {
                 return Ok(0);
             };
             let mut rows = vec![["id", "user", "name", "created", "last used"]
@@ -509,13 +515,13 @@ pub(crate) async fn nodes(
     state: Option<&str>,
     json_out: bool,
 ) -> Result<i32> {
-    let mut path = String::from("/api/v1/nodes?");
-    if let Some(m) = set {
-        path.push_str(&format!("nodes={}&", enc(m)));
-    }
-    if let Some(st) = state {
-        path.push_str(&format!("state={}", enc(st)));
-    }
+    let path = api_path(
+        "/api/v1/nodes",
+        &[
+            ("nodes", set.map(String::from)),
+            ("state", state.map(String::from)),
+        ],
+    );
     let v = c.call(Method::GET, &path, None).await?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -702,16 +708,14 @@ fn step_stats_rows(v: &Value) -> Vec<Vec<String>> {
 
 pub(crate) async fn stats(c: &Client, o: StatsOpts) -> Result<i32> {
     let detail = o.failure_rate || o.per_step || o.nodes.is_some() || o.since.is_some();
-    let mut path = String::from("/api/v1/stats?");
-    if detail {
-        path.push_str("detail=true");
-    }
-    if let Some(m) = &o.nodes {
-        path.push_str(&format!("&nodes={}", enc(m)));
-    }
-    if let Some(t) = o.since {
-        path.push_str(&format!("&since={t}"));
-    }
+    let path = api_path(
+        "/api/v1/stats",
+        &[
+            ("detail", detail.then(|| "true".to_string())),
+            ("nodes", o.nodes.clone()),
+            ("since", o.since.map(|t| t.to_string())),
+        ],
+    );
     let v = c.call(Method::GET, &path, None).await?;
     if o.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -774,10 +778,10 @@ pub(crate) async fn stats(c: &Client, o: StatsOpts) -> Result<i32> {
 pub(crate) async fn deployments(c: &Client, cmd: DeploymentsCmd) -> Result<i32> {
     match cmd {
         DeploymentsCmd::List { user, limit, json } => {
-            let mut path = format!("/api/v1/deployments?limit={limit}");
-            if let Some(u) = user {
-                path.push_str(&format!("&user={}", enc(&u)));
-            }
+            let path = api_path(
+                "/api/v1/deployments",
+                &[("limit", Some(limit.to_string())), ("user", user)],
+            );
             let v = c.call(Method::GET, &path, None).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -1228,7 +1232,7 @@ pub(crate) async fn power_status(c: &Client, nodes: &str, json_out: bool) -> Res
     let v = c
         .call(
             Method::GET,
-            &format!("/api/v1/power?nodes={}", enc(nodes)),
+            &api_path("/api/v1/power", &[("nodes", Some(nodes.to_string()))]),
             None,
         )
         .await?;
@@ -1306,8 +1310,9 @@ pub(crate) async fn rights(c: &Client, cmd: RightsCmd) -> Result<i32> {
             println!("{user} may deploy {nodes} (partition {partition})");
             Ok(0)
         }
-        RightsCmd::List { user, json } => {
-            let Some(v) = listing(c, "/api/v1/rights", user.as_deref(), json).await? else {
+        RightsCmd::List(a) => {
+            let path = api_path("/api/v1/rights", &[("user", a.user)]);
+            let Some(v) = listing(c, &path, a.json).await? else {
                 return Ok(0);
             };
             let mut rows = vec![["user", "nodes", "partition"].map(String::from).to_vec()];
@@ -1316,10 +1321,7 @@ pub(crate) async fn rights(c: &Client, cmd: RightsCmd) -> Result<i32> {
             Ok(0)
         }
         RightsCmd::Rm { user, nodes } => {
-            let mut path = format!("/api/v1/rights?user={}", enc(&user));
-            if let Some(n) = nodes {
-                path.push_str(&format!("&nodes={}", enc(&n)));
-            }
+            let path = api_path("/api/v1/rights", &[("user", Some(user)), ("nodes", nodes)]);
             let v = c.call(Method::DELETE, &path, None).await?;
             println!("{} right(s) removed", s(&v["removed"]));
             Ok(0)
@@ -1483,6 +1485,32 @@ pub(crate) async fn console(c: &Client, node: &str) -> Result<i32> {
 #[allow(clippy::unwrap_used)]
 mod stats_tests {
     use super::*;
+
+    #[test]
+    fn api_paths_encode_values_and_leave_out_absent_ones() {
+        assert_eq!(
+            api_path("/api/v1/nodes", &[("nodes", None)]),
+            "/api/v1/nodes"
+        );
+        assert_eq!(
+            api_path(
+                "/api/v1/environments",
+                &[
+                    ("all", Some("true".into())),
+                    ("version", None),
+                    ("user", Some("a b&c".into())),
+                ],
+            ),
+            "/api/v1/environments?all=true&user=a%20b%26c"
+        );
+        assert_eq!(
+            api_path(
+                "/api/v1/rights",
+                &[("user", None), ("nodes", Some("n[1-2]".into()))]
+            ),
+            "/api/v1/rights?nodes=n%5B1-2%5D"
+        );
+    }
 
     #[test]
     fn since_takes_dates_epochs_and_ages() {

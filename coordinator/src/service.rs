@@ -652,12 +652,7 @@ async fn nodes(
 ) -> ApiResult<Json<Value>> {
     let want: Option<std::collections::HashSet<String>> = match &q.nodes {
         None => None,
-        Some(set) => Some(
-            kd_proto::nodeset::parse(set)
-                .map_err(|e| ApiError::bad(format!("bad node set {set:?}: {e}")))?
-                .into_iter()
-                .collect(),
-        ),
+        Some(set) => Some(parse_nodes(set)?.into_iter().collect()),
     };
     let rows: Vec<db::NodeRow> = d
         .db()
@@ -921,8 +916,7 @@ async fn add_right(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     d.admin(&p)?;
     if r.nodes != "*" {
-        kd_proto::nodeset::parse(&r.nodes)
-            .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", r.nodes)))?;
+        parse_nodes(&r.nodes)?;
     }
     if r.partition != "*" && r.partition != "deploy" && r.partition.parse::<u32>().is_err() {
         return Err(ApiError::bad(format!(
@@ -973,10 +967,7 @@ async fn stats(
     v["uptime_secs"] = json!(d.started.elapsed().as_secs());
     if q.detail || q.nodes.is_some() || q.since.is_some() {
         let nodes = match &q.nodes {
-            Some(set) => Some(
-                kd_proto::nodeset::parse(set)
-                    .map_err(|e| ApiError::bad(format!("bad node set {set:?}: {e}")))?,
-            ),
+            Some(set) => Some(parse_nodes(set)?),
             None => None,
         };
         let (per_node, per_step) = d.db().detailed_stats(nodes.as_deref(), q.since)?;
@@ -1064,8 +1055,7 @@ async fn create_deployment(
     Json(req): Json<DeployRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let user = p.user.clone();
-    let nodes = kd_proto::nodeset::parse(&req.nodes)
-        .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", req.nodes)))?;
+    let nodes = parse_nodes(&req.nodes)?;
     if nodes.is_empty() {
         return Err(ApiError::bad("no nodes to deploy"));
     }
@@ -1145,19 +1135,7 @@ async fn create_deployment(
         .map_err(|e| anyhow::anyhow!("preparation task: {e}"))?
     };
     let (img, job) = prepared.map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    let id = {
-        let mut db = d.db();
-        match db.create_deployment(&NewDeployment {
-            user: &user,
-            uid: p.uid.unwrap_or(u32::MAX),
-            environment: &env_name,
-            nodes: &nodes,
-            kind: db::kind::DEPLOY,
-        })? {
-            Ok(id) => id,
-            Err(busy) => return Err(busy_error(busy)),
-        }
-    };
+    let id = new_job(&d, &p, &env_name, &nodes, db::kind::DEPLOY)?;
     let endpoint = match d.endpoint(cluster.coordinator.socket_addr()).await {
         Ok(e) => e,
         Err(e) => {
@@ -1438,8 +1416,7 @@ async fn create_operation(
     Json(req): Json<OperationRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let user = p.user.clone();
-    let nodes = kd_proto::nodeset::parse(&req.nodes)
-        .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", req.nodes)))?;
+    let nodes = parse_nodes(&req.nodes)?;
     if nodes.is_empty() {
         return Err(ApiError::bad("no nodes"));
     }
@@ -1489,19 +1466,7 @@ async fn create_operation(
             op.key()
         )));
     }
-    let id = {
-        let mut db = d.db();
-        match db.create_deployment(&NewDeployment {
-            user: &user,
-            uid: p.uid.unwrap_or(u32::MAX),
-            environment: label,
-            nodes: &nodes,
-            kind,
-        })? {
-            Ok(id) => id,
-            Err(busy) => return Err(busy_error(busy)),
-        }
-    };
+    let id = new_job(&d, &p, label, &nodes, kind)?;
     let (cancel_rx, t0) = d.start_job(
         id,
         &user,
@@ -1547,8 +1512,7 @@ async fn power_status(
     Query(q): Query<PowerQuery>,
 ) -> ApiResult<Json<Value>> {
     let user = p.user.clone();
-    let nodes = kd_proto::nodeset::parse(&q.nodes)
-        .map_err(|e| ApiError::bad(format!("bad node set {:?}: {e}", q.nodes)))?;
+    let nodes = parse_nodes(&q.nodes)?;
     if nodes.is_empty() {
         return Err(ApiError::bad("no nodes"));
     }
@@ -1628,6 +1592,32 @@ fn busy_check(d: &Daemon, nodes: &[String]) -> ApiResult<()> {
         Ok(())
     } else {
         Err(busy_error(busy))
+    }
+}
+
+/// A node set of a request (ClusterShell syntax); 400, naming it, when it does not parse.
+fn parse_nodes(set: &str) -> ApiResult<Vec<String>> {
+    kd_proto::nodeset::parse(set).map_err(|e| ApiError::bad(format!("bad node set {set:?}: {e}")))
+}
+
+/// A new job (`kind`: a deployment or an operation) of `p` on `nodes`, its nodes taken in one
+/// transaction: 409, naming the busy nodes, when one is held by another job.
+fn new_job(
+    d: &Daemon,
+    p: &Peer,
+    environment: &str,
+    nodes: &[String],
+    kind: &str,
+) -> ApiResult<i64> {
+    match d.db().create_deployment(&NewDeployment {
+        user: &p.user,
+        uid: p.uid.unwrap_or(u32::MAX),
+        environment,
+        nodes,
+        kind,
+    })? {
+        Ok(id) => Ok(id),
+        Err(busy) => Err(busy_error(busy)),
     }
 }
 

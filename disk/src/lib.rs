@@ -51,6 +51,7 @@ pub mod mount;
 pub mod partition;
 pub mod pipeline;
 pub mod post;
+pub mod procstat;
 pub mod safety;
 pub mod steps;
 #[allow(unsafe_code)] // the crate's only unsafe: see ARCHITECTURE.md

@@ -12,7 +12,7 @@ use kd_disk::loopdev::LoopDevice;
 use kd_disk::mount::Mount;
 use kd_disk::{
     prepare, BootConfig, DiskError, FinishConfig, ImageKind, Layout, PostInstall, PrepareConfig,
-    StepLog, Target,
+    Prepared, StepLog, Target,
 };
 
 const MIB: u64 = 1 << 20;
@@ -57,6 +57,20 @@ impl Disk {
         f.seek(SeekFrom::Start(off)).unwrap();
         f.write_all(data).unwrap();
         f.sync_all().unwrap();
+    }
+    /// `prepare` for an image of `kind` on this disk, partitioned as `parts` (a `label` table).
+    fn prepare(&self, label: &str, parts: &str, kind: ImageKind, log: &mut StepLog) -> Prepared {
+        prepare(
+            &prep(layout(self.path(), label, parts), kind, self.work()),
+            log,
+        )
+        .unwrap()
+    }
+    /// Drops the disk and checks that nothing of it stays attached or mounted.
+    fn release(self) {
+        let path = self.dir.path().to_path_buf();
+        drop(self);
+        assert_released(&path);
     }
     /// Mount partition (start, size) through a loop device of its own.
     fn mount_part(&self, start: u64, size: u64, at: &str) -> (Mount, LoopDevice, PathBuf) {
@@ -430,9 +444,7 @@ fn gpt_tar_pipeline_postinstall_ssh_fstab_grub() {
     );
     m.unmount().unwrap();
     l.detach().unwrap();
-    let path = disk.dir.path().to_path_buf();
-    drop(disk);
-    assert_released(&path);
+    disk.release();
 }
 
 #[test]
@@ -538,9 +550,7 @@ fn msdos_raw_partition_keep_untouched() {
     .unwrap_err();
     assert!(err.to_string().contains("refusing to move it"), "{err}");
     assert!(disk.read(0, MIB) == before);
-    let path = disk.dir.path().to_path_buf();
-    drop(disk);
-    assert_released(&path);
+    disk.release();
 }
 
 #[test]
@@ -558,15 +568,7 @@ fn raw_image_overflowing_the_partition_fails_cleanly() {
     let keep_bytes = pattern(keep.size as usize, 3);
     disk.write(keep.start, &keep_bytes);
     let mut log = StepLog::default();
-    let p = prepare(
-        &prep(
-            layout(disk.path(), "gpt", parts),
-            ImageKind::RawPartition,
-            disk.work(),
-        ),
-        &mut log,
-    )
-    .unwrap();
+    let p = disk.prepare("gpt", parts, ImageKind::RawPartition, &mut log);
     let err = feed(p.target(), &pattern(9 * MIB as usize, 1)).unwrap_err();
     assert!(matches!(err, DiskError::ImageTooLarge { .. }), "{err}");
     assert!(err.to_string().contains("overflows its target"), "{err}");
@@ -575,9 +577,7 @@ fn raw_image_overflowing_the_partition_fails_cleanly() {
         disk.read(keep.start, keep.size) == keep_bytes,
         "wrote past the deploy partition"
     );
-    let path = disk.dir.path().to_path_buf();
-    drop(disk);
-    assert_released(&path);
+    disk.release();
 }
 
 #[test]
@@ -596,15 +596,7 @@ fn failing_postinstall_fails_with_its_output_and_cleans_up() {
         "echo about to fail\nexit 1\n",
     );
     let mut log = StepLog::default();
-    let p = prepare(
-        &prep(
-            layout(disk.path(), "gpt", parts),
-            ImageKind::Tar,
-            disk.work(),
-        ),
-        &mut log,
-    )
-    .unwrap();
+    let p = disk.prepare("gpt", parts, ImageKind::Tar, &mut log);
     feed(p.target(), &tar_of(&src, &[])).unwrap();
     let fin = FinishConfig {
         postinstalls: vec![PostInstall {
@@ -621,9 +613,7 @@ fn failing_postinstall_fails_with_its_output_and_cleans_up() {
         "{rec:?}"
     );
     assert!(rec.output.contains("about to fail"), "{rec:?}");
-    let path = disk.dir.path().to_path_buf();
-    drop(disk);
-    assert_released(&path);
+    disk.release();
 }
 
 #[test]
@@ -637,27 +627,11 @@ fn truncated_or_hostile_tar_fails_and_releases_everything() {
     rootfs_tree(&src);
     let image = tar_of(&src, &[]);
     let mut log = StepLog::default();
-    let p = prepare(
-        &prep(
-            layout(disk.path(), "msdos", parts),
-            ImageKind::Tar,
-            disk.work(),
-        ),
-        &mut log,
-    )
-    .unwrap();
+    let p = disk.prepare("msdos", parts, ImageKind::Tar, &mut log);
     let err = feed(p.target(), &image[..image.len() / 2]).unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
     drop(p);
-    let p = prepare(
-        &prep(
-            layout(disk.path(), "msdos", parts),
-            ImageKind::Tar,
-            disk.work(),
-        ),
-        &mut log,
-    )
-    .unwrap();
+    let p = disk.prepare("msdos", parts, ImageKind::Tar, &mut log);
     let mut evil = tar::Header::new_gnu();
     evil.as_old_mut().name[..9].copy_from_slice(b"../escape");
     evil.set_size(0);
@@ -669,9 +643,7 @@ fn truncated_or_hostile_tar_fails_and_releases_everything() {
     assert!(matches!(err, DiskError::UnsafeEntry { .. }), "{err}");
     drop(p);
     assert!(!disk.work().join("escape").exists());
-    let path = disk.dir.path().to_path_buf();
-    drop(disk);
-    assert_released(&path);
+    disk.release();
 }
 
 #[test]
@@ -765,9 +737,7 @@ fn unsafe_devices_refused_before_writing() {
             }
         }
     }
-    let path = disk.dir.path().to_path_buf();
-    drop(disk);
-    assert_released(&path);
+    disk.release();
 }
 
 #[test]
@@ -812,7 +782,5 @@ fn raw_whole_disk_image_and_existing_table() {
     assert!(names(&log).contains(&"check-partitions"));
     assert!(!names(&log).contains(&"partition"));
     drop(p);
-    let path = disk.dir.path().to_path_buf();
-    drop(disk);
-    assert_released(&path);
+    disk.release();
 }

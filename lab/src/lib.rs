@@ -479,6 +479,22 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Starts `argv` in the namespace `ns`, in a session of its own, its output in `log`;
+    /// kept in `children`. Its pid.
+    fn spawn_in_netns(&mut self, ns: &str, argv: &[&str], log: &Path) -> Result<u32> {
+        let f = File::create(log).map_err(io_err(log))?;
+        let f2 = f.try_clone().map_err(io_err(log))?;
+        let child = sys::spawn_detached(
+            sys::netns_command(ns, argv)
+                .stdin(Stdio::null())
+                .stdout(f)
+                .stderr(f2),
+        )?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
     fn bring_up(&mut self, cfg: &LabConfig, plan: &[plan::NodePlan]) -> Result<()> {
         let sd = self.state.state_dir.clone();
         let subnet = self.state.subnet;
@@ -598,19 +614,11 @@ impl Lab {
             Command::new("dnsmasq").args(["--test", &format!("--conf-file={}", conf.display())]),
         )?;
         let out = sd.join("dnsmasq.out");
-        let f = File::create(&out).map_err(io_err(&out))?;
-        let f2 = f.try_clone().map_err(io_err(&out))?;
-        let child = sys::spawn_detached(
-            sys::netns_command(
-                &ns,
-                &["dnsmasq", "-k", &format!("--conf-file={}", conf.display())],
-            )
-            .stdin(Stdio::null())
-            .stdout(f)
-            .stderr(f2),
+        let pid = self.spawn_in_netns(
+            &ns,
+            &["dnsmasq", "-k", &format!("--conf-file={}", conf.display())],
+            &out,
         )?;
-        let pid = child.id();
-        self.children.push(child);
         self.state.dnsmasq_pid = Some(pid);
         self.state.save()?;
         let dlog = sd.join("dnsmasq.log");
@@ -636,29 +644,21 @@ impl Lab {
         let ready = sd.join("http.ready");
         let _ = fs::remove_file(&ready);
         let hlog = sd.join("http.log");
-        let f = File::create(&hlog).map_err(io_err(&hlog))?;
-        let f2 = f.try_clone().map_err(io_err(&hlog))?;
         let bin = self.state.kd_lab_bin.display().to_string();
-        let child = sys::spawn_detached(
-            sys::netns_command(
-                &ns,
-                &[
-                    bin.as_str(),
-                    "http",
-                    "--root",
-                    &http.display().to_string(),
-                    "--listen",
-                    &format!("{}:{}", subnet.gateway(), cfg.http_port),
-                    "--ready-file",
-                    &ready.display().to_string(),
-                ],
-            )
-            .stdin(Stdio::null())
-            .stdout(f)
-            .stderr(f2),
+        let pid = self.spawn_in_netns(
+            &ns,
+            &[
+                bin.as_str(),
+                "http",
+                "--root",
+                &http.display().to_string(),
+                "--listen",
+                &format!("{}:{}", subnet.gateway(), cfg.http_port),
+                "--ready-file",
+                &ready.display().to_string(),
+            ],
+            &hlog,
         )?;
-        let pid = child.id();
-        self.children.push(child);
         self.state.http_pid = Some(pid);
         self.state.save()?;
         let deadline = Instant::now() + Duration::from_secs(10);

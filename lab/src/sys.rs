@@ -62,14 +62,6 @@ pub(crate) fn spawn_detached(cmd: &mut Command) -> Result<Child, Error> {
         .map_err(|e| Error::Command(format!("spawn {desc}: {e}")))
 }
 
-/// The one-letter state of a process (`R`, `S`, `Z`, ...), `None` if it does not exist.
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) S ...": the comm may contain spaces and parentheses.
-    let after = stat.rsplit_once(')')?.1;
-    after.trim_start().chars().next()
-}
-
 /// Reap `pid` if it is a terminated child of this process (no-op otherwise).
 fn reap(pid: u32) {
     if let Ok(p) = i32::try_from(pid) {
@@ -80,7 +72,7 @@ fn reap(pid: u32) {
 /// Whether `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     reap(pid);
-    matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
+    kd_disk::procstat::alive(pid)
 }
 
 /// The command line of `pid`, arguments joined by spaces.

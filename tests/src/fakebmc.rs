@@ -24,6 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use kd_disk::procstat::ProcStat;
 use serde::{Deserialize, Serialize};
 
 /// The fake BMC's description of the cluster (`D/bmc.json`).
@@ -154,21 +155,9 @@ pub fn events(dir: &Path, node: &str) -> Vec<String> {
         .collect()
 }
 
-/// Start time (clock ticks since boot) and state of a process, from `/proc/PID/stat`.
-fn proc_start(pid: u32) -> Option<(u64, char)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may contain spaces: parse after the last ')'.
-    let rest = &s[s.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); starttime is field 22.
-    let state = f.first()?.chars().next()?;
-    let start = f.get(19)?.parse().ok()?;
-    Some((start, state))
-}
-
 /// `PID STARTTIME` of the current process, for a pidfile.
 pub fn pidfile_line(pid: u32) -> Option<String> {
-    proc_start(pid).map(|(st, _)| format!("{pid} {st}"))
+    ProcStat::of(pid).map(|st| format!("{pid} {}", st.start))
 }
 
 /// The machine process of a node, if the pidfile names a process that is still that one and
@@ -178,10 +167,9 @@ pub fn machine_pid(dir: &Path, name: &str) -> Option<u32> {
     let mut w = s.split_whitespace();
     let pid: u32 = w.next()?.parse().ok()?;
     let start: u64 = w.next()?.parse().ok()?;
-    match proc_start(pid) {
-        Some((st, state)) if st == start && state != 'Z' && state != 'X' => Some(pid),
-        _ => None,
-    }
+    ProcStat::of(pid)
+        .is_some_and(|st| st.start == start && st.running())
+        .then_some(pid)
 }
 
 /// Kills a node's machine and everything it started (its process group), if it runs; waits

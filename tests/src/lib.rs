@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod daemon;
 pub mod fakebmc;
 
 /// The deploy initrd the lab tests boot (`KD_INITRD_DIR`, set by `./dev.sh test`); `None`, with
@@ -98,6 +99,14 @@ impl Drop for Reaper {
             let _ = c.wait();
         }
     }
+}
+
+/// Writes `text` to `p`, creating its parent directories.
+pub fn write(p: &Path, text: &str) {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, text).unwrap();
 }
 
 /// A test image source: deterministic pseudo-random bytes, half of them compressible.

@@ -2,23 +2,28 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use kd_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-/// Runs one broadcast of `input` to 8 agents writing raw files; returns the JSON outcome,
-/// the agents' outputs and how long the coordinator ran (Hellos, transfer, failures found).
+/// Each node and its agent's output.
+type AgentOutputs = Vec<(String, Output)>;
+
+/// Runs one broadcast of `input` to 8 agents writing raw files (the coordinator with
+/// `coord_extra` too); returns the JSON outcome, the agents' outputs and how long the
+/// coordinator ran (Hellos, transfer, failures found).
 fn broadcast_raw(
     input: &Path,
     arity: &str,
+    coord_extra: &[&str],
     faults: &[(&str, &str)],
 ) -> (
     serde_json::Value,
     tempfile::TempDir,
-    Vec<std::process::Output>,
+    AgentOutputs,
     Cluster,
     Duration,
 ) {
@@ -26,7 +31,7 @@ fn broadcast_raw(
     let out = tempfile::tempdir().unwrap();
     let mut reaper = Reaper::default();
     let t = std::time::Instant::now();
-    let mut coord = c.start_coordinator(arity, &[]).unwrap();
+    let mut coord = c.start_coordinator(arity, coord_extra).unwrap();
     // The coordinator's own log (progress, re-parenting) is what explains a hang.
     let mut agents = Vec::new();
     for n in &c.nodes {
@@ -49,8 +54,11 @@ fn broadcast_raw(
     let co = wait_child(&mut coord, LIMIT).unwrap();
     let ran = t.elapsed();
     let mut outs = Vec::new();
-    for mut a in agents {
-        outs.push(wait_child(&mut a, Duration::from_secs(60)).unwrap());
+    for (n, mut a) in c.nodes.iter().zip(agents) {
+        outs.push((
+            n.clone(),
+            wait_child(&mut a, Duration::from_secs(60)).unwrap(),
+        ));
     }
     reaper.0.clear();
     let stderr = String::from_utf8_lossy(&co.stderr).to_string();
@@ -58,24 +66,32 @@ fn broadcast_raw(
     (v, out, outs, c, ran)
 }
 
-/// Every agent exited 0 and every node reported a copy identical to `input`.
+/// Every agent exited 0 and every node reported a copy identical to `input`, but the nodes
+/// in `lost` (failed on purpose: neither their agent's exit nor their copy is checked).
 fn assert_identical_copies(
     v: &serde_json::Value,
     input: &Path,
     out: &Path,
-    outs: &[std::process::Output],
+    outs: &[(String, Output)],
     what: &str,
+    lost: &[&str],
 ) {
-    for (i, o) in outs.iter().enumerate() {
+    for (n, o) in outs {
+        if lost.contains(&n.as_str()) {
+            continue;
+        }
         assert!(
             o.status.success(),
-            "{what} agent {i}: {}",
+            "{what} agent of {n}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
     }
     for n in v["nodes"].as_array().unwrap() {
-        assert_eq!(n["ok"], true, "{what}: {n}");
         let name = n["node"].as_str().unwrap();
+        if lost.contains(&name) {
+            continue;
+        }
+        assert_eq!(n["ok"], true, "{what}: {n}");
         assert!(
             same_file(input, &out.join(format!("{name}.raw"))),
             "{what}: {name} differs"
@@ -99,8 +115,15 @@ fn every_arity_delivers_identical_copies() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 6 * 1024 * 1024 + 12345, 7);
     for arity in ["chain", "2", "3", "star"] {
-        let (v, out, outs, _c, _) = broadcast_raw(&input, arity, &[]);
-        assert_identical_copies(&v, &input, out.path(), &outs, &format!("arity {arity}"));
+        let (v, out, outs, _c, _) = broadcast_raw(&input, arity, &[], &[]);
+        assert_identical_copies(
+            &v,
+            &input,
+            out.path(),
+            &outs,
+            &format!("arity {arity}"),
+            &[],
+        );
     }
 }
 
@@ -112,8 +135,8 @@ fn auto_arity_measures_the_nodes_and_keeps_a_slow_disk_out_of_the_others_way() {
     make_raw_input(&input, 6 * 1024 * 1024, 5);
     // node5 writes at 2 MB/s (a slow disk): in a chain in name order it would hold node6..8
     // (and, by backpressure, node1..4) to its pace.
-    let (v, out, outs, _c, _) = broadcast_raw(&input, "auto", &[("node5", "--write-rate=2M")]);
-    assert_identical_copies(&v, &input, out.path(), &outs, "auto");
+    let (v, out, outs, _c, _) = broadcast_raw(&input, "auto", &[], &[("node5", "--write-rate=2M")]);
+    assert_identical_copies(&v, &input, out.path(), &outs, "auto", &[]);
     let shape = v["shape"].as_str().unwrap();
     let secs = |n: &str| node(&v, n)["seconds"].as_f64().unwrap();
     eprintln!(
@@ -187,7 +210,7 @@ fn corrupt_chunk_is_refused_refetched_and_never_written() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 3 * 1024 * 1024, 11);
     // node3 is a relay in a chain: its children must never see the corrupt bytes either.
-    let (v, out, _outs, _c, _) = broadcast_raw(&input, "chain", &[("node3", "corrupt:4")]);
+    let (v, out, outs, _c, _) = broadcast_raw(&input, "chain", &[], &[("node3", "corrupt:4")]);
     let n3 = node(&v, "node3");
     assert_eq!(n3["ok"], true, "{n3}");
     assert_eq!(n3["corrupt_chunks"], 1, "{n3}");
@@ -197,16 +220,11 @@ fn corrupt_chunk_is_refused_refetched_and_never_written() {
     assert_eq!(n3["refetched_from_peers"], 1, "{n3}");
     assert_eq!(v["repairs_redirected"], 1, "{v}");
     assert_eq!(v["repairs_served"], 0, "{v}");
+    assert_identical_copies(&v, &input, out.path(), &outs, "corrupt chunk", &[]);
     for n in v["nodes"].as_array().unwrap() {
-        assert_eq!(n["ok"], true, "{n}");
-        let name = n["node"].as_str().unwrap();
-        if name != "node3" {
+        if n["node"] != "node3" {
             assert_eq!(n["corrupt_chunks"], 0, "{n}");
         }
-        assert!(
-            same_file(&input, &out.path().join(format!("{name}.raw"))),
-            "{name} differs"
-        );
     }
 }
 
@@ -224,7 +242,8 @@ fn killed_relay_is_reported_and_the_others_complete() {
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 4 * 1024 * 1024, 13);
     for arity in ["chain", "2"] {
-        let (v, out, _outs, _c, ran) = broadcast_raw(&input, arity, &[("node2", "die-after:3")]);
+        let (v, out, outs, _c, ran) =
+            broadcast_raw(&input, arity, &[], &[("node2", "die-after:3")]);
         let dead = node(&v, "node2");
         assert_eq!(dead["ok"], false, "{dead}");
         assert!(
@@ -237,17 +256,8 @@ fn killed_relay_is_reported_and_the_others_complete() {
             ran < REPLACED_WITHIN,
             "arity {arity}: {ran:.2?} with a killed relay: {v}"
         );
-        for n in v["nodes"].as_array().unwrap() {
-            let name = n["node"].as_str().unwrap();
-            if name == "node2" {
-                continue;
-            }
-            assert_eq!(n["ok"], true, "arity {arity}: {n}");
-            assert!(
-                same_file(&input, &out.path().join(format!("{name}.raw"))),
-                "{name} differs"
-            );
-        }
+        let what = format!("arity {arity}");
+        assert_identical_copies(&v, &input, out.path(), &outs, &what, &["node2"]);
     }
 }
 
@@ -309,8 +319,9 @@ fn frozen_relay_is_reported_and_the_others_complete_within_seconds() {
     let co = wait_child(&mut procs.0[0], LIMIT).unwrap();
     let elapsed = t.elapsed();
     drop(thaw);
-    for a in &mut procs.0[1..] {
-        wait_child(a, Duration::from_secs(60)).unwrap();
+    let mut outs = Vec::new();
+    for (n, a) in c.nodes.iter().zip(&mut procs.0[1..]) {
+        outs.push((n.clone(), wait_child(a, Duration::from_secs(60)).unwrap()));
     }
     let stderr = String::from_utf8_lossy(&co.stderr).to_string();
     let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
@@ -322,17 +333,8 @@ fn frozen_relay_is_reported_and_the_others_complete_within_seconds() {
         reason.contains("connection lost") && reason.contains("no packet from the agent"),
         "{ice}"
     );
-    for n in v["nodes"].as_array().unwrap() {
-        let name = n["node"].as_str().unwrap();
-        if name == "node3" {
-            continue;
-        }
-        assert_eq!(n["ok"], true, "{n}\ncoordinator stderr:\n{stderr}");
-        assert!(
-            same_file(&input, &out.path().join(format!("{name}.raw"))),
-            "{name} differs"
-        );
-    }
+    let what = format!("a frozen relay (coordinator stderr:\n{stderr})");
+    assert_identical_copies(&v, &input, out.path(), &outs, &what, &["node3"]);
     // The coordinator's whole run (the frozen node's failure is its last report).
     assert!(
         elapsed < REPLACED_WITHIN,
@@ -657,21 +659,9 @@ fn a_rack_aware_chain_visits_each_rack_once_and_delivers() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 2 * 1024 * 1024 + 777, 17);
-    let c = Cluster::new(&input, 8, "256K").unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let mut reaper = Reaper::default();
     // Odd nodes in one rack, even ones in the other, as names often run across racks.
     let racks = ["--rack", "r0=node[1,3,5,7]", "--rack", "r1=node[2,4,6,8]"];
-    let mut coord = c.start_coordinator("chain", &racks).unwrap();
-    for n in &c.nodes {
-        let sink = format!("raw:{}", out.path().join(format!("{n}.raw")).display());
-        reaper
-            .0
-            .push(c.start_agent(n, &format!("tok-{n}"), &sink, &[]).unwrap());
-    }
-    let co = wait_child(&mut coord, LIMIT).unwrap();
-    let stderr = String::from_utf8_lossy(&co.stderr).to_string();
-    let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\n{stderr}"));
+    let (v, out, outs, _c, _) = broadcast_raw(&input, "chain", &racks, &[]);
     // The chain as planned: node1 -> 3 -> 5 -> 7 -> 2 -> 4 -> 6 -> 8.
     let parent = |n: &str| {
         v["plan"]
@@ -689,14 +679,7 @@ fn a_rack_aware_chain_visits_each_rack_once_and_delivers() {
     for w in order.windows(2) {
         assert_eq!(parent(w[1]), w[0], "{v}");
     }
-    for n in v["nodes"].as_array().unwrap() {
-        assert_eq!(n["ok"], true, "{n}");
-        let name = n["node"].as_str().unwrap();
-        assert!(
-            same_file(&input, &out.path().join(format!("{name}.raw"))),
-            "{name} differs"
-        );
-    }
+    assert_identical_copies(&v, &input, out.path(), &outs, "racks", &[]);
     // A rack naming a node that is not deployed is refused before anything starts.
     let o = Command::new(bin("kd-coord"))
         .arg("--state")

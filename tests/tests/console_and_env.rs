@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use kd_tests::daemon::{self, text, Daemon};
 use kd_tests::*;
 
 /// Limit of one client command.
@@ -18,26 +19,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 struct Lab {
     tmp: tempfile::TempDir,
     state: PathBuf,
-}
-
-/// A `kd-coord serve` (SIGKILLed when dropped).
-struct Daemon {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write(p: &Path, text: &str) {
-    if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    std::fs::write(p, text).unwrap();
 }
 
 fn cluster_yaml(t: &Path, name: &str, nodes: &[(&str, u8)], console: Option<&str>) -> String {
@@ -122,49 +103,16 @@ impl Lab {
 
     /// Starts `kd-coord serve` and waits for its socket to answer.
     fn serve(&self) -> Daemon {
-        let log = self.path("daemon.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin("kd-coord"))
-            .arg("--state")
-            .arg(&self.state)
-            .arg("serve")
-            .env("KD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, log };
-        let sock = self.state.join("kd.sock");
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "the daemon did not listen on {}:\n{}",
-                sock.display(),
-                std::fs::read_to_string(&d.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
+        daemon::serve(&self.state, &self.path("daemon.log"), &[])
     }
 
     fn kd_cmd(&self, uid: Option<u32>, args: &[&str]) -> Command {
-        use std::os::unix::process::CommandExt;
-        let mut c = Command::new(bin("kd-coord"));
-        c.arg("--state").arg(&self.state).args(args);
-        if let Some(u) = uid {
-            c.uid(u).gid(u);
-        }
-        c.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
+        daemon::kd_cmd(&self.state, uid, args)
     }
 
     /// Runs a `kd-coord` client command as `uid` (None: root), bounded.
     fn kd(&self, uid: Option<u32>, args: &[&str]) -> Output {
-        let mut child = self.kd_cmd(uid, args).spawn().unwrap();
-        wait_child(&mut child, LIMIT).unwrap()
+        daemon::kd(&self.state, uid, args, LIMIT).unwrap()
     }
 
     /// Runs `kd-coord console NODE` as `uid` with `input` on its stdin (a pipe, closed after).
@@ -185,15 +133,6 @@ impl Lab {
         writer.join().unwrap();
         out
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// One raw HTTP/1.1 request as root: (status line, body). Reads the head and the body its
@@ -238,10 +177,14 @@ fn needs_root() -> bool {
     )
 }
 
-fn pid_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
+/// Waits (10 s at most) until the process `pid` is gone (a zombie counts as gone); fails with
+/// `what` otherwise.
+fn assert_gone(pid: u32, what: &str) {
+    let t0 = Instant::now();
+    while kd_disk::procstat::alive(pid) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{what} ({pid})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -308,22 +251,15 @@ fn console_through_the_daemon_with_rights() {
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ping 1\n");
-    let pid: i32 = std::fs::read_to_string(lab.path("node1.console.pid"))
+    let pid: u32 = std::fs::read_to_string(lab.path("node1.console.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    assert!(pid_alive(pid));
+    assert!(kd_disk::procstat::alive(pid));
     child.kill().unwrap();
     child.wait().unwrap();
-    let t0 = Instant::now();
-    while pid_alive(pid) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the console command {pid} outlived its client"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_gone(pid, "the console command outlived its client");
 
     // Bob has no right on node1: 403, the CLI's exit code 4, the node and the right named.
     let o = lab.console(Some(bob), "node1", "nothing\n");
@@ -411,7 +347,7 @@ fn console_through_the_daemon_with_rights() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "console of node1\n");
-    let pid: i32 = std::fs::read_to_string(lab.path("node1.console.pid"))
+    let pid: u32 = std::fs::read_to_string(lab.path("node1.console.pid"))
         .unwrap()
         .trim()
         .parse()
@@ -429,14 +365,7 @@ fn console_through_the_daemon_with_rights() {
         "{}",
         text(&o)
     );
-    let t0 = Instant::now();
-    while pid_alive(pid) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the console command {pid} outlived the daemon"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_gone(pid, "the console command outlived the daemon");
 }
 
 #[test]
@@ -662,7 +591,7 @@ fn console_on_a_terminal_is_raw_and_tilde_dot_disconnects() {
     std::thread::sleep(Duration::from_millis(300));
     let s2 = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
     assert!(!s2.contains("abc\r\n"), "{s:?} then {s2:?}");
-    let pid: i32 = std::fs::read_to_string(lab.path("node1.console.pid"))
+    let pid: u32 = std::fs::read_to_string(lab.path("node1.console.pid"))
         .unwrap()
         .trim()
         .parse()
@@ -681,11 +610,7 @@ fn console_on_a_terminal_is_raw_and_tilde_dot_disconnects() {
     assert_eq!(after.local_flags, before.local_flags);
     assert_eq!(after.input_flags, before.input_flags);
     assert_eq!(after.output_flags, before.output_flags);
-    let t0 = Instant::now();
-    while pid_alive(pid) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{pid} lives on");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_gone(pid, "the console command lives on");
 
     // SIGTERM in raw mode: the terminal is restored too, the exit code says which signal.
     let mut child = lab

@@ -14,6 +14,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use kd_disk::loopdev::LoopDevice;
+use kd_tests::daemon::{self, text, Daemon};
 use kd_tests::fakebmc::{self, BmcConfig, BmcNode};
 use kd_tests::*;
 
@@ -107,13 +108,6 @@ impl Run {
             .collect::<Vec<_>>()
             .join("\n")
     }
-}
-
-fn write(p: &Path, text: &str) {
-    if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    std::fs::write(p, text).unwrap();
 }
 
 fn free_tcp_port() -> u16 {
@@ -1097,19 +1091,6 @@ fn ev_has(lab: &Lab, what: &str) -> bool {
         .any(|e| e.contains(what))
 }
 
-/// A `kd-coord serve` on the lab's state directory (SIGKILLed when dropped).
-struct Daemon {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Lab {
     /// Lets other users read the lab's files (the environment, image, key) and write their
     /// result files in `users/`.
@@ -1132,54 +1113,17 @@ impl Lab {
 
     /// Starts `kd-coord serve ARGS` and waits for its socket to answer.
     fn serve_with(&self, args: &[&str]) -> Daemon {
-        let log = self.path("daemon.log");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(bin("kd-coord"))
-            .arg("--state")
-            .arg(&self.state)
-            .arg("serve")
-            .args(args)
-            .env("KD_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, log };
-        let sock = self.state.join("kd.sock");
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "the daemon did not listen on {}:\n{}",
-                sock.display(),
-                std::fs::read_to_string(&d.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
+        daemon::serve(&self.state, &self.path("daemon.log"), args)
     }
 
     /// Runs a `kd-coord` client command as `uid` (None: root), bounded.
     fn kd(&self, uid: Option<u32>, args: &[&str]) -> Output {
-        let mut c = self.kd_cmd(uid, args);
-        let mut child = c.spawn().unwrap();
-        wait_child(&mut child, DEPLOY_LIMIT).unwrap_or_else(|e| panic!("{e:#}\n{}", self.dump()))
+        daemon::kd(&self.state, uid, args, DEPLOY_LIMIT)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.dump()))
     }
 
     fn kd_cmd(&self, uid: Option<u32>, args: &[&str]) -> Command {
-        use std::os::unix::process::CommandExt;
-        let mut c = Command::new(bin("kd-coord"));
-        c.arg("--state").arg(&self.state).args(args);
-        if let Some(u) = uid {
-            c.uid(u).gid(u);
-        }
-        c.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        c
+        daemon::kd_cmd(&self.state, uid, args)
     }
 
     /// Waits (polling every 5 ms, at most `limit`) until the client's stderr log at `log`
@@ -1239,15 +1183,6 @@ impl Lab {
             ko,
         }
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn node<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
