@@ -138,7 +138,9 @@ pub fn event(dir: &Path, node: &str, what: &str) {
         .append(true)
         .open(dir.join("events.log"))
     {
-        let _ = writeln!(f, "{ms} {node} {what}");
+        // One write per line: `writeln!` on a File writes each piece on its own, and the
+        // pieces of lines from several processes (one per node) then interleave.
+        let _ = f.write_all(format!("{ms} {node} {what}\n").as_bytes());
     }
 }
 

@@ -263,14 +263,15 @@ fn machine(dir: &Path, cfg: &BmcConfig, node: &BmcNode) -> Result<()> {
                 match check {
                     Ok(()) => {
                         let addr = SocketAddr::new(node.address, cfg.check_port);
-                        let l = bind(addr)?;
+                        // Told before the port opens: the coordinator's check may succeed,
+                        // and a test read the events, the moment it does.
                         fakebmc::event(
                             dir,
                             &node.name,
                             &format!("boot: {how}: deployed system up on {addr}"),
                         );
                         set_state(dir, node, "up");
-                        return serve(l, end);
+                        return serve(bind(addr)?, end);
                     }
                     Err(e) => {
                         let why = format!("{e:#}").replace('\n', " ");
