@@ -15,6 +15,19 @@ type AgentOutputs = Vec<(String, Output)>;
 /// Runs one broadcast of `input` to 8 agents writing raw files (the coordinator with
 /// `coord_extra` too); returns the JSON outcome, the agents' outputs and how long the
 /// coordinator ran (Hellos, transfer, failures found).
+/// Where the agents' raw copies go: tmpfs when there is one. These tests are about the
+/// network; on the host's disk an `fsync` can take a second while other work writes back
+/// (seen in CI right after the build), and `auto`'s disk probe then takes a node for a slow disk.
+fn copies_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
 fn broadcast_raw(
     input: &Path,
     arity: &str,
@@ -28,7 +41,7 @@ fn broadcast_raw(
     Duration,
 ) {
     let c = Cluster::new(input, 8, "256K").unwrap();
-    let out = tempfile::tempdir().unwrap();
+    let out = copies_dir();
     let mut reaper = Reaper::default();
     let t = std::time::Instant::now();
     let mut coord = c.start_coordinator(arity, coord_extra).unwrap();
