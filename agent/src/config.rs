@@ -93,9 +93,11 @@ pub struct AgentConfig {
     pub reboot_on_finish: bool,
     /// Bytes per second the image is written at most (a slow disk, for benches).
     pub write_rate: Option<u64>,
-    /// Threads for QUIC: 1 (everything on the session's thread) or 2 (the children's endpoint
-    /// and streams on a relay thread of their own).
-    pub net_threads: usize,
+    /// Threads for QUIC ([`NetThreads`]): one, two, or as the node's link and cores ask.
+    pub net_threads: NetThreads,
+    /// The link's speed in Mbit/s when the NIC cannot tell it (benches whose veths tc shapes:
+    /// a veth always reports 10000); `None`: the fastest NIC's `/sys/class/net/*/speed`.
+    pub link_mbps: Option<u64>,
 }
 
 impl AgentConfig {
@@ -124,7 +126,56 @@ impl AgentConfig {
             work_dir: PathBuf::from("/run/kd"),
             reboot_on_finish: false,
             write_rate: None,
-            net_threads: 2,
+            net_threads: NetThreads::Auto,
+            link_mbps: None,
+        }
+    }
+}
+
+/// Link speed (Mbit/s) above which one core cannot be trusted to relay at line rate. Measured
+/// (bench/README.md, "Per-node CPU (session 13)"): a relay's one thread costs 2.8 CPU s per GiB
+/// at 1 Gbit/s on this machine's cores, i.e. one core carries about 3 Gbit/s of QUIC at MTU
+/// 1500: a 1 or 2.5 GbE node relays on one thread, a 10/25 GbE node on two.
+pub const ONE_CORE_MBPS: u64 = 2_500;
+
+/// How many threads the agent gives QUIC: `Fixed(1)` (everything on the session's thread),
+/// `Fixed(2)` (the children's endpoint and streams on a relay thread of their own, so a relay
+/// uses two cores), or `Auto` ([`NetThreads::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetThreads {
+    /// Two where one core cannot carry the link, else one.
+    Auto,
+    /// This many (1 or 2).
+    Fixed(usize),
+}
+
+impl NetThreads {
+    /// The number of threads for a node whose fastest link is `link_mbps` (`None`: unknown,
+    /// e.g. virtio without a speed) with `cpus` cores. A second thread costs wake-ups on both
+    /// threads for every piece (measured: 10–15 % more CPU per GiB at 100 Mbit/s) and buys
+    /// throughput only past what one core carries, so `Auto` takes it only for a link faster
+    /// than [`ONE_CORE_MBPS`], or one of unknown speed (it may be fast: the deployment's speed
+    /// comes first), and only with two cores or more.
+    pub fn resolve(self, link_mbps: Option<u64>, cpus: usize) -> usize {
+        match self {
+            NetThreads::Fixed(n) => n.clamp(1, 2),
+            NetThreads::Auto if cpus < 2 => 1,
+            NetThreads::Auto => match link_mbps {
+                Some(m) if m <= ONE_CORE_MBPS => 1,
+                _ => 2,
+            },
+        }
+    }
+}
+
+impl FromStr for NetThreads {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(NetThreads::Auto),
+            "1" => Ok(NetThreads::Fixed(1)),
+            "2" => Ok(NetThreads::Fixed(2)),
+            _ => Err(format!("bad --net-threads {s:?}: expected auto, 1 or 2")),
         }
     }
 }
@@ -167,6 +218,27 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_threads_follow_the_link_and_the_cores() {
+        let auto = NetThreads::Auto;
+        // A 1 GbE or 2.5 GbE node relays on one thread; 10 and 25 GbE on two.
+        assert_eq!(auto.resolve(Some(100), 8), 1);
+        assert_eq!(auto.resolve(Some(1_000), 8), 1);
+        assert_eq!(auto.resolve(Some(2_500), 8), 1);
+        assert_eq!(auto.resolve(Some(10_000), 8), 2);
+        assert_eq!(auto.resolve(Some(25_000), 2), 2);
+        // Unknown speed: two (it may be fast), unless there is one core.
+        assert_eq!(auto.resolve(None, 4), 2);
+        assert_eq!(auto.resolve(None, 1), 1);
+        assert_eq!(auto.resolve(Some(10_000), 1), 1);
+        // Fixed is fixed.
+        assert_eq!(NetThreads::Fixed(2).resolve(Some(100), 1), 2);
+        assert_eq!(NetThreads::Fixed(1).resolve(None, 64), 1);
+        assert_eq!("auto".parse(), Ok(NetThreads::Auto));
+        assert_eq!("2".parse(), Ok(NetThreads::Fixed(2)));
+        assert!("3".parse::<NetThreads>().is_err());
+    }
 
     #[test]
     fn sinks_and_faults() {

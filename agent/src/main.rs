@@ -58,11 +58,15 @@ struct Args {
     /// Fault injection for tests: corrupt:N, die-after:N, stop-after:N.
     #[arg(long, hide = true)]
     fault: Vec<Fault>,
-    /// Threads for the network: 1 (one for everything) or 2 (the children's connections on a
-    /// thread of their own, the upstream's on the main one: a relay can use two cores).
-    #[arg(long, default_value_t = 2,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=2))]
-    net_threads: usize,
+    /// Threads for the network: 1 (one for everything), 2 (the children's connections on a
+    /// thread of their own, the upstream's on the main one: a relay can use two cores), or auto
+    /// (two only for a link faster than one core relays, ~2.5 Gbit/s, or of unknown speed).
+    #[arg(long, default_value = "auto")]
+    net_threads: kd_agent::config::NetThreads,
+    /// The link's speed in Mbit/s, for `--net-threads auto`, when the NIC cannot tell it (a
+    /// bench's tc-shaped veth reports 10000 whatever its shaper).
+    #[arg(long, hide = true)]
+    link_mbps: Option<u64>,
     /// Kernel command line to read kd.* from.
     #[arg(long, default_value = "/proc/cmdline")]
     cmdline: std::path::PathBuf,
@@ -137,6 +141,7 @@ fn real_main() -> Result<()> {
     cfg.faults = a.fault;
     cfg.write_rate = a.write_rate;
     cfg.net_threads = a.net_threads;
+    cfg.link_mbps = a.link_mbps;
     cfg.disk = a.disk;
     cfg.work_dir = a.work_dir;
     // Started by the deploy initrd (identity from the kernel's own command line): the node is

@@ -66,7 +66,11 @@ struct Ctx {
 /// Runs the agent until the broadcast is over. Errors are what the operator must read.
 pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     // Declared first, dropped last: its runtime outlives the children's endpoint.
-    let relay = match cfg.net_threads {
+    let inventory = crate::inventory::collect();
+    let link = cfg.link_mbps.or_else(|| fastest_link(&inventory));
+    let threads = cfg.net_threads.resolve(link, inventory.cpus as usize);
+    tracing::info!(threads, link_mbps = ?link, cpus = inventory.cpus, "network threads");
+    let relay = match threads {
         0 | 1 => None,
         _ => Some(RelayThread::start().context("cannot start the relay thread")?),
     };
@@ -76,7 +80,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         node: cfg.node.clone(),
         token: cfg.token.clone(),
         data_port: children_ep.local_addr()?.port(),
-        inventory: crate::inventory::collect(),
+        inventory,
     };
     let joined = join(&endpoint, &cfg, &hello).await?;
     tracing::info!(
@@ -133,6 +137,16 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         reboot_or_exit(&ctx.cfg);
     }
     Ok(AgentOutcome { report })
+}
+
+/// The speed of the node's fastest NIC that tells one (Mbit/s), if any does.
+fn fastest_link(inventory: &kd_proto::msg::Inventory) -> Option<u64> {
+    inventory
+        .nics
+        .iter()
+        .map(|n| u64::from(n.speed_mbps))
+        .filter(|&m| m > 0)
+        .max()
 }
 
 /// The endpoint children connect to (`data_port`; on the relay thread's runtime when there is

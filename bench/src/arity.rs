@@ -295,6 +295,14 @@ pub(crate) fn parse_rate(s: &str) -> Result<u64> {
     Ok(bps as u64)
 }
 
+/// Node `i`'s link rate in bits per second: `--rate`, or the last `--slow-link` that covers it.
+fn link_bps(a: &ArityArgs, i: usize) -> Result<u64> {
+    match a.slow_link.iter().rev().find(|sl| sl.covers(i)) {
+        Some(sl) => parse_rate(&sl.rate),
+        None => parse_rate(&a.rate),
+    }
+}
+
 /// Human form of a rate in bits per second.
 pub(crate) fn rate_label(bps: u64) -> String {
     if bps.is_multiple_of(1_000_000_000) {
@@ -1131,6 +1139,12 @@ fn run_one(
             ])
             .args(["--sink", &sink])
             .args(["--listen", &format!("{}:0", host_addr(i))])
+            // What the NIC of a real node shaped so would report (a veth says 10000): the
+            // agent's `--net-threads auto` reads it.
+            .arg(format!(
+                "--link-mbps={}",
+                (link_bps(a, i)? / 1_000_000).max(1)
+            ))
             .args(
                 a.slow_disk
                     .iter()
