@@ -429,7 +429,6 @@ async fn released(ctx: &mut Ctx) -> Result<Option<Option<Kexec>>> {
             _ = ctx.coord.closed() => None,
         };
         match control(Phase::Serving, msg.into()) {
-            Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
             Control::Finish => return Ok(None),
             Control::Reboot(kexec) => return Ok(Some(kexec)),
             Control::Fail(e) => return Err(anyhow!(e)),
@@ -1062,8 +1061,8 @@ impl Receipt<'_> {
 
 /// The next frame of the stream, read while the upstream is judged alive ([`judged`]); the
 /// control messages that come meanwhile are handled ([`Phase::Receiving`]). One read per
-/// frame, kept across them: dropping it for an `Adopt` would lose a frame header half read and
-/// break the stream's framing. Only a new upstream or the end abandons it.
+/// frame, kept across them: dropping it for a control message would lose a frame header half
+/// read and break the stream's framing. Only a new upstream or the end abandons it.
 async fn next_frame(
     ctx: &mut Ctx,
     watch: &Watch,
@@ -1077,7 +1076,6 @@ async fn next_frame(
             f = &mut read => break f,
             m = ctx.ctl.recv() => match control(Phase::Receiving, m.into()) {
                 Control::Reparent(u) => return Err(StreamEnd::Moved(u)),
-                Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
                 Control::Fail(e) => return Err(StreamEnd::Fatal(e)),
                 _ => {}
             },
@@ -1257,7 +1255,6 @@ async fn lost_upstream(
         };
         match control(Phase::Lost { reason: &reason }, input) {
             Control::Reparent(u) => return Ok(u),
-            Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
             Control::Fail(e) => return Err(e),
             _ => {}
         }

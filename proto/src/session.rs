@@ -77,10 +77,9 @@ impl From<Option<ToAgent>> for ControlIn {
 /// What the session does about a control message ([`control`]).
 #[derive(Debug, PartialEq)]
 pub enum Control {
-    /// Nothing (not for this phase; `ChildGone` is done by the control reader when it arrives).
+    /// Nothing (not for this phase; `Adopt` and `ChildGone` are done by the control reader
+    /// when they arrive).
     Ignore,
-    /// Accept this child (the control reader did already when it arrived; again is harmless).
-    Adopt(PeerInfo),
     /// The plan: start the broadcast.
     Plan(Box<Plan>),
     /// Measure the link and the disk now.
@@ -136,7 +135,9 @@ pub fn control(phase: Phase<'_>, input: ControlIn) -> Control {
         (_, ToAgent::Abort { reason }) => {
             Control::Fail(format!("aborted by the coordinator: {reason}"))
         }
-        (_, ToAgent::Adopt(p)) => Control::Adopt(p),
+        // The control reader accepted the child the moment the `Adopt` arrived, whatever the
+        // session was waiting on: nothing is left for the session to do.
+        (_, ToAgent::Adopt(_)) => Control::Ignore,
         (Phase::Receiving | Phase::Lost { .. }, ToAgent::Reparent(u)) => Control::Reparent(u),
         (Phase::Serving, ToAgent::Finish) => Control::Finish,
         (Phase::Serving, ToAgent::Reboot { kexec }) => Control::Reboot(kexec),
@@ -701,7 +702,7 @@ mod tests {
     }
 
     #[test]
-    fn while_receiving_only_a_reparent_an_adopt_or_an_abort_count() {
+    fn while_receiving_only_a_reparent_or_an_abort_count() {
         decides(
             Phase::Receiving,
             vec![
@@ -709,7 +710,8 @@ mod tests {
                     msg(ToAgent::Reparent(Upstream::Coordinator)),
                     Control::Reparent(Upstream::Coordinator),
                 ),
-                (msg(ToAgent::Adopt(peer("n3"))), Control::Adopt(peer("n3"))),
+                // The control reader's alone: it accepted the child on arrival.
+                (msg(ToAgent::Adopt(peer("n3"))), Control::Ignore),
                 (msg(abort()), fail("aborted by the coordinator: operator")),
                 (msg(ToAgent::Finish), Control::Ignore),
                 (msg(ToAgent::Reboot { kexec: None }), Control::Ignore),
@@ -732,7 +734,8 @@ mod tests {
                     msg(ToAgent::Reparent(to_n1.clone())),
                     Control::Reparent(to_n1),
                 ),
-                (msg(ToAgent::Adopt(peer("n3"))), Control::Adopt(peer("n3"))),
+                // The control reader's alone: it accepted the child on arrival.
+                (msg(ToAgent::Adopt(peer("n3"))), Control::Ignore),
                 (msg(ToAgent::Finish), Control::Ignore),
                 (
                     ControlIn::TimedOut,
@@ -757,7 +760,8 @@ mod tests {
                     msg(ToAgent::Reboot { kexec: kexec() }),
                     Control::Reboot(kexec()),
                 ),
-                (msg(ToAgent::Adopt(peer("n5"))), Control::Adopt(peer("n5"))),
+                // The control reader's alone: it accepted the child on arrival.
+                (msg(ToAgent::Adopt(peer("n5"))), Control::Ignore),
                 (
                     msg(ToAgent::Reparent(Upstream::Coordinator)),
                     Control::Ignore,
