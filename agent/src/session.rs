@@ -19,8 +19,9 @@ use kd_proto::manifest::{verify_chunk, Manifest};
 use kd_proto::msg::Digest;
 use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
-    DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, Kexec, PeerIdentity, PeerInfo,
-    Plan, Progress, Report, StallLimits, StepReport, ToAgent, ToCoord, Upstream, Welcome,
+    Asked, DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, Kexec, PeerIdentity,
+    PeerInfo, Plan, Progress, Report, StallLimits, StepReport, ToAgent, ToCoord, Upstream, Welcome,
+    DATA_REQUEST_WAIT,
 };
 use kd_proto::piece::{piece_ok, piece_range};
 use kd_proto::session::{
@@ -1548,15 +1549,14 @@ async fn serve_stream(
     deployment: u64,
     conn: &quinn::Connection,
 ) -> Result<()> {
-    let req = wire::recv::<DataRequest>(&mut r, Duration::from_secs(10), "a data request").await?;
-    let count = manifest.chunk_count();
-    let (d, from, to, paced) = match req {
-        DataRequest::Stream { deployment, from } => (deployment, from, count, true),
-        DataRequest::One { deployment, index }
-        | DataRequest::Repair {
-            deployment, index, ..
-        } => (deployment, index, index.saturating_add(1).min(count), false),
-        DataRequest::Probe { .. } => bail!("a probe request after the plan"),
+    let req = wire::recv::<DataRequest>(&mut r, DATA_REQUEST_WAIT, "a data request").await?;
+    let Some(Asked {
+        deployment: d,
+        chunks,
+        paced,
+    }) = req.asked(manifest.chunk_count())
+    else {
+        bail!("a probe request after the plan")
     };
     if d != deployment {
         let refused = kd_proto::msg::WireError::new(
@@ -1566,8 +1566,8 @@ async fn serve_stream(
         wire::send(&mut s, &DataFrame::Error(refused)).await?;
         return Ok(());
     }
-    let id = store.register(from, paced);
-    let result = send_range(&mut s, store, (id, from..to, paced), conn).await;
+    let id = store.register(chunks.start, paced);
+    let result = send_range(&mut s, store, (id, chunks, paced), conn).await;
     store.unregister(id);
     result
 }
