@@ -25,8 +25,9 @@ use kd_proto::msg::{
 };
 use kd_proto::piece::{piece_ok, piece_range};
 use kd_proto::session::{
-    control, parent, Answer, ChunkPieces, Control, ControlIn, FinishDisk, Incoming, JoinFailure,
-    Joining, Phase, Repair, Step, CHILDREN_WAIT, PROGRESS_EVERY, REPARENT_WAIT, WELCOME_TIMEOUT,
+    control, ending, parent, Answer, ChunkPieces, Control, ControlIn, Ending, FinishDisk, Incoming,
+    JoinFailure, Joining, Phase, Repair, Step, CHILDREN_WAIT, PROGRESS_EVERY, REPARENT_WAIT,
+    WELCOME_TIMEOUT,
 };
 use kd_proto::upstream::{Heard, Judgement, Policy, Problem, Verdict, Watch};
 use tokio::sync::mpsc;
@@ -123,16 +124,21 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         kexec_loaded = kexec_load(&ctx, deploy_device.as_deref(), k).await;
     }
     shut_down(&ctx).await;
+    // Exit, reboot or kexec: `ending` decides, this executes (the errors are returned after).
+    let reboot_asked = matches!(end, Ok(Some(_)));
+    let failed = report.error.is_some() || end.is_err();
+    match ending(&job, reboot_asked, kexec_loaded, failed) {
+        Ending::Exit => {}
+        Ending::Reboot => reboot_or_exit(&ctx.cfg),
+        Ending::KexecThenReboot => {
+            kexec_or_fall_back(&ctx.cfg);
+            reboot_or_exit(&ctx.cfg);
+        }
+    }
     if let Some(e) = &report.error {
         bail!("{e}");
     }
-    let reboot = end?.is_some();
-    if reboot || matches!(job, Job::Deploy(_)) {
-        if kexec_loaded {
-            kexec_or_fall_back(&ctx.cfg);
-        }
-        reboot_or_exit(&ctx.cfg);
-    }
+    end?;
     Ok(AgentOutcome { report })
 }
 
