@@ -1,9 +1,10 @@
 //! Connections to other agents: a parent, a peer that repairs a chunk, a probe's peer.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use kd_proto::msg::{PeerIdentity, PeerInfo};
+use tokio::time::Instant;
 
 /// Longest wait for one connection attempt (a dead peer never answers).
 const ATTEMPT: Duration = Duration::from_secs(3);
@@ -27,11 +28,13 @@ pub(crate) async fn connect_peer(
         identity.key_der.clone(),
     )?;
     let mut last = None;
-    let deadline = tokio::time::Instant::now() + patience;
-    while tokio::time::Instant::now() < deadline {
+    // One clock, tokio's, for the deadline and the timings: the attempts' time limits and the
+    // logged durations agree (and follow tokio's time in tests that pause it).
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
         let attempt = endpoint.connect_with(client.clone(), peer.addr, "kd-peer")?;
         let t = Instant::now();
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let left = deadline.saturating_duration_since(t);
         match tokio::time::timeout(left.min(ATTEMPT), attempt).await {
             Ok(Ok(c)) => {
                 tracing::debug!(peer = %peer.node, ms = t.elapsed().as_millis() as u64, "connected to a peer");

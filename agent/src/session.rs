@@ -19,13 +19,15 @@ use kd_proto::manifest::{verify_chunk, Manifest};
 use kd_proto::msg::Digest;
 use kd_proto::msg::{AgentStep, StepEnd};
 use kd_proto::msg::{
-    DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, Kexec, PeerIdentity, PeerInfo,
-    Plan, Progress, Report, StallLimits, StepReport, ToAgent, ToCoord, Upstream, Welcome,
+    Asked, DataFrame, DataRequest, DeployImage, DeployJob, Hello, Job, Kexec, PeerIdentity,
+    PeerInfo, Plan, Progress, Report, StallLimits, StepReport, ToAgent, ToCoord, Upstream, Welcome,
+    DATA_REQUEST_WAIT,
 };
 use kd_proto::piece::{piece_ok, piece_range};
 use kd_proto::session::{
-    control, parent, Answer, ChunkPieces, Control, ControlIn, FinishDisk, Incoming, JoinFailure,
-    Joining, Phase, Repair, Step, CHILDREN_WAIT, PROGRESS_EVERY, REPARENT_WAIT, WELCOME_TIMEOUT,
+    control, ending, parent, Answer, ChunkPieces, Control, ControlIn, Ending, FinishDisk, Incoming,
+    JoinFailure, Joining, Phase, Repair, Step, CHILDREN_WAIT, PROGRESS_EVERY, REPARENT_WAIT,
+    WELCOME_TIMEOUT,
 };
 use kd_proto::upstream::{Heard, Judgement, Policy, Problem, Verdict, Watch};
 use tokio::sync::mpsc;
@@ -126,16 +128,21 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
         kexec_loaded = kexec_load(&ctx, deploy_device.as_deref(), k).await;
     }
     shut_down(&ctx).await;
+    // Exit, reboot or kexec: `ending` decides, this executes (the errors are returned after).
+    let reboot_asked = matches!(end, Ok(Some(_)));
+    let failed = report.error.is_some() || end.is_err();
+    match ending(&job, reboot_asked, kexec_loaded, failed) {
+        Ending::Exit => {}
+        Ending::Reboot => reboot_or_exit(&ctx.cfg),
+        Ending::KexecThenReboot => {
+            kexec_or_fall_back(&ctx.cfg);
+            reboot_or_exit(&ctx.cfg);
+        }
+    }
     if let Some(e) = &report.error {
         bail!("{e}");
     }
-    let reboot = end?.is_some();
-    if reboot || matches!(job, Job::Deploy(_)) {
-        if kexec_loaded {
-            kexec_or_fall_back(&ctx.cfg);
-        }
-        reboot_or_exit(&ctx.cfg);
-    }
+    end?;
     Ok(AgentOutcome { report })
 }
 
@@ -445,7 +452,6 @@ async fn released(ctx: &mut Ctx) -> Result<Option<Option<Kexec>>> {
             _ = ctx.coord.closed() => None,
         };
         match control(Phase::Serving, msg.into()) {
-            Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
             Control::Finish => return Ok(None),
             Control::Reboot(kexec) => return Ok(Some(kexec)),
             Control::Fail(e) => return Err(anyhow!(e)),
@@ -1078,8 +1084,8 @@ impl Receipt<'_> {
 
 /// The next frame of the stream, read while the upstream is judged alive ([`judged`]); the
 /// control messages that come meanwhile are handled ([`Phase::Receiving`]). One read per
-/// frame, kept across them: dropping it for an `Adopt` would lose a frame header half read and
-/// break the stream's framing. Only a new upstream or the end abandons it.
+/// frame, kept across them: dropping it for a control message would lose a frame header half
+/// read and break the stream's framing. Only a new upstream or the end abandons it.
 async fn next_frame(
     ctx: &mut Ctx,
     watch: &Watch,
@@ -1093,7 +1099,6 @@ async fn next_frame(
             f = &mut read => break f,
             m = ctx.ctl.recv() => match control(Phase::Receiving, m.into()) {
                 Control::Reparent(u) => return Err(StreamEnd::Moved(u)),
-                Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
                 Control::Fail(e) => return Err(StreamEnd::Fatal(e)),
                 _ => {}
             },
@@ -1273,7 +1278,6 @@ async fn lost_upstream(
         };
         match control(Phase::Lost { reason: &reason }, input) {
             Control::Reparent(u) => return Ok(u),
-            Control::Adopt(p) => ctx.allowed.allow(p.cert_sha256, p.node),
             Control::Fail(e) => return Err(e),
             _ => {}
         }
@@ -1567,15 +1571,14 @@ async fn serve_stream(
     deployment: u64,
     conn: &quinn::Connection,
 ) -> Result<()> {
-    let req = wire::recv::<DataRequest>(&mut r, Duration::from_secs(10), "a data request").await?;
-    let count = manifest.chunk_count();
-    let (d, from, to, paced) = match req {
-        DataRequest::Stream { deployment, from } => (deployment, from, count, true),
-        DataRequest::One { deployment, index }
-        | DataRequest::Repair {
-            deployment, index, ..
-        } => (deployment, index, index.saturating_add(1).min(count), false),
-        DataRequest::Probe { .. } => bail!("a probe request after the plan"),
+    let req = wire::recv::<DataRequest>(&mut r, DATA_REQUEST_WAIT, "a data request").await?;
+    let Some(Asked {
+        deployment: d,
+        chunks,
+        paced,
+    }) = req.asked(manifest.chunk_count())
+    else {
+        bail!("a probe request after the plan")
     };
     if d != deployment {
         let refused = kd_proto::msg::WireError::new(
@@ -1585,8 +1588,8 @@ async fn serve_stream(
         wire::send(&mut s, &DataFrame::Error(refused)).await?;
         return Ok(());
     }
-    let id = store.register(from, paced);
-    let result = send_range(&mut s, store, (id, from..to, paced), conn).await;
+    let id = store.register(chunks.start, paced);
+    let result = send_range(&mut s, store, (id, chunks, paced), conn).await;
     store.unregister(id);
     result
 }

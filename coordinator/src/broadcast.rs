@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use kd_net::wire;
 use kd_proto::msg::{
-    DataFrame, DataRequest, ErrorCode, Hello, Job, PeerInfo, Plan, Progress, Report, ToAgent,
-    ToCoord, Upstream, Welcome, WireError,
+    Asked, DataFrame, DataRequest, ErrorCode, Hello, Job, PeerInfo, Plan, Progress, Report,
+    ToAgent, ToCoord, Upstream, Welcome, WireError, DATA_REQUEST_WAIT,
 };
 use kd_proto::tree::Arity;
 use tokio::sync::{mpsc, oneshot};
@@ -988,8 +988,7 @@ async fn serve_data(
     conn: quinn::Connection,
     asker: Asker,
 ) {
-    let req = match wire::recv::<DataRequest>(&mut recv, Duration::from_secs(10), "a data request")
-        .await
+    let req = match wire::recv::<DataRequest>(&mut recv, DATA_REQUEST_WAIT, "a data request").await
     {
         Ok(r) => r,
         Err(e) => {
@@ -1001,18 +1000,15 @@ async fn serve_data(
             return;
         }
     };
-    let count = source.chunks.image().manifest.chunk_count();
-    let (deployment, range, paced) = match req {
-        DataRequest::Stream { deployment, from } => (deployment, from..count, true),
-        DataRequest::One { deployment, index }
-        | DataRequest::Repair {
-            deployment, index, ..
-        } => (deployment, index..index.saturating_add(1).min(count), false),
-        DataRequest::Probe { .. } => {
-            let e = WireError::new(ErrorCode::Unexpected, "the coordinator serves no probe");
-            let _ = send_frame(&mut send, &DataFrame::Error(e)).await;
-            return;
-        }
+    let Some(Asked {
+        deployment,
+        chunks: range,
+        paced,
+    }) = req.asked(source.chunks.image().manifest.chunk_count())
+    else {
+        let e = WireError::new(ErrorCode::Unexpected, "the coordinator serves no probe");
+        let _ = send_frame(&mut send, &DataFrame::Error(e)).await;
+        return;
     };
     if deployment != source.deployment {
         let e = WireError::new(

@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
 
 use crate::manifest::Manifest;
 
@@ -437,6 +439,44 @@ pub enum DataRequest {
     },
 }
 
+/// How long the sender of a data stream (a parent agent, the coordinator) waits for the
+/// request that opens it.
+pub const DATA_REQUEST_WAIT: Duration = Duration::from_secs(10);
+
+/// What a [`DataRequest`] asks of the sender of an image's chunks ([`DataRequest::asked`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asked {
+    /// Deployment the asker belongs to (a sender refuses another one's).
+    pub deployment: u64,
+    /// The chunks to send, in order: a stream's from its first to the image's end, a repair's
+    /// its one chunk; none past the end.
+    pub chunks: Range<u32>,
+    /// A stream, sent in step with the sender's other streams (each chunk's piece hashes
+    /// first); `false` for a repair.
+    pub paced: bool,
+}
+
+impl DataRequest {
+    /// What this request asks of the sender of an image of `count` chunks; `None` for a
+    /// [`DataRequest::Probe`], which asks for no chunk. A `Repair` asks what `One` asks (the
+    /// coordinator may redirect it to a peer first).
+    pub fn asked(&self, count: u32) -> Option<Asked> {
+        let (deployment, chunks, paced) = match *self {
+            DataRequest::Stream { deployment, from } => (deployment, from..count, true),
+            DataRequest::One { deployment, index }
+            | DataRequest::Repair {
+                deployment, index, ..
+            } => (deployment, index..index.saturating_add(1).min(count), false),
+            DataRequest::Probe { .. } => return None,
+        };
+        Some(Asked {
+            deployment,
+            chunks,
+            paced,
+        })
+    }
+}
+
 /// Upstream → child on a data stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataFrame {
@@ -508,5 +548,60 @@ impl WireError {
             code,
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asked(deployment: u64, chunks: Range<u32>, paced: bool) -> Option<Asked> {
+        Some(Asked {
+            deployment,
+            chunks,
+            paced,
+        })
+    }
+
+    #[test]
+    fn a_stream_asks_from_its_first_chunk_to_the_end_in_step() {
+        let r = |from| DataRequest::Stream {
+            deployment: 7,
+            from,
+        };
+        assert_eq!(r(0).asked(10), asked(7, 0..10, true));
+        assert_eq!(r(4).asked(10), asked(7, 4..10, true));
+        // Nothing left to send: an empty range, not an error.
+        assert_eq!(r(10).asked(10), asked(7, 10..10, true));
+        assert!(r(12).asked(10).is_some_and(|a| a.chunks.is_empty()));
+    }
+
+    #[test]
+    fn a_repair_asks_for_its_one_chunk_and_none_past_the_end() {
+        let one = |index| DataRequest::One {
+            deployment: 7,
+            index,
+        };
+        let repair = |index| DataRequest::Repair {
+            deployment: 7,
+            index,
+            avoid: Some("n1".into()),
+        };
+        for r in [one, repair] {
+            assert_eq!(r(0).asked(10), asked(7, 0..1, false));
+            assert_eq!(r(9).asked(10), asked(7, 9..10, false));
+            assert!(r(10).asked(10).is_some_and(|a| a.chunks.is_empty()));
+            // No overflow at the last index.
+            assert!(r(u32::MAX).asked(10).is_some_and(|a| a.chunks.is_empty()));
+        }
+    }
+
+    #[test]
+    fn a_probe_asks_for_no_chunk() {
+        let p = DataRequest::Probe {
+            deployment: 7,
+            bytes: 1 << 20,
+        };
+        assert_eq!(p.asked(10), None);
     }
 }

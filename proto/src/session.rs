@@ -1,7 +1,8 @@
 //! The agent's session decisions, without I/O: what each control message means in each phase
 //! of the session, what each frame of the upstream's stream asks for, when a chunk's pieces
 //! are refused (and fetched again), how a repair is asked for and which answer counts, when a
-//! failed attempt to join the coordinator is tried again, and what the report's verdict is.
+//! failed attempt to join the coordinator is tried again, what the report's verdict is, and how
+//! the session ends (exit, reboot, or kexec then reboot).
 //! The agent's session (`agent/src/session.rs`) is the driver: it reads the sockets and the
 //! clock, hands what it got to these functions and does what they answer. Its upstream's
 //! silence and the retry of a failed stream are [`crate::upstream::Watch`]'s.
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 use crate::codec::{DataIn, Whole};
 use crate::manifest::{verify_chunk, Manifest};
 use crate::msg::{
-    DataFrame, DataRequest, DeployJob, Digest, ErrorCode, Kexec, PeerInfo, Plan, Probe, ToAgent,
-    Upstream, Welcome,
+    DataFrame, DataRequest, DeployJob, Digest, ErrorCode, Job, Kexec, PeerInfo, Plan, Probe,
+    ToAgent, Upstream, Welcome,
 };
 use crate::piece::{check_piece_hashes, piece_count};
 
@@ -77,10 +78,9 @@ impl From<Option<ToAgent>> for ControlIn {
 /// What the session does about a control message ([`control`]).
 #[derive(Debug, PartialEq)]
 pub enum Control {
-    /// Nothing (not for this phase; `ChildGone` is done by the control reader when it arrives).
+    /// Nothing (not for this phase; `Adopt` and `ChildGone` are done by the control reader
+    /// when they arrive).
     Ignore,
-    /// Accept this child (the control reader did already when it arrived; again is harmless).
-    Adopt(PeerInfo),
     /// The plan: start the broadcast.
     Plan(Box<Plan>),
     /// Measure the link and the disk now.
@@ -136,7 +136,9 @@ pub fn control(phase: Phase<'_>, input: ControlIn) -> Control {
         (_, ToAgent::Abort { reason }) => {
             Control::Fail(format!("aborted by the coordinator: {reason}"))
         }
-        (_, ToAgent::Adopt(p)) => Control::Adopt(p),
+        // The control reader accepted the child the moment the `Adopt` arrived, whatever the
+        // session was waiting on: nothing is left for the session to do.
+        (_, ToAgent::Adopt(_)) => Control::Ignore,
         (Phase::Receiving | Phase::Lost { .. }, ToAgent::Reparent(u)) => Control::Reparent(u),
         (Phase::Serving, ToAgent::Finish) => Control::Finish,
         (Phase::Serving, ToAgent::Reboot { kexec }) => Control::Reboot(kexec),
@@ -359,6 +361,33 @@ pub fn when_to_finish(ok: bool, staged: bool) -> FinishDisk {
         (false, _) => FinishDisk::Never,
         (true, true) => FinishDisk::AfterReport,
         (true, false) => FinishDisk::BeforeReport,
+    }
+}
+
+/// What the node does when the agent's session is over ([`ending`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The agent exits (with the session's error, if any).
+    Exit,
+    /// The node reboots into the deployed system (an agent that may not reboot, one not
+    /// started by the deploy initrd, says so and exits).
+    Reboot,
+    /// A kexec into the kernel loaded for it; a reboot if that fails.
+    KexecThenReboot,
+}
+
+/// How the session ends: `job` the plan's; `reboot_asked`, the coordinator released the agent
+/// with `Reboot` (with or without a kexec), not `Finish`; `kexec_loaded`, the kexec it asked for
+/// is loaded; `failed`, the session ends with an error (the report's or the release's). A
+/// failed session exits; a deployment (whose disk now holds a system) or a session released
+/// with `Reboot` reboots, through the kexec when one is loaded; anything else exits.
+pub fn ending(job: &Job, reboot_asked: bool, kexec_loaded: bool, failed: bool) -> Ending {
+    if failed || !(reboot_asked || matches!(job, Job::Deploy(_))) {
+        Ending::Exit
+    } else if kexec_loaded {
+        Ending::KexecThenReboot
+    } else {
+        Ending::Reboot
     }
 }
 
@@ -585,7 +614,7 @@ impl Joining {
 mod tests {
     use super::*;
     use crate::manifest::{ImageKind, ManifestBuilder};
-    use crate::msg::{PeerIdentity, WireError};
+    use crate::msg::{DeployImage, PeerIdentity, WireError};
     use crate::piece::{piece_hashes, PIECE_LEN};
 
     fn ms(n: u64) -> Duration {
@@ -701,7 +730,7 @@ mod tests {
     }
 
     #[test]
-    fn while_receiving_only_a_reparent_an_adopt_or_an_abort_count() {
+    fn while_receiving_only_a_reparent_or_an_abort_count() {
         decides(
             Phase::Receiving,
             vec![
@@ -709,7 +738,8 @@ mod tests {
                     msg(ToAgent::Reparent(Upstream::Coordinator)),
                     Control::Reparent(Upstream::Coordinator),
                 ),
-                (msg(ToAgent::Adopt(peer("n3"))), Control::Adopt(peer("n3"))),
+                // The control reader's alone: it accepted the child on arrival.
+                (msg(ToAgent::Adopt(peer("n3"))), Control::Ignore),
                 (msg(abort()), fail("aborted by the coordinator: operator")),
                 (msg(ToAgent::Finish), Control::Ignore),
                 (msg(ToAgent::Reboot { kexec: None }), Control::Ignore),
@@ -732,7 +762,8 @@ mod tests {
                     msg(ToAgent::Reparent(to_n1.clone())),
                     Control::Reparent(to_n1),
                 ),
-                (msg(ToAgent::Adopt(peer("n3"))), Control::Adopt(peer("n3"))),
+                // The control reader's alone: it accepted the child on arrival.
+                (msg(ToAgent::Adopt(peer("n3"))), Control::Ignore),
                 (msg(ToAgent::Finish), Control::Ignore),
                 (
                     ControlIn::TimedOut,
@@ -757,7 +788,8 @@ mod tests {
                     msg(ToAgent::Reboot { kexec: kexec() }),
                     Control::Reboot(kexec()),
                 ),
-                (msg(ToAgent::Adopt(peer("n5"))), Control::Adopt(peer("n5"))),
+                // The control reader's alone: it accepted the child on arrival.
+                (msg(ToAgent::Adopt(peer("n5"))), Control::Ignore),
                 (
                     msg(ToAgent::Reparent(Upstream::Coordinator)),
                     Control::Ignore,
@@ -917,6 +949,47 @@ mod tests {
         assert_eq!(when_to_finish(false, false), FinishDisk::Never);
         assert_eq!(when_to_finish(true, true), FinishDisk::AfterReport);
         assert_eq!(when_to_finish(true, false), FinishDisk::BeforeReport);
+    }
+
+    #[test]
+    fn a_session_ends_in_an_exit_a_reboot_or_a_kexec() {
+        let local = Job::LocalSink;
+        let deploy = Job::Deploy(Box::new(DeployJob {
+            layout: String::new(),
+            deploy_partition: None,
+            image: DeployImage::Tar,
+            partition: true,
+            environment: "debian12".into(),
+            ssh_key: None,
+            boot: None,
+            postinstalls: Vec::new(),
+            postinstall_timeout_secs: 60,
+        }));
+        // (job, reboot asked, kexec loaded, failed) -> ending
+        let cases = [
+            // A failed session exits, whatever it was asked (nothing to boot into).
+            (&deploy, true, false, true, Ending::Exit),
+            (&deploy, false, false, true, Ending::Exit),
+            (&local, true, false, true, Ending::Exit),
+            (&deploy, true, true, true, Ending::Exit),
+            // A broadcast to a local sink released with Finish: the agent just exits.
+            (&local, false, false, false, Ending::Exit),
+            // Released with Reboot: a reboot, whatever the job.
+            (&local, true, false, false, Ending::Reboot),
+            (&deploy, true, false, false, Ending::Reboot),
+            // A deployment reboots into its system even when released with Finish.
+            (&deploy, false, false, false, Ending::Reboot),
+            // A loaded kexec goes first (a reboot if it fails).
+            (&deploy, true, true, false, Ending::KexecThenReboot),
+            (&local, true, true, false, Ending::KexecThenReboot),
+        ];
+        for (job, reboot_asked, kexec_loaded, failed, want) in cases {
+            assert_eq!(
+                ending(job, reboot_asked, kexec_loaded, failed),
+                want,
+                "{job:?} reboot asked {reboot_asked}, kexec loaded {kexec_loaded}, failed {failed}"
+            );
+        }
     }
 
     #[test]
