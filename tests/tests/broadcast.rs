@@ -127,17 +127,36 @@ fn every_arity_delivers_identical_copies() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 6 * 1024 * 1024 + 12345, 7);
-    for arity in ["chain", "2", "3", "star"] {
-        let (v, out, outs, _c, _) = broadcast_raw(&input, arity, &[], &[]);
+    // Both ways an agent runs its network: two threads (a fast link's) for every arity, one
+    // (a 1 GbE node's) for a chain and a 2-ary tree. `auto` would pick from this host's NIC.
+    let runs = [
+        ("chain", "2"),
+        ("2", "2"),
+        ("3", "2"),
+        ("star", "2"),
+        ("chain", "1"),
+        ("2", "1"),
+    ];
+    for (arity, threads) in runs {
+        let flag = format!("--net-threads={threads}");
+        let (v, out, outs, _c, _) = broadcast_raw(&input, arity, &[], &every_node(8, &flag));
         assert_identical_copies(
             &v,
             &input,
             out.path(),
             &outs,
-            &format!("arity {arity}"),
+            &format!("arity {arity}, {threads} network threads"),
             &[],
         );
     }
+}
+
+/// The same agent argument (or fault) for node1 to node`n`, as `broadcast_raw` takes them.
+fn every_node(n: usize, arg: &str) -> Vec<(&'static str, &str)> {
+    const NODES: [&str; 8] = [
+        "node1", "node2", "node3", "node4", "node5", "node6", "node7", "node8",
+    ];
+    NODES.iter().take(n).map(|node| (*node, arg)).collect()
 }
 
 #[test]
@@ -254,9 +273,14 @@ fn killed_relay_is_reported_and_the_others_complete() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("disk.raw");
     make_raw_input(&input, 4 * 1024 * 1024, 13);
-    for arity in ["chain", "2"] {
-        let (v, out, outs, _c, ran) =
-            broadcast_raw(&input, arity, &[], &[("node2", "die-after:3")]);
+    // A 2-ary tree on two network threads; a chain on one (its relays' children and parents
+    // on two sockets of one thread: the re-parented child's catch-up must not silence a relay
+    // towards its own parent).
+    for (arity, threads) in [("chain", "1"), ("2", "2")] {
+        let flag = format!("--net-threads={threads}");
+        let mut faults = every_node(8, &flag);
+        faults.push(("node2", "die-after:3"));
+        let (v, out, outs, _c, ran) = broadcast_raw(&input, arity, &[], &faults);
         let dead = node(&v, "node2");
         assert_eq!(dead["ok"], false, "{dead}");
         assert!(
