@@ -193,6 +193,9 @@ pub struct Cmdline {
     pub token: Option<String>,
     /// `kd.sink=SPEC` (defaults to the deployment's disk job)
     pub sink: Option<String>,
+    /// `kd.net_threads=auto|1|2` (a cluster's `deploy_kernel.params` may set it for nodes whose
+    /// NIC reports no speed, or the wrong one)
+    pub net_threads: Option<String>,
 }
 
 /// Reads `kd.*` from a kernel command line (as in /proc/cmdline).
@@ -209,6 +212,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
             "kd.node" => c.node = v,
             "kd.token" => c.token = v,
             "kd.sink" => c.sink = v,
+            "kd.net_threads" => c.net_threads = v,
             _ => {}
         }
     }
@@ -262,5 +266,8 @@ mod tests {
         assert_eq!(c.token.as_deref(), Some("abc"));
         assert_eq!(c.pin.as_deref(), Some("00ff"));
         assert_eq!(c.sink, None);
+        assert_eq!(c.net_threads, None);
+        let c = parse_cmdline("console=ttyS0 kd.node=n1 kd.net_threads=2");
+        assert_eq!(c.net_threads.as_deref(), Some("2"));
     }
 }

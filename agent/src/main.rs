@@ -61,8 +61,9 @@ struct Args {
     /// Threads for the network: 1 (one for everything), 2 (the children's connections on a
     /// thread of their own, the upstream's on the main one: a relay can use two cores), or auto
     /// (two only for a link faster than one core relays, ~2.5 Gbit/s, or of unknown speed).
-    #[arg(long, default_value = "auto")]
-    net_threads: kd_agent::config::NetThreads,
+    /// Default: `kd.net_threads=` from the kernel command line, else auto.
+    #[arg(long)]
+    net_threads: Option<kd_agent::config::NetThreads>,
     /// The link's speed in Mbit/s, for `--net-threads auto`, when the NIC cannot tell it (a
     /// bench's tc-shaped veth reports 10000 whatever its shaper).
     #[arg(long, hide = true)]
@@ -140,7 +141,13 @@ fn real_main() -> Result<()> {
     cfg.stall_floor = std::time::Duration::from_secs(a.stall_floor.max(1)).min(cfg.stall_timeout);
     cfg.faults = a.fault;
     cfg.write_rate = a.write_rate;
-    cfg.net_threads = a.net_threads;
+    cfg.net_threads = match (a.net_threads, cmd.net_threads.as_deref()) {
+        (Some(t), _) => t,
+        (None, Some(t)) => t
+            .parse()
+            .map_err(|e: String| anyhow!("kd.net_threads on the kernel command line: {e}"))?,
+        (None, None) => kd_agent::config::NetThreads::Auto,
+    };
     cfg.link_mbps = a.link_mbps;
     cfg.disk = a.disk;
     cfg.work_dir = a.work_dir;

@@ -33,7 +33,8 @@
 //! deploy_kernel:                     # optional; relative to the served root (http_root or tftp_root)
 //!   vmlinuz: boot/vmlinuz            # default
 //!   initrd: boot/initramfs.img       # default
-//!   params: console=ttyS0            # optional, default "console=ttyS0"
+//!   params: console=ttyS0            # optional, default "console=ttyS0"; kd.net_threads=1|2|auto
+//!                                    # sets the agents' network threads (auto: by NIC speed)
 //! disk:
 //!   block_device: /dev/vda
 //!   layout: {}                       # opaque here; kd-disk owns its type
