@@ -67,11 +67,11 @@ struct Ctx {
 
 /// Runs the agent until the broadcast is over. Errors are what the operator must read.
 pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
-    // Declared first, dropped last: its runtime outlives the children's endpoint.
     let inventory = crate::inventory::collect();
     let link = cfg.link_mbps.or_else(|| fastest_link(&inventory));
     let threads = cfg.net_threads.resolve(link, inventory.cpus as usize);
     tracing::info!(threads, link_mbps = ?link, cpus = inventory.cpus, "network threads");
+    // Declared before the endpoints, dropped after them: its runtime outlives the children's.
     let relay = match threads {
         0 | 1 => None,
         _ => Some(RelayThread::start().context("cannot start the relay thread")?),
