@@ -224,7 +224,6 @@ const DISK_SEGMENTS: u64 = 2;
 /// that waits on other files' dirty pages (writeback after a big build) does not make a
 /// normal disk look slow. A scratch file is removed after.
 fn write_probe(d: &DiskProbe, bytes: u64, write_rate: Option<u64>) -> Result<u64> {
-    use std::io::Write;
     let block: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -250,25 +249,10 @@ fn write_probe(d: &DiskProbe, bytes: u64, write_rate: Option<u64>) -> Result<u64
         for i in 0..DISK_SEGMENTS {
             // `bytes` in all, the first segments one byte longer when it does not divide.
             let size = bytes / DISK_SEGMENTS + u64::from(i < bytes % DISK_SEGMENTS);
-            if size == 0 {
-                continue;
+            if size > 0 {
+                let took = write_segment(file.as_mut(), &block, size, write_rate)?;
+                segments.push((size, took));
             }
-            let t = Instant::now();
-            // Each segment through the limit on its own: a slow disk is slow in every one.
-            let mut limit = crate::sink::RateLimit::new(write_rate);
-            let mut left = size;
-            while left > 0 {
-                let n = left.min(block.len() as u64) as usize;
-                if let Some(f) = file.as_mut() {
-                    f.write_all(&block[..n])?;
-                }
-                limit.wrote(n as u64);
-                left -= n as u64;
-            }
-            if let Some(f) = file.as_mut() {
-                f.sync_data()?;
-            }
-            segments.push((size, t.elapsed()));
         }
         std::io::Result::Ok(())
     })();
@@ -280,11 +264,37 @@ fn write_probe(d: &DiskProbe, bytes: u64, write_rate: Option<u64>) -> Result<u64
     Ok(disk_rate(&segments))
 }
 
+/// Writes `size` bytes of `block` over and over to `file` (none: only through the limit),
+/// through a write-rate limit of its own (a slow disk is slow in every segment), syncs, and
+/// returns how long it all took.
+fn write_segment(
+    mut file: Option<&mut std::fs::File>,
+    block: &[u8],
+    size: u64,
+    write_rate: Option<u64>,
+) -> std::io::Result<Duration> {
+    use std::io::Write;
+    let t = Instant::now();
+    let mut limit = crate::sink::RateLimit::new(write_rate);
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        if let Some(f) = file.as_mut() {
+            f.write_all(&block[..n])?;
+        }
+        limit.wrote(n as u64);
+        left -= n as u64;
+    }
+    if let Some(f) = file {
+        f.sync_data()?;
+    }
+    Ok(t.elapsed())
+}
+
 /// The disk's rate (bytes per second) from the probe's segments (bytes, time each): the best
-/// segment's. A segment is slow for the disk's own reasons in every segment, and for a
-/// stranger's in one: its sync waited on other files' dirty pages (writeback after a big
-/// build); `sync_data` leaves no cache that could make one look faster than the disk. 0
-/// without segments.
+/// segment's. A slow disk is slow in every segment; a stranger's writeback slows one (its
+/// sync waited on other files' dirty pages), and `sync_data` leaves no cache that could make a
+/// segment faster than the disk. 0 without segments.
 fn disk_rate(segments: &[(u64, Duration)]) -> u64 {
     segments
         .iter()

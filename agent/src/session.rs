@@ -72,9 +72,10 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     let threads = cfg.net_threads.resolve(link, inventory.cpus as usize);
     tracing::info!(threads, link_mbps = ?link, cpus = inventory.cpus, "network threads");
     // Declared before the endpoints, dropped after them: its runtime outlives the children's.
-    let relay = match threads {
-        0 | 1 => None,
-        _ => Some(RelayThread::start().context("cannot start the relay thread")?),
+    let relay = if threads > 1 {
+        Some(RelayThread::start().context("cannot start the relay thread")?)
+    } else {
+        None
     };
     let (children_ep, endpoint) = bind_endpoints(&cfg, relay.as_ref())?;
     let hello = Hello {
