@@ -96,7 +96,7 @@ pub struct AgentConfig {
     /// Threads for QUIC ([`NetThreads`]): one, two, or as the node's link and cores ask.
     pub net_threads: NetThreads,
     /// The link's speed in Mbit/s when the NIC cannot tell it (benches whose veths tc shapes:
-    /// a veth always reports 10000); `None`: the fastest NIC's `/sys/class/net/*/speed`.
+    /// a veth always reports 10000); `None`: the `/sys/class/net/*/speed` of the NIC the coordinator is routed through.
     pub link_mbps: Option<u64>,
 }
 
@@ -150,7 +150,7 @@ pub enum NetThreads {
 }
 
 impl NetThreads {
-    /// The number of threads for a node whose fastest link is `link_mbps` (`None`: unknown,
+    /// The number of threads for a node whose deployment link is `link_mbps` (`None`: unknown,
     /// e.g. virtio without a speed) with `cpus` cores. A second thread costs wake-ups on both
     /// threads for every piece (measured: 10–15 % more CPU per GiB at 100 Mbit/s) and buys
     /// throughput only past what one core carries, so `Auto` takes it only for a link faster

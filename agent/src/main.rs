@@ -8,7 +8,8 @@ use kd_agent::{AgentConfig, Fault, SinkSpec};
 /// Receives, verifies, relays and writes a kd image. With no arguments, reads
 /// `kd.coord= kd.pin= kd.node= kd.token=` from /proc/cmdline (the deploy initrd's way).
 #[derive(Parser, Debug)]
-#[command(name = "kd-agent", version)]
+// A flag given twice takes the last value (a bench passes `--link-mbps`, a user may pass it again).
+#[command(name = "kd-agent", version, args_override_self = true)]
 struct Args {
     /// Coordinator address (IP:PORT).
     #[arg(long)]
@@ -190,5 +191,24 @@ fn parse_bytes_per_sec(s: &str) -> Result<u64, String> {
         _ => Err(format!(
             "bad rate {s:?}: expected bytes per second, like 30M"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn a_flag_given_twice_takes_the_last_value_and_faults_add_up() {
+        let a = super::Args::try_parse_from([
+            "kd-agent",
+            "--link-mbps=100",
+            "--link-mbps=1000",
+            "--fault=die-after:1",
+            "--fault=corrupt:2",
+        ])
+        .expect("parses");
+        assert_eq!(a.link_mbps, Some(1000));
+        assert_eq!(a.fault.len(), 2);
     }
 }

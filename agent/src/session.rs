@@ -68,9 +68,12 @@ struct Ctx {
 /// Runs the agent until the broadcast is over. Errors are what the operator must read.
 pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     let inventory = crate::inventory::collect();
-    let link = cfg.link_mbps.or_else(|| fastest_link(&inventory));
+    let nic = route_interface(cfg.coord);
+    let link = cfg
+        .link_mbps
+        .or_else(|| deploy_link(&inventory, nic.as_deref()));
     let threads = cfg.net_threads.resolve(link, inventory.cpus as usize);
-    tracing::info!(threads, link_mbps = ?link, cpus = inventory.cpus, "network threads");
+    tracing::info!(threads, ?nic, link_mbps = ?link, cpus = inventory.cpus, "network threads");
     // Declared before the endpoints, dropped after them: its runtime outlives the children's.
     let relay = if threads > 1 {
         Some(RelayThread::start().context("cannot start the relay thread")?)
@@ -147,14 +150,44 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentOutcome> {
     Ok(AgentOutcome { report })
 }
 
-/// The speed of the node's fastest NIC that tells one (Mbit/s), if any does.
-fn fastest_link(inventory: &kd_proto::msg::Inventory) -> Option<u64> {
-    inventory
-        .nics
-        .iter()
-        .map(|n| u64::from(n.speed_mbps))
-        .filter(|&m| m > 0)
-        .max()
+/// The speed (Mbit/s) of the NIC that carries the deployment: the one the kernel routes the
+/// coordinator's address through (`toward`), when it can tell; else the fastest NIC that tells
+/// one. `None`: unknown (the route goes through an interface the inventory does not list, such
+/// as `lo`, or its NIC reports no speed). A node's fastest NIC is often not that one (an unused
+/// 100 Gbit/s port beside the 1 Gbit/s one it boots from).
+fn deploy_link(inventory: &kd_proto::msg::Inventory, toward: Option<&str>) -> Option<u64> {
+    let known = |n: &kd_proto::msg::NicInfo| Some(u64::from(n.speed_mbps)).filter(|&m| m > 0);
+    match toward {
+        Some(name) => inventory
+            .nics
+            .iter()
+            .find(|n| n.name == name)
+            .and_then(known),
+        None => inventory.nics.iter().filter_map(known).max(),
+    }
+}
+
+/// The interface the kernel would send a datagram to `to` through (its name), if it can tell:
+/// a UDP socket connected there (which sends nothing) shows the local address chosen, and the
+/// interface holding that address is the one.
+fn route_interface(to: std::net::SocketAddr) -> Option<String> {
+    let any: std::net::SocketAddr = if to.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(any).ok()?;
+    sock.connect(to).ok()?;
+    let local = sock.local_addr().ok()?.ip();
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let a = ifa.address?;
+        let ip = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => std::net::IpAddr::V4(v4.ip()),
+            (_, Some(v6)) => std::net::IpAddr::V6(v6.ip()),
+            _ => return None,
+        };
+        (ip == local).then_some(ifa.interface_name)
+    })
 }
 
 /// The endpoint children connect to (`data_port`; on the relay thread's runtime when there is
@@ -1671,6 +1704,41 @@ fn cpu_seconds() -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use kd_proto::msg::{Inventory, NicInfo};
+
+    fn nics(speeds: &[(&str, u32)]) -> Inventory {
+        Inventory {
+            nics: speeds
+                .iter()
+                .map(|&(name, speed_mbps)| NicInfo {
+                    name: name.into(),
+                    mac: String::new(),
+                    speed_mbps,
+                })
+                .collect(),
+            ..Inventory::default()
+        }
+    }
+
+    #[test]
+    fn the_link_is_the_one_toward_the_coordinator() {
+        let inv = nics(&[("eno1", 1000), ("ens2f0", 100_000), ("eno2", 0)]);
+        // Routed through the 1 Gbit/s port: not the idle 100 Gbit/s one beside it.
+        assert_eq!(super::deploy_link(&inv, Some("eno1")), Some(1000));
+        // Through a NIC that tells no speed, or an interface not listed (lo): unknown.
+        assert_eq!(super::deploy_link(&inv, Some("eno2")), None);
+        assert_eq!(super::deploy_link(&inv, Some("lo")), None);
+        // No route known: the fastest that tells one.
+        assert_eq!(super::deploy_link(&inv, None), Some(100_000));
+        assert_eq!(super::deploy_link(&nics(&[("eno2", 0)]), None), None);
+    }
+
+    #[test]
+    fn loopback_is_routed_through_lo() {
+        let to = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+        assert_eq!(super::route_interface(to).as_deref(), Some("lo"));
+    }
+
     #[test]
     fn jitter_differs_between_calls() {
         let (a, b) = (super::random_fraction(), super::random_fraction());
