@@ -96,7 +96,8 @@ pub struct AgentConfig {
     /// Threads for QUIC ([`NetThreads`]): one, two, or as the node's link and cores ask.
     pub net_threads: NetThreads,
     /// The link's speed in Mbit/s when the NIC cannot tell it (benches whose veths tc shapes:
-    /// a veth always reports 10000); `None`: the `/sys/class/net/*/speed` of the NIC the coordinator is routed through.
+    /// a veth always reports 10000); `None`: the `/sys/class/net/*/speed` of the NIC the
+    /// coordinator's address is routed through.
     pub link_mbps: Option<u64>,
 }
 
