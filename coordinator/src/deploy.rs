@@ -1378,11 +1378,21 @@ impl Driver {
                     }
                     Some(e) => Err(format!("broadcast failed: {e}")),
                 };
-                vec![Event::StepDone {
-                    node,
-                    step: Step::Broadcast,
-                    result,
-                }]
+                let chunks = self
+                    .source
+                    .as_ref()
+                    .map(|s| s.chunks.image().manifest.chunk_count());
+                match result {
+                    // Its own copy failed, every chunk verified: it can go on relaying.
+                    Err(reason) if r.error.is_some() && Some(r.progress.chunks) == chunks => {
+                        vec![Event::CopyFailed { node, reason }]
+                    }
+                    result => vec![Event::StepDone {
+                        node,
+                        step: Step::Broadcast,
+                        result,
+                    }],
+                }
             }
             ToCoord::ParentLost {
                 parent: lost,

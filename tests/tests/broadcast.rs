@@ -40,6 +40,24 @@ fn broadcast_raw(
     Cluster,
     Duration,
 ) {
+    let (v, out, outs, c, ran, _) = broadcast_logged(input, arity, coord_extra, faults);
+    (v, out, outs, c, ran)
+}
+
+/// [`broadcast_raw`], with the coordinator's stderr (its notes: "X now reads from Y").
+fn broadcast_logged(
+    input: &Path,
+    arity: &str,
+    coord_extra: &[&str],
+    faults: &[(&str, &str)],
+) -> (
+    serde_json::Value,
+    tempfile::TempDir,
+    AgentOutputs,
+    Cluster,
+    Duration,
+    String,
+) {
     let c = Cluster::new(input, 8, "256K").unwrap();
     let out = copies_dir();
     let mut reaper = Reaper::default();
@@ -76,7 +94,7 @@ fn broadcast_raw(
     reaper.0.clear();
     let stderr = String::from_utf8_lossy(&co.stderr).to_string();
     let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
-    (v, out, outs, c, ran)
+    (v, out, outs, c, ran, stderr)
 }
 
 /// Every agent exited 0 and every node reported a copy identical to `input`, but the nodes
@@ -296,6 +314,43 @@ fn killed_relay_is_reported_and_the_others_complete() {
         let what = format!("arity {arity}");
         assert_identical_copies(&v, &input, out.path(), &outs, &what, &["node2"]);
     }
+}
+
+#[test]
+fn a_relay_whose_disk_fills_keeps_relaying_and_reports_why() {
+    // node3, a relay in a chain of 8, writes its copy to a 2 MiB device: the 4 MiB image
+    // overflows it half-way. Its own copy fails, with the reason; its children lose nothing
+    // (it goes on verifying and relaying, nobody is moved) and end with identical copies.
+    if kd_disk::testenv::skip_without_loop_devices() {
+        return;
+    }
+    let _g = heavy();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("disk.raw");
+    make_raw_input(&input, 4 * 1024 * 1024, 31);
+    let small = tmp.path().join("small.img");
+    std::fs::write(&small, vec![0u8; 2 * 1024 * 1024]).unwrap();
+    let dev = kd_disk::loopdev::LoopDevice::attach(&small, None, false).unwrap();
+    // A flag given twice takes the last value: this `--sink` replaces the helper's file.
+    let sink = format!("--sink=raw:{}", dev.path().display());
+    let (v, out, outs, _c, _, stderr) = broadcast_logged(&input, "chain", &[], &[("node3", &sink)]);
+    let full = node(&v, "node3");
+    assert_eq!(full["ok"], false, "{full}");
+    let reason = full["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("image overflows its target")
+            && reason.contains(&dev.path().display().to_string()),
+        "{full}"
+    );
+    let agent = &outs.iter().find(|(n, _)| n == "node3").unwrap().1;
+    assert!(!agent.status.success(), "node3's agent should fail");
+    let what = format!("a full disk (coordinator stderr:\n{stderr})");
+    assert_identical_copies(&v, &input, out.path(), &outs, &what, &["node3"]);
+    assert!(
+        !stderr.contains(" now reads from "),
+        "someone moved:\n{stderr}"
+    );
+    assert_eq!(v["repairs_served"], 0, "{v}");
 }
 
 #[test]

@@ -49,7 +49,9 @@
 //! of its children still receiving gets `Reparent` to the nearest ancestor still serving (else
 //! the coordinator), and so does a node whose agent says it lost its parent (`ParentLost`).
 //! A node keeps relaying after its own report: its soft reboot in BootNewEnv is **held** (no
-//! timer runs) until no node still receiving reads from it, directly or further down.
+//! timer runs) until no node still receiving reads from it, directly or further down; so is
+//! the failure of a node whose own copy failed though it verified every chunk (`CopyFailed`:
+//! a full disk, a write error): its children lose nothing, and nobody moves.
 //!
 //! # Driving it
 //! ```text
@@ -78,7 +80,8 @@
 //!   `StepDone{node, Prepare, result}` when it reports.
 //! * `StartBroadcast{round, nodes, parents}`: broadcast to `nodes` over this tree
 //!   (`parents[i]`: the index in `nodes` of node i's parent, `None`: the coordinator); answer
-//!   one `StepDone{Broadcast}`, `NodeLost` or `NodeFailed` per node. The agent then finishes its
+//!   one `StepDone{Broadcast}`, `CopyFailed` (its own copy failed though it verified every
+//!   chunk: it can still relay), `NodeLost` or `NodeFailed` per node. The agent then finishes its
 //!   disk by itself: answer its `StepDone{Finish}` (it may come at any time after the
 //!   broadcast's; the machine keeps it until the node enters Finish).
 //! * `Reparent{round, node, parent}`: tell `node` to read from `parent` (`None`: the
@@ -224,6 +227,16 @@ pub enum Event {
         step: Step,
         /// `Err` with the reason on failure.
         result: Result<(), String>,
+    },
+    /// The node's broadcast failed on the node itself (its disk full, a write error) though it
+    /// verified every chunk of the image: it can go on relaying. Its children keep reading from
+    /// it; the failure counts (`StepDone{Broadcast, Err}`) once no node still receiving reads
+    /// from it, directly or further down.
+    CopyFailed {
+        /// Node.
+        node: String,
+        /// Why its copy failed.
+        reason: String,
     },
     /// The node's agent connection is gone.
     NodeLost {
@@ -689,6 +702,10 @@ enum Phase {
     /// BootNewEnv's soft reboot through the agent, held while nodes still receiving read from
     /// this node (no timer: the round's own timeouts bound it).
     HeldReboot,
+    /// Broadcast failed on the node itself (`CopyFailed`), held while nodes still receiving
+    /// read from it: it relays until then (no timer: the round's own timeouts bound it); the
+    /// reason waits in `Node::held_failure`.
+    HeldFailure,
     /// Reboot done; waiting for the Hello (SetDeploymentEnv) or the port (BootNewEnv).
     WaitingBoot,
     /// Agent working on Prepare, Broadcast or Finish.
@@ -726,6 +743,8 @@ struct Node {
     redo: Option<(Step, String)>,
     /// The agent's Finish result, when it came before the node entered Finish.
     early_finish: Option<Result<(), String>>,
+    /// Why its copy failed, while its failure is held ([`Phase::HeldFailure`]).
+    held_failure: Option<String>,
     /// The reboot under way (`Rebooting`, `WaitingBoot`) was asked of the agent, and how.
     agent_boot: Option<AgentBoot>,
     /// A kexec was asked in the current step (its soft reboots are commands from then on).
@@ -869,6 +888,7 @@ impl Deployment {
                 starts: [0; 5],
                 redo: None,
                 early_finish: None,
+                held_failure: None,
                 agent_boot: None,
                 kexec_asked: false,
                 rates: None,
@@ -975,9 +995,25 @@ impl Deployment {
                     }
                 }
             }
+            Event::CopyFailed { node, reason } => {
+                if let Some(i) = self.lookup(&node) {
+                    let n = &self.nodes[i];
+                    if n.step == Step::Broadcast && n.phase == Phase::Running {
+                        self.copy_failed(i, reason, &mut out);
+                    }
+                }
+            }
             Event::NodeLost { node, reason } => {
                 if let Some(i) = self.lookup(&node) {
                     let (step, phase) = (self.nodes[i].step, self.nodes[i].phase);
+                    if phase == Phase::HeldFailure {
+                        // Its copy had failed already: that is the reason that counts.
+                        let held = self.nodes[i].held_failure.take().unwrap_or_default();
+                        self.nodes[i].phase = Phase::Running;
+                        self.agent_gone(i, &mut out);
+                        self.fail_attempt(i, held, false, &mut out);
+                        return out;
+                    }
                     match (step, phase) {
                         (Step::Prepare | Step::Broadcast | Step::Finish, _) => {
                             self.agent_gone(i, &mut out);
@@ -1784,6 +1820,28 @@ impl Deployment {
         self.round_changed(out);
     }
 
+    /// `CopyFailed`: the node receives nothing more; while nodes still receiving read from it,
+    /// its failure waits ([`Phase::HeldFailure`], released by [`Self::round_changed`]).
+    fn copy_failed(&mut self, i: usize, reason: String, out: &mut Vec<Action>) {
+        let held = match &mut self.round {
+            Some(r) => {
+                r.receiving.remove(&i);
+                r.serving.contains(&i) && relays(r).contains(&i)
+            }
+            None => false,
+        };
+        if held {
+            let n = &mut self.nodes[i];
+            n.phase = Phase::HeldFailure;
+            n.deadline = None;
+            n.held_failure = Some(reason);
+            // Releasing the held nodes others no longer need.
+            self.round_changed(out);
+        } else {
+            self.step_result(i, Err(reason), out);
+        }
+    }
+
     /// A member of the round stops serving: each of its children still receiving reads from
     /// the nearest ancestor still serving.
     fn round_gone(&mut self, i: usize, out: &mut Vec<Action>) {
@@ -1932,15 +1990,24 @@ impl Deployment {
             .serving
             .iter()
             .copied()
-            .filter(|&m| self.nodes[m].phase == Phase::HeldReboot)
+            .filter(|&m| matches!(self.nodes[m].phase, Phase::HeldReboot | Phase::HeldFailure))
             .collect();
         held.sort_unstable();
         if !held.is_empty() {
             let needed = relays(r);
             for h in held {
                 // (Releasing one changes no other's need: it relays for no one receiving.)
-                if !needed.contains(&h) && self.nodes[h].phase == Phase::HeldReboot {
-                    self.reboot_through_agent(h, out);
+                if needed.contains(&h) {
+                    continue;
+                }
+                match self.nodes[h].phase {
+                    Phase::HeldReboot => self.reboot_through_agent(h, out),
+                    Phase::HeldFailure => {
+                        let reason = self.nodes[h].held_failure.take().unwrap_or_default();
+                        self.nodes[h].phase = Phase::Running;
+                        self.step_result(h, Err(reason), out);
+                    }
+                    _ => {}
                 }
             }
         }

@@ -1614,6 +1614,140 @@ fn parent_lost_moves_the_node_to_its_grandparent_and_a_stale_one_is_ignored() {
     assert_eq!(d.receiving(), vec!["n1", "n2", "n3"]);
 }
 
+/// A chain n1 -> n2 -> n3 of a deployment, its round started.
+fn chain_of_three_in_a_round(t0: Instant) -> Deployment {
+    let mut settings = settings(WorkflowConfig::default());
+    settings.arity = Arity::Chain;
+    let names: Vec<String> = (1..=3).map(|i| format!("n{i}")).collect();
+    let mut d = Deployment::new(names.clone(), settings, t0);
+    d.start(t0);
+    for n in &names {
+        d.handle(
+            Event::PxeWritten {
+                node: n.clone(),
+                result: Ok(()),
+            },
+            t0,
+        );
+    }
+    for id in 1..=3 {
+        d.handle(
+            Event::CommandDone {
+                node: String::new(),
+                id: CommandId(id),
+                status: CommandStatus::Exited(0),
+            },
+            t0,
+        );
+    }
+    for n in &names {
+        d.handle(Event::AgentHello { node: n.clone() }, t0);
+    }
+    for n in &names {
+        d.handle(
+            Event::StepDone {
+                node: n.clone(),
+                step: Step::Prepare,
+                result: Ok(()),
+            },
+            t0,
+        );
+    }
+    assert_eq!(
+        d.round_parents(),
+        vec![("n1", None), ("n2", Some("n1")), ("n3", Some("n2"))]
+    );
+    d
+}
+
+fn about(actions: &[Action], node: &str) -> bool {
+    format!("{actions:?}").contains(&format!("\"{node}\""))
+}
+
+#[test]
+fn a_relay_whose_copy_failed_serves_its_children_before_it_fails() {
+    let t0 = Instant::now();
+    let mut d = chain_of_three_in_a_round(t0);
+    let full = || Event::CopyFailed {
+        node: "n2".into(),
+        reason: "broadcast failed: no space left on device".into(),
+    };
+    // n2's disk is full, n3 still reads from it: nobody moves, n2's failure waits.
+    let a = d.handle(full(), t0);
+    assert!(a.is_empty(), "{a:?}");
+    assert_eq!(d.receiving(), vec!["n1", "n3"]);
+    let late = t0 + Duration::from_secs(5);
+    let a = d.handle(
+        Event::StepDone {
+            node: "n1".into(),
+            step: Step::Broadcast,
+            result: Ok(()),
+        },
+        late,
+    );
+    assert!(!about(&a, "n2"), "{a:?}");
+    // n3 has it all: n2's failure counts now (a retry: back to the deploy environment).
+    let a = d.handle(
+        Event::StepDone {
+            node: "n3".into(),
+            step: Step::Broadcast,
+            result: Ok(()),
+        },
+        late,
+    );
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::WritePxe { node, .. } if node == "n2")),
+        "{a:?}"
+    );
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Reparent { .. })),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn a_leaf_whose_copy_failed_fails_at_once_and_a_lost_held_relay_keeps_its_reason() {
+    let t0 = Instant::now();
+    let mut d = chain_of_three_in_a_round(t0);
+    // The leaf n3: nobody reads from it.
+    let a = d.handle(
+        Event::CopyFailed {
+            node: "n3".into(),
+            reason: "broadcast failed: disk full".into(),
+        },
+        t0,
+    );
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::WritePxe { node, .. } if node == "n3")),
+        "{a:?}"
+    );
+    // n2, held for n3's sake, then loses its agent: it fails with its copy's reason, and n3
+    // (the broadcast no longer needs it) is not moved.
+    let mut d = chain_of_three_in_a_round(t0);
+    d.handle(
+        Event::CopyFailed {
+            node: "n2".into(),
+            reason: "broadcast failed: disk full".into(),
+        },
+        t0,
+    );
+    let a = d.handle(
+        Event::NodeLost {
+            node: "n2".into(),
+            reason: "connection closed".into(),
+        },
+        t0,
+    );
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::WritePxe { node, .. } if node == "n2")),
+        "{a:?}"
+    );
+    assert_eq!(d.round_parent("n3"), Some("n1"), "{a:?}");
+}
+
 #[test]
 fn broadcast_failure_retries_in_next_round() {
     let p = WorkflowConfig::default();
