@@ -51,7 +51,8 @@
 //! A node keeps relaying after its own report: its soft reboot in BootNewEnv is **held** (no
 //! timer runs) until no node still receiving reads from it, directly or further down; so is
 //! the failure of a node whose own copy failed though it verified every chunk (`CopyFailed`:
-//! a full disk, a write error): its children lose nothing, and nobody moves.
+//! a full disk, a write error), or whose disk could not be finished (post-install, GRUB): its
+//! children lose nothing, and nobody moves.
 //!
 //! # Driving it
 //! ```text
@@ -702,8 +703,8 @@ enum Phase {
     /// BootNewEnv's soft reboot through the agent, held while nodes still receiving read from
     /// this node (no timer: the round's own timeouts bound it).
     HeldReboot,
-    /// Broadcast failed on the node itself (`CopyFailed`), held while nodes still receiving
-    /// read from it: it relays until then (no timer: the round's own timeouts bound it); the
+    /// Broadcast failed on the node itself (`CopyFailed`) or finishing its disk failed, held
+    /// while nodes still receiving read from it: it relays until then (no timer: the round's own timeouts bound it); the
     /// reason waits in `Node::held_failure`.
     HeldFailure,
     /// Reboot done; waiting for the Hello (SetDeploymentEnv) or the port (BootNewEnv).
@@ -1730,6 +1731,8 @@ impl Deployment {
                 }
                 self.step_ok(i, out);
             }
+            // Finishing the disk runs while the node still relays.
+            Err(e) if self.nodes[i].step == Step::Finish => self.fail_when_unneeded(i, e, out),
             Err(e) => self.fail_attempt(i, e, false, out),
         }
     }
@@ -1820,17 +1823,23 @@ impl Deployment {
         self.round_changed(out);
     }
 
-    /// `CopyFailed`: the node receives nothing more; while nodes still receiving read from it,
-    /// its failure waits ([`Phase::HeldFailure`], released by [`Self::round_changed`]).
+    /// `CopyFailed`: the node receives nothing more, and fails once no one needs it as a relay.
     fn copy_failed(&mut self, i: usize, reason: String, out: &mut Vec<Action>) {
-        let held = match &mut self.round {
-            Some(r) => {
-                r.receiving.remove(&i);
-                r.serving.contains(&i) && relays(r).contains(&i)
-            }
-            None => false,
-        };
-        if held {
+        if let Some(r) = &mut self.round {
+            r.receiving.remove(&i);
+        }
+        self.fail_when_unneeded(i, reason, out);
+    }
+
+    /// The node's attempt failed (its own copy, or finishing its disk) while it may still relay:
+    /// while nodes still receiving read from it, its failure waits ([`Phase::HeldFailure`],
+    /// released by [`Self::round_changed`]); otherwise it counts at once.
+    fn fail_when_unneeded(&mut self, i: usize, reason: String, out: &mut Vec<Action>) {
+        let needed = self
+            .round
+            .as_ref()
+            .is_some_and(|r| r.serving.contains(&i) && relays(r).contains(&i));
+        if needed {
             let n = &mut self.nodes[i];
             n.phase = Phase::HeldFailure;
             n.deadline = None;
@@ -1838,7 +1847,7 @@ impl Deployment {
             // Releasing the held nodes others no longer need.
             self.round_changed(out);
         } else {
-            self.step_result(i, Err(reason), out);
+            self.fail_attempt(i, reason, false, out);
         }
     }
 

@@ -1707,6 +1707,52 @@ fn a_relay_whose_copy_failed_serves_its_children_before_it_fails() {
 }
 
 #[test]
+fn a_relay_whose_finish_failed_serves_its_children_before_it_fails() {
+    let t0 = Instant::now();
+    let mut d = chain_of_three_in_a_round(t0);
+    // n1 has the image and finishes its disk while n2 and n3 still read through it.
+    for step in [Step::Broadcast, Step::Finish] {
+        let result = match step {
+            Step::Finish => Err("finishing the disk failed: grub-install: exit 1".to_string()),
+            _ => Ok(()),
+        };
+        let a = d.handle(
+            Event::StepDone {
+                node: "n1".into(),
+                step,
+                result,
+            },
+            t0,
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Reparent { .. })),
+            "{a:?}"
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::WritePxe { .. })),
+            "{a:?}"
+        );
+    }
+    assert_eq!(d.receiving(), vec!["n2", "n3"]);
+    assert_eq!(d.round_parent("n2"), Some("n1"));
+    for n in ["n2", "n3"] {
+        let a = d.handle(
+            Event::StepDone {
+                node: n.into(),
+                step: Step::Broadcast,
+                result: Ok(()),
+            },
+            t0,
+        );
+        let released = a
+            .iter()
+            .any(|x| matches!(x, Action::WritePxe { node, .. } if node == "n1"));
+        // Released (a retry from the deploy environment) once the last reader has it all.
+        assert_eq!(released, n == "n3", "{n}: {a:?}");
+    }
+}
+
+#[test]
 fn a_leaf_whose_copy_failed_fails_at_once_and_a_lost_held_relay_keeps_its_reason() {
     let t0 = Instant::now();
     let mut d = chain_of_three_in_a_round(t0);
