@@ -28,20 +28,18 @@ fn copies_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-fn broadcast_raw(
-    input: &Path,
-    arity: &str,
-    coord_extra: &[&str],
-    faults: &[(&str, &str)],
-) -> (
+/// A broadcast's JSON outcome, the agents' copies and outputs, its cluster and how long the
+/// coordinator ran.
+type Run = (
     serde_json::Value,
     tempfile::TempDir,
     AgentOutputs,
     Cluster,
     Duration,
-) {
-    let (v, out, outs, c, ran, _) = broadcast_logged(input, arity, coord_extra, faults);
-    (v, out, outs, c, ran)
+);
+
+fn broadcast_raw(input: &Path, arity: &str, coord_extra: &[&str], faults: &[(&str, &str)]) -> Run {
+    broadcast_logged(input, arity, coord_extra, faults).0
 }
 
 /// [`broadcast_raw`], with the coordinator's stderr (its notes: "X now reads from Y").
@@ -50,14 +48,7 @@ fn broadcast_logged(
     arity: &str,
     coord_extra: &[&str],
     faults: &[(&str, &str)],
-) -> (
-    serde_json::Value,
-    tempfile::TempDir,
-    AgentOutputs,
-    Cluster,
-    Duration,
-    String,
-) {
+) -> (Run, String) {
     let c = Cluster::new(input, 8, "256K").unwrap();
     let out = copies_dir();
     let mut reaper = Reaper::default();
@@ -94,7 +85,7 @@ fn broadcast_logged(
     reaper.0.clear();
     let stderr = String::from_utf8_lossy(&co.stderr).to_string();
     let v = outcome(&co.stdout).unwrap_or_else(|e| panic!("{e}\ncoordinator stderr:\n{stderr}"));
-    (v, out, outs, c, ran, stderr)
+    ((v, out, outs, c, ran), stderr)
 }
 
 /// Every agent exited 0 and every node reported a copy identical to `input`, but the nodes
@@ -333,7 +324,8 @@ fn a_relay_whose_disk_fills_keeps_relaying_and_reports_why() {
     let dev = kd_disk::loopdev::LoopDevice::attach(&small, None, false).unwrap();
     // A flag given twice takes the last value: this `--sink` replaces the helper's file.
     let sink = format!("--sink=raw:{}", dev.path().display());
-    let (v, out, outs, _c, _, stderr) = broadcast_logged(&input, "chain", &[], &[("node3", &sink)]);
+    let ((v, out, outs, _c, _), stderr) =
+        broadcast_logged(&input, "chain", &[], &[("node3", &sink)]);
     let full = node(&v, "node3");
     assert_eq!(full["ok"], false, "{full}");
     let reason = full["reason"].as_str().unwrap();

@@ -1615,49 +1615,13 @@ fn parent_lost_moves_the_node_to_its_grandparent_and_a_stale_one_is_ignored() {
 }
 
 /// A chain n1 -> n2 -> n3 of a deployment, its round started.
-fn chain_of_three_in_a_round(t0: Instant) -> Deployment {
-    let mut settings = settings(WorkflowConfig::default());
-    settings.arity = Arity::Chain;
-    let names: Vec<String> = (1..=3).map(|i| format!("n{i}")).collect();
-    let mut d = Deployment::new(names.clone(), settings, t0);
-    d.start(t0);
-    for n in &names {
-        d.handle(
-            Event::PxeWritten {
-                node: n.clone(),
-                result: Ok(()),
-            },
-            t0,
-        );
-    }
-    for id in 1..=3 {
-        d.handle(
-            Event::CommandDone {
-                node: String::new(),
-                id: CommandId(id),
-                status: CommandStatus::Exited(0),
-            },
-            t0,
-        );
-    }
-    for n in &names {
-        d.handle(Event::AgentHello { node: n.clone() }, t0);
-    }
-    for n in &names {
-        d.handle(
-            Event::StepDone {
-                node: n.clone(),
-                step: Step::Prepare,
-                result: Ok(()),
-            },
-            t0,
-        );
-    }
+fn chain_of_three_in_a_round() -> (Deployment, Instant) {
+    let (d, t0) = in_round(3, Arity::Chain);
     assert_eq!(
         d.round_parents(),
         vec![("n1", None), ("n2", Some("n1")), ("n3", Some("n2"))]
     );
-    d
+    (d, t0)
 }
 
 fn about(actions: &[Action], node: &str) -> bool {
@@ -1666,8 +1630,7 @@ fn about(actions: &[Action], node: &str) -> bool {
 
 #[test]
 fn a_relay_whose_copy_failed_serves_its_children_before_it_fails() {
-    let t0 = Instant::now();
-    let mut d = chain_of_three_in_a_round(t0);
+    let (mut d, t0) = chain_of_three_in_a_round();
     let full = || Event::CopyFailed {
         node: "n2".into(),
         reason: "broadcast failed: no space left on device".into(),
@@ -1708,8 +1671,7 @@ fn a_relay_whose_copy_failed_serves_its_children_before_it_fails() {
 
 #[test]
 fn a_relay_whose_finish_failed_serves_its_children_before_it_fails() {
-    let t0 = Instant::now();
-    let mut d = chain_of_three_in_a_round(t0);
+    let (mut d, t0) = chain_of_three_in_a_round();
     // n1 has the image and finishes its disk while n2 and n3 still read through it.
     for step in [Step::Broadcast, Step::Finish] {
         let result = match step {
@@ -1754,8 +1716,7 @@ fn a_relay_whose_finish_failed_serves_its_children_before_it_fails() {
 
 #[test]
 fn a_leaf_whose_copy_failed_fails_at_once_and_a_lost_held_relay_keeps_its_reason() {
-    let t0 = Instant::now();
-    let mut d = chain_of_three_in_a_round(t0);
+    let (mut d, t0) = chain_of_three_in_a_round();
     // The leaf n3: nobody reads from it.
     let a = d.handle(
         Event::CopyFailed {
@@ -1771,7 +1732,7 @@ fn a_leaf_whose_copy_failed_fails_at_once_and_a_lost_held_relay_keeps_its_reason
     );
     // n2, held for n3's sake, then loses its agent: it fails with its copy's reason, and n3
     // (the broadcast no longer needs it) is not moved.
-    let mut d = chain_of_three_in_a_round(t0);
+    let (mut d, t0) = chain_of_three_in_a_round();
     d.handle(
         Event::CopyFailed {
             node: "n2".into(),
