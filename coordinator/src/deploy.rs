@@ -1359,10 +1359,14 @@ impl Driver {
                 self.progress.insert(node.clone(), r.progress.clone());
                 self.reports
                     .insert(node.clone(), (r.clone(), Instant::now()));
-                let expected = self
+                let (expected, chunks) = self
                     .source
                     .as_ref()
-                    .map(|s| s.chunks.image().manifest.image_hash());
+                    .map(|s| {
+                        let m = &s.chunks.image().manifest;
+                        (m.image_hash(), m.chunk_count())
+                    })
+                    .unzip();
                 let error = match (&r.error, r.image_hash) {
                     (Some(e), _) => Some(e.clone()),
                     (None, Some(h)) if Some(h) == expected => None,
@@ -1378,10 +1382,6 @@ impl Driver {
                     }
                     Some(e) => Err(format!("broadcast failed: {e}")),
                 };
-                let chunks = self
-                    .source
-                    .as_ref()
-                    .map(|s| s.chunks.image().manifest.chunk_count());
                 match result {
                     // Its own copy failed, every chunk verified: it can go on relaying.
                     Err(reason) if r.error.is_some() && Some(r.progress.chunks) == chunks => {

@@ -704,8 +704,8 @@ enum Phase {
     /// this node (no timer: the round's own timeouts bound it).
     HeldReboot,
     /// Broadcast failed on the node itself (`CopyFailed`) or finishing its disk failed, held
-    /// while nodes still receiving read from it: it relays until then (no timer: the round's own timeouts bound it); the
-    /// reason waits in `Node::held_failure`.
+    /// while nodes still receiving read from it: it relays until then (no timer: the round's
+    /// own timeouts bound it); the reason waits in `Node::held_failure`.
     HeldFailure,
     /// Reboot done; waiting for the Hello (SetDeploymentEnv) or the port (BootNewEnv).
     WaitingBoot,
@@ -1009,8 +1009,7 @@ impl Deployment {
                     let (step, phase) = (self.nodes[i].step, self.nodes[i].phase);
                     if phase == Phase::HeldFailure {
                         // Its copy had failed already: that is the reason that counts.
-                        let held = self.nodes[i].held_failure.take().unwrap_or_default();
-                        self.nodes[i].phase = Phase::Running;
+                        let held = self.unhold(i);
                         self.agent_gone(i, &mut out);
                         self.fail_attempt(i, held, false, &mut out);
                         return out;
@@ -1851,6 +1850,14 @@ impl Deployment {
         }
     }
 
+    /// Ends a held failure ([`Phase::HeldFailure`]): the node is running its step again, and
+    /// the failure's reason is returned for it to count.
+    fn unhold(&mut self, i: usize) -> String {
+        let n = &mut self.nodes[i];
+        n.phase = Phase::Running;
+        n.held_failure.take().unwrap_or_default()
+    }
+
     /// A member of the round stops serving: each of its children still receiving reads from
     /// the nearest ancestor still serving.
     fn round_gone(&mut self, i: usize, out: &mut Vec<Action>) {
@@ -2012,8 +2019,7 @@ impl Deployment {
                 match self.nodes[h].phase {
                     Phase::HeldReboot => self.reboot_through_agent(h, out),
                     Phase::HeldFailure => {
-                        let reason = self.nodes[h].held_failure.take().unwrap_or_default();
-                        self.nodes[h].phase = Phase::Running;
+                        let reason = self.unhold(h);
                         self.step_result(h, Err(reason), out);
                     }
                     _ => {}

@@ -1624,6 +1624,21 @@ fn chain_of_three_in_a_round() -> (Deployment, Instant) {
     (d, t0)
 }
 
+/// `node`'s copy failed (a full disk), every chunk verified.
+fn copy_failed(node: &str) -> Event {
+    Event::CopyFailed {
+        node: node.into(),
+        reason: "broadcast failed: no space left on device".into(),
+    }
+}
+
+/// The actions start `node` over from the deploy environment (its failure counted, retried).
+fn retried(actions: &[Action], node: &str) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::WritePxe { node: n, .. } if n == node))
+}
+
 fn about(actions: &[Action], node: &str) -> bool {
     format!("{actions:?}").contains(&format!("\"{node}\""))
 }
@@ -1631,12 +1646,8 @@ fn about(actions: &[Action], node: &str) -> bool {
 #[test]
 fn a_relay_whose_copy_failed_serves_its_children_before_it_fails() {
     let (mut d, t0) = chain_of_three_in_a_round();
-    let full = || Event::CopyFailed {
-        node: "n2".into(),
-        reason: "broadcast failed: no space left on device".into(),
-    };
     // n2's disk is full, n3 still reads from it: nobody moves, n2's failure waits.
-    let a = d.handle(full(), t0);
+    let a = d.handle(copy_failed("n2"), t0);
     assert!(a.is_empty(), "{a:?}");
     assert_eq!(d.receiving(), vec!["n1", "n3"]);
     let late = t0 + Duration::from_secs(5);
@@ -1658,11 +1669,7 @@ fn a_relay_whose_copy_failed_serves_its_children_before_it_fails() {
         },
         late,
     );
-    assert!(
-        a.iter()
-            .any(|x| matches!(x, Action::WritePxe { node, .. } if node == "n2")),
-        "{a:?}"
-    );
+    assert!(retried(&a, "n2"), "{a:?}");
     assert!(
         !a.iter().any(|x| matches!(x, Action::Reparent { .. })),
         "{a:?}"
@@ -1706,9 +1713,7 @@ fn a_relay_whose_finish_failed_serves_its_children_before_it_fails() {
             },
             t0,
         );
-        let released = a
-            .iter()
-            .any(|x| matches!(x, Action::WritePxe { node, .. } if node == "n1"));
+        let released = retried(&a, "n1");
         // Released (a retry from the deploy environment) once the last reader has it all.
         assert_eq!(released, n == "n3", "{n}: {a:?}");
     }
@@ -1718,28 +1723,12 @@ fn a_relay_whose_finish_failed_serves_its_children_before_it_fails() {
 fn a_leaf_whose_copy_failed_fails_at_once_and_a_lost_held_relay_keeps_its_reason() {
     let (mut d, t0) = chain_of_three_in_a_round();
     // The leaf n3: nobody reads from it.
-    let a = d.handle(
-        Event::CopyFailed {
-            node: "n3".into(),
-            reason: "broadcast failed: disk full".into(),
-        },
-        t0,
-    );
-    assert!(
-        a.iter()
-            .any(|x| matches!(x, Action::WritePxe { node, .. } if node == "n3")),
-        "{a:?}"
-    );
+    let a = d.handle(copy_failed("n3"), t0);
+    assert!(retried(&a, "n3"), "{a:?}");
     // n2, held for n3's sake, then loses its agent: it fails with its copy's reason, and n3
     // (the broadcast no longer needs it) is not moved.
     let (mut d, t0) = chain_of_three_in_a_round();
-    d.handle(
-        Event::CopyFailed {
-            node: "n2".into(),
-            reason: "broadcast failed: disk full".into(),
-        },
-        t0,
-    );
+    d.handle(copy_failed("n2"), t0);
     let a = d.handle(
         Event::NodeLost {
             node: "n2".into(),
@@ -1747,11 +1736,7 @@ fn a_leaf_whose_copy_failed_fails_at_once_and_a_lost_held_relay_keeps_its_reason
         },
         t0,
     );
-    assert!(
-        a.iter()
-            .any(|x| matches!(x, Action::WritePxe { node, .. } if node == "n2")),
-        "{a:?}"
-    );
+    assert!(retried(&a, "n2"), "{a:?}");
     assert_eq!(d.round_parent("n3"), Some("n1"), "{a:?}");
 }
 
